@@ -30,7 +30,7 @@ def parse_hparameters(hparameters: Any) -> tuple[int, int]:
     if missing:
         raise InputError(
             f"hparameters is missing {' and '.join(repr(k) for k in missing)}; "
-            f"expected keys 'stride' and 'pad', got {sorted(hparameters)}."
+            f"expected keys 'stride' and 'pad', got {sorted(hparameters, key=repr)}."
         )
     return hparameters["stride"], hparameters["pad"]
 

@@ -139,7 +139,7 @@ class ConvParams:
         unknown = set(mapping) - {"stride", "padding", "dilation"}
         if unknown:
             raise InputError(
-                f"conv parameters take keys stride, padding, dilation; got {sorted(unknown)} instead."
+                f"conv parameters take keys stride, padding, dilation; got {sorted(unknown, key=repr)} instead."
             )
         return cls.parse(**mapping)
 

@@ -10,10 +10,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from dconv.kernel import Gradients, pad_input, unpad
+from dconv.kernel import Gradients
 from dconv.params import ConvParams, backward_geometry, forward_geometry
 
 __all__ = ["conv2d_forward_loops", "conv2d_backward_loops"]
+
+
+def pad_input(A_prev, pads):
+    """Zero-pad the spatial axes; kept separate from the kernel's so the oracle shares no code with it."""
+    (top, bottom), (left, right) = pads
+    m, height, width, channels = A_prev.shape
+    padded = np.zeros((m, top + height + bottom, left + width + right, channels), dtype=A_prev.dtype)
+    padded[:, top : top + height, left : left + width, :] = A_prev
+    return padded
+
+
+def unpad(padded, pads):
+    """Inverse of :func:`pad_input`."""
+    (top, bottom), (left, right) = pads
+    return padded[:, top : padded.shape[1] - bottom, left : padded.shape[2] - right, :]
 
 
 def _window(geometry, i: int, j: int) -> tuple[slice, slice]:
@@ -31,7 +46,8 @@ def conv2d_forward_loops(A_prev, W, b=None, *, stride=1, padding=0, dilation=1) 
     geometry = forward_geometry(A_prev.shape, W.shape, params)
     padded = pad_input(A_prev, geometry.pads)
     m, (n_h, n_w), n_c = A_prev.shape[0], geometry.out_hw, W.shape[3]
-    Z = np.zeros((m, n_h, n_w, n_c), dtype=np.result_type(A_prev, W))
+    dtype = np.result_type(A_prev, W) if b is None else np.result_type(A_prev, W, b)
+    Z = np.zeros((m, n_h, n_w, n_c), dtype=dtype)
     for n in range(m):
         for i in range(n_h):
             for j in range(n_w):

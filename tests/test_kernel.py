@@ -1,0 +1,335 @@
+"""dconv.kernel: conv2d_forward / conv2d_backward against the loop oracle, finite differences,
+property tests, dtype rules, input validation and IEEE special values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dconv
+from dconv import InputDtypeError, InputError, conv2d_backward, conv2d_forward
+from dconv.reference import conv2d_backward_loops, conv2d_forward_loops
+
+from _kernel_cases import CASES, DTYPES, TOL, Case, conv_cases, f64, make_arrays, rel_err
+
+CASE_IDS = list(CASES)
+
+
+def reference(case: Case, a, w, b, dz):
+    """Float64 loop-oracle results (Z, dA_prev, dW, db)."""
+    a, w, b, dz = f64(a, w, b, dz)
+    z = conv2d_forward_loops(a, w, b, **case.kwargs)
+    return (z, *conv2d_backward_loops(dz, a, w, **case.kwargs))
+
+
+def assert_matches_reference(case: Case, dtype, seed: int) -> None:
+    a, w, b, dz = make_arrays(case, dtype, seed)
+    z = conv2d_forward(a, w, b, **case.kwargs)
+    grads = conv2d_backward(dz, a, w, **case.kwargs)
+    expected = reference(case, a, w, b, dz)
+    tol = TOL[np.dtype(dtype)]
+    for name, got, want in zip(("Z", "dA_prev", "dW", "db"), (z, *grads), expected):
+        assert got.dtype == np.dtype(dtype), name
+        assert rel_err(got, want) <= tol, (name, rel_err(got, want))
+
+
+# --- 1. oracle comparisons ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_matches_loop_reference(case_id, dtype):
+    assert_matches_reference(CASES[case_id], dtype, seed=CASE_IDS.index(case_id))
+
+
+@pytest.mark.parametrize("case_id", ["same_s2", "output_1x1", "kernel_1x1"])
+def test_gradient_shapes(case_id):
+    case = CASES[case_id]
+    a, w, _, dz = make_arrays(case, np.float64, 0)
+    grads = conv2d_backward(dz, a, w, **case.kwargs)
+    assert isinstance(grads, dconv.Gradients)
+    assert grads.dA_prev.shape == a.shape
+    assert grads.dW.shape == w.shape
+    assert grads.db.shape == (1, 1, 1, w.shape[3])
+    assert conv2d_forward(a, w, **case.kwargs).shape == dz.shape
+
+
+def test_bias_forms_are_equivalent():
+    case = CASES["int_pad"]
+    a, w, b, _ = make_arrays(case, np.float64, 1)
+    z4 = conv2d_forward(a, w, b, **case.kwargs)
+    z1 = conv2d_forward(a, w, b.ravel(), **case.kwargs)
+    z0 = conv2d_forward(a, w, **case.kwargs)
+    np.testing.assert_allclose(z4, z1, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(z4 - z0, np.broadcast_to(b, z0.shape), rtol=0, atol=1e-12)
+
+
+def test_array_like_inputs():
+    case = CASES["pad0"]
+    a, w, b, dz = make_arrays(case, np.float64, 2)
+    z = conv2d_forward(a.tolist(), w.tolist(), b.tolist(), **case.kwargs)
+    grads = conv2d_backward(dz.tolist(), a.tolist(), w.tolist(), **case.kwargs)
+    assert z.dtype == np.float64
+    np.testing.assert_allclose(z, conv2d_forward(a, w, b, **case.kwargs), rtol=1e-13, atol=1e-13)
+    for got, want in zip(grads, conv2d_backward(dz, a, w, **case.kwargs)):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        pytest.param(lambda x: x[:, ::-1, ::-1, :], id="reversed"),
+        pytest.param(np.asfortranarray, id="fortran"),
+        pytest.param(lambda x: np.repeat(x, 2, axis=-1)[..., ::2], id="strided"),
+    ],
+)
+@pytest.mark.parametrize("case_id", ["pad0", "same_s2", "dilation2"])
+def test_non_contiguous_inputs(case_id, view):
+    case = CASES[case_id]
+    a, w, b, dz = make_arrays(case, np.float64, 3)
+    va, vw, vdz = view(a), view(w), view(dz)
+    ca, cw, cdz = (np.ascontiguousarray(x) for x in (va, vw, vdz))
+    np.testing.assert_allclose(
+        conv2d_forward(va, vw, b, **case.kwargs), conv2d_forward(ca, cw, b, **case.kwargs), rtol=1e-12, atol=1e-12
+    )
+    for got, want in zip(conv2d_backward(vdz, va, vw, **case.kwargs), conv2d_backward(cdz, ca, cw, **case.kwargs)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case_id", ["pad0", "same_s3_d2", "explicit_asym"])
+def test_inputs_not_modified(case_id):
+    case = CASES[case_id]
+    arrays = make_arrays(case, np.float32, 4)
+    copies = [x.copy() for x in arrays]
+    a, w, b, dz = arrays
+    conv2d_forward(a, w, b, **case.kwargs)
+    conv2d_backward(dz, a, w, **case.kwargs)
+    for x, x0 in zip(arrays, copies):
+        np.testing.assert_array_equal(x, x0)
+
+
+# --- 2. finite differences ---------------------------------------------------
+
+
+@pytest.mark.parametrize("case_id", ["int_pad", "explicit_asym", "same_s2", "same_s3_d2", "dilation_pair"])
+def test_finite_differences(case_id):
+    """L = sum(conv2d_forward(A, W, b) * G); central differences on random coordinates."""
+    case = CASES[case_id]
+    rng = np.random.default_rng(100 + CASE_IDS.index(case_id))
+    a, w, b, g = make_arrays(case, np.float64, 100 + CASE_IDS.index(case_id))
+    grads = conv2d_backward(g, a, w, **case.kwargs)
+    analytic = {"A": grads.dA_prev, "W": grads.dW, "b": grads.db}
+    inputs = {"A": a, "W": w, "b": b}
+
+    def loss() -> float:
+        return float(np.sum(conv2d_forward(inputs["A"], inputs["W"], inputs["b"], **case.kwargs) * g))
+
+    h = 1e-4
+    for name, x in inputs.items():
+        for _ in range(4):
+            idx = tuple(int(rng.integers(n)) for n in x.shape)
+            x0 = x[idx]
+            x[idx] = x0 + h
+            up = loss()
+            x[idx] = x0 - h
+            down = loss()
+            x[idx] = x0
+            numeric = (up - down) / (2 * h)
+            assert abs(numeric - analytic[name][idx]) <= 1e-6 * max(abs(analytic[name][idx]), 1.0), (name, idx)
+
+
+# --- 3. property tests ---------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=conv_cases(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
+def test_property_matches_loop_reference(case, dtype, seed):
+    assert_matches_reference(case, dtype, seed)
+
+
+@settings(max_examples=50, deadline=None)
+@given(case=conv_cases(), seed=st.integers(0, 2**32 - 1))
+def test_property_adjoint_identity(case, seed):
+    """<conv(A, W), G> == <A, dA_prev(G)> == <W, dW(G)> without the oracle."""
+    a, w, _, g = make_arrays(case, np.float64, seed)
+    z = conv2d_forward(a, w, **case.kwargs)
+    grads = conv2d_backward(g, a, w, **case.kwargs)
+    inner = np.vdot(z, g)
+    scale = np.linalg.norm(z) * np.linalg.norm(g) + 1.0
+    assert abs(np.vdot(a, grads.dA_prev) - inner) <= 1e-10 * scale
+    assert abs(np.vdot(w, grads.dW) - inner) <= 1e-10 * scale
+    np.testing.assert_allclose(grads.db.ravel(), g.sum(axis=(0, 1, 2)), rtol=1e-12, atol=1e-12)
+
+
+# --- 4. dtypes -----------------------------------------------------------------
+
+
+def test_float32_stays_float32():
+    case = CASES["same_s2"]
+    a, w, b, dz = make_arrays(case, np.float32, 5)
+    assert conv2d_forward(a, w, b, **case.kwargs).dtype == np.float32
+    assert conv2d_forward(a, w, **case.kwargs).dtype == np.float32
+    assert all(g.dtype == np.float32 for g in conv2d_backward(dz, a, w, **case.kwargs))
+
+
+@pytest.mark.parametrize("which", ["A_prev", "W", "b", "dZ"])
+def test_mixed_precision_promotes_to_float64(which):
+    case = CASES["int_pad"]
+    a, w, b, dz = make_arrays(case, np.float32, 6)
+    arrays = {"A_prev": a, "W": w, "b": b, "dZ": dz}
+    arrays[which] = arrays[which].astype(np.float64)
+    a, w, b, dz = arrays["A_prev"], arrays["W"], arrays["b"], arrays["dZ"]
+    z = conv2d_forward(a, w, b, **case.kwargs)
+    grads = conv2d_backward(dz, a, w, **case.kwargs)
+    expected = reference(case, a, w, b, dz)
+    if which != "dZ":
+        assert z.dtype == np.float64
+        assert rel_err(z, expected[0]) <= 2e-5
+    if which != "b":
+        assert all(g.dtype == np.float64 for g in grads)
+        for got, want in zip(grads, expected[1:]):
+            assert rel_err(got, want) <= 2e-5
+
+
+BAD_DTYPES = [np.int32, np.int64, np.bool_, np.complex128, np.float16, object]
+
+
+@pytest.mark.parametrize("bad", BAD_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("which", ["A_prev", "W", "b", "dZ"])
+def test_unsupported_dtype_raises(which, bad):
+    case = CASES["pad0"]
+    a, w, b, dz = make_arrays(case, np.float64, 7)
+    arrays = {"A_prev": a, "W": w, "b": b, "dZ": dz}
+    arrays[which] = arrays[which].astype(bad)
+    a, w, b, dz = arrays["A_prev"], arrays["W"], arrays["b"], arrays["dZ"]
+    with pytest.raises(InputDtypeError) as info:
+        if which == "dZ":
+            conv2d_backward(dz, a, w, **case.kwargs)
+        else:
+            conv2d_forward(a, w, b, **case.kwargs)
+    assert isinstance(info.value, TypeError)
+    assert f"{which} must have dtype float32 or float64" in str(info.value)
+    if which != "b":
+        with pytest.raises(TypeError, match=f"{which} must have dtype"):
+            conv2d_backward(dz, a, w, **case.kwargs)
+
+
+def test_python_int_lists_are_rejected():
+    with pytest.raises(InputDtypeError, match="A_prev must have dtype float32 or float64; got int64"):
+        conv2d_forward([[[[1]]]], np.ones((1, 1, 1, 1)))
+
+
+# --- 5. validation -------------------------------------------------------------
+
+
+def _zeros(*shape):
+    return np.zeros(shape)
+
+
+A = _zeros(2, 5, 5, 3)
+W = _zeros(3, 3, 3, 4)
+DZ = _zeros(2, 3, 3, 4)
+
+INVALID = [
+    ("A_prev_rank", lambda: conv2d_forward(_zeros(5, 5, 3), W), "A_prev must be 4-D (m, H, W, C_prev); got shape (5, 5, 3) (3-D)"),
+    ("W_rank", lambda: conv2d_backward(DZ, A, _zeros(1, 3, 3, 3, 4)), "W must be 4-D (fh, fw, C_prev, C); got shape (1, 3, 3, 3, 4) (5-D)"),
+    ("dZ_rank", lambda: conv2d_backward(_zeros(2, 3, 3), A, W), "dZ must be 4-D (m, n_H, n_W, C); got shape (2, 3, 3)"),
+    ("channel_mismatch", lambda: conv2d_backward(DZ, A, _zeros(3, 3, 2, 4)), "W has 2 input channels (shape (3, 3, 2, 4)) but A_prev has 3"),
+    ("batch_mismatch", lambda: conv2d_backward(_zeros(3, 3, 3, 4), A, W), "dZ has batch size 3 (shape (3, 3, 3, 4)) but A_prev has 2"),
+    (
+        "dZ_shape",
+        lambda: conv2d_backward(_zeros(8, 6, 6, 16), _zeros(8, 7, 7, 3), _zeros(3, 3, 3, 16), stride=1, padding=0),
+        "dZ has shape (8, 6, 6, 16); A_prev (8, 7, 7, 3), W (3, 3, 3, 16), stride 1, padding 0 give (8, 5, 5, 16).",
+    ),
+    (
+        "dZ_shape_same_stride2",
+        lambda: conv2d_backward(_zeros(2, 5, 5, 4), A, W, stride=2, padding="same", dilation=2),
+        "dZ has shape (2, 5, 5, 4); A_prev (2, 5, 5, 3), W (3, 3, 3, 4), stride 2, padding 'same', dilation 2 give (2, 3, 3, 4).",
+    ),
+    ("dZ_channels", lambda: conv2d_backward(_zeros(2, 3, 3, 5), A, W), "give (2, 3, 3, 4)"),
+    ("empty_batch", lambda: conv2d_forward(_zeros(0, 5, 5, 3), W), "must have no empty dimension"),
+    ("stride_0", lambda: conv2d_forward(A, W, stride=0), "stride must be >= 1; got 0"),
+    ("stride_pair_0", lambda: conv2d_backward(DZ, A, W, stride=(1, 0)), "stride must be >= 1; got (1, 0)"),
+    ("stride_float", lambda: conv2d_forward(A, W, stride=1.5), "stride must be an int or a pair (h, w) of ints; got 1.5"),
+    ("stride_bool", lambda: conv2d_forward(A, W, stride=True), "stride must be an int or a pair (h, w) of ints; got True"),
+    ("stride_triple", lambda: conv2d_forward(A, W, stride=(1, 1, 1)), "stride must be an int or a pair"),
+    ("dilation_0", lambda: conv2d_forward(A, W, dilation=0), "dilation must be >= 1; got 0"),
+    ("dilation_negative", lambda: conv2d_backward(DZ, A, W, dilation=(-1, 1)), "dilation must be >= 1; got (-1, 1)"),
+    ("padding_negative", lambda: conv2d_forward(A, W, padding=-1), "padding must be >= 0; got -1"),
+    ("padding_pair_negative", lambda: conv2d_forward(A, W, padding=(0, -2)), "padding must be >= 0; got (0, -2)"),
+    ("padding_explicit_negative", lambda: conv2d_forward(A, W, padding=((0, -1), (0, 0))), "padding (top, bottom) must be >= 0; got (0, -1)"),
+    ("padding_explicit_bad_width", lambda: conv2d_forward(A, W, padding=((0, 0), (1, 2, 3))), "padding (left, right) must be an int or a pair"),
+    ("padding_word", lambda: conv2d_forward(A, W, padding="full"), "'same' or 'valid'; got 'full' instead"),
+    ("padding_none", lambda: conv2d_backward(DZ, A, W, padding=None), "padding must be an int or a pair (h, w) of ints; got None"),
+    ("padding_float", lambda: conv2d_forward(A, W, padding=0.5), "padding must be an int or a pair (h, w) of ints; got 0.5"),
+    ("kernel_too_tall", lambda: conv2d_forward(_zeros(1, 4, 9, 3), _zeros(5, 3, 3, 1)), "kernel height 5 (dilated extent 5) is larger than the padded input height 4 (input 4, stride 1, padding 0)"),
+    ("kernel_too_wide_padded", lambda: conv2d_forward(_zeros(1, 9, 3, 3), _zeros(3, 6, 3, 1), padding=(0, 1)), "kernel width 6 (dilated extent 6) is larger than the padded input width 5"),
+    ("dilated_kernel_too_large", lambda: conv2d_backward(DZ, A, W, dilation=3), "kernel height 3 (dilated extent 7) is larger than the padded input height 5"),
+    ("bias_size", lambda: conv2d_forward(A, W, _zeros(1, 1, 1, 3)), "b must have shape (1, 1, 1, 4) to match W (3, 3, 3, 4); got (1, 1, 1, 3)"),
+]
+
+
+@pytest.mark.parametrize("call, message", [pytest.param(c, m, id=i) for i, c, m in INVALID])
+def test_invalid_input_raises_input_error(call, message):
+    with pytest.raises(Exception) as info:
+        call()
+    assert type(info.value) is InputError, repr(info.value)
+    assert isinstance(info.value, ValueError)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# --- 6. IEEE special values ----------------------------------------------------
+
+
+def _special_masks(x):
+    return np.isnan(x), np.isposinf(x), np.isneginf(x)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["A_prev", "W", "dZ"])
+@pytest.mark.parametrize("case_id", ["pad0", "same_s2", "dilation2", "stride_gt_kernel"])
+def test_special_values_propagate_like_reference(case_id, where, value):
+    case = CASES[case_id]
+    a, w, _, dz = make_arrays(case, np.float64, 8)
+    target = {"A_prev": a, "W": w, "dZ": dz}[where]
+    target[tuple(n // 2 for n in target.shape)] = value
+    got = (conv2d_forward(a, w, **case.kwargs), *conv2d_backward(dz, a, w, **case.kwargs))
+    want = (conv2d_forward_loops(a, w, **case.kwargs), *conv2d_backward_loops(dz, a, w, **case.kwargs))
+    for name, x, y in zip(("Z", "dA_prev", "dW", "db"), got, want):
+        for mask_got, mask_want in zip(_special_masks(x), _special_masks(y)):
+            np.testing.assert_array_equal(mask_got, mask_want, err_msg=name)
+        finite = np.isfinite(y)
+        np.testing.assert_allclose(x[finite], y[finite], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_nan_in_input_gives_nan_in_dw_only_where_read():
+    """5x5 input, 3x3 kernel, stride 1, no padding: every kernel offset reads pixel (2, 2)."""
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((2, 5, 5, 2))
+    w = rng.standard_normal((3, 3, 2, 3))
+    dz = rng.standard_normal((2, 3, 3, 3))
+    a[0, 2, 2, 0] = np.nan
+    grads = conv2d_backward(dz, a, w, stride=1, padding=0)
+    assert np.isnan(grads.dW[:, :, 0, :]).all()
+    assert np.isfinite(grads.dW[:, :, 1, :]).all()
+    assert np.isfinite(grads.dA_prev).all() and np.isfinite(grads.db).all()
+    # With stride 3 and a 2x2 kernel pixel (2, 2) is never read: no NaN anywhere.
+    grads = conv2d_backward(rng.standard_normal((2, 2, 2, 3)), a, w[:2, :2], stride=3, padding=0)
+    assert all(np.isfinite(g).all() for g in grads)
+
+
+# --- import hygiene ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["dconv", "dconv.kernel"])
+def test_import_does_not_pull_in_dask(module):
+    code = f"import sys, {module}; assert 'dask' not in sys.modules, sorted(m for m in sys.modules if 'dask' in m)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
