@@ -80,6 +80,25 @@ def parse_padding(value: Any) -> Pads | str:
     return ((ph, ph), (pw, pw))
 
 
+def padding_from_flat(values: Any) -> Any:
+    """The padding a flat list means: ``[p]``, ``[h, w]`` or ``[top, bottom, left, right]``.
+
+    Used by the CLI (``--padding 1,2,0,1``) and spec files (``padding = [1, 2, 0, 1]``);
+    anything that is not a list is returned unchanged for :func:`parse_padding`.
+    """
+    if not isinstance(values, (list, tuple)) or any(isinstance(v, (list, tuple)) for v in values):
+        return values
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return tuple(values)
+    if len(values) == 4:
+        return ((values[0], values[1]), (values[2], values[3]))
+    raise InputError(
+        f"padding takes 1, 2 (h, w) or 4 (top, bottom, left, right) values; got {list(values)} instead."
+    )
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """The sizes of one convolution, resolved for a given input and kernel.
@@ -129,7 +148,7 @@ class ConvParams:
         """Validate and normalise the public ``stride``, ``padding`` and ``dilation`` forms."""
         return cls(
             stride=parse_pair("stride", stride, minimum=1),
-            padding=parse_padding(padding),
+            padding=parse_padding(padding_from_flat(padding)),
             dilation=parse_pair("dilation", dilation, minimum=1),
         )
 

@@ -1,0 +1,133 @@
+"""Where a job runs: the embedded local cluster, or an existing Dask cluster.
+
+The embedded default is a ``distributed.LocalCluster`` bound to 127.0.0.1 with
+one single-threaded worker process per core, and BLAS threads set so that
+workers x threads x BLAS threads = cores. ``--scheduler ADDRESS`` connects to
+a cluster someone else started (``dask scheduler`` / ``dask worker``,
+dask-jobqueue, dask-kubernetes, ...); its workers keep their own settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+from dconv.errors import InputError
+
+__all__ = ["ClusterOptions", "connect", "BLAS_THREAD_VARIABLES"]
+
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How to reach workers.
+
+    Attributes
+    ----------
+    scheduler : str or None
+        Address of an existing scheduler (``tcp://host:8786``, ``tls://...``);
+        None starts the embedded local cluster.
+    workers : int or None
+        Worker processes of the local cluster; default one per core.
+    connect_timeout : float
+        Seconds to wait for an existing scheduler before giving up.
+    tls_ca_file, tls_cert, tls_key : str or None
+        TLS material for a ``tls://`` scheduler.
+    """
+
+    scheduler: str | None = None
+    workers: int | None = None
+    connect_timeout: float = 10.0
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None and self.workers is not None:
+            raise InputError("give either workers (a local cluster) or scheduler (an existing one), not both.")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise InputError(f"workers must be an int >= 1; got {self.workers!r} instead.")
+
+    def security(self):
+        """A ``distributed.Security`` for TLS, or None."""
+        if not (self.tls_ca_file or self.tls_cert or self.tls_key):
+            return None
+        from distributed.security import Security
+
+        for name in ("tls_ca_file", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is None or not os.path.isfile(path):
+                raise InputError(f"{name.replace('_', '-')} must name a readable file; got {path!r} instead.")
+        return Security(
+            tls_ca_file=self.tls_ca_file,
+            tls_client_cert=self.tls_cert,
+            tls_client_key=self.tls_key,
+            require_encryption=True,
+        )
+
+
+def local_cluster_layout(workers: int | None) -> tuple[int, int]:
+    """``(n_workers, blas_threads)`` so that workers x 1 thread x BLAS threads = cores."""
+    cores = available_cores()
+    n_workers = workers or cores
+    return n_workers, max(1, cores // n_workers)
+
+
+@contextlib.contextmanager
+def connect(options: ClusterOptions, *, quiet: bool = False) -> Iterator["distributed.Client"]:  # noqa: F821
+    """A ``distributed.Client`` on the cluster ``options`` name, closed on exit.
+
+    Raises
+    ------
+    InputError
+        No scheduler answers at ``options.scheduler`` within ``connect_timeout``.
+    """
+    import distributed
+
+    if options.scheduler is None:
+        n_workers, blas_threads = local_cluster_layout(options.workers)
+        env = {name: str(blas_threads) for name in BLAS_THREAD_VARIABLES}
+        with distributed.LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
+            silence_logs=logging.ERROR,
+            env=env,
+        ) as cluster, distributed.Client(cluster) as client:
+            if not quiet:
+                print(
+                    f"dconv: local cluster, {n_workers} workers x 1 thread x {blas_threads} BLAS threads; "
+                    f"dashboard {client.dashboard_link}",
+                    file=sys.stderr,
+                )
+            yield client
+        return
+
+    try:
+        client = distributed.Client(
+            options.scheduler, timeout=options.connect_timeout, security=options.security()
+        )
+    except (OSError, TimeoutError) as e:
+        raise InputError(
+            f"no Dask scheduler answered at {options.scheduler!r} within {options.connect_timeout:g} s ({e})."
+        ) from e
+    with client:
+        if not quiet:
+            print(f"dconv: scheduler {options.scheduler}, dashboard {client.dashboard_link}", file=sys.stderr)
+        yield client

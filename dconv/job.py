@@ -1,0 +1,484 @@
+"""``backward_job``: validate everything, then run the graph on a cluster and record the result.
+
+A job has two phases. :func:`plan_job` reads only metadata (and ``W``) and
+raises :class:`~dconv.errors.InputError` for anything wrong, before a byte of
+output is written. :func:`run_job` creates or resumes the output, computes the
+graph in one pass and marks the output "complete" last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from os import PathLike
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dconv.cluster import ClusterOptions, connect
+from dconv.errors import InputError, JobFailedError
+from dconv.graph import CHUNK_PREFIX, ZarrSlice, backward_graph, batch_bounds, normalize_split_every, progress_topic
+from dconv.kernel import as_float_array
+from dconv.params import ConvGeometry, ConvParams, backward_geometry, check_float_dtype, result_dtype
+from dconv.store import ATTR, InputGroup, OutputStore, open_inputs, public_location, store_exists
+
+__all__ = ["backward_job", "plan_job", "run_job", "JobPlan", "JobResult", "DEFAULT_BATCH_CHUNK"]
+
+DEFAULT_BATCH_CHUNK = 256
+LOCAL_SCHEDULERS = ("threads", "synchronous")
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a finished job returns.
+
+    Attributes
+    ----------
+    dW : ndarray, shape (fh, fw, C_prev, C)
+    db : ndarray, shape (1, 1, 1, C)
+    out : str
+        The output group (without credentials); dA_prev is there.
+    n_chunks, computed_chunks : int
+        Batch chunks in the job, and how many this run computed (fewer on resume).
+    seconds : dict
+        Wall time of the run (``total``, ``compute``) and the summed task time
+        of the chunks' ``read``, ``kernel`` and ``write`` steps.
+    nonfinite : dict
+        Count of NaN and Inf values in each of ``dA_prev``, ``dW`` and ``db``.
+    """
+
+    dW: np.ndarray
+    db: np.ndarray
+    out: str
+    n_chunks: int
+    computed_chunks: int
+    seconds: dict = field(default_factory=dict)
+    nonfinite: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A validated job: everything :func:`run_job` needs, nothing written yet."""
+
+    dz_batches: Sequence[Any]
+    a_batches: Sequence[Any]
+    W: np.ndarray
+    params: ConvParams
+    geometry: ConvGeometry
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    compute_dtype: np.dtype
+    bounds: Sequence[tuple[int, int]]
+    batch_chunk: int
+    split_every: int
+    input_location: str
+    out: OutputStore
+    resume: bool
+    check_finite: bool
+
+    @property
+    def fingerprint(self) -> str:
+        """What must match for ``resume`` to continue this job's output."""
+        identity = {
+            "input": self.input_location,
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "dtypes": self.dtypes,
+            "params": self.params.to_dict(),
+            "batch_chunk": self.batch_chunk,
+            "split_every": self.split_every,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """A few lines for ``--dry-run``: what would run, and its per-task memory."""
+        m = self.shapes["A_prev"][0]
+        per_task = chunk_working_set(self.batch_chunk, self.shapes, self.geometry, self.compute_dtype)
+        return "\n".join(
+            [
+                f"input   {self.input_location}",
+                f"output  {self.out.location}" + (" (resume)" if self.resume else ""),
+                "shapes  " + ", ".join(f"{k} {v}" for k, v in self.shapes.items()) + f" ({self.compute_dtype})",
+                f"conv    {self.params.describe()}, pads {self.geometry.pads}",
+                f"chunks  {len(self.bounds)} of {self.batch_chunk} samples (m = {m}), "
+                f"tree fan-in {self.split_every}",
+                f"memory  about {per_task / 2**20:.1f} MiB per running task",
+            ]
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "input": self.input_location,
+            "params": self.params.to_dict(),
+            "pads": [list(p) for p in self.geometry.pads],
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "dtypes": {**self.dtypes, "compute": str(self.compute_dtype)},
+            "batch_chunk": self.batch_chunk,
+            "split_every": self.split_every,
+            "n_chunks": len(self.bounds),
+            "fingerprint": self.fingerprint,
+            "versions": _versions(),
+        }
+
+
+def chunk_working_set(batch: int, shapes: Mapping[str, Sequence[int]], geometry: ConvGeometry, dtype: Any) -> int:
+    """Bytes one chunk task holds at its peak, roughly.
+
+    ``itemsize * b * (2 * H*W*C_prev + n_H*n_W*C + 2 * Hp*Wp*C_prev + n_H*n_W*fh*fw*C_prev)``:
+    the input and output blocks, dZ, the padded input and its gradient, and
+    one im2col-sized workspace.
+    """
+    _, height, width, c_prev = shapes["A_prev"]
+    _, n_h, n_w, c_out = shapes["dZ"]
+    fh, fw = geometry.kernel_hw
+    hp, wp = geometry.padded_hw
+    per_sample = 2 * height * width * c_prev + n_h * n_w * c_out + 2 * hp * wp * c_prev + n_h * n_w * fh * fw * c_prev
+    return int(np.dtype(dtype).itemsize * batch * per_sample)
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import zarr
+
+    import dconv
+
+    return {"dconv": dconv.__version__, "numpy": np.__version__, "dask": dask.__version__, "zarr": zarr.__version__}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def resolve_params(
+    stride: Any, padding: Any, dilation: Any, hparameters: Mapping[str, Any] | None
+) -> ConvParams:
+    """Explicit options win; missing ones come from the input's ``hparameters`` attribute.
+
+    ``hparameters`` is the classic ``{"stride": s, "pad": p}`` dict, optionally
+    with ``"dilation"``; ``pad`` may take any padding form.
+    """
+    stored = dict(hparameters or {})
+    unknown = set(stored) - {"stride", "pad", "dilation"}
+    if unknown:
+        raise InputError(
+            f"the input's hparameters attribute takes keys stride, pad, dilation; got {sorted(unknown)} instead."
+        )
+    return ConvParams.parse(
+        stride=stride if stride is not None else stored.get("stride", 1),
+        padding=padding if padding is not None else stored.get("pad", 0),
+        dilation=dilation if dilation is not None else stored.get("dilation", 1),
+    )
+
+
+def _zarr_batches(array: Any, name: str, bounds: Sequence[tuple[int, int]]) -> list[ZarrSlice]:
+    return [ZarrSlice(array, name, start, stop) for start, stop in bounds]
+
+
+def _dask_batches(array: Any, bounds: Sequence[tuple[int, int]]) -> list[Any]:
+    import dask.array as da
+
+    chunks = (tuple(stop - start for start, stop in bounds), *[(n,) for n in array.shape[1:]])
+    blocks = da.asarray(array).rechunk(chunks).to_delayed()
+    return list(blocks.reshape(-1))
+
+
+def _check_out_not_inside(out: str, input_location: str | None) -> None:
+    if input_location is None:
+        return
+    if "://" in out or "://" in input_location:
+        inside = public_location(out).rstrip("/").startswith(input_location.rstrip("/") + "/")
+        same = public_location(out).rstrip("/") == input_location.rstrip("/")
+    else:
+        out_path, in_path = Path(out).resolve(), Path(input_location).resolve()
+        same, inside = out_path == in_path, out_path.is_relative_to(in_path)
+    if same or inside:
+        raise InputError(f"out {public_location(out)!r} is inside the input store {input_location!r}; choose another path.")
+
+
+def plan_job(
+    inputs: str | PathLike | InputGroup | Mapping[str, Any],
+    out: str | PathLike,
+    *,
+    stride: Any = None,
+    padding: Any = None,
+    dilation: Any = None,
+    batch_chunk: int = DEFAULT_BATCH_CHUNK,
+    split_every: int | None = 8,
+    overwrite: bool = False,
+    resume: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    check_finite: bool = False,
+) -> JobPlan:
+    """Validate a job without writing anything. Arguments as for :func:`backward_job`."""
+    storage_options = dict(storage_options or {})
+    if isinstance(inputs, (str, PathLike)):
+        inputs = open_inputs(str(inputs), storage_options)
+    if isinstance(inputs, InputGroup):
+        arrays = {"A_prev": inputs.A_prev, "dZ": inputs.dZ, "W": inputs.W}
+        hparameters, input_location = inputs.hparameters, inputs.location
+    elif isinstance(inputs, Mapping):
+        missing = [name for name in ("A_prev", "dZ", "W") if name not in inputs]
+        if missing:
+            raise InputError(f"inputs must hold arrays A_prev, dZ and W; missing {', '.join(missing)}.")
+        arrays = {name: inputs[name] for name in ("A_prev", "dZ", "W")}
+        hparameters, input_location = None, None
+    else:
+        raise InputError(
+            f"inputs must be a Zarr group path/URL or a mapping of arrays; got {type(inputs).__name__} instead."
+        )
+    for name, array in arrays.items():
+        if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+            arrays[name] = as_float_array(name, array)
+        check_float_dtype(name, arrays[name].dtype)
+
+    params = resolve_params(stride, padding, dilation, hparameters)
+    shapes = {name: tuple(int(n) for n in array.shape) for name, array in arrays.items()}
+    geometry = backward_geometry(shapes["dZ"], shapes["A_prev"], shapes["W"], params)
+    bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
+    split_every = normalize_split_every(split_every)
+    compute_dtype = result_dtype(*(np.dtype(a.dtype) for a in arrays.values()))
+
+    out = str(out)
+    _check_out_not_inside(out, input_location)
+    if overwrite and resume:
+        raise InputError("give overwrite or resume, not both.")
+    if not overwrite and not resume and store_exists(out, storage_options):
+        raise InputError(
+            f"out {public_location(out)!r} already exists; pass --overwrite to replace it or --resume to continue it."
+        )
+
+    if input_location is not None:  # Zarr arrays: each task reads its own slice
+        a_batches = _zarr_batches(arrays["A_prev"], "A_prev", bounds)
+        dz_batches = _zarr_batches(arrays["dZ"], "dZ", bounds)
+    else:
+        a_batches, dz_batches = _dask_batches(arrays["A_prev"], bounds), _dask_batches(arrays["dZ"], bounds)
+    return JobPlan(
+        dz_batches=dz_batches,
+        a_batches=a_batches,
+        W=np.asarray(arrays["W"][...]).astype(compute_dtype, copy=False),
+        params=params,
+        geometry=geometry,
+        shapes=shapes,
+        dtypes={name: str(np.dtype(array.dtype)) for name, array in arrays.items()},
+        compute_dtype=compute_dtype,
+        bounds=bounds,
+        batch_chunk=int(batch_chunk),
+        split_every=split_every,
+        input_location=input_location or "<in-memory arrays>",
+        out=OutputStore(out, storage_options),
+        resume=resume,
+        check_finite=check_finite,
+    )
+
+
+# --------------------------------------------------------------------------- running
+
+
+def prepare_output(plan: JobPlan) -> np.ndarray:
+    """Create the output, or reopen it on resume; return the mask of finished chunks."""
+    n_chunks = len(plan.bounds)
+    if plan.resume and store_exists(plan.out.url, plan.out.storage_options):
+        try:
+            stored = plan.out.group("r").attrs.get(ATTR, {})
+        except Exception as e:
+            raise InputError(f"cannot resume {plan.out.location!r}: it is not a readable dconv output ({e}).") from e
+        if stored.get("fingerprint") != plan.fingerprint:
+            raise InputError(
+                f"cannot resume {plan.out.location!r}: it was made from other inputs or parameters "
+                f"(input {stored.get('input')!r}, batch_chunk {stored.get('batch_chunk')}, "
+                f"params {stored.get('params')}); this job has input {plan.input_location!r}, "
+                f"batch_chunk {plan.batch_chunk}, params {plan.params.to_dict()}."
+            )
+        plan.out.update_provenance(status="running", resumed=_now())
+        return plan.out.done_chunks()
+    plan.out.create(
+        a_shape=plan.shapes["A_prev"],
+        w_shape=plan.shapes["W"],
+        dtype=plan.compute_dtype,
+        batch_chunk=plan.batch_chunk,
+        provenance={**plan.provenance(), "started": _now()},
+    )
+    return np.zeros(n_chunks, dtype=bool)
+
+
+class _ChunkCounter:
+    """Advances a progress bar as chunk tasks finish, on any Dask scheduler."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def on_event(self, event: Any) -> None:  # distributed topic handler: (timestamp, msg)
+        self.bar.update(1)
+
+    def local_callback(self):
+        from dask.callbacks import Callback
+
+        bar = self.bar
+
+        class Counter(Callback):
+            def _posttask(self, key, result, dsk, state, worker_id):
+                if isinstance(key, tuple) and str(key[0]).startswith(CHUNK_PREFIX) and not isinstance(result, Exception):
+                    bar.update(1)
+
+        return Counter()
+
+
+def _compute(graph: Any, plan: JobPlan, client: Any, scheduler: str | None, bar: Any) -> Any:
+    import dask
+
+    counter = _ChunkCounter(bar)
+    if scheduler is not None:
+        with counter.local_callback():
+            return dask.compute(graph, scheduler=scheduler)[0]
+    topic = progress_topic(plan.out.url)
+    client.subscribe_topic(topic, counter.on_event)
+    try:
+        return client.compute(graph).result()
+    finally:
+        client.unsubscribe_topic(topic)
+
+
+def run_job(
+    plan: JobPlan,
+    *,
+    client: Any = None,
+    scheduler: str | None = None,
+    progress: bool = False,
+) -> JobResult:
+    """Run a planned job on ``client`` (a ``distributed.Client``) or a local Dask ``scheduler``."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    finished = prepare_output(plan)
+    pending = int((~finished).sum())
+    graph = backward_graph(
+        plan.dz_batches,
+        plan.a_batches,
+        plan.W,
+        plan.geometry,
+        plan.out,
+        plan.bounds,
+        split_every=plan.split_every,
+        finished=list(finished),
+        check_finite=plan.check_finite,
+    )
+    t1 = time.perf_counter()
+    try:
+        with tqdm(total=pending, unit="chunk", desc="dconv", file=sys.stderr, disable=not progress) as bar:
+            total = _compute(graph, plan, client, scheduler, bar)
+        t2 = time.perf_counter()
+        dW = total.dW.astype(plan.compute_dtype)
+        db = total.db.astype(plan.compute_dtype).reshape(1, 1, 1, -1)
+        stats = dict(total.stats)
+        nonfinite = {
+            "dA_prev": int(stats.pop("nonfinite_dA_prev", 0)),
+            "dW": int(dW.size - np.count_nonzero(np.isfinite(dW))),
+            "db": int(db.size - np.count_nonzero(np.isfinite(db))),
+        }
+        seconds = {"compute": t2 - t1, **stats}
+        plan.out.finish(
+            dW, db, finished=_now(), nonfinite=nonfinite, seconds={k: round(v, 3) for k, v in seconds.items()}
+        )
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            plan.out.update_provenance(status="failed", reason=f"{type(e).__name__}: {e}"[:2000], failed=_now())
+        raise
+    seconds["total"] = time.perf_counter() - t0
+    return JobResult(
+        dW=dW,
+        db=db,
+        out=plan.out.location,
+        n_chunks=len(plan.bounds),
+        computed_chunks=pending,
+        seconds=seconds,
+        nonfinite=nonfinite,
+    )
+
+
+def backward_job(
+    inputs: str | PathLike | InputGroup | Mapping[str, Any],
+    out: str | PathLike,
+    *,
+    stride: Any = None,
+    padding: Any = None,
+    dilation: Any = None,
+    batch_chunk: int = DEFAULT_BATCH_CHUNK,
+    split_every: int | None = 8,
+    client: Any = None,
+    scheduler: str | None = None,
+    cluster: ClusterOptions | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    check_finite: bool = False,
+    progress: bool = False,
+    quiet: bool = True,
+) -> JobResult:
+    """Compute dA_prev, dW and db for a whole batch, chunk by chunk, on Dask.
+
+    Parameters
+    ----------
+    inputs : str, path, or mapping
+        A Zarr v3 input group (local path or fsspec URL) with ``A_prev``
+        (m, H, W, C_prev), ``dZ`` (m, n_H, n_W, C) and ``W`` (fh, fw, C_prev, C);
+        or a mapping with those keys holding NumPy or Dask arrays.
+    out : str or path
+        Where the output group goes (local path or fsspec URL).
+    stride, padding, dilation : optional
+        As for :func:`dconv.conv2d_backward`. When None, taken from the input
+        group's ``hparameters`` attribute, else 1, 0, 1.
+    batch_chunk : int
+        Samples per task; dA_prev is chunked the same way.
+    split_every : int
+        Fan-in of the dW/db tree reduction.
+    client : distributed.Client, optional
+        Run on this client's cluster.
+    scheduler : {"threads", "synchronous"}, optional
+        Run in this process on a local Dask scheduler instead of a cluster.
+    cluster : ClusterOptions, optional
+        With neither ``client`` nor ``scheduler``: which cluster to start or
+        reach. Default: the embedded local cluster.
+    overwrite, resume : bool
+        Replace an existing ``out``, or continue an interrupted job there.
+    storage_options : dict, optional
+        fsspec options for ``inputs`` and ``out`` (never recorded).
+    check_finite : bool
+        Fail on NaN or Inf in the inputs instead of propagating them.
+    progress : bool
+        Show a progress bar on stderr.
+    quiet : bool
+        Do not print the cluster's dashboard link.
+
+    Returns
+    -------
+    JobResult
+    """
+    if scheduler is not None and scheduler not in LOCAL_SCHEDULERS:
+        raise InputError(f"scheduler must be one of {LOCAL_SCHEDULERS}; got {scheduler!r} instead.")
+    if scheduler is not None and client is not None:
+        raise InputError("give either client or scheduler, not both.")
+    plan = plan_job(
+        inputs,
+        out,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        batch_chunk=batch_chunk,
+        split_every=split_every,
+        overwrite=overwrite,
+        resume=resume,
+        storage_options=storage_options,
+        check_finite=check_finite,
+    )
+    if client is not None or scheduler is not None:
+        return run_job(plan, client=client, scheduler=scheduler, progress=progress)
+    with connect(cluster or ClusterOptions(), quiet=quiet) as new_client:
+        return run_job(plan, client=new_client, progress=progress)

@@ -1,0 +1,399 @@
+"""The Zarr layer: input groups, the output layout, per-chunk completion, provenance.
+
+An **input** is a Zarr v3 group with arrays ``A_prev`` (m, H, W, C_prev),
+``dZ`` (m, n_H, n_W, C), ``W`` (fh, fw, C_prev, C), an optional ``b``, and an
+optional ``hparameters`` attribute (the classic ``{"stride", "pad"}`` dict).
+
+An **output** is a Zarr v3 group::
+
+    dA_prev   (m, H, W, C_prev)      chunks (batch_chunk, H, W, C_prev)
+    dW        (fh, fw, C_prev, C)
+    db        (1, 1, 1, C)
+    _progress/done        (n_chunks,)            uint8, 1 once chunk i is durable
+    _progress/dW_partial  (n_chunks, fh, fw, C_prev, C)   float64
+    _progress/db_partial  (n_chunks, C)                   float64
+    _progress/nonfinite   (n_chunks,)            int64, NaN/Inf count of the dA_prev block
+
+and a group attribute ``dconv`` with the provenance and the ``status``
+("running", "failed" or "complete"; "complete" is written last). A chunk's
+completion is its ``done`` flag, written after its dA_prev block and its
+partials: never inferred from a chunk file, since Zarr does not write chunks
+that equal the fill value.
+
+Every function takes a store as a local path or an fsspec URL plus
+``storage_options``; the options are used to open the store and never written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import zarr
+import zarr.errors
+from zarr.codecs import BloscCodec
+
+from dconv.errors import InputError
+from dconv.params import check_float_dtype
+
+__all__ = [
+    "INPUT_ARRAYS",
+    "InputGroup",
+    "OutputStore",
+    "open_inputs",
+    "make_inputs",
+    "open_result",
+    "public_location",
+]
+
+INPUT_ARRAYS = ("A_prev", "dZ", "W")
+PROGRESS = "_progress"
+ATTR = "dconv"
+
+# One name per axis, shared across arrays, so xarray sees one C_prev dimension.
+DIMENSIONS = {
+    "A_prev": ("m", "H", "W", "C_prev"),
+    "dZ": ("m", "n_H", "n_W", "C"),
+    "W": ("fh", "fw", "C_prev", "C"),
+    "b": ("b_h", "b_w", "b_c", "C"),
+    "dA_prev": ("m", "H", "W", "C_prev"),
+    "dW": ("fh", "fw", "C_prev", "C"),
+    "db": ("b_h", "b_w", "b_c", "C"),
+}
+
+
+def compressor(dtype: np.dtype) -> BloscCodec:
+    """The codec for float arrays: Blosc LZ4 with byte shuffle (fast; gradients barely compress)."""
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+
+
+def public_location(url: str) -> str:
+    """``url`` without user info, query or fragment: safe to write into provenance or logs."""
+    parts = urlsplit(str(url))
+    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
+        return str(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def open_group(url: str, mode: str, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Open the Zarr group at ``url``; fsspec options only for URLs that have a scheme."""
+    kwargs: dict[str, Any] = {"mode": mode, "zarr_format": 3}
+    if storage_options and "://" in str(url):
+        kwargs["storage_options"] = dict(storage_options)
+    return zarr.open_group(str(url), **kwargs)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """The arrays of an input group, opened lazily (no chunk has been read).
+
+    Attributes
+    ----------
+    A_prev, dZ, W : zarr.Array
+    b : zarr.Array or None
+    hparameters : dict or None
+        The group's ``hparameters`` attribute, if any.
+    location : str
+        Where it came from, without credentials.
+    """
+
+    A_prev: zarr.Array
+    dZ: zarr.Array
+    W: zarr.Array
+    b: zarr.Array | None
+    hparameters: dict | None
+    location: str
+
+
+def open_inputs(url: str, storage_options: Mapping[str, Any] | None = None) -> InputGroup:
+    """Open and check an input group: arrays present, 4-D, float32/float64.
+
+    Raises
+    ------
+    InputError
+        The store is missing, is not a Zarr v3 group, has corrupt metadata, or
+        an array is missing or has the wrong rank.
+    InputDtypeError
+        An array is not float32 or float64.
+    """
+    location = public_location(url)
+    try:
+        group = open_group(url, "r", storage_options)
+    except FileNotFoundError as e:
+        raise InputError(f"input store {location!r} does not exist or is not a Zarr group.") from e
+    except (zarr.errors.ContainsArrayError,) as e:
+        raise InputError(f"input store {location!r} is a Zarr array, not a group.") from e
+    except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
+        raise InputError(f"input store {location!r} has corrupt Zarr metadata: {e}") from e
+    arrays = {}
+    for name in (*INPUT_ARRAYS, "b"):
+        try:
+            node = group.get(name)
+        except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
+            raise InputError(f"input array {name!r} in {location!r} has corrupt Zarr metadata: {e}") from e
+        if node is None:
+            if name == "b":
+                continue
+            raise InputError(
+                f"input store {location!r} has no array {name!r}; expected arrays "
+                f"{', '.join(INPUT_ARRAYS)} (and optionally b), found {sorted(group.array_keys())}."
+            )
+        if not isinstance(node, zarr.Array):
+            raise InputError(f"{name!r} in {location!r} must be an array; got a group instead.")
+        if name in INPUT_ARRAYS and node.ndim != 4:
+            raise InputError(f"{name} must be 4-D; got shape {node.shape} ({node.ndim}-D) in {location!r} instead.")
+        check_float_dtype(name, _numpy_dtype(name, node))
+        arrays[name] = node
+    hparameters = group.attrs.get("hparameters")
+    return InputGroup(
+        A_prev=arrays["A_prev"],
+        dZ=arrays["dZ"],
+        W=arrays["W"],
+        b=arrays.get("b"),
+        hparameters=dict(hparameters) if isinstance(hparameters, Mapping) else None,
+        location=location,
+    )
+
+
+def _numpy_dtype(name: str, array: zarr.Array) -> np.dtype:
+    try:
+        return np.dtype(array.dtype)
+    except TypeError as e:  # zarr string/struct dtypes with no NumPy equivalent
+        raise InputError(f"{name} has dtype {array.dtype}; expected float32 or float64.") from e
+
+
+def read_batch(array: zarr.Array, name: str, start: int, stop: int) -> np.ndarray:
+    """``array[start:stop]``, with a corrupt chunk reported by array name and chunk index."""
+    try:
+        return np.asarray(array[start:stop])
+    except Exception as e:  # codec errors have no common base class
+        first, last = start // array.chunks[0], (stop - 1) // array.chunks[0]
+        raise InputError(
+            f"cannot read {name}[{start}:{stop}]: a chunk among {name} chunks {first}..{last} "
+            f"along m is corrupt or truncated ({type(e).__name__}: {e})"
+        ) from e
+
+
+def make_inputs(
+    url: str,
+    *,
+    m: int,
+    height: int = 32,
+    width: int = 32,
+    in_channels: int = 16,
+    out_channels: int = 32,
+    kernel: tuple[int, int] = (3, 3),
+    stride: Any = 1,
+    padding: Any = 1,
+    dilation: Any = 1,
+    dtype: Any = "float32",
+    chunk: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a synthetic, seeded input group and return its URL.
+
+    Writes ``A_prev`` (m, height, width, in_channels), ``dZ`` of the matching
+    output shape, ``W`` (kernel..., in_channels, out_channels), ``b`` and the
+    ``hparameters``-style attribute ``conv`` with the given stride, padding and
+    dilation. Data is generated ``chunk`` samples at a time, so ``m`` may exceed
+    memory.
+    """
+    from dconv.params import ConvParams, output_shape
+
+    if m < 1 or chunk < 1:
+        raise InputError(f"m and chunk must be >= 1; got m={m}, chunk={chunk} instead.")
+    dtype = check_float_dtype("dtype", dtype)
+    params = ConvParams.parse(stride, padding, dilation)
+    a_shape = (m, height, width, in_channels)
+    w_shape = (*kernel, in_channels, out_channels)
+    z_shape = output_shape(a_shape, w_shape, params)
+    rng = np.random.default_rng(seed)
+    group = _create_group(url, overwrite, storage_options)
+    stored = params.to_dict()
+    group.attrs["hparameters"] = {"stride": stored["stride"], "pad": stored["padding"], "dilation": stored["dilation"]}
+    shapes = {"A_prev": a_shape, "dZ": z_shape, "W": w_shape, "b": (1, 1, 1, out_channels)}
+    arrays = {
+        name: group.create_array(
+            name,
+            shape=shape,
+            chunks=(min(chunk, m), *shape[1:]) if name in ("A_prev", "dZ") else shape,
+            dtype=dtype,
+            compressors=compressor(dtype),
+            dimension_names=DIMENSIONS[name],
+        )
+        for name, shape in shapes.items()
+    }
+    fan_in = np.prod(w_shape[:3])
+    arrays["W"][...] = (rng.standard_normal(w_shape) / np.sqrt(fan_in)).astype(dtype)
+    arrays["b"][...] = rng.standard_normal(shapes["b"]).astype(dtype)
+    for start in range(0, m, chunk):
+        stop = min(start + chunk, m)
+        arrays["A_prev"][start:stop] = rng.standard_normal((stop - start, *a_shape[1:])).astype(dtype)
+        arrays["dZ"][start:stop] = rng.standard_normal((stop - start, *z_shape[1:])).astype(dtype)
+    return url
+
+
+def _create_group(url: str, overwrite: bool, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    if not overwrite and store_exists(url, storage_options):
+        raise InputError(f"{public_location(url)!r} already exists; pass overwrite to replace it.")
+    return open_group(url, "w", storage_options)
+
+
+def store_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True if anything (a Zarr node or any other file) is stored at ``url``."""
+    import fsspec
+
+    if "://" not in str(url):
+        from pathlib import Path
+
+        return Path(url).exists()
+    fs, path = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    return fs.exists(path)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class OutputStore:
+    """A picklable handle on an output group, used by the workers to write their chunks.
+
+    Attributes
+    ----------
+    url : str
+        Local path or fsspec URL of the output group.
+    storage_options : dict
+        fsspec options (may hold credentials: never written anywhere).
+    """
+
+    url: str
+    storage_options: dict = field(default_factory=dict)
+
+    @property
+    def location(self) -> str:
+        return public_location(self.url)
+
+    def group(self, mode: str = "r+") -> zarr.Group:
+        return open_group(self.url, mode, self.storage_options)
+
+    def create(
+        self,
+        *,
+        a_shape: tuple[int, ...],
+        w_shape: tuple[int, ...],
+        dtype: np.dtype,
+        batch_chunk: int,
+        provenance: dict[str, Any],
+    ) -> None:
+        """Create the output layout (overwriting whatever is there) with status "running"."""
+        m, n_chunks = a_shape[0], -(-a_shape[0] // batch_chunk)
+        n_out = w_shape[3]
+        group = self.group("w")
+        group.attrs[ATTR] = {**provenance, "status": "running"}
+        layouts = {
+            "dA_prev": (a_shape, (min(batch_chunk, m), *a_shape[1:])),
+            "dW": (w_shape, w_shape),
+            "db": ((1, 1, 1, n_out), (1, 1, 1, n_out)),
+        }
+        for name, (shape, chunks) in layouts.items():
+            group.create_array(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                fill_value=0,
+                compressors=compressor(dtype),
+                dimension_names=DIMENSIONS[name],
+            )
+        progress = group.create_group(PROGRESS)
+        progress.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
+        progress.create_array(
+            "dW_partial", shape=(n_chunks, *w_shape), chunks=(1, *w_shape), dtype="float64", fill_value=0
+        )
+        progress.create_array("db_partial", shape=(n_chunks, n_out), chunks=(1, n_out), dtype="float64", fill_value=0)
+        progress.create_array("nonfinite", shape=(n_chunks,), chunks=(1,), dtype="int64", fill_value=0)
+
+    def write_chunk(
+        self, index: int, start: int, dA_prev: np.ndarray, dW: np.ndarray, db: np.ndarray, nonfinite: int
+    ) -> None:
+        """Write one chunk's dA_prev block and partials, then mark it done (last).
+
+        Parameters
+        ----------
+        dA_prev : ndarray, shape (b, H, W, C_prev)
+            Written at samples ``start:start + b``.
+        dW : ndarray, float64, shape (fh, fw, C_prev, C)
+        db : ndarray, float64, shape (C,)
+        nonfinite : int
+            NaN/Inf count of ``dA_prev``.
+        """
+        group = self.group()
+        group["dA_prev"][start : start + dA_prev.shape[0]] = dA_prev
+        group[f"{PROGRESS}/dW_partial"][index] = dW
+        group[f"{PROGRESS}/db_partial"][index] = db
+        group[f"{PROGRESS}/nonfinite"][index] = nonfinite
+        group[f"{PROGRESS}/done"][index] = 1
+
+    def read_partial(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The float64 partial ``(dW, db)`` and NaN/Inf count a finished chunk wrote."""
+        group = self.group("r")
+        return (
+            group[f"{PROGRESS}/dW_partial"][index],
+            group[f"{PROGRESS}/db_partial"][index],
+            int(group[f"{PROGRESS}/nonfinite"][index]),
+        )
+
+    def done_chunks(self) -> np.ndarray:
+        """Boolean mask of durably finished chunks, shape (n_chunks,)."""
+        return self.group("r")[f"{PROGRESS}/done"][:] == 1
+
+    def finish(self, dW: np.ndarray, db: np.ndarray, **provenance: Any) -> None:
+        """Write the reduced dW and db, then set status "complete" (the last write of a job)."""
+        group = self.group()
+        group["dW"][...] = dW
+        group["db"][...] = db
+        group.attrs[ATTR] = {**group.attrs[ATTR], **provenance, "status": "complete"}
+
+    def update_provenance(self, **entries: Any) -> None:
+        group = self.group()
+        group.attrs[ATTR] = {**group.attrs[ATTR], **entries}
+
+
+def open_result(url: str, *, allow_incomplete: bool = False, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Open a job's output group, refusing one whose status is not "complete".
+
+    Parameters
+    ----------
+    allow_incomplete : bool
+        Open a running, failed or killed job's output anyway.
+
+    Raises
+    ------
+    InputError
+        ``url`` is not a dconv output, or the job did not complete.
+    """
+    location = public_location(url)
+    try:
+        group = open_group(url, "r", storage_options)
+    except FileNotFoundError as e:
+        raise InputError(f"output {location!r} does not exist.") from e
+    provenance = group.attrs.get(ATTR)
+    if not isinstance(provenance, Mapping):
+        raise InputError(f"{location!r} is not a dconv output (no {ATTR!r} attribute).")
+    if provenance.get("status") != "complete" and not allow_incomplete:
+        raise InputError(
+            f"output {location!r} has status {provenance.get('status')!r}, not 'complete'; "
+            "resume the job, or pass allow_incomplete=True to read it anyway."
+        )
+    return group

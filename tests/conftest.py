@@ -1,0 +1,136 @@
+"""Shared fixtures: seeded inputs, a real local Dask cluster, a real scheduler/worker cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Worker processes run the kernel single-threaded, as the embedded cluster does.
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dask_command() -> list[str]:
+    """The `dask` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("dask")
+    return [str(script)] if script.exists() else [shutil.which("dask") or "dask"]
+
+
+def dconv_command() -> list[str]:
+    """The `dconv` CLI, run with this interpreter."""
+    return [sys.executable, "-m", "dconv"]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261126)
+
+
+@pytest.fixture
+def make_input(tmp_path):
+    """Factory: write a seeded input group under tmp_path and return its path."""
+    from dconv.store import make_inputs
+
+    counter = iter(range(10_000))
+
+    def make(**kwargs) -> str:
+        path = str(tmp_path / f"input-{next(counter)}.zarr")
+        kwargs.setdefault("m", 20)
+        kwargs.setdefault("height", 8)
+        kwargs.setdefault("width", 8)
+        kwargs.setdefault("in_channels", 3)
+        kwargs.setdefault("out_channels", 4)
+        kwargs.setdefault("chunk", 7)
+        kwargs.setdefault("dtype", "float64")
+        return make_inputs(path, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A distributed Client on a real 2-worker, 1-thread-each LocalCluster on 127.0.0.1."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
+    ) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """A `dask scheduler` and two `dask worker` processes on 127.0.0.1; yields the address.
+
+    The workers are single-threaded. Each worker's PID is in the address dict
+    under "worker_pids" so fault tests can kill one.
+    """
+    distributed = pytest.importorskip("distributed")
+    logs = tmp_path_factory.mktemp("dask-logs")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes: list[subprocess.Popen] = []
+
+    def spawn(name: str, args: list[str]) -> subprocess.Popen:
+        log = open(logs / f"{name}.log", "w")
+        process = subprocess.Popen(dask_command() + args, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(process)
+        return process
+
+    try:
+        spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"])
+        for i in range(2):
+            spawn(
+                f"worker-{i}",
+                [
+                    "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
+                    "--no-nanny", "--dashboard-address", "127.0.0.1:0", "--name", f"w{i}",
+                ],
+            )
+        with distributed.Client(address, timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+        yield {"address": address, "worker_pids": [p.pid for p in processes[1:]], "processes": processes}
+    finally:
+        _stop(processes)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
