@@ -215,10 +215,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     arguments = _job_arguments(args, spec)
     make = spec.input.make
     if make is not None and not store_exists(spec.input.path, arguments["storage_options"]):
+        if args.dry_run:
+            print(f"input   {spec.input.path} does not exist yet; the run would first make it with {make}")
+            return EXIT_OK
         if not args.quiet:
             print(f"dconv: making synthetic input {spec.input.path} (m={make.m})", file=sys.stderr)
-        if not args.dry_run:
-            make_inputs(spec.input.path, storage_options=arguments["storage_options"], **_make_arguments(make))
+        make_inputs(spec.input.path, storage_options=arguments["storage_options"], **_make_arguments(make))
     return _run_job(arguments, args)
 
 

@@ -138,6 +138,263 @@ def unpad(padded: np.ndarray, pads: tuple[tuple[int, int], tuple[int, int]]) -> 
     return padded[:, top : height - bottom, left : width - right, :]
 
 
+# --------------------------------------------------------------------------- stride 1: flat implicit GEMM
+
+
+class FlatGrid(NamedTuple):
+    """Where everything sits when a stride-1 convolution is done on flattened, padded images.
+
+    Each sample is zero-padded to ``rows x cols`` (``Hp x Wp``) pixels and the
+    batch is flattened to one matrix with a row per padded pixel, so that the
+    pixel ``(n, y, x)`` is row ``n * rows * cols + y * cols + x``. A kernel tap
+    ``(kh, kw)`` then shifts every pixel by the same number of rows,
+    ``offsets[k] = kh * dh * cols + kw * dw``, and the convolution becomes one
+    GEMM per tap on contiguous row ranges: no im2col copy. Output pixel
+    ``(n, i, j)`` is row ``n * rows * cols + i * cols + j``; rows with
+    ``i >= n_H`` or ``j >= n_W`` ("wrap-around" rows) are computed on zeros
+    and dropped.
+
+    Attributes
+    ----------
+    rows, cols : int
+        ``Hp, Wp``: the padded sample size, shared by the input and dZ grids.
+    offsets : tuple of int
+        Row shift of each kernel tap, in ``W.reshape(fh * fw, ...)`` order.
+    n_out : int
+        ``L``: rows from the first to the last output pixel of the batch.
+    n_in : int
+        ``L_A``: rows from the first to the last unpadded input pixel, counted from
+        the pixel ``(0, top, left)``.
+    front : int
+        Zero rows in front of the first sample in the dZ buffer.
+    total : int
+        Rows of the dZ buffer (``front`` + the batch + trailing zeros).
+    origin : int
+        Row of the unpadded pixel ``(0, 0)`` in the padded grid, ``top * cols + left``.
+    """
+
+    rows: int
+    cols: int
+    offsets: tuple[int, ...]
+    n_out: int
+    n_in: int
+    front: int
+    total: int
+    origin: int
+
+
+def flat_grid(m: int, geometry: ConvGeometry) -> FlatGrid:
+    """The :class:`FlatGrid` of a stride-1 convolution on a batch of ``m`` samples."""
+    (height, width), (n_h, n_w) = geometry.in_hw, geometry.out_hw
+    (fh, fw), (dh, dw) = geometry.kernel_hw, geometry.dilation
+    (top, _), (left, _) = geometry.pads
+    rows, cols = geometry.padded_hw
+    offsets = tuple(kh * dh * cols + kw * dw for kh in range(fh) for kw in range(fw))
+    sample = rows * cols
+    n_out = (m - 1) * sample + (n_h - 1) * cols + n_w
+    n_in = (m - 1) * sample + (height - 1) * cols + width
+    origin = top * cols + left
+    # dA_prev row q reads dZ buffer row front + origin - offsets[k] + q: keep every read in bounds.
+    front = max(0, offsets[-1] - origin)
+    total = max(front + m * sample, front + origin + n_in)
+    return FlatGrid(rows, cols, offsets, n_out, n_in, front, total, origin)
+
+
+def embed_input(A_prev: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """``A_prev`` zero-padded and flattened to one row per padded pixel.
+
+    Returns
+    -------
+    ndarray, shape (m * Hp * Wp, C_prev)
+        A view of ``A_prev`` when there is no padding and it is C-contiguous, else a copy.
+    """
+    m, height, width, channels = A_prev.shape
+    (top, _), (left, _) = geometry.pads
+    rows, cols = geometry.padded_hw
+    if (rows, cols) == (height, width):
+        return np.ascontiguousarray(A_prev).reshape(m * rows * cols, channels)
+    padded = np.zeros((m, rows, cols, channels), dtype=A_prev.dtype)
+    padded[:, top : top + height, left : left + width] = A_prev
+    return padded.reshape(m * rows * cols, channels)
+
+
+def embed_grad(dZ: np.ndarray, grid: FlatGrid) -> np.ndarray:
+    """``dZ`` on the padded grid: pixel ``(n, i, j)`` at row ``front + n * Hp * Wp + i * Wp + j``, zeros elsewhere.
+
+    Returns
+    -------
+    ndarray, shape (total, C)
+        A view of ``dZ`` when the grids coincide (1x1 kernel, no padding), else a copy.
+    """
+    m, n_h, n_w, channels = dZ.shape
+    sample = grid.rows * grid.cols
+    if (n_h, n_w) == (grid.rows, grid.cols) and grid.total == m * sample:
+        return np.ascontiguousarray(dZ).reshape(m * sample, channels)
+    buffer = np.zeros((grid.total, channels), dtype=dZ.dtype)
+    grids = buffer[grid.front : grid.front + m * sample].reshape(m, grid.rows, grid.cols, channels)
+    grids[:, :n_h, :n_w] = dZ
+    return buffer
+
+
+def _tap_rows(matrix: np.ndarray, n_rows: int, shape: tuple[int, ...], row_steps: tuple[int, ...]) -> np.ndarray:
+    """A read-only view ``view[r, a, b, ..., c] == matrix[r + sum(steps * (a, b, ...)), c]``, no copy."""
+    row, item = matrix.strides
+    return as_strided(
+        matrix,
+        shape=(n_rows, *shape, matrix.shape[1]),
+        strides=(row, *(step * row for step in row_steps), item),
+        writeable=False,
+    )
+
+
+def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape, mode: str) -> np.ndarray:
+    """dW of a stride-1 convolution from the flat grids.
+
+    Parameters
+    ----------
+    P : ndarray, shape (m * Hp * Wp, C_prev)
+        From :func:`embed_input`.
+    D : ndarray, shape (total, C)
+        From :func:`embed_grad`.
+    mode : {"taps", "rows", "full"}
+        ``"taps"``: one GEMM per kernel tap on row ranges of ``P`` (no copy).
+        ``"rows"``: copy the ``fw`` taps of a kernel row side by side
+        (``fw * P`` bytes), one GEMM per kernel row. ``"full"``: im2col of all
+        taps (``fh * fw * P`` bytes), one GEMM.
+
+    Returns
+    -------
+    ndarray, shape (fh, fw, C_prev, C)
+    """
+    fh, fw, c_prev, c_out = w_shape
+    (dh, dw), cols = geometry.dilation, grid.cols
+    n_out = grid.n_out
+    dz_rows = D[grid.front : grid.front + n_out]                              # (L, C)
+    if mode == "full":
+        taps = np.ascontiguousarray(_tap_rows(P, n_out, (fh, fw), (dh * cols, dw)))
+        return (taps.reshape(n_out, -1).T @ dz_rows).reshape(w_shape)        # "lk,lc->kc"
+    if mode == "rows":
+        n_rows = n_out + (fh - 1) * dh * cols
+        taps = np.ascontiguousarray(_tap_rows(P, n_rows, (fw,), (dw,))).reshape(n_rows, fw * c_prev)
+        dW = np.empty((fh, fw * c_prev, c_out), dtype=P.dtype)
+        for kh in range(fh):
+            shift = kh * dh * cols
+            np.matmul(taps[shift : shift + n_out].T, dz_rows, out=dW[kh])  # "lk,lc->kc", k = (kw, c_prev)
+        return dW.reshape(w_shape)
+    dW = np.empty((fh * fw, c_prev, c_out), dtype=P.dtype)
+    for k, shift in enumerate(grid.offsets):
+        np.matmul(P[shift : shift + n_out].T, dz_rows, out=dW[k])          # "lp,lc->pc"
+    return dW.reshape(w_shape)
+
+
+def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, m: int, mode: str) -> np.ndarray:
+    """dA_prev of a stride-1 convolution: a correlation of the zero-padded dZ with the flipped kernel.
+
+    ``dA_prev[q] = sum_k D[front + origin - offsets[k] + q] @ W[k].T`` on the flat
+    grid, then the padding rows and columns are dropped.
+
+    Parameters
+    ----------
+    D : ndarray, shape (total, C)
+        From :func:`embed_grad`.
+    W : ndarray, shape (fh, fw, C_prev, C)
+    mode : {"taps", "rows", "full"}
+        As in :func:`weight_grad_flat`, with copies of ``D`` instead of ``P``.
+
+    Returns
+    -------
+    ndarray, shape (m, H, W, C_prev), C-contiguous
+    """
+    fh, fw, c_prev, c_out = W.shape
+    (height, width), (dh, dw) = geometry.in_hw, geometry.dilation
+    rows, cols, n_in = grid.rows, grid.cols, grid.n_in
+    base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
+    out = np.empty((m * rows * cols, c_prev), dtype=D.dtype)
+    acc = out[:n_in]
+    if mode == "full":
+        lo = base - grid.offsets[-1]
+        taps = np.ascontiguousarray(_tap_rows(D[lo:], n_in, (fh, fw), (dh * cols, dw)))
+        w_flipped = W[::-1, ::-1].transpose(0, 1, 3, 2).reshape(fh * fw * c_out, c_prev)
+        np.matmul(taps.reshape(n_in, -1), w_flipped, out=acc)               # "qk,kp->qp", k = flipped taps x C
+    elif mode == "rows":
+        lo = base - grid.offsets[-1]
+        n_rows = n_in + (fh - 1) * dh * cols
+        taps = np.ascontiguousarray(_tap_rows(D[lo:], n_rows, (fw,), (dw,))).reshape(n_rows, fw * c_out)
+        w_rows = W[:, ::-1].transpose(0, 1, 3, 2).reshape(fh, fw * c_out, c_prev)
+        scratch = np.empty_like(acc)
+        for kh in range(fh):
+            start = (fh - 1 - kh) * dh * cols
+            target = acc if kh == 0 else scratch
+            np.matmul(taps[start : start + n_in], w_rows[kh], out=target)   # "qk,kp->qp", k = flipped kw x C
+            if kh:
+                acc += scratch
+    else:
+        w_taps = W.reshape(fh * fw, c_prev, c_out)
+        scratch = np.empty_like(acc)
+        for k, shift in enumerate(grid.offsets):
+            start = base - shift
+            target = acc if k == 0 else scratch
+            np.matmul(D[start : start + n_in], w_taps[k].T, out=target)     # "qc,cp->qp"
+            if k:
+                acc += scratch
+    dA_prev = out.reshape(m, rows, cols, c_prev)[:, :height, :width]
+    return dA_prev if (rows, cols) == (height, width) else np.ascontiguousarray(dA_prev)
+
+
+FLAT_MODES = {"dW": None, "dA": None}   # benchmark override; None = choose per shape
+
+
+def choose_modes(m: int, c_prev: int, c_out: int, geometry: ConvGeometry) -> tuple[str, str]:
+    """Pick the dW and dA strategies of :func:`weight_grad_flat` and :func:`input_grad_flat`."""
+    dW_mode = FLAT_MODES["dW"] or "taps"
+    dA_mode = FLAT_MODES["dA"] or "taps"
+    return dW_mode, dA_mode
+
+
+def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
+    """``(dA_prev, dW)`` of a stride-1 convolution by flat implicit GEMM, or None.
+
+    None means the result would differ from the reference in where NaN and
+    inf land (the wrap-around rows multiply zeros by non-finite values): the
+    caller then uses the im2col path.
+    """
+    if not np.isfinite(W).all():
+        return None
+    m, c_prev, c_out = A_prev.shape[0], W.shape[2], W.shape[3]
+    grid = flat_grid(m, geometry)
+    dW_mode, dA_mode = choose_modes(m, c_prev, c_out, geometry)
+    D = embed_grad(dZ, grid)
+    dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape, dW_mode)
+    if not np.isfinite(dW).all():
+        return None
+    return input_grad_flat(D, W, grid, geometry, m, dA_mode), dW
+
+
+# --------------------------------------------------------------------------- any stride: im2col
+
+
+def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
+    """``(dA_prev, dW)`` for any stride: im2col, two GEMMs, col2im."""
+    n_channels = W.shape[3]
+    padded = pad_input(A_prev, geometry.pads)
+    cols = im2col(padded, geometry)                           # (M, K)
+    dZ_2d = dZ.reshape(-1, n_channels)                        # (M, C)
+    W_2d = W.reshape(-1, n_channels)                          # (K, C)
+    dW = (cols.T @ dZ_2d).reshape(W.shape)                    # "mk,mc->kc"
+    del cols
+    dcols = dZ_2d @ W_2d.T                                    # "mc,kc->mk"
+    dA_prev = unpad(col2im(dcols, geometry, padded.shape), geometry.pads)
+    return np.ascontiguousarray(dA_prev), dW
+
+
+def bias_grad(dZ: np.ndarray) -> np.ndarray:
+    """db, shape (1, 1, 1, C): dZ summed over the batch by BLAS, then over positions in float64."""
+    m, n_channels = dZ.shape[0], dZ.shape[3]
+    per_position = np.ones(m, dtype=dZ.dtype) @ dZ.reshape(m, -1)             # "n,np->p"
+    db = per_position.reshape(-1, n_channels).sum(axis=0, dtype=np.float64)
+    return db.astype(dZ.dtype).reshape(1, 1, 1, n_channels)
+
+
 def backward_kernel(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> Gradients:
     """The backward pass on already-validated arrays of one dtype.
 
@@ -151,19 +408,18 @@ def backward_kernel(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
     W : ndarray, shape (fh, fw, C_prev, C)
     geometry : ConvGeometry
         From :func:`dconv.params.backward_geometry` on these shapes.
-    """
-    n_channels = W.shape[3]
-    padded = pad_input(A_prev, geometry.pads)
-    cols = im2col(padded, geometry)                      # (M, K)
-    dZ_2d = np.ascontiguousarray(dZ).reshape(-1, n_channels)  # (M, C)
-    W_2d = W.reshape(-1, n_channels)                     # (K, C)
 
-    dW = (cols.T @ dZ_2d).reshape(W.shape)                # "mk,mc->kc"
-    del cols
-    db = dZ_2d.sum(axis=0, dtype=np.float64).astype(dZ.dtype).reshape(1, 1, 1, n_channels)
-    dcols = dZ_2d @ W_2d.T                                # "mc,kc->mk"
-    dA_prev = unpad(col2im(dcols, geometry, padded.shape), geometry.pads)
-    return Gradients(np.ascontiguousarray(dA_prev), dW, db)
+    Returns
+    -------
+    Gradients
+        C-contiguous ``dA_prev``, ``dW``, ``db`` in the dtype of the inputs.
+    """
+    dZ = np.ascontiguousarray(dZ)
+    result = backward_flat(dZ, A_prev, W, geometry) if geometry.stride == (1, 1) else None
+    if result is None:
+        result = backward_im2col(dZ, A_prev, W, geometry)
+    dA_prev, dW = result
+    return Gradients(dA_prev, dW, bias_grad(dZ))
 
 
 def conv2d_forward(

@@ -167,6 +167,24 @@ class ConvParams:
         padding = self.padding if isinstance(self.padding, str) else [list(p) for p in self.padding]
         return {"stride": list(self.stride), "padding": padding, "dilation": list(self.dilation)}
 
+    def to_hparameters(self) -> dict[str, Any]:
+        """The classic ``{"stride", "pad"}`` dict (plus ``"dilation"``), in the simplest form.
+
+        Ints where both axes agree, as the classic API has them; pairs or
+        ``[[top, bottom], [left, right]]`` only where they must be.
+        """
+
+        def simplest(pair: Pair) -> Any:
+            return pair[0] if pair[0] == pair[1] else list(pair)
+
+        if isinstance(self.padding, str):
+            pad: Any = self.padding
+        elif all(p[0] == p[1] for p in self.padding):
+            pad = simplest((self.padding[0][0], self.padding[1][0]))
+        else:
+            pad = [list(p) for p in self.padding]
+        return {"stride": simplest(self.stride), "pad": pad, "dilation": simplest(self.dilation)}
+
     def describe(self) -> str:
         """Short human form, e.g. ``stride 1, padding 0``."""
         if isinstance(self.padding, str):
@@ -221,9 +239,18 @@ class ConvParams:
 
 
 def check_float_dtype(name: str, dtype: Any) -> np.dtype:
-    """Return ``dtype`` as a NumPy dtype if it is float32 or float64, else raise InputDtypeError."""
-    dtype = np.dtype(dtype)
-    if dtype not in SUPPORTED_DTYPES:
+    """Return ``dtype`` as a NumPy dtype if it is float32 or float64 (either byte order).
+
+    Raises
+    ------
+    InputDtypeError
+        For any other dtype (bool, int, complex, float16, object, strings, structured).
+    """
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as e:
+        raise InputDtypeError(f"{name} must have dtype float32 or float64; got {dtype!r} instead.") from e
+    if dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
         raise InputDtypeError(f"{name} must have dtype float32 or float64; got {dtype} instead.")
     return dtype
 
@@ -233,7 +260,7 @@ def result_dtype(*dtypes: Any) -> np.dtype:
 
     float32 everywhere gives float32; any float64 input makes the result float64.
     """
-    return np.result_type(*dtypes)
+    return np.result_type(*dtypes).newbyteorder("=")
 
 
 def _check_rank(name: str, shape: tuple[int, ...], layout: str) -> None:

@@ -220,8 +220,7 @@ def make_inputs(
     z_shape = output_shape(a_shape, w_shape, params)
     rng = np.random.default_rng(seed)
     group = _create_group(url, overwrite, storage_options)
-    stored = params.to_dict()
-    group.attrs["hparameters"] = {"stride": stored["stride"], "pad": stored["padding"], "dilation": stored["dilation"]}
+    group.attrs["hparameters"] = params.to_hparameters()
     shapes = {"A_prev": a_shape, "dZ": z_shape, "W": w_shape, "b": (1, 1, 1, out_channels)}
     arrays = {
         name: group.create_array(
