@@ -26,7 +26,7 @@ from dconv.errors import InputError, JobFailedError
 from dconv.graph import CHUNK_PREFIX, ZarrSlice, backward_graph, batch_bounds, normalize_split_every, progress_topic
 from dconv.kernel import as_float_array
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, check_float_dtype, result_dtype
-from dconv.store import ATTR, InputGroup, OutputStore, open_inputs, public_location, store_exists
+from dconv.store import InputGroup, OutputStore, open_inputs, public_location, store_exists
 
 __all__ = ["backward_job", "plan_job", "run_job", "JobPlan", "JobResult", "DEFAULT_BATCH_CHUNK"]
 
@@ -203,6 +203,28 @@ def _check_out_not_inside(out: str, input_location: str | None) -> None:
         raise InputError(f"out {public_location(out)!r} is inside the input store {input_location!r}; choose another path.")
 
 
+def _check_out_replaceable(out: OutputStore, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to touch an existing ``out`` unless told to, and never replace foreign data."""
+    if overwrite and resume:
+        raise InputError("give overwrite or resume, not both.")
+    if not store_exists(out.url, out.storage_options):
+        return
+    if not overwrite and not resume:
+        raise InputError(
+            f"out {out.location!r} already exists; pass --overwrite to replace it or --resume to continue it."
+        )
+    if out.provenance() is None and not _is_empty_dir(out.url):
+        raise InputError(
+            f"out {out.location!r} exists and is not a dconv output; refusing to "
+            f"{'overwrite' if overwrite else 'resume'} it. Choose another path."
+        )
+
+
+def _is_empty_dir(url: str) -> bool:
+    path = Path(url)
+    return "://" not in url and path.is_dir() and not any(path.iterdir())
+
+
 def plan_job(
     inputs: str | PathLike | InputGroup | Mapping[str, Any],
     out: str | PathLike,
@@ -246,14 +268,9 @@ def plan_job(
     split_every = normalize_split_every(split_every)
     compute_dtype = result_dtype(*(np.dtype(a.dtype) for a in arrays.values()))
 
-    out = str(out)
-    _check_out_not_inside(out, input_location)
-    if overwrite and resume:
-        raise InputError("give overwrite or resume, not both.")
-    if not overwrite and not resume and store_exists(out, storage_options):
-        raise InputError(
-            f"out {public_location(out)!r} already exists; pass --overwrite to replace it or --resume to continue it."
-        )
+    out_store = OutputStore(str(out), storage_options)
+    _check_out_not_inside(out_store.url, input_location)
+    _check_out_replaceable(out_store, overwrite=overwrite, resume=resume)
 
     if input_location is not None:  # Zarr arrays: each task reads its own slice
         a_batches = _zarr_batches(arrays["A_prev"], "A_prev", bounds)
@@ -273,7 +290,7 @@ def plan_job(
         batch_chunk=int(batch_chunk),
         split_every=split_every,
         input_location=input_location or "<in-memory arrays>",
-        out=OutputStore(out, storage_options),
+        out=out_store,
         resume=resume,
         check_finite=check_finite,
     )
@@ -285,11 +302,8 @@ def plan_job(
 def prepare_output(plan: JobPlan) -> np.ndarray:
     """Create the output, or reopen it on resume; return the mask of finished chunks."""
     n_chunks = len(plan.bounds)
-    if plan.resume and store_exists(plan.out.url, plan.out.storage_options):
-        try:
-            stored = plan.out.group("r").attrs.get(ATTR, {})
-        except Exception as e:
-            raise InputError(f"cannot resume {plan.out.location!r}: it is not a readable dconv output ({e}).") from e
+    stored = plan.out.provenance() if plan.resume else None
+    if stored is not None:
         if stored.get("fingerprint") != plan.fingerprint:
             raise InputError(
                 f"cannot resume {plan.out.location!r}: it was made from other inputs or parameters "
@@ -297,8 +311,13 @@ def prepare_output(plan: JobPlan) -> np.ndarray:
                 f"params {stored.get('params')}); this job has input {plan.input_location!r}, "
                 f"batch_chunk {plan.batch_chunk}, params {plan.params.to_dict()}."
             )
-        plan.out.update_provenance(status="running", resumed=_now())
-        return plan.out.done_chunks()
+        try:
+            finished = plan.out.done_chunks()
+        except (KeyError, FileNotFoundError):  # killed while creating the layout: nothing is done
+            finished = None
+        if finished is not None and finished.size == n_chunks:
+            plan.out.update_provenance(status="running", resumed=_now())
+            return finished
     plan.out.create(
         a_shape=plan.shapes["A_prev"],
         w_shape=plan.shapes["W"],

@@ -27,6 +27,7 @@ Every function takes a store as a local path or an fsspec URL plus
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -71,22 +72,26 @@ def compressor(dtype: np.dtype) -> BloscCodec:
 
 
 def public_location(url: str) -> str:
-    """``url`` without user info, query or fragment: safe to write into provenance or logs."""
+    """``url`` without user info, query or fragment, safe to write into provenance or logs.
+
+    Local paths become absolute, so a job is recognised from any directory.
+    """
     parts = urlsplit(str(url))
     if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
-        return str(url)
+        return os.path.abspath(url)
     netloc = parts.hostname or ""
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def open_group(url: str, mode: str, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+def open_group(
+    url: str, mode: str, storage_options: Mapping[str, Any] | None = None, **kwargs: Any
+) -> zarr.Group:
     """Open the Zarr group at ``url``; fsspec options only for URLs that have a scheme."""
-    kwargs: dict[str, Any] = {"mode": mode, "zarr_format": 3}
     if storage_options and "://" in str(url):
         kwargs["storage_options"] = dict(storage_options)
-    return zarr.open_group(str(url), **kwargs)
+    return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -286,6 +291,14 @@ class OutputStore:
     def group(self, mode: str = "r+") -> zarr.Group:
         return open_group(self.url, mode, self.storage_options)
 
+    def provenance(self) -> dict[str, Any] | None:
+        """The ``dconv`` attribute of an existing output, or None if ``url`` is not a dconv output."""
+        try:
+            stored = self.group("r").attrs.get(ATTR)
+        except Exception:  # missing, not a group, unreadable metadata
+            return None
+        return dict(stored) if isinstance(stored, Mapping) else None
+
     def create(
         self,
         *,
@@ -295,11 +308,14 @@ class OutputStore:
         batch_chunk: int,
         provenance: dict[str, Any],
     ) -> None:
-        """Create the output layout (overwriting whatever is there) with status "running"."""
+        """Create the output layout (replacing whatever is there) with status "running".
+
+        The group and its provenance are one write, so a job killed at any point
+        leaves either nothing or a group that ``resume`` recognises.
+        """
         m, n_chunks = a_shape[0], -(-a_shape[0] // batch_chunk)
         n_out = w_shape[3]
-        group = self.group("w")
-        group.attrs[ATTR] = {**provenance, "status": "running"}
+        group = open_group(self.url, "w", self.storage_options, attributes={ATTR: {**provenance, "status": "running"}})
         layouts = {
             "dA_prev": (a_shape, (min(batch_chunk, m), *a_shape[1:])),
             "dW": (w_shape, w_shape),
