@@ -259,8 +259,8 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
     mode : {"taps", "rows", "full"}
         ``"taps"``: one GEMM per kernel tap on row ranges of ``P`` (no copy).
         ``"rows"``: copy the ``fw`` taps of a kernel row side by side
-        (``fw * P`` bytes), one GEMM per kernel row. ``"full"``: im2col of all
-        taps (``fh * fw * P`` bytes), one GEMM.
+        (``fw * P`` bytes), then one GEMM per kernel row, ``K = fw * C_prev``.
+        ``"full"``: im2col of every tap (``fh * fw * P`` bytes), one GEMM.
 
     Returns
     -------
@@ -272,7 +272,7 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
     dz_rows = D[grid.front : grid.front + n_out]                              # (L, C)
     if mode == "full":
         taps = np.ascontiguousarray(_tap_rows(P, n_out, (fh, fw), (dh * cols, dw)))
-        return (taps.reshape(n_out, -1).T @ dz_rows).reshape(w_shape)        # "lk,lc->kc"
+        return (taps.reshape(n_out, -1).T @ dz_rows).reshape(w_shape)        # "lk,lc->kc", k = (kh, kw, c_prev)
     if mode == "rows":
         n_rows = n_out + (fh - 1) * dh * cols
         taps = np.ascontiguousarray(_tap_rows(P, n_rows, (fw,), (dw,))).reshape(n_rows, fw * c_prev)
@@ -298,8 +298,9 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     D : ndarray, shape (total, C)
         From :func:`embed_grad`.
     W : ndarray, shape (fh, fw, C_prev, C)
-    mode : {"taps", "rows", "full"}
-        As in :func:`weight_grad_flat`, with copies of ``D`` instead of ``P``.
+    mode : {"taps", "rows"}
+        As in :func:`weight_grad_flat`, with copies of ``D`` instead of ``P``;
+        every GEMM but the first is followed by an add into the result.
 
     Returns
     -------
@@ -311,12 +312,7 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
     out = np.empty((m * rows * cols, c_prev), dtype=D.dtype)
     acc = out[:n_in]
-    if mode == "full":
-        lo = base - grid.offsets[-1]
-        taps = np.ascontiguousarray(_tap_rows(D[lo:], n_in, (fh, fw), (dh * cols, dw)))
-        w_flipped = W[::-1, ::-1].transpose(0, 1, 3, 2).reshape(fh * fw * c_out, c_prev)
-        np.matmul(taps.reshape(n_in, -1), w_flipped, out=acc)               # "qk,kp->qp", k = flipped taps x C
-    elif mode == "rows":
+    if mode == "rows":
         lo = base - grid.offsets[-1]
         n_rows = n_in + (fh - 1) * dh * cols
         taps = np.ascontiguousarray(_tap_rows(D[lo:], n_rows, (fw,), (dw,))).reshape(n_rows, fw * c_out)
@@ -346,7 +342,14 @@ FLAT_MODES = {"dW": None, "dA": None}   # benchmark override; None = choose per 
 
 def choose_modes(m: int, c_prev: int, c_out: int, geometry: ConvGeometry) -> tuple[str, str]:
     """Pick the dW and dA strategies of :func:`weight_grad_flat` and :func:`input_grad_flat`."""
-    dW_mode = FLAT_MODES["dW"] or "taps"
+    fh, fw = geometry.kernel_hw
+    if fh * fw == 1:
+        dW_mode = "taps"
+    elif fw * c_prev < 32:   # a kernel row of taps is too thin a GEMM: copy them all
+        dW_mode = "full"
+    else:
+        dW_mode = "rows"
+    dW_mode = FLAT_MODES["dW"] or dW_mode
     dA_mode = FLAT_MODES["dA"] or "taps"
     return dW_mode, dA_mode
 

@@ -1,0 +1,353 @@
+"""Benchmark the NumPy conv2d backward kernel against PyTorch and the loop reference.
+
+A script, not a test. Run it with the OpenBLAS overrides of this machine
+removed, so that OpenBLAS picks its native kernel::
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --quick
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --dtype float32 --json out.json
+
+What is timed, per layer and dtype:
+
+- ``dconv``: one call of :func:`dconv.conv2d_backward` on NHWC/HWIO arrays
+  (validation included), returning ``(dA_prev, dW, db)``.
+- ``torch``: one call of ``torch.ops.aten.convolution_backward`` (what CPU
+  autograd runs for a conv) on NCHW-contiguous / OIHW tensors prepared outside
+  the timed region, computing grad_input, grad_weight and grad_bias. Layers
+  whose padding is asymmetric are zero-padded before the timed region and run
+  with padding 0 (torch then also computes the gradient of the pad ring).
+- ``loops``: :func:`dconv.reference.conv2d_backward_loops` on the first
+  ``m_loops`` samples (1 or 2) only, scaled linearly to the layer's batch.
+
+Each time is the minimum over ``repeats`` samples; a sample is the mean of
+``number`` back-to-back calls. dconv and torch samples are interleaved so that
+machine noise hits both alike. GF/s counts the two GEMMs of the backward
+pass, ``2 * (2 * M * K * N)`` with ``M = m * n_H * n_W``,
+``K = fh * fw * C_prev``, ``N = C``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import threadpoolctl
+
+import dconv
+from dconv.params import ConvParams, forward_geometry
+from dconv.reference import conv2d_backward_loops
+
+try:  # torch is optional
+    import torch
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One conv layer of the suite: NHWC input (m, H, W, C_prev), HWIO kernel (fh, fw, C_prev, C)."""
+
+    name: str
+    m: int
+    hw: tuple[int, int]
+    c_prev: int
+    c: int
+    f: tuple[int, int]
+    stride: int = 1
+    padding: object = 0
+    dilation: int = 1
+    m_loops: int = 1
+    large: bool = False
+    quick: bool = False
+
+    def params(self) -> ConvParams:
+        return ConvParams.parse(self.stride, self.padding, self.dilation)
+
+    def geometry(self):
+        return forward_geometry((self.m, *self.hw, self.c_prev), (*self.f, self.c_prev, self.c), self.params())
+
+    def flops(self) -> float:
+        """FLOPs of the backward pass: two GEMMs of 2*M*K*N."""
+        n_h, n_w = self.geometry().out_hw
+        big_m, big_k, big_n = self.m * n_h * n_w, self.f[0] * self.f[1] * self.c_prev, self.c
+        return 2.0 * (2.0 * big_m * big_k * big_n)
+
+    def describe(self) -> str:
+        text = f"m={self.m} {self.hw[0]}x{self.hw[1]}x{self.c_prev}->{self.c} f={self.f[0]}x{self.f[1]}"
+        text += f" s{self.stride}"
+        if self.dilation != 1:
+            text += f" d{self.dilation}"
+        pad = self.padding
+        text += f" p{pad}" if isinstance(pad, int) else f" p={pad!r}"
+        return text
+
+
+SUITE = [
+    Layer("first 5x5 c3", 32, (64, 64), 3, 32, (5, 5), 1, 2, quick=True),
+    Layer("first 5x5 c1", 64, (28, 28), 1, 16, (5, 5), 1, 2),
+    Layer("classic 3x3 c16", 64, (32, 32), 16, 32, (3, 3), 1, 1, m_loops=2, quick=True),
+    Layer("3x3 c16 s1", 64, (32, 32), 16, 16, (3, 3), 1, 1),
+    Layer("3x3 c32 s1", 32, (32, 32), 32, 32, (3, 3), 1, 1),
+    Layer("3x3 c64 s1", 32, (16, 16), 64, 64, (3, 3), 1, 1, large=True, quick=True),
+    Layer("3x3 c128 s1", 32, (16, 16), 128, 128, (3, 3), 1, 1, large=True),
+    Layer("3x3 c32 s2", 64, (32, 32), 32, 64, (3, 3), 2, 1),
+    Layer("3x3 c64 s2 same", 32, (32, 32), 64, 128, (3, 3), 2, "same", quick=True),
+    Layer("3x3 c128 s2", 32, (16, 16), 128, 128, (3, 3), 2, 1, large=True),
+    Layer("1x1 c64->128", 32, (16, 16), 64, 128, (1, 1), 1, 0, large=True, quick=True),
+    Layer("1x1 c128->32 s2", 32, (32, 32), 128, 32, (1, 1), 2, 0),
+    Layer("3x3 c32 dil2", 32, (32, 32), 32, 32, (3, 3), 1, 2, dilation=2, quick=True),
+    Layer("3x5 c16 rect", 32, (32, 32), 16, 32, (3, 5), 1, ((1, 1), (2, 2))),
+]
+
+CLASSIC = Layer("classic (vs loops)", 64, (32, 32), 16, 32, (3, 3), 1, 1, m_loops=2)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_calls(fns, *, repeats: int, target: float) -> list[float]:
+    """Per-call time of each zero-argument callable: min over interleaved samples.
+
+    Each callable gets its own ``number`` of calls per sample, sized so that a
+    sample lasts about ``target`` seconds.
+    """
+    numbers = []
+    for fn in fns:
+        fn()  # warm up (allocations, BLAS buffers, torch's primitive cache)
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        numbers.append(max(1, min(1000, int(target / max(once, 1e-7)))))
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for index, (fn, number) in enumerate(zip(fns, numbers)):
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            best[index] = min(best[index], (time.perf_counter() - start) / number)
+    return best
+
+
+def make_arrays(layer: Layer, dtype: np.dtype, m: int | None = None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    m = layer.m if m is None else m
+    geometry = layer.geometry()
+    A_prev = rng.standard_normal((m, *layer.hw, layer.c_prev)).astype(dtype)
+    W = rng.standard_normal((*layer.f, layer.c_prev, layer.c)).astype(dtype)
+    dZ = rng.standard_normal((m, *geometry.out_hw, layer.c)).astype(dtype)
+    return dZ, A_prev, W
+
+
+def dconv_call(layer: Layer, arrays):
+    dZ, A_prev, W = arrays
+    kwargs = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+    return lambda: dconv.conv2d_backward(dZ, A_prev, W, **kwargs)
+
+
+def torch_call(layer: Layer, arrays):
+    """A closure running aten.convolution_backward on NCHW tensors built here (not timed)."""
+    dZ, A_prev, W = arrays
+    geometry = layer.geometry()
+    (top, bottom), (left, right) = geometry.pads
+    x = torch.from_numpy(np.ascontiguousarray(A_prev.transpose(0, 3, 1, 2)))
+    if top == bottom and left == right:
+        padding = [top, left]
+    else:  # torch pads symmetrically only: pad outside the timed region
+        x = torch.nn.functional.pad(x, (left, right, top, bottom))
+        padding = [0, 0]
+    x = x.contiguous()
+    w = torch.from_numpy(np.ascontiguousarray(W.transpose(3, 2, 0, 1)))
+    gy = torch.from_numpy(np.ascontiguousarray(dZ.transpose(0, 3, 1, 2)))
+    stride, dilation = list(geometry.stride), list(geometry.dilation)
+    backward = torch.ops.aten.convolution_backward
+
+    def call():
+        return backward(gy, x, w, [w.shape[0]], stride, padding, dilation, False, [0, 0], 1, [True, True, True])
+
+    return call
+
+
+def check_torch_matches(layer: Layer, arrays) -> float:
+    """Max relative difference between dconv's and torch's dW (a sanity check of the torch setup)."""
+    dW = dconv_call(layer, arrays)()[1]
+    grads = torch_call(layer, arrays)()
+    dW_torch = grads[1].numpy().transpose(2, 3, 1, 0)
+    return float(np.abs(dW - dW_torch).max() / np.abs(dW_torch).max())
+
+
+def time_loops(layer: Layer, dtype: np.dtype) -> float:
+    """Loop-reference time scaled to the layer's batch from ``layer.m_loops`` samples (one run)."""
+    dZ, A_prev, W = make_arrays(layer, dtype, m=layer.m_loops)
+    start = time.perf_counter()
+    conv2d_backward_loops(dZ, A_prev, W, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+    return (time.perf_counter() - start) / layer.m_loops * layer.m
+
+
+def gemm_rate(dtype: np.dtype, n: int, repeats: int) -> float:
+    """GF/s of ``np.matmul`` on two n-by-n matrices (best of ``repeats``)."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    out = np.empty((n, n), dtype)
+    (seconds,) = time_calls([lambda: np.matmul(a, b, out=out)], repeats=repeats, target=0.2)
+    return 2.0 * n**3 / seconds / 1e9
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def blas_info() -> list[dict]:
+    keys = ("user_api", "internal_api", "version", "architecture", "num_threads", "threading_layer", "prefix")
+    return [{k: info.get(k) for k in keys} for info in threadpoolctl.threadpool_info()]
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    threads = args.threads or os.cpu_count() or 1
+    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    repeats = args.repeats or (3 if args.quick else 7)
+    target = 0.02 if args.quick else 0.05
+    suite = [layer for layer in SUITE if layer.quick] if args.quick else list(SUITE)
+    dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+
+    print(f"python {platform.python_version()}, numpy {np.__version__}, dconv {dconv.__version__}, "
+          f"torch {torch.__version__ if torch is not None else 'not installed'}")
+    print(f"threads: {threads} (numpy BLAS via threadpoolctl, torch.set_num_threads); "
+          f"torch.get_num_threads() = {torch.get_num_threads() if torch is not None else '-'}")
+    print("BLAS libraries loaded (threadpoolctl.threadpool_info()):")
+    for info in blas_info():
+        print(f"  {info['user_api']:6s} internal_api={info['internal_api']} version={info['version']} "
+              f"architecture={info['architecture']} num_threads={info['num_threads']} ({info['prefix']})")
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if var in os.environ:
+            print(f"  WARNING: {var}={os.environ[var]} is set; OpenBLAS may not use its native kernel")
+
+    peak = {}
+    for dtype in dtypes:
+        peak[dtype.name] = gemm_rate(dtype, 2048 if not args.quick else 1024, repeats=3)
+        print(f"GEMM rate, np.matmul {'sgemm' if dtype == np.float32 else 'dgemm'} on "
+              f"{2048 if not args.quick else 1024}^2 squares: {peak[dtype.name]:.1f} GF/s")
+
+    print()
+    print("dconv = dconv.conv2d_backward (NHWC in, validation included); torch = aten.convolution_backward "
+          "on NCHW-contiguous tensors made outside the timed region (grad input+weight+bias); "
+          f"loops = dconv.reference.conv2d_backward_loops timed on m_loops samples (one run), scaled to m. "
+          f"Times: min over {repeats} interleaved samples. %peak = dconv GF/s / np.matmul GF/s.")
+    header = (f"{'layer':18s} {'shape':44s} {'dtype':7s} {'dconv':>9s} {'torch':>9s} {'loops':>9s} "
+              f"{'dconv GF/s':>10s} {'torch GF/s':>10s} {'loop GF/s':>9s} {'%peak':>6s} "
+              f"{'dconv/torch':>11s} {'loops/dconv':>11s}")
+    rows = []
+    for dtype in dtypes:
+        print()
+        print(header)
+        print("-" * len(header))
+        for layer in suite:
+            arrays = make_arrays(layer, dtype)
+            fns = [dconv_call(layer, arrays)]
+            if torch is not None:
+                fns.append(torch_call(layer, arrays))
+            times = time_calls(fns, repeats=repeats, target=target)
+            t_dconv = times[0]
+            t_torch = times[1] if torch is not None else None
+            t_loops = None if args.no_loops else time_loops(layer, dtype)
+            flops = layer.flops()
+            row = dict(
+                layer=layer.name, shape=layer.describe(), dtype=dtype.name, large=layer.large,
+                t_dconv=t_dconv, t_torch=t_torch, t_loops=t_loops, m_loops=layer.m_loops, flops=flops,
+                gfs_dconv=flops / t_dconv / 1e9,
+                gfs_torch=None if t_torch is None else flops / t_torch / 1e9,
+                gfs_loops=None if t_loops is None else flops / t_loops / 1e9,
+                peak_fraction=flops / t_dconv / 1e9 / peak[dtype.name],
+                dconv_over_torch=None if t_torch is None else t_dconv / t_torch,
+                loops_over_dconv=None if t_loops is None else t_loops / t_dconv,
+            )
+            if torch is not None and args.check:
+                row["torch_dW_rel_diff"] = check_torch_matches(layer, arrays)
+            rows.append(row)
+            print(f"{layer.name:18s} {layer.describe():44s} {dtype.name:7s} {fmt_time(t_dconv):>9s} "
+                  f"{fmt_time(t_torch):>9s} {fmt_time(t_loops):>9s} {row['gfs_dconv']:10.1f} "
+                  f"{fmt(row['gfs_torch'], '10.1f'):>10s} {fmt(row['gfs_loops'], '9.3f'):>9s} "
+                  f"{row['peak_fraction']:6.0%} {fmt(row['dconv_over_torch'], '11.2f'):>11s} "
+                  f"{fmt(row['loops_over_dconv'], '11.0f'):>11s}", flush=True)
+
+    print()
+    summary = {}
+    for dtype in dtypes:
+        mine = [r for r in rows if r["dtype"] == dtype.name]
+        ratio = geomean([r["dconv_over_torch"] for r in mine])
+        large = [r["peak_fraction"] for r in mine if r["large"]]
+        summary[dtype.name] = dict(geomean_dconv_over_torch=ratio, large_layers_peak_fraction=large)
+        print(f"{dtype.name}: geometric mean dconv/torch time ratio over {len(mine)} layers = "
+              f"{fmt(ratio, '.2f')}; large layers at "
+              f"{', '.join(f'{f:.0%}' for f in large) or '-'} of the np.matmul GEMM rate")
+
+    classic = None
+    if not args.no_loops and not args.quick or args.classic:
+        dtype = np.dtype(np.float64)
+        arrays = make_arrays(CLASSIC, dtype)
+        (t_dconv,) = time_calls([dconv_call(CLASSIC, arrays)], repeats=repeats, target=target)
+        t_loops = min(time_loops(CLASSIC, dtype) for _ in range(2))
+        classic = dict(shape=CLASSIC.describe(), dtype="float64", t_dconv=t_dconv, t_loops=t_loops,
+                       m_loops=CLASSIC.m_loops, speedup=t_loops / t_dconv)
+        print(f"classic row, {CLASSIC.describe()} float64: dconv {fmt_time(t_dconv)}, loops "
+              f"{fmt_time(t_loops)} (timed on m={CLASSIC.m_loops}, best of 2, scaled to m={CLASSIC.m}): "
+              f"speedup {t_loops / t_dconv:.0f}x ({'>=' if t_loops / t_dconv >= 500 else '<'} 500x)")
+
+    return dict(
+        python=platform.python_version(), numpy=np.__version__,
+        torch=None if torch is None else torch.__version__, threads=threads,
+        torch_threads=None if torch is None else torch.get_num_threads(),
+        blas=blas_info(), gemm_gflops=peak, repeats=repeats, rows=rows, summary=summary, classic=classic,
+        timing=("min over interleaved samples; dconv = conv2d_backward; torch = aten.convolution_backward "
+                "on NCHW-contiguous tensors; loops scaled per sample from m_loops"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes, few repeats")
+    parser.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    parser.add_argument("--json", metavar="PATH", help="save the results as JSON")
+    parser.add_argument("--repeats", type=int, help="timing samples per measurement (default 7, quick 3)")
+    parser.add_argument("--threads", type=int, help="BLAS and torch threads (default: the core count)")
+    parser.add_argument("--no-loops", action="store_true", help="skip the (slow) loop reference")
+    parser.add_argument("--classic", action="store_true", help="run the classic row even with --quick")
+    parser.add_argument("--check", action="store_true", help="also compare dW with torch's (setup sanity)")
+    args = parser.parse_args(argv)
+    results = run(args)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"results saved to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
