@@ -1,0 +1,179 @@
+"""Whole-job benchmark: dconv backward on Zarr against the kernel alone and a PyTorch loop.
+
+Run from the repository root, with the machine's OpenBLAS overrides unset for this
+command only (see the README's benchmark section)::
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_job.py
+
+It prints, measured side by side in one run on the same Zarr input:
+
+- kernel only: ``dconv.conv2d_backward`` over the in-memory batch, chunk by chunk,
+  in one process using every core's BLAS threads (no I/O);
+- the job: ``dconv backward`` with 2 local workers, wall time of the computation
+  (cluster start-up reported apart) and its summed per-task kernel time;
+- a PyTorch loop (when torch is installed): one process reads the same Zarr chunks,
+  runs autograd's conv backward, and writes dA_prev to Zarr with the same codec;
+- peak RSS summed over every process of the job, at two batch sizes with the same
+  batch chunk.
+
+Every figure is a ratio or a time from this run on this machine; the BLAS kernel
+that ran is printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+import dconv
+from dconv.store import compressor, make_inputs
+
+
+def blas_info() -> list[dict]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"note": "threadpoolctl not installed"}]
+    return [
+        {k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+        for info in threadpool_info()
+    ]
+
+
+def kernel_only(path: str, batch_chunk: int) -> float:
+    """Seconds for the kernel alone over the whole batch, data already in memory."""
+    group = zarr.open_group(path, mode="r")
+    A_prev, dZ, W = group["A_prev"][:], group["dZ"][:], group["W"][:]
+    hp = group.attrs["hparameters"]
+    start = time.perf_counter()
+    for i in range(0, A_prev.shape[0], batch_chunk):
+        dconv.conv2d_backward(dZ[i : i + batch_chunk], A_prev[i : i + batch_chunk], W, stride=hp["stride"], padding=hp["pad"])
+    return time.perf_counter() - start
+
+
+def torch_loop(path: str, out: str, batch_chunk: int) -> float | None:
+    """Seconds for a single-process PyTorch loop over the Zarr chunks, writing dA_prev to Zarr."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    group = zarr.open_group(path, mode="r")
+    A_arr, dZ_arr = group["A_prev"], group["dZ"]
+    W = torch.from_numpy(np.ascontiguousarray(group["W"][:].transpose(3, 2, 0, 1)))
+    pad = group.attrs["hparameters"]["pad"]
+    start = time.perf_counter()
+    target = zarr.open_group(out, mode="w")
+    dA_out = target.create_array(
+        "dA_prev", shape=A_arr.shape, chunks=(batch_chunk, *A_arr.shape[1:]), dtype=A_arr.dtype,
+        compressors=compressor(A_arr.dtype),
+    )
+    dW_total = torch.zeros_like(W, dtype=torch.float64)
+    db_total = torch.zeros(W.shape[0], dtype=torch.float64)
+    for i in range(0, A_arr.shape[0], batch_chunk):
+        A = torch.from_numpy(A_arr[i : i + batch_chunk]).permute(0, 3, 1, 2).requires_grad_(True)
+        dZ = torch.from_numpy(dZ_arr[i : i + batch_chunk]).permute(0, 3, 1, 2)
+        Wg = W.clone().requires_grad_(True)
+        b = torch.zeros(W.shape[0], dtype=W.dtype, requires_grad=True)
+        Z = torch.nn.functional.conv2d(A, Wg, b, padding=pad)
+        dA, dW, db = torch.autograd.grad(Z, (A, Wg, b), dZ)
+        dA_out[i : i + batch_chunk] = dA.permute(0, 2, 3, 1).numpy()
+        dW_total += dW.double()
+        db_total += db.double()
+    return time.perf_counter() - start
+
+
+def run_job(path: str, out: str, batch_chunk: int, workers: int) -> dict:
+    """Run the CLI job in a subprocess; return wall time, job seconds and peak summed RSS."""
+    import psutil
+
+    command = [sys.executable, "-m", "dconv", "backward", path, out, "--batch-chunk", str(batch_chunk),
+               "--workers", str(workers), "--overwrite", "--quiet"]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        root = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"dconv backward failed: {stderr}")
+    provenance = zarr.open_group(out, mode="r").attrs["dconv"]
+    return {"wall": wall, "seconds": provenance["seconds"], "peak_rss": peak[0], "stdout": stdout.strip()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--m", type=int, default=4096)
+    parser.add_argument("--batch-chunk", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--workdir", default=None, help="where the Zarr stores go (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dconv-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    layer = dict(height=32, width=32, in_channels=16, out_channels=32, kernel=(3, 3), padding=1, dtype=args.dtype)
+    print(f"machine: {os.cpu_count()} cores; numpy {np.__version__}; dconv {dconv.__version__}")
+    print(f"BLAS: {blas_info()}")
+    print(f"layer: 32x32x16 -> 32, 3x3, pad 1, {args.dtype}; batch_chunk {args.batch_chunk}; {args.workers} workers")
+
+    results: dict = {"m": args.m, "batch_chunk": args.batch_chunk, "workers": args.workers, "dtype": args.dtype}
+    small_m = max(args.batch_chunk, args.m // 4)
+    for m in (small_m, args.m):
+        path = str(workdir / f"in-{m}.zarr")
+        make_inputs(path, m=m, chunk=args.batch_chunk, overwrite=True, seed=1, **layer)
+        job = run_job(path, str(workdir / f"out-{m}.zarr"), args.batch_chunk, args.workers)
+        results[f"job_m{m}"] = job
+        print(f"m={m:6d}: job wall {job['wall']:.2f} s (incl. cluster start), compute {job['seconds']['compute']:.2f} s, "
+              f"task kernel sum {job['seconds']['kernel']:.2f} s, read {job['seconds']['read']:.2f} s, "
+              f"write {job['seconds']['write']:.2f} s; peak RSS (all processes) {job['peak_rss'] / 2**20:.0f} MiB")
+
+    path = str(workdir / f"in-{args.m}.zarr")
+    kernel_s = kernel_only(path, args.batch_chunk)
+    torch_s = torch_loop(path, str(workdir / "torch-out.zarr"), args.batch_chunk)
+    job = results[f"job_m{args.m}"]
+    results.update(kernel_only=kernel_s, torch_loop=torch_s)
+    print()
+    print(f"kernel only (in memory, all cores):       {kernel_s:7.2f} s  {args.m / kernel_s:8.0f} samples/s")
+    print(f"dconv job compute (Zarr in, Zarr out):    {job['seconds']['compute']:7.2f} s  "
+          f"{args.m / job['seconds']['compute']:8.0f} samples/s  = {kernel_s / job['seconds']['compute']:.0%} of kernel-only")
+    print(f"dconv job wall (with cluster start):      {job['wall']:7.2f} s  = {kernel_s / job['wall']:.0%} of kernel-only")
+    if torch_s is not None:
+        print(f"PyTorch loop (Zarr in, autograd, Zarr out): {torch_s:5.2f} s  "
+              f"job compute / torch = {job['seconds']['compute'] / torch_s:.2f}, job wall / torch = {job['wall'] / torch_s:.2f}")
+    rss_small, rss_big = results[f"job_m{small_m}"]["peak_rss"], job["peak_rss"]
+    print(f"peak RSS m={small_m}: {rss_small / 2**20:.0f} MiB, m={args.m}: {rss_big / 2**20:.0f} MiB, "
+          f"ratio {rss_big / rss_small:.2f} for {args.m / small_m:.0f}x the batch")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
