@@ -67,10 +67,15 @@ class ClusterOptions:
             return None
         from distributed.security import Security
 
-        for name in ("tls_ca_file", "tls_cert", "tls_key"):
-            path = getattr(self, name)
-            if path is None or not os.path.isfile(path):
-                raise InputError(f"{name.replace('_', '-')} must name a readable file; got {path!r} instead.")
+        options = {name: getattr(self, name) for name in ("tls_ca_file", "tls_cert", "tls_key")}
+        missing = [f"--{name.replace('_', '-')}" for name, path in options.items() if path is None]
+        if missing:
+            raise InputError(
+                f"TLS needs --tls-ca-file, --tls-cert and --tls-key together; missing {', '.join(missing)}."
+            )
+        for name, path in options.items():
+            if not os.path.isfile(path):
+                raise InputError(f"--{name.replace('_', '-')} must name a readable file; got {path!r} instead.")
         return Security(
             tls_ca_file=self.tls_ca_file,
             tls_client_cert=self.tls_cert,
@@ -119,14 +124,19 @@ def connect(options: ClusterOptions, *, quiet: bool = False) -> Iterator["distri
             yield client
         return
 
-    try:
-        client = distributed.Client(
-            options.scheduler, timeout=options.connect_timeout, security=options.security()
-        )
-    except (OSError, TimeoutError) as e:
+    security = options.security()
+    if options.scheduler.startswith("tls://") and security is None:
         raise InputError(
-            f"no Dask scheduler answered at {options.scheduler!r} within {options.connect_timeout:g} s ({e})."
+            f"scheduler {options.scheduler!r} uses TLS; give --tls-ca-file, --tls-cert and --tls-key."
+        )
+    try:
+        client = distributed.Client(options.scheduler, timeout=options.connect_timeout, security=security)
+    except TimeoutError as e:
+        raise InputError(
+            f"no Dask scheduler answered at {options.scheduler!r} within {options.connect_timeout:g} s."
         ) from e
+    except OSError as e:
+        raise InputError(f"could not connect to a Dask scheduler at {options.scheduler!r}: {e}") from e
     with client:
         if not quiet:
             print(f"dconv: scheduler {options.scheduler}, dashboard {client.dashboard_link}", file=sys.stderr)
