@@ -8,11 +8,47 @@ Shapes (NHWC activations, HWIO weights, cross-correlation, zero padding)::
     A_prev  (m, H, W, C_prev)        W   (fh, fw, C_prev, C)      b  (1, 1, 1, C)
     Z, dZ   (m, n_H, n_W, C)         cols (m * n_H * n_W, fh * fw * C_prev)
 
-The backward pass is three GEMM-shaped lines on the im2col matrix ``cols``::
+The backward pass is GEMMs plus data movement, in one of two ways.
+
+Stride 1 (any padding, dilation, kernel): flat implicit GEMM, :func:`backward_flat`.
+    ``A_prev`` is zero-padded into ``P`` (one row per padded pixel, ``m * Hp * Wp``
+    rows) and ``dZ`` is laid on the same grid in ``D``. A kernel tap then is a
+    constant row shift, so with no im2col copy::
+
+        dW[k]   = P[shift_k : shift_k + L].T @ D[front : front + L]     # "lp,lc->pc", per tap
+        dA_prev = sum_k D[base - shift_k : ... + L_A] @ W[k].T          # "qc,cp->qp", per tap
+
+    (dA_prev is the correlation of the padded dZ with the flipped kernel; no
+    scatter-add.) Rows at wrap-around positions are computed on zeros and
+    dropped. For dW, the taps of a kernel row (or of the whole kernel, when
+    ``fw * C_prev`` is small) are copied side by side first, so BLAS gets a
+    wider GEMM. If W or the result holds NaN or inf, the im2col path is used
+    instead, so that non-finite values land exactly where the loop reference
+    puts them.
+
+Other strides: im2col, :func:`backward_im2col`::
 
     dW      = cols.T @ dZ            # "mk,mc->kc"
-    db      = sum of dZ over m, n_H, n_W
     dA_prev = col2im(dZ @ W.T)       # "mc,kc->mk", then scatter-add per kernel offset
+
+In both, ``db`` is dZ summed over m, n_H, n_W in float64.
+
+Memory
+------
+Peak bytes allocated by one :func:`backward_kernel` call, including its three
+outputs but not its inputs (add ``itemsize * (N_in * C_prev + N_out * C + K * C_prev * C)``
+for those, and ``itemsize * N_out * C`` more if ``dZ`` is not C-contiguous)::
+
+    N_in = m * H * W      N_pad = m * Hp * Wp      N_out = m * n_H * n_W      K = fh * fw
+    Hp, Wp = H + top + bottom, W + left + right
+
+    stride 1:  itemsize * (N_pad * C + N_pad * C_prev * max(3, 1 + t) + N_in * C_prev + 2 * K * C_prev * C)
+               t = fw (kernel-row copy, the usual case), K (when fw * C_prev < 32), 0 (1x1 kernel)
+    otherwise: itemsize * (2 * N_pad * C_prev + N_out * K * C_prev + N_in * C_prev + 2 * K * C_prev * C)
+
+plus a few KiB. The NaN/inf fallback of a stride-1 call needs the "otherwise" figure. (The dZ grid ``D`` also carries ``(fh-1)*dh*Wp + (fw-1)*dw`` extra
+rows at most, which is included in rounding ``N_pad`` up by one sample.)
+:func:`backward_working_set` evaluates this bound.
 """
 
 from __future__ import annotations
@@ -32,7 +68,7 @@ from dconv.params import (
     result_dtype,
 )
 
-__all__ = ["Gradients", "conv2d_forward", "conv2d_backward", "backward_kernel"]
+__all__ = ["Gradients", "conv2d_forward", "conv2d_backward", "backward_kernel", "backward_working_set"]
 
 
 class Gradients(NamedTuple):
@@ -325,12 +361,12 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
             if kh:
                 acc += scratch
     else:
-        w_taps = W.reshape(fh * fw, c_prev, c_out)
+        w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
         scratch = np.empty_like(acc)
         for k, shift in enumerate(grid.offsets):
             start = base - shift
             target = acc if k == 0 else scratch
-            np.matmul(D[start : start + n_in], w_taps[k].T, out=target)     # "qc,cp->qp"
+            np.matmul(D[start : start + n_in], w_taps[k], out=target)        # "qc,cp->qp"
             if k:
                 acc += scratch
     dA_prev = out.reshape(m, rows, cols, c_prev)[:, :height, :width]
@@ -384,18 +420,45 @@ def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
     dZ_2d = dZ.reshape(-1, n_channels)                        # (M, C)
     W_2d = W.reshape(-1, n_channels)                          # (K, C)
     dW = (cols.T @ dZ_2d).reshape(W.shape)                    # "mk,mc->kc"
-    del cols
+    padded_shape = padded.shape
+    del cols, padded
     dcols = dZ_2d @ W_2d.T                                    # "mc,kc->mk"
-    dA_prev = unpad(col2im(dcols, geometry, padded.shape), geometry.pads)
+    dA_prev = unpad(col2im(dcols, geometry, padded_shape), geometry.pads)
     return np.ascontiguousarray(dA_prev), dW
 
 
 def bias_grad(dZ: np.ndarray) -> np.ndarray:
-    """db, shape (1, 1, 1, C): dZ summed over the batch by BLAS, then over positions in float64."""
-    m, n_channels = dZ.shape[0], dZ.shape[3]
-    per_position = np.ones(m, dtype=dZ.dtype) @ dZ.reshape(m, -1)             # "n,np->p"
-    db = per_position.reshape(-1, n_channels).sum(axis=0, dtype=np.float64)
+    """db, shape (1, 1, 1, C): dZ summed over m, n_H, n_W with float64 accumulation.
+
+    float64 dZ goes through BLAS (a GEMV with a ones vector, the fastest sum
+    here); float32 dZ is summed by NumPy in float64, because a float32 BLAS
+    sum loses digits when the terms cancel.
+    """
+    n_channels = dZ.shape[3]
+    rows = dZ.reshape(-1, n_channels)
+    if dZ.dtype == np.float64:
+        db = np.ones(rows.shape[0]) @ rows                                      # "m,mc->c"
+    else:
+        db = rows.sum(axis=0, dtype=np.float64)
     return db.astype(dZ.dtype).reshape(1, 1, 1, n_channels)
+
+
+def backward_working_set(m: int, geometry: ConvGeometry, c_prev: int, c_out: int, itemsize: int) -> int:
+    """Upper bound, in bytes, of what one :func:`backward_kernel` call allocates (outputs included, inputs not).
+
+    See the module docstring for the formula. ``itemsize`` is 4 for float32, 8 for float64.
+    """
+    (height, width), (rows, cols) = geometry.in_hw, geometry.padded_hw
+    (n_h, n_w), (fh, fw) = geometry.out_hw, geometry.kernel_hw
+    taps = fh * fw
+    n_in, n_pad, n_out = m * height * width, (m + 1) * rows * cols, m * n_h * n_w
+    weights = 2 * taps * c_prev * c_out
+    if geometry.stride == (1, 1):
+        copies = 0 if taps == 1 else (taps if fw * c_prev < 32 else fw)
+        elements = n_pad * c_out + n_pad * c_prev * max(3, 1 + copies) + n_in * c_prev + weights
+    else:
+        elements = 2 * n_pad * c_prev + n_out * taps * c_prev + n_in * c_prev + weights
+    return itemsize * elements
 
 
 def backward_kernel(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> Gradients:
