@@ -245,6 +245,10 @@ def run(args: argparse.Namespace) -> dict:
     for info in blas_info():
         print(f"  {info['user_api']:6s} internal_api={info['internal_api']} version={info['version']} "
               f"architecture={info['architecture']} num_threads={info['num_threads']} ({info['prefix']})")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load is not None:
+        print(f"load average (1 min) at start: {load:.2f} on {os.cpu_count()} cores"
+              + ("  WARNING: the machine is busy, times will be inflated" if load > 0.5 * (os.cpu_count() or 1) else ""))
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if var in os.environ:
             print(f"  WARNING: {var}={os.environ[var]} is set; OpenBLAS may not use its native kernel")
@@ -304,6 +308,8 @@ def run(args: argparse.Namespace) -> dict:
                   f"{fmt(row['loops_over_dconv'], '11.0f'):>11s}")
 
     print()
+    if load is not None:
+        print(f"load average (1 min) at end: {os.getloadavg()[0]:.2f}")
     summary = {}
     for dtype in dtypes:
         mine = [r for r in rows if r["dtype"] == dtype.name]
