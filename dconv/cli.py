@@ -42,14 +42,20 @@ def padding_value(text: str) -> Any:
 
 
 def storage_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE``; VALUE is read as JSON when it parses (true, 3, {...}), else as a string."""
+    """``KEY=VALUE``. ``true``, ``false``, ``null`` and JSON objects or lists are parsed;
+    every other value stays a string (so a numeric secret stays a string).
+
+    The value is never echoed in an error: it may be a credential.
+    """
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE; got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+        raise argparse.ArgumentTypeError("expected KEY=VALUE (the argument is not shown: it may hold a secret)")
+    if value in ("true", "false", "null") or value[:1] in ("{", "["):
+        try:
+            return key, json.loads(value)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"the value of {key!r} is not valid JSON") from None
+    return key, value
 
 
 def positive_int(text: str) -> int:
@@ -74,7 +80,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=storage_option,
         action="append",
         default=[],
-        help="fsspec option for the stores, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)",
+        help="fsspec option for the stores, repeatable (e.g. endpoint_url=http://127.0.0.1:9000); "
+        "true/false and JSON objects are parsed, other values are strings",
     )
 
 

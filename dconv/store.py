@@ -282,7 +282,7 @@ class OutputStore:
     """
 
     url: str
-    storage_options: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict, repr=False)
 
     @property
     def location(self) -> str:

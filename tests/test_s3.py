@@ -467,7 +467,6 @@ def test_cli_storage_options_pass_through_and_never_print_secret(s3_endpoint, bu
     assert_no_secret_in_objects(s3_endpoint, bucket, min_objects=40)
 
 
-@pytest.mark.xfail(strict=True, reason="dconv bug: OutputStore's dataclass repr shows storage_options (credentials)")
 def test_output_store_repr_hides_credentials():
     store = OutputStore("s3://bucket/out.zarr", {"key": ACCESS_KEY, "secret": SECRET})
     assert_no_secret_in_text(repr(store), str(store))
