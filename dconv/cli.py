@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import traceback
+from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 from dconv.errors import InputError
@@ -227,25 +228,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_OK
         if not args.quiet:
             print(f"dconv: making synthetic input {spec.input.path} (m={make.m})", file=sys.stderr)
-        make_inputs(spec.input.path, storage_options=arguments["storage_options"], **_make_arguments(make))
+        make_inputs(spec.input.path, storage_options=arguments["storage_options"], **asdict(make))
     return _run_job(arguments, args)
-
-
-def _make_arguments(make: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    values = asdict(make)
-    kernel = values.pop("kernel")
-    values["kernel"] = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
-    return values
 
 
 def cmd_make_inputs(args: argparse.Namespace) -> int:
     from dconv.store import make_inputs
 
-    kernel = (args.kernel, args.kernel) if isinstance(args.kernel, int) else tuple(args.kernel)
-    if len(kernel) != 2:
-        raise InputError(f"--kernel takes F or FH,FW; got {args.kernel!r} instead.")
     make_inputs(
         args.out,
         m=args.m,
@@ -253,7 +242,7 @@ def cmd_make_inputs(args: argparse.Namespace) -> int:
         width=args.width,
         in_channels=args.in_channels,
         out_channels=args.out_channels,
-        kernel=kernel,
+        kernel=args.kernel,
         stride=args.stride,
         padding=args.padding,
         dilation=args.dilation,
@@ -271,7 +260,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dconv.summary import format_summary, summarize
 
     summary = summarize(args.out, dict(args.storage_options))
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    print(json.dumps(summary, indent=2, allow_nan=False) if args.json else format_summary(summary))
     return EXIT_OK if summary["complete"] else EXIT_INCOMPLETE
 
 

@@ -26,7 +26,7 @@ from dconv.errors import InputError, JobFailedError
 from dconv.graph import CHUNK_PREFIX, ZarrSlice, backward_graph, batch_bounds, normalize_split_every, progress_topic
 from dconv.kernel import as_float_array
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, check_float_dtype, result_dtype
-from dconv.store import InputGroup, OutputStore, open_inputs, public_location, store_exists
+from dconv.store import InputGroup, OutputStore, absolute_location, open_inputs, public_location, store_exists
 
 __all__ = ["backward_job", "plan_job", "run_job", "JobPlan", "JobResult", "DEFAULT_BATCH_CHUNK"]
 
@@ -268,7 +268,7 @@ def plan_job(
     split_every = normalize_split_every(split_every)
     compute_dtype = result_dtype(*(np.dtype(a.dtype) for a in arrays.values()))
 
-    out_store = OutputStore(str(out), storage_options)
+    out_store = OutputStore(absolute_location(out), storage_options)
     _check_out_not_inside(out_store.url, input_location)
     _check_out_replaceable(out_store, overwrite=overwrite, resume=resume)
 

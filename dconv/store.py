@@ -76,13 +76,24 @@ def public_location(url: str) -> str:
 
     Local paths become absolute, so a job is recognised from any directory.
     """
+    if is_local(str(url)):
+        return absolute_location(url)
     parts = urlsplit(str(url))
-    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
-        return os.path.abspath(url)
     netloc = parts.hostname or ""
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def is_local(url: str) -> bool:
+    """True for a local path, False for an fsspec URL such as ``s3://bucket/x.zarr``."""
+    scheme = urlsplit(str(url)).scheme
+    return not scheme or len(scheme) == 1
+
+
+def absolute_location(url: str | os.PathLike) -> str:
+    """Local paths made absolute (workers may run in another directory); URLs unchanged."""
+    return os.path.abspath(url) if is_local(str(url)) else str(url)
 
 
 def open_group(
@@ -130,7 +141,7 @@ def open_inputs(url: str, storage_options: Mapping[str, Any] | None = None) -> I
     InputDtypeError
         An array is not float32 or float64.
     """
-    location = public_location(url)
+    url, location = absolute_location(url), public_location(url)
     try:
         group = open_group(url, "r", storage_options)
     except FileNotFoundError as e:
@@ -177,7 +188,17 @@ def _numpy_dtype(name: str, array: zarr.Array) -> np.dtype:
 
 
 def read_batch(array: zarr.Array, name: str, start: int, stop: int) -> np.ndarray:
-    """``array[start:stop]``, with a corrupt chunk reported by array name and chunk index."""
+    """``array[start:stop]``, with a corrupt chunk reported by array name and chunk index.
+
+    Zarr reads a missing chunk as the fill value, so a worker that cannot see a
+    local input store would silently read zeros: that is checked first.
+    """
+    root = getattr(array.store, "root", None)
+    if root is not None and not os.path.exists(os.path.join(str(root), array.path, "zarr.json")):
+        raise InputError(
+            f"this worker cannot see input array {name} at {os.path.join(str(root), array.path)!r}; "
+            "local paths must be on storage every worker shares."
+        )
     try:
         return np.asarray(array[start:stop])
     except Exception as e:  # codec errors have no common base class
@@ -196,7 +217,7 @@ def make_inputs(
     width: int = 32,
     in_channels: int = 16,
     out_channels: int = 32,
-    kernel: tuple[int, int] = (3, 3),
+    kernel: int | tuple[int, int] = 3,
     stride: Any = 1,
     padding: Any = 1,
     dilation: Any = 1,
@@ -214,14 +235,14 @@ def make_inputs(
     dilation. Data is generated ``chunk`` samples at a time, so ``m`` may exceed
     memory.
     """
-    from dconv.params import ConvParams, output_shape
+    from dconv.params import ConvParams, output_shape, parse_pair
 
     if m < 1 or chunk < 1:
         raise InputError(f"m and chunk must be >= 1; got m={m}, chunk={chunk} instead.")
     dtype = check_float_dtype("dtype", dtype)
     params = ConvParams.parse(stride, padding, dilation)
     a_shape = (m, height, width, in_channels)
-    w_shape = (*kernel, in_channels, out_channels)
+    w_shape = (*parse_pair("kernel", kernel, minimum=1), in_channels, out_channels)
     z_shape = output_shape(a_shape, w_shape, params)
     rng = np.random.default_rng(seed)
     group = _create_group(url, overwrite, storage_options)
@@ -289,7 +310,15 @@ class OutputStore:
         return public_location(self.url)
 
     def group(self, mode: str = "r+") -> zarr.Group:
-        return open_group(self.url, mode, self.storage_options)
+        try:
+            return open_group(self.url, mode, self.storage_options)
+        except FileNotFoundError as e:
+            if mode == "w":
+                raise
+            raise FileNotFoundError(
+                f"output {self.location!r} is not there: it was never created, or this worker "
+                "cannot see it (local paths must be on storage every worker shares)."
+            ) from e
 
     def provenance(self) -> dict[str, Any] | None:
         """The ``dconv`` attribute of an existing output, or None if ``url`` is not a dconv output."""

@@ -33,6 +33,12 @@ def _array_summary(array: zarr.Array) -> dict[str, Any]:
     }
 
 
+def _json_float(value: float) -> float | str:
+    """A float, or "nan" / "inf" as a string: JSON has no non-finite numbers."""
+    value = float(value)
+    return value if np.isfinite(value) else str(value)
+
+
 def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-friendly summary of a dconv output: arrays, status, progress, provenance, norms.
 
@@ -66,7 +72,9 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
         "provenance": provenance,
     }
     if status == "complete":
-        summary["norms"] = {name: float(np.linalg.norm(np.asarray(group[name][...], dtype=np.float64))) for name in ("dW", "db")}
+        summary["norms"] = {
+            name: _json_float(np.linalg.norm(np.asarray(group[name][...], dtype=np.float64))) for name in ("dW", "db")
+        }
         summary["nonfinite"] = provenance.get("nonfinite", {})
     return summary
 
@@ -94,7 +102,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             f"dims {tuple(info['dimension_names'])} compression {ratio}"
         )
     if "norms" in summary:
-        lines.append("  norms: " + ", ".join(f"|{k}| = {v:.6g}" for k, v in summary["norms"].items()))
+        norms = (f"|{k}| = {v:.6g}" if isinstance(v, float) else f"|{k}| = {v}" for k, v in summary["norms"].items())
+        lines.append("  norms: " + ", ".join(norms))
         nonfinite = summary.get("nonfinite") or {}
         lines.append("  non-finite values: " + ", ".join(f"{k} {v}" for k, v in nonfinite.items()))
     provenance = summary["provenance"]

@@ -22,12 +22,6 @@ from _pipeline import assert_matches, kernel_gradients, provenance, read_inputs,
 from conftest import dconv_command, free_port
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
-RELATIVE_PATH_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="dconv bug: plan_job ships relative local paths to the workers (ZarrSlice's zarr.Array and "
-    "OutputStore.url are not made absolute); workers in another working directory read the input's missing "
-    "chunks as zeros (silent wrong result, status complete) and fail to open the output",
-)
 SMALL = ["--height", "7", "--width", "6", "--in-channels", "3", "--out-channels", "4"]
 
 
@@ -131,11 +125,6 @@ def test_inspect_json(cli_job):
     assert summary["norms"]["dW"] == pytest.approx(float(np.linalg.norm(dW)), rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dconv bug: `inspect --json` prints json.dumps(summary) with NaN norms (dW/db non-finite), which is "
-    "not JSON (RFC 8259); strict parsers such as JavaScript JSON.parse reject it",
-)
 def test_inspect_json_is_strict_json_when_gradients_are_not_finite(tmp_path):
     """A NaN in A_prev makes dW NaN; `inspect --json` must still print JSON (RFC 8259 has no NaN)."""
     rng = np.random.default_rng(13)
@@ -368,7 +357,6 @@ def test_backward_on_a_dask_scheduler_cluster(dask_cluster, make_input, tmp_path
     assert all(p.poll() is None for p in dask_cluster["processes"])
 
 
-@RELATIVE_PATH_BUG
 @pytest.mark.cluster
 def test_relative_paths_on_a_dask_scheduler_cluster(dask_cluster, tmp_path):
     """`dconv backward in.zarr out.zarr --scheduler ...` from a directory the workers were not started in."""

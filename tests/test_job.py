@@ -25,12 +25,6 @@ from conftest import free_port
 
 CONV_IDS = list(CONVS)
 
-RELATIVE_PATH_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="dconv bug: plan_job ships relative local paths to the workers (ZarrSlice's zarr.Array and "
-    "OutputStore.url are not made absolute); workers in another working directory read the input's missing "
-    "chunks as zeros (silent wrong result, status complete) and fail to open the output",
-)
 
 
 # --------------------------------------------------------------------------- against the kernel
@@ -347,7 +341,6 @@ def test_dw_db_bitwise_identical_across_workers_and_schedulers(make_input, clien
 # --------------------------------------------------------------------------- schedulers and clusters
 
 
-@RELATIVE_PATH_BUG
 @pytest.mark.cluster
 @pytest.mark.parametrize("relative", ["input", "output", "both"])
 def test_relative_paths_with_workers_in_another_directory(client, tmp_path, monkeypatch, relative):
