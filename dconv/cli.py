@@ -36,10 +36,15 @@ def padding_value(text: str) -> Any:
     """``same``, ``valid``, ``1``, ``1,2`` (h,w) or ``1,2,0,1`` (top,bottom,left,right)."""
     if text.strip().lower() in ("same", "valid"):
         return text.strip().lower()
-    values = int_list(text)
-    if isinstance(values, list) and len(values) not in (2, 4):
-        raise argparse.ArgumentTypeError(f"padding takes 1, 2 or 4 integers, or same/valid; got {text!r}")
-    return values
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2, 4):
+        raise argparse.ArgumentTypeError(
+            f"expected P, PH,PW, TOP,BOTTOM,LEFT,RIGHT, 'same' or 'valid'; got {text!r}"
+        )
+    return values[0] if len(values) == 1 else values
 
 
 def storage_option(text: str) -> tuple[str, Any]:
@@ -70,6 +75,13 @@ def positive_int(text: str) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2), not a usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +121,7 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dconv",
         description="Conv2d backward (dA_prev, dW, db) for large batches, on Dask, with Zarr storage.",
     )
@@ -199,7 +211,7 @@ def _run_job(arguments: dict[str, Any], args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         return EXIT_OK
-    with connect(cluster, quiet=args.quiet) as client:
+    with connect(cluster, quiet=args.quiet, debug=args.debug) as client:
         result = run_job(plan, client=client, progress=not args.quiet)
     seconds = result.seconds
     print(

@@ -92,8 +92,13 @@ def local_cluster_layout(workers: int | None) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def connect(options: ClusterOptions, *, quiet: bool = False) -> Iterator["distributed.Client"]:  # noqa: F821
+def connect(
+    options: ClusterOptions, *, quiet: bool = False, debug: bool = False
+) -> Iterator["distributed.Client"]:  # noqa: F821
     """A ``distributed.Client`` on the cluster ``options`` name, closed on exit.
+
+    The embedded cluster's own logs are silenced (a failed task reaches the
+    caller as its exception) unless ``debug``.
 
     Raises
     ------
@@ -112,7 +117,7 @@ def connect(options: ClusterOptions, *, quiet: bool = False) -> Iterator["distri
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             worker_dashboard_address="127.0.0.1:0",
-            silence_logs=logging.ERROR,
+            silence_logs=logging.DEBUG if debug else logging.CRITICAL,
             env=env,
         ) as cluster, distributed.Client(cluster) as client:
             if not quiet:

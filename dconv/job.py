@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,13 +21,23 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import zarr
 
 from dconv.cluster import ClusterOptions, connect
 from dconv.errors import InputError, JobFailedError
 from dconv.graph import CHUNK_PREFIX, ZarrSlice, backward_graph, batch_bounds, normalize_split_every, progress_topic
 from dconv.kernel import as_float_array
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, check_float_dtype, result_dtype
-from dconv.store import InputGroup, OutputStore, absolute_location, open_inputs, public_location, store_exists
+from dconv.store import (
+    InputGroup,
+    OutputStore,
+    absolute_location,
+    is_local,
+    open_inputs,
+    public_location,
+    read_batch,
+    store_exists,
+)
 
 __all__ = ["backward_job", "plan_job", "run_job", "JobPlan", "JobResult", "DEFAULT_BATCH_CHUNK"]
 
@@ -178,6 +189,13 @@ def resolve_params(
     )
 
 
+def _read_whole(name: str, array: Any) -> np.ndarray:
+    """A small array read in full; a corrupt Zarr chunk is named in the error."""
+    if isinstance(array, zarr.Array):
+        return read_batch(array, name, 0, array.shape[0])
+    return np.asarray(array)
+
+
 def _zarr_batches(array: Any, name: str, bounds: Sequence[tuple[int, int]]) -> list[ZarrSlice]:
     return [ZarrSlice(array, name, start, stop) for start, stop in bounds]
 
@@ -190,17 +208,17 @@ def _dask_batches(array: Any, bounds: Sequence[tuple[int, int]]) -> list[Any]:
     return list(blocks.reshape(-1))
 
 
-def _check_out_not_inside(out: str, input_location: str | None) -> None:
+def _check_out_apart_from_input(out: str, input_location: str | None) -> None:
+    """Refuse an ``out`` that is the input store, lies inside it, or contains it."""
     if input_location is None:
         return
-    if "://" in out or "://" in input_location:
-        inside = public_location(out).rstrip("/").startswith(input_location.rstrip("/") + "/")
-        same = public_location(out).rstrip("/") == input_location.rstrip("/")
-    else:
-        out_path, in_path = Path(out).resolve(), Path(input_location).resolve()
-        same, inside = out_path == in_path, out_path.is_relative_to(in_path)
-    if same or inside:
-        raise InputError(f"out {public_location(out)!r} is inside the input store {input_location!r}; choose another path.")
+    if is_local(out) and is_local(input_location):  # compare real paths: symlinks must not hide nesting
+        out, input_location = os.path.realpath(out), os.path.realpath(input_location)
+    out_location, input_location = public_location(out).rstrip("/"), input_location.rstrip("/")
+    if out_location == input_location or out_location.startswith(input_location + "/"):
+        raise InputError(f"out {out_location!r} is inside the input store {input_location!r}; choose another path.")
+    if input_location.startswith(out_location + "/"):
+        raise InputError(f"the input store {input_location!r} is inside out {out_location!r}; choose another path.")
 
 
 def _check_out_replaceable(out: OutputStore, *, overwrite: bool, resume: bool) -> None:
@@ -269,7 +287,7 @@ def plan_job(
     compute_dtype = result_dtype(*(np.dtype(a.dtype) for a in arrays.values()))
 
     out_store = OutputStore(absolute_location(out), storage_options)
-    _check_out_not_inside(out_store.url, input_location)
+    _check_out_apart_from_input(out_store.url, input_location)
     _check_out_replaceable(out_store, overwrite=overwrite, resume=resume)
 
     if input_location is not None:  # Zarr arrays: each task reads its own slice
@@ -280,7 +298,7 @@ def plan_job(
     return JobPlan(
         dz_batches=dz_batches,
         a_batches=a_batches,
-        W=np.asarray(arrays["W"][...]).astype(compute_dtype, copy=False),
+        W=_read_whole("W", arrays["W"]).astype(compute_dtype, copy=False),
         params=params,
         geometry=geometry,
         shapes=shapes,
@@ -305,11 +323,16 @@ def prepare_output(plan: JobPlan) -> np.ndarray:
     stored = plan.out.provenance() if plan.resume else None
     if stored is not None:
         if stored.get("fingerprint") != plan.fingerprint:
+            wanted = plan.provenance()
+            differences = [
+                f"{key}: {wanted[key]!r} here, {stored.get(key)!r} in out"
+                for key in ("input", "shapes", "dtypes", "params", "batch_chunk", "split_every")
+                if stored.get(key) != wanted[key]
+            ]
             raise InputError(
-                f"cannot resume {plan.out.location!r}: it was made from other inputs or parameters "
-                f"(input {stored.get('input')!r}, batch_chunk {stored.get('batch_chunk')}, "
-                f"params {stored.get('params')}); this job has input {plan.input_location!r}, "
-                f"batch_chunk {plan.batch_chunk}, params {plan.params.to_dict()}."
+                f"cannot resume {plan.out.location!r}: it was made by another job ("
+                + ("; ".join(differences) or "its fingerprint differs")
+                + "). Use --overwrite to start again."
             )
         try:
             finished = plan.out.done_chunks()

@@ -481,11 +481,12 @@ def backward_kernel(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
         C-contiguous ``dA_prev``, ``dW``, ``db`` in the dtype of the inputs.
     """
     dZ = np.ascontiguousarray(dZ)
-    result = backward_flat(dZ, A_prev, W, geometry) if geometry.stride == (1, 1) else None
-    if result is None:
-        result = backward_im2col(dZ, A_prev, W, geometry)
-    dA_prev, dW = result
-    return Gradients(dA_prev, dW, bias_grad(dZ))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate silently, as IEEE says
+        result = backward_flat(dZ, A_prev, W, geometry) if geometry.stride == (1, 1) else None
+        if result is None:
+            result = backward_im2col(dZ, A_prev, W, geometry)
+        dA_prev, dW = result
+        return Gradients(dA_prev, dW, bias_grad(dZ))
 
 
 def conv2d_forward(

@@ -250,7 +250,7 @@ def check_float_dtype(name: str, dtype: Any) -> np.dtype:
         dtype = np.dtype(dtype)
     except TypeError as e:
         raise InputDtypeError(f"{name} must have dtype float32 or float64; got {dtype!r} instead.") from e
-    if dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+    if dtype.kind != "f" or dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
         raise InputDtypeError(f"{name} must have dtype float32 or float64; got {dtype} instead.")
     return dtype
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -152,10 +153,7 @@ def open_inputs(url: str, storage_options: Mapping[str, Any] | None = None) -> I
         raise InputError(f"input store {location!r} has corrupt Zarr metadata: {e}") from e
     arrays = {}
     for name in (*INPUT_ARRAYS, "b"):
-        try:
-            node = group.get(name)
-        except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-            raise InputError(f"input array {name!r} in {location!r} has corrupt Zarr metadata: {e}") from e
+        node = _open_node(group, name, location)
         if node is None:
             if name == "b":
                 continue
@@ -180,6 +178,25 @@ def open_inputs(url: str, storage_options: Mapping[str, Any] | None = None) -> I
     )
 
 
+def _open_node(group: zarr.Group, name: str, location: str) -> zarr.Array | zarr.Group | None:
+    """``group[name]``, None if there is no such node, InputError if its metadata is corrupt.
+
+    ``Group.get`` hides a node whose ``zarr.json`` does not parse (with a
+    warning), so a missing node is told from a broken one by opening it directly.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            node = group.get(name)
+            if node is not None:
+                return node
+            return zarr.open(store=group.store, path=f"{group.path}/{name}".lstrip("/"), mode="r", zarr_format=3)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # JSON, Unicode and Zarr metadata errors share no base class
+        raise InputError(f"input array {name!r} in {location!r} has corrupt Zarr metadata: {e}") from e
+
+
 def _numpy_dtype(name: str, array: zarr.Array) -> np.dtype:
     try:
         return np.dtype(array.dtype)
@@ -188,10 +205,16 @@ def _numpy_dtype(name: str, array: zarr.Array) -> np.dtype:
 
 
 def read_batch(array: zarr.Array, name: str, start: int, stop: int) -> np.ndarray:
-    """``array[start:stop]``, with a corrupt chunk reported by array name and chunk index.
+    """``array[start:stop]`` along the first axis; a corrupt chunk is named in the error.
 
     Zarr reads a missing chunk as the fill value, so a worker that cannot see a
     local input store would silently read zeros: that is checked first.
+
+    Raises
+    ------
+    InputError
+        The store is not visible here, or a chunk cannot be decoded; the
+        message names the array and the chunk.
     """
     root = getattr(array.store, "root", None)
     if root is not None and not os.path.exists(os.path.join(str(root), array.path, "zarr.json")):
@@ -202,11 +225,22 @@ def read_batch(array: zarr.Array, name: str, start: int, stop: int) -> np.ndarra
     try:
         return np.asarray(array[start:stop])
     except Exception as e:  # codec errors have no common base class
-        first, last = start // array.chunks[0], (stop - 1) // array.chunks[0]
+        chunk = _first_bad_chunk(array, start, stop)
         raise InputError(
-            f"cannot read {name}[{start}:{stop}]: a chunk among {name} chunks {first}..{last} "
-            f"along m is corrupt or truncated ({type(e).__name__}: {e})"
+            f"{name} chunk {chunk} (along the first axis, samples {chunk * array.chunks[0]}.."
+            f"{min((chunk + 1) * array.chunks[0], array.shape[0]) - 1}) is corrupt or truncated: {type(e).__name__}: {e}"
         ) from e
+
+
+def _first_bad_chunk(array: zarr.Array, start: int, stop: int) -> int:
+    """The index along the first axis of the first chunk in ``start:stop`` that fails to decode."""
+    size = array.chunks[0]
+    for chunk in range(start // size, (stop - 1) // size + 1):
+        try:
+            array[chunk * size : min((chunk + 1) * size, array.shape[0])]
+        except Exception:
+            return chunk
+    return start // size
 
 
 def make_inputs(

@@ -546,22 +546,7 @@ WORKER_LOG = (
     "dconv bug: the local cluster's workers print distributed's 'Compute Failed' ERROR log "
     "(with a 'Traceback:' field) on stderr besides the one-line message"
 )
-XFAIL: dict[str, str] = {
-    "dtype-string": "dconv bug: a zarr string dtype (numpy StringDType) raises a raw TypeError in "
-    "check_float_dtype (newbyteorder): exit 1 instead of InputDtypeError / exit 2",
-    "metadata-array-json-garbage": "dconv bug: array zarr.json that is valid JSON but invalid metadata is "
-    "reported as 'has no array A_prev', and zarr's ZarrUserWarning reaches stderr",
-    "chunk-A_prev-corrupt": WORKER_LOG,
-    "chunk-A_prev-truncated": WORKER_LOG,
-    "chunk-A_prev-corrupt-unaligned-batch": WORKER_LOG + "; and not implemented: with batch_chunk not a multiple "
-    "of the input chunk, the message names a range ('chunks 1..2'), not the corrupt chunk",
-    "chunk-W-corrupt": "dconv bug: a corrupt W chunk (read in plan_job) escapes as RuntimeError: exit 1, "
-    "message names neither W nor the chunk",
-    "padding-unknown-word": "dconv bug: the CLI's --padding parser rejects an unknown word through argparse: "
-    "usage block on stderr (10 lines), and the message does not mention same/valid",
-    "input-inside-out-overwrite": "dconv bug: no check that the input lies inside OUT; --overwrite of a previous "
-    "dconv output deletes the input, and the job then exits 0 with all-zero gradients",
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
@@ -628,7 +613,6 @@ def test_nonfinite_inputs_propagate_and_are_counted(make_input, tmp_path):
     assert summary["nonfinite"] == counts
 
 
-@pytest.mark.xfail(strict=True, reason=WORKER_LOG)
 def test_check_finite_fails_fast(make_input, tmp_path):
     inputs = make_input(m=40)
     group = zarr.open_group(inputs, mode="r+")

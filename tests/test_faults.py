@@ -162,11 +162,6 @@ MISMATCHES = [
         ["--split-every", "3"],
         r"split_every\W{1,8}3\b",
         id="split_every",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="not implemented: the refusal message lists input, batch_chunk and params only; "
-            "a split_every (or shape/dtype) mismatch is refused without saying what differs",
-        ),
     ),
     pytest.param(None, None, id="input"),
 ]
