@@ -448,6 +448,25 @@ class OutputStore:
         group.attrs[ATTR] = {**group.attrs[ATTR], **entries}
 
 
+def open_output(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[zarr.Group, dict[str, Any]]:
+    """An existing dconv output group, read-only, and its provenance, whatever its status.
+
+    Raises
+    ------
+    InputError
+        ``url`` does not exist, or is not a dconv output.
+    """
+    location = public_location(url)
+    try:
+        group = open_group(url, "r", storage_options)
+    except FileNotFoundError as e:
+        raise InputError(f"output {location!r} does not exist or is not a Zarr group.") from e
+    provenance = group.attrs.get(ATTR)
+    if not isinstance(provenance, Mapping):
+        raise InputError(f"{location!r} is not a dconv output (it has no {ATTR!r} attribute).")
+    return group, dict(provenance)
+
+
 def open_result(url: str, *, allow_incomplete: bool = False, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
     """Open a job's output group, refusing one whose status is not "complete".
 
@@ -461,14 +480,8 @@ def open_result(url: str, *, allow_incomplete: bool = False, storage_options: Ma
     InputError
         ``url`` is not a dconv output, or the job did not complete.
     """
+    group, provenance = open_output(url, storage_options)
     location = public_location(url)
-    try:
-        group = open_group(url, "r", storage_options)
-    except FileNotFoundError as e:
-        raise InputError(f"output {location!r} does not exist.") from e
-    provenance = group.attrs.get(ATTR)
-    if not isinstance(provenance, Mapping):
-        raise InputError(f"{location!r} is not a dconv output (no {ATTR!r} attribute).")
     if provenance.get("status") != "complete" and not allow_incomplete:
         raise InputError(
             f"output {location!r} has status {provenance.get('status')!r}, not 'complete'; "

@@ -11,8 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 import zarr
 
-from dconv.errors import InputError
-from dconv.store import ATTR, PROGRESS, open_group, public_location
+from dconv.store import PROGRESS, open_output, public_location
 
 __all__ = ["summarize", "format_summary"]
 
@@ -48,14 +47,7 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
         ``url`` does not exist or is not a dconv output.
     """
     location = public_location(url)
-    try:
-        group = open_group(url, "r", storage_options)
-    except FileNotFoundError as e:
-        raise InputError(f"output {location!r} does not exist or is not a Zarr group.") from e
-    provenance = group.attrs.get(ATTR)
-    if not isinstance(provenance, Mapping):
-        raise InputError(f"{location!r} is not a dconv output (it has no {ATTR!r} attribute).")
-    provenance = dict(provenance)
+    group, provenance = open_output(url, storage_options)
     status = provenance.pop("status", "unknown")
     done = np.asarray(group[f"{PROGRESS}/done"][:]) == 1
     summary: dict[str, Any] = {
