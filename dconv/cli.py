@@ -104,7 +104,8 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("--padding", type=padding_value, help="P, PH,PW, TOP,BOTTOM,LEFT,RIGHT, same or valid")
     conv.add_argument("--dilation", type=int_list, help="D or DH,DW")
     job = parser.add_argument_group("job")
-    job.add_argument("--batch-chunk", type=int, help="samples per task (default 256)")
+    job.add_argument("--batch-chunk", type=int, help="samples per task (default 256, or the most --max-memory allows)")
+    job.add_argument("--max-memory", metavar="SIZE", help="memory one task may use, e.g. 512MiB or 2GB")
     job.add_argument("--split-every", type=int, help="fan-in of the dW/db tree reduction (default 8)")
     job.add_argument("--check-finite", action="store_true", default=None, help="fail on NaN/Inf inputs")
     job.add_argument("--overwrite", action="store_true", default=None, help="replace OUT if it exists")
@@ -192,7 +193,8 @@ def _job_arguments(args: argparse.Namespace, spec: Any = None) -> dict[str, Any]
         "stride": pick("stride", s.conv.stride if s else None),
         "padding": pick("padding", s.conv.padding if s else None),
         "dilation": pick("dilation", s.conv.dilation if s else None),
-        "batch_chunk": pick("batch_chunk", s.job.batch_chunk if s else 256),
+        "batch_chunk": pick("batch_chunk", s.job.batch_chunk if s else None),
+        "max_memory": pick("max_memory", s.job.max_memory if s else None),
         "split_every": pick("split_every", s.job.split_every if s else 8),
         "check_finite": bool(pick("check_finite", s.job.check_finite if s else False)),
         "overwrite": bool(pick("overwrite", s.output.overwrite if s else False)),

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import zarr
 from dconv.cluster import ClusterOptions, connect
 from dconv.errors import InputError, JobFailedError
 from dconv.graph import CHUNK_PREFIX, ZarrSlice, backward_graph, batch_bounds, normalize_split_every, progress_topic
-from dconv.kernel import as_float_array
+from dconv.kernel import as_float_array, backward_working_set
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, check_float_dtype, result_dtype
 from dconv.store import (
     InputGroup,
@@ -109,7 +110,7 @@ class JobPlan:
     def describe(self) -> str:
         """A few lines for ``--dry-run``: what would run, and its per-task memory."""
         m = self.shapes["A_prev"][0]
-        per_task = chunk_working_set(self.batch_chunk, self.shapes, self.geometry, self.compute_dtype)
+        per_task = task_memory(self.batch_chunk, self.shapes, self.geometry, self.compute_dtype)
         return "\n".join(
             [
                 f"input   {self.input_location}",
@@ -118,7 +119,7 @@ class JobPlan:
                 f"conv    {self.params.describe()}, pads {self.geometry.pads}",
                 f"chunks  {len(self.bounds)} of {self.batch_chunk} samples (m = {m}), "
                 f"tree fan-in {self.split_every}",
-                f"memory  about {per_task / 2**20:.1f} MiB per running task",
+                f"memory  at most about {format_size(per_task)} per running task",
             ]
         )
 
@@ -137,19 +138,73 @@ class JobPlan:
         }
 
 
-def chunk_working_set(batch: int, shapes: Mapping[str, Sequence[int]], geometry: ConvGeometry, dtype: Any) -> int:
-    """Bytes one chunk task holds at its peak, roughly.
+def task_memory(batch: int, shapes: Mapping[str, Sequence[int]], geometry: ConvGeometry, dtype: Any) -> int:
+    """Bytes one chunk task of ``batch`` samples holds at its peak (an upper bound).
 
-    ``itemsize * b * (2 * H*W*C_prev + n_H*n_W*C + 2 * Hp*Wp*C_prev + n_H*n_W*fh*fw*C_prev)``:
-    the input and output blocks, dZ, the padded input and its gradient, and
-    one im2col-sized workspace.
+    Its ``A_prev`` and ``dZ`` blocks, ``itemsize * b * (H*W*C_prev + n_H*n_W*C)``,
+    plus the kernel's working set, :func:`dconv.kernel.backward_working_set`.
     """
     _, height, width, c_prev = shapes["A_prev"]
     _, n_h, n_w, c_out = shapes["dZ"]
-    fh, fw = geometry.kernel_hw
-    hp, wp = geometry.padded_hw
-    per_sample = 2 * height * width * c_prev + n_h * n_w * c_out + 2 * hp * wp * c_prev + n_h * n_w * fh * fw * c_prev
-    return int(np.dtype(dtype).itemsize * batch * per_sample)
+    itemsize = np.dtype(dtype).itemsize
+    blocks = itemsize * batch * (height * width * c_prev + n_h * n_w * c_out)
+    return blocks + backward_working_set(batch, geometry, c_prev, c_out, itemsize)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def format_size(n_bytes: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``: bytes in the largest binary unit that keeps the number >= 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as ``"512MiB"``, ``"2GB"``, ``"1e9"``."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
+    if not isinstance(value, (str, int)) or not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
+        raise InputError(f"max_memory must be a size such as 512MiB, 2GB or 1e9 bytes; got {value!r} instead.")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def choose_batch_chunk(
+    batch_chunk: int | None, max_memory: Any, shapes: Mapping[str, Sequence[int]], geometry: ConvGeometry, dtype: Any
+) -> int:
+    """``batch_chunk``, or with ``max_memory`` the largest chunk whose task fits in it.
+
+    Raises
+    ------
+    InputError
+        ``batch_chunk`` needs more than ``max_memory`` per task, or not even one sample fits.
+    """
+    if max_memory is None:
+        return DEFAULT_BATCH_CHUNK if batch_chunk is None else batch_chunk
+    budget = parse_size(max_memory)
+    m = shapes["A_prev"][0]
+    low, high = 0, m  # the largest b in [1, m] with task_memory(b) <= budget, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if task_memory(middle, shapes, geometry, dtype) <= budget else (low, middle - 1)
+    if low == 0:
+        raise InputError(
+            f"one sample needs about {format_size(task_memory(1, shapes, geometry, dtype))} per task, "
+            f"more than max_memory {format_size(budget)}."
+        )
+    if batch_chunk is None:
+        return low
+    needed = task_memory(batch_chunk, shapes, geometry, dtype) if isinstance(batch_chunk, int) else 0
+    if needed > budget:
+        raise InputError(
+            f"batch_chunk {batch_chunk} needs about {format_size(needed)} per task, more than max_memory "
+            f"{format_size(budget)}; use batch_chunk <= {low}, or leave it out to have it chosen."
+        )
+    return batch_chunk
 
 
 def _versions() -> dict[str, str]:
@@ -250,7 +305,8 @@ def plan_job(
     stride: Any = None,
     padding: Any = None,
     dilation: Any = None,
-    batch_chunk: int = DEFAULT_BATCH_CHUNK,
+    batch_chunk: int | None = None,
+    max_memory: int | str | None = None,
     split_every: int | None = 8,
     overwrite: bool = False,
     resume: bool = False,
@@ -282,9 +338,10 @@ def plan_job(
     params = resolve_params(stride, padding, dilation, hparameters)
     shapes = {name: tuple(int(n) for n in array.shape) for name, array in arrays.items()}
     geometry = backward_geometry(shapes["dZ"], shapes["A_prev"], shapes["W"], params)
+    compute_dtype = result_dtype(*(np.dtype(a.dtype) for a in arrays.values()))
+    batch_chunk = choose_batch_chunk(batch_chunk, max_memory, shapes, geometry, compute_dtype)
     bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
     split_every = normalize_split_every(split_every)
-    compute_dtype = result_dtype(*(np.dtype(a.dtype) for a in arrays.values()))
 
     out_store = OutputStore(absolute_location(out), storage_options)
     _check_out_apart_from_input(out_store.url, input_location)
@@ -452,7 +509,8 @@ def backward_job(
     stride: Any = None,
     padding: Any = None,
     dilation: Any = None,
-    batch_chunk: int = DEFAULT_BATCH_CHUNK,
+    batch_chunk: int | None = None,
+    max_memory: int | str | None = None,
     split_every: int | None = 8,
     client: Any = None,
     scheduler: str | None = None,
@@ -477,8 +535,12 @@ def backward_job(
     stride, padding, dilation : optional
         As for :func:`dconv.conv2d_backward`. When None, taken from the input
         group's ``hparameters`` attribute, else 1, 0, 1.
-    batch_chunk : int
-        Samples per task; dA_prev is chunked the same way.
+    batch_chunk : int, optional
+        Samples per task; dA_prev is chunked the same way. Default 256, or
+        with ``max_memory`` the largest chunk that fits.
+    max_memory : int or str, optional
+        Memory one task may use, in bytes or as ``"512MiB"``, ``"2GB"``; see
+        :func:`task_memory`. A ``batch_chunk`` that needs more is refused.
     split_every : int
         Fan-in of the dW/db tree reduction.
     client : distributed.Client, optional
@@ -514,6 +576,7 @@ def backward_job(
         padding=padding,
         dilation=dilation,
         batch_chunk=batch_chunk,
+        max_memory=max_memory,
         split_every=split_every,
         overwrite=overwrite,
         resume=resume,

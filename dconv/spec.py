@@ -19,7 +19,7 @@ Relative paths are relative to the directory dconv runs in. Example::
     padding = 1                      # int, [h, w], [top, bottom, left, right], "same", "valid"
 
     [job]
-    batch_chunk = 64
+    batch_chunk = 64                 # or max_memory = "512MiB" to have it chosen
     split_every = 8
 
     [cluster]                        # optional: default is the embedded local cluster
@@ -110,7 +110,8 @@ class ConvSpec:
 class JobSpec:
     """``[job]``: how the batch is cut and reduced."""
 
-    batch_chunk: int = _spec_field(_INT, 256)
+    batch_chunk: int | None = _spec_field(_INT, None)
+    max_memory: int | str | None = _spec_field((int, str), None)
     split_every: int = _spec_field(_INT, 8)
     check_finite: bool = _spec_field(_BOOL, False)
 

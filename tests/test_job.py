@@ -442,3 +442,41 @@ def test_matches_torch_autograd_on_plain_zarr_input(client, tmp_path, stride, pa
     for name, want in expected.items():
         assert output[name].dtype == np.float64
         assert rel_err(output[name], want) <= 1e-10, name
+
+
+# --------------------------------------------------------------------------- max_memory
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1e9", 10**9), ("10 KiB", 10 * 2**10), (4096, 4096)],
+)
+def test_parse_size(text, expected):
+    from dconv.job import parse_size
+
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["abc", 0, "-5MB", "3 parsecs", True])
+def test_parse_size_refuses_what_is_not_a_size(text):
+    from dconv.job import parse_size
+
+    with pytest.raises(InputError, match="max_memory must be a size"):
+        parse_size(text)
+
+
+def test_max_memory_chooses_the_largest_chunk_that_fits(make_input, tmp_path):
+    from dconv.job import plan_job, task_memory
+
+    inp = make_input(m=40)
+    budget = 600_000
+    plan = plan_job(inp, tmp_path / "out.zarr", max_memory=budget)
+    chosen = plan.batch_chunk
+    assert 1 <= chosen < 40
+    assert task_memory(chosen, plan.shapes, plan.geometry, plan.compute_dtype) <= budget
+    assert task_memory(chosen + 1, plan.shapes, plan.geometry, plan.compute_dtype) > budget
+    with pytest.raises(InputError, match=rf"batch_chunk {chosen + 1} needs about .* use batch_chunk <= {chosen}"):
+        plan_job(inp, tmp_path / "out.zarr", batch_chunk=chosen + 1, max_memory=budget)
+    with pytest.raises(InputError, match="one sample needs about"):
+        plan_job(inp, tmp_path / "out.zarr", max_memory=100)
+    assert not (tmp_path / "out.zarr").exists()

@@ -70,7 +70,7 @@ def test_minimal_spec_defaults():
     spec = parse_spec(MINIMAL)
     assert spec.input.make is None
     assert spec.conv == ConvSpec(None, None, None)  # falls back to the input's hparameters
-    assert spec.job == JobSpec(batch_chunk=256, split_every=8, check_finite=False)
+    assert spec.job == JobSpec(batch_chunk=None, max_memory=None, split_every=8, check_finite=False)
     assert spec.cluster == ClusterSpec()
     assert spec.storage == {}
     assert (spec.output.overwrite, spec.output.resume) == (False, False)
@@ -86,7 +86,7 @@ def test_shipped_pipeline_specs_parse(path):
     "document, message",
     [
         ({**MINIMAL, "job": {"batch_chunks": 4}}, "unknown key 'batch_chunks' in [job]; known keys: batch_chunk, "
-                                                   "split_every, check_finite. Did you mean 'batch_chunk'?"),
+                                                   "max_memory, split_every, check_finite. Did you mean 'batch_chunk'?"),
         ({**MINIMAL, "job": {"split_evry": 4}}, "Did you mean 'split_every'?"),
         ({**MINIMAL, "output": {"path": "o", "overwrit": True}}, "Did you mean 'overwrite'?"),
         ({**MINIMAL, "conv": {"strides": 2}}, "Did you mean 'stride'?"),
@@ -109,7 +109,7 @@ def test_unknown_keys_suggest_the_close_match(document, message):
 def test_unknown_key_without_a_close_match_lists_the_known_ones():
     with pytest.raises(InputError) as info:
         parse_spec({**MINIMAL, "job": {"zzz": 1}})
-    assert "known keys: batch_chunk, split_every, check_finite" in str(info.value)
+    assert "known keys: batch_chunk, max_memory, split_every, check_finite" in str(info.value)
     assert "Did you mean" not in str(info.value)
 
 
