@@ -126,6 +126,22 @@ def run_job(path: str, out: str, batch_chunk: int, workers: int) -> dict:
     return {"wall": wall, "seconds": provenance["seconds"], "peak_rss": peak[0], "stdout": stdout.strip()}
 
 
+def scaling(workdir: Path, batch_chunk: int, layer: dict) -> list[dict]:
+    """Job compute time and peak RSS with 1 and 2 workers over three batch sizes."""
+    print("\nscaling (compute time excludes cluster start):")
+    rows = []
+    for m in (1024, 4096, 16384):
+        path = str(workdir / f"in-{m}.zarr")
+        if not Path(path).exists():
+            make_inputs(path, m=m, chunk=batch_chunk, overwrite=True, seed=1, **layer)
+        for workers in (1, 2):
+            job = run_job(path, str(workdir / f"scale-{m}-{workers}.zarr"), batch_chunk, workers)
+            rows.append({"m": m, "workers": workers, "compute": job["seconds"]["compute"], "peak_rss": job["peak_rss"]})
+            print(f"  m={m:6d} workers={workers}: compute {job['seconds']['compute']:6.2f} s "
+                  f"({m / job['seconds']['compute']:6.0f} samples/s), peak RSS {job['peak_rss'] / 2**20:.0f} MiB")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--m", type=int, default=4096, help="batch size of the speed comparison")
@@ -135,6 +151,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--workdir", default=None, help="where the Zarr stores go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also time the job with 1 and 2 workers at m = 1024, 4096, 16384")
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dconv-bench-"))
@@ -170,6 +188,8 @@ def main() -> None:
     rss_small, rss_big = job["peak_rss"], results[f"job_m{args.memory_m}"]["peak_rss"]
     print(f"peak RSS m={args.m}: {rss_small / 2**20:.0f} MiB, m={args.memory_m}: {rss_big / 2**20:.0f} MiB, "
           f"ratio {rss_big / rss_small:.2f} for {args.memory_m / args.m:.0f}x the batch")
+    if args.scaling:
+        results["scaling"] = scaling(workdir, args.batch_chunk, layer)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if not args.workdir:

@@ -10,6 +10,7 @@ dask-jobqueue, dask-kubernetes, ...); its workers keep their own settings.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -120,6 +121,7 @@ def connect(
             silence_logs=logging.DEBUG if debug else logging.CRITICAL,
             env=env,
         ) as cluster, distributed.Client(cluster) as client:
+            client.run(importlib.import_module, "dconv.graph")  # workers import dconv and zarr now, in parallel
             if not quiet:
                 print(
                     f"dconv: local cluster, {n_workers} workers x 1 thread x {blas_threads} BLAS threads; "
