@@ -39,6 +39,10 @@ def plot_kernel(kernel: dict, path: Path) -> None:
         geomean = kernel["summary"][dtype]["geomean_dconv_over_torch"]
         ax.set_title(f"{dtype}: dconv time / PyTorch time (geomean {geomean:.2f})")
         ax.set_xscale("log")
+        ax.set_xticks([0.125, 0.25, 0.5, 1, 2, 4])
+        ax.set_xticklabels(["1/8", "1/4", "1/2", "1", "2", "4"])
+        ax.minorticks_off()
+        ax.set_xlim(0.1, 6)
         for y, (ratio, name) in enumerate(zip(ratios, layers)):
             loops = by_layer[name]["t_loops"] / by_layer[name]["t_dconv"] if by_layer[name].get("t_loops") else None
             label = f"{ratio:.2f}" + (f"  ({loops:.0f}x faster than loops)" if loops else "")
