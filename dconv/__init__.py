@@ -19,7 +19,7 @@ from importlib import import_module
 from typing import Any
 
 from dconv.classic import conv_backward, conv_forward
-from dconv.errors import InputDtypeError, InputError, JobFailedError
+from dconv.errors import InputDtypeError, InputError
 from dconv.kernel import Gradients, conv2d_backward, conv2d_forward
 from dconv.params import ConvParams
 
@@ -30,7 +30,6 @@ __all__ = [
     "Gradients",
     "InputDtypeError",
     "InputError",
-    "JobFailedError",
     "JobResult",
     "__version__",
     "backward_job",

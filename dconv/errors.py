@@ -3,21 +3,18 @@
 Every error that is the caller's fault derives from :class:`InputError` (a
 ``ValueError``) or :class:`InputDtypeError` (a ``TypeError``), so plain
 ``except ValueError`` / ``except TypeError`` keep working. The CLI maps both to
-exit code 2 and everything else to exit code 1.
+exit code 2; anything else raised while a job runs (I/O, a lost cluster) keeps
+its own type and maps to exit code 1.
 """
 
 from __future__ import annotations
 
-__all__ = ["InputError", "InputDtypeError", "JobFailedError"]
+__all__ = ["InputError", "InputDtypeError"]
 
 
 class InputError(ValueError):
-    """An input array, parameter, store or option is invalid; nothing was computed."""
+    """An input array, parameter, store or option is invalid."""
 
 
 class InputDtypeError(InputError, TypeError):
     """An input array has a dtype other than float32 or float64."""
-
-
-class JobFailedError(RuntimeError):
-    """A backward job failed while running (not because of its inputs)."""

@@ -21,11 +21,13 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import dask
 import numpy as np
 import zarr
+from dask.callbacks import Callback
 
 from dconv.cluster import ClusterOptions, connect
-from dconv.errors import InputError, JobFailedError
+from dconv.errors import InputError
 from dconv.graph import CHUNK_PREFIX, ZarrSlice, backward_graph, batch_bounds, normalize_split_every, progress_topic
 from dconv.kernel import as_float_array, backward_working_set
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, check_float_dtype, result_dtype
@@ -94,18 +96,21 @@ class JobPlan:
     resume: bool
     check_finite: bool
 
-    @property
-    def fingerprint(self) -> str:
-        """What must match for ``resume`` to continue this job's output."""
-        identity = {
+    def identity(self) -> dict[str, Any]:
+        """What must match for ``resume`` to continue this job's output (JSON-friendly)."""
+        return {
             "input": self.input_location,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
-            "dtypes": self.dtypes,
+            "dtypes": {**self.dtypes, "compute": str(self.compute_dtype)},
             "params": self.params.to_dict(),
             "batch_chunk": self.batch_chunk,
             "split_every": self.split_every,
         }
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`identity`, stored in the output's provenance."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
         """A few lines for ``--dry-run``: what would run, and its per-task memory."""
@@ -124,14 +129,10 @@ class JobPlan:
         )
 
     def provenance(self) -> dict[str, Any]:
+        """The ``dconv`` attribute of the output, less status and times."""
         return {
-            "input": self.input_location,
-            "params": self.params.to_dict(),
+            **self.identity(),
             "pads": [list(p) for p in self.geometry.pads],
-            "shapes": {k: list(v) for k, v in self.shapes.items()},
-            "dtypes": {**self.dtypes, "compute": str(self.compute_dtype)},
-            "batch_chunk": self.batch_chunk,
-            "split_every": self.split_every,
             "n_chunks": len(self.bounds),
             "fingerprint": self.fingerprint,
             "versions": _versions(),
@@ -380,11 +381,10 @@ def prepare_output(plan: JobPlan) -> np.ndarray:
     stored = plan.out.provenance() if plan.resume else None
     if stored is not None:
         if stored.get("fingerprint") != plan.fingerprint:
-            wanted = plan.provenance()
             differences = [
-                f"{key}: {wanted[key]!r} here, {stored.get(key)!r} in out"
-                for key in ("input", "shapes", "dtypes", "params", "batch_chunk", "split_every")
-                if stored.get(key) != wanted[key]
+                f"{key}: {value!r} here, {stored.get(key)!r} in out"
+                for key, value in plan.identity().items()
+                if stored.get(key) != value
             ]
             raise InputError(
                 f"cannot resume {plan.out.location!r}: it was made by another job ("
@@ -408,37 +408,25 @@ def prepare_output(plan: JobPlan) -> np.ndarray:
     return np.zeros(n_chunks, dtype=bool)
 
 
-class _ChunkCounter:
-    """Advances a progress bar as chunk tasks finish, on any Dask scheduler."""
+class _LocalChunkProgress(Callback):
+    """Advances a progress bar as chunk tasks finish on a local Dask scheduler."""
 
     def __init__(self, bar: Any) -> None:
+        super().__init__()
         self.bar = bar
 
-    def on_event(self, event: Any) -> None:  # distributed topic handler: (timestamp, msg)
-        self.bar.update(1)
-
-    def local_callback(self):
-        from dask.callbacks import Callback
-
-        bar = self.bar
-
-        class Counter(Callback):
-            def _posttask(self, key, result, dsk, state, worker_id):
-                if isinstance(key, tuple) and str(key[0]).startswith(CHUNK_PREFIX) and not isinstance(result, Exception):
-                    bar.update(1)
-
-        return Counter()
+    def _posttask(self, key, result, dsk, state, worker_id) -> None:
+        if isinstance(key, tuple) and str(key[0]).startswith(CHUNK_PREFIX):
+            self.bar.update(1)
 
 
 def _compute(graph: Any, plan: JobPlan, client: Any, scheduler: str | None, bar: Any) -> Any:
-    import dask
-
-    counter = _ChunkCounter(bar)
+    """Compute ``graph``, advancing ``bar`` per finished chunk (distributed: via the tasks' events)."""
     if scheduler is not None:
-        with counter.local_callback():
+        with _LocalChunkProgress(bar):
             return dask.compute(graph, scheduler=scheduler)[0]
     topic = progress_topic(plan.out.url)
-    client.subscribe_topic(topic, counter.on_event)
+    client.subscribe_topic(topic, lambda event: bar.update(1))
     try:
         return client.compute(graph).result()
     finally:
