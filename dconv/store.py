@@ -391,7 +391,7 @@ class OutputStore:
                 chunks=chunks,
                 dtype=dtype,
                 fill_value=0,
-                compressors=compressor(dtype),
+                compressors=compressor(dtype) if name == "dA_prev" else None,  # dW, db: too small to gain
                 dimension_names=DIMENSIONS[name],
             )
         progress = group.create_group(PROGRESS)
