@@ -104,7 +104,8 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("--padding", type=padding_value, help="P, PH,PW, TOP,BOTTOM,LEFT,RIGHT, same or valid")
     conv.add_argument("--dilation", type=int_list, help="D or DH,DW")
     job = parser.add_argument_group("job")
-    job.add_argument("--batch-chunk", type=int, help="samples per task (default 256, or the most --max-memory allows)")
+    job.add_argument("--batch-chunk", type=int, help="samples per task (default 256, or the most --max-memory allows, "
+                     "rounded down to whole input chunks)")
     job.add_argument("--max-memory", metavar="SIZE", help="memory one task may use, e.g. 512MiB or 2GB")
     job.add_argument("--split-every", type=int, help="fan-in of the dW/db tree reduction (default 8)")
     job.add_argument("--check-finite", action="store_true", default=None, help="fail on NaN/Inf inputs")

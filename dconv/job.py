@@ -92,6 +92,7 @@ class JobPlan:
     batch_chunk: int
     split_every: int
     input_location: str
+    input_chunk: int | None
     out: OutputStore
     resume: bool
     check_finite: bool
@@ -115,17 +116,25 @@ class JobPlan:
     def describe(self) -> str:
         """A few lines for ``--dry-run``: what would run, and its per-task memory."""
         m = self.shapes["A_prev"][0]
-        per_task = task_memory(self.batch_chunk, self.shapes, self.geometry, self.compute_dtype)
+        per_task = task_memory(min(self.batch_chunk, m), self.shapes, self.geometry, self.compute_dtype)
         return "\n".join(
             [
                 f"input   {self.input_location}",
                 f"output  {self.out.location}" + (" (resume)" if self.resume else ""),
                 "shapes  " + ", ".join(f"{k} {v}" for k, v in self.shapes.items()) + f" ({self.compute_dtype})",
                 f"conv    {self.params.describe()}, pads {self.geometry.pads}",
-                f"chunks  {len(self.bounds)} of {self.batch_chunk} samples (m = {m}), "
+                f"chunks  {len(self.bounds)} of up to {self.batch_chunk} samples (m = {m}), "
                 f"tree fan-in {self.split_every}",
                 f"memory  at most about {format_size(per_task)} per running task",
             ]
+            + (
+                [
+                    f"note    batch_chunk {self.batch_chunk} is not a multiple of the input's Zarr chunk "
+                    f"{self.input_chunk} along m: tasks decode the input chunks they straddle more than once"
+                ]
+                if self.input_chunk and self.batch_chunk % self.input_chunk and self.batch_chunk < m
+                else []
+            )
         )
 
     def provenance(self) -> dict[str, Any]:
@@ -174,10 +183,30 @@ def parse_size(value: Any) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
+def aligned(batch_chunk: int, input_chunk: int | None) -> int:
+    """``batch_chunk`` rounded down to a multiple of the input's Zarr chunk along m, when one fits.
+
+    A task whose slice covers whole input chunks decodes each of them once; a
+    misaligned one decodes the chunks it straddles twice or more.
+    """
+    if input_chunk is None or batch_chunk < input_chunk:
+        return batch_chunk
+    return batch_chunk - batch_chunk % input_chunk
+
+
 def choose_batch_chunk(
-    batch_chunk: int | None, max_memory: Any, shapes: Mapping[str, Sequence[int]], geometry: ConvGeometry, dtype: Any
+    batch_chunk: int | None,
+    max_memory: Any,
+    shapes: Mapping[str, Sequence[int]],
+    geometry: ConvGeometry,
+    dtype: Any,
+    input_chunk: int | None = None,
 ) -> int:
-    """``batch_chunk``, or with ``max_memory`` the largest chunk whose task fits in it.
+    """The samples per task: ``batch_chunk`` if given, else the default or what ``max_memory`` allows.
+
+    The default is 256, and with ``max_memory`` the largest chunk whose task
+    fits; either is then aligned to ``input_chunk`` (see :func:`aligned`). A
+    given ``batch_chunk`` is used as it is, once checked against ``max_memory``.
 
     Raises
     ------
@@ -185,7 +214,7 @@ def choose_batch_chunk(
         ``batch_chunk`` needs more than ``max_memory`` per task, or not even one sample fits.
     """
     if max_memory is None:
-        return DEFAULT_BATCH_CHUNK if batch_chunk is None else batch_chunk
+        return aligned(DEFAULT_BATCH_CHUNK, input_chunk) if batch_chunk is None else batch_chunk
     budget = parse_size(max_memory)
     m = shapes["A_prev"][0]
     low, high = 0, m  # the largest b in [1, m] with task_memory(b) <= budget, by bisection
@@ -198,7 +227,7 @@ def choose_batch_chunk(
             f"more than max_memory {format_size(budget)}."
         )
     if batch_chunk is None:
-        return low
+        return aligned(low, input_chunk)
     needed = task_memory(batch_chunk, shapes, geometry, dtype) if isinstance(batch_chunk, int) else 0
     if needed > budget:
         raise InputError(
@@ -243,6 +272,12 @@ def resolve_params(
         padding=padding if padding is not None else stored.get("pad", 0),
         dilation=dilation if dilation is not None else stored.get("dilation", 1),
     )
+
+
+def _zarr_chunk_along_m(*arrays: Any) -> int | None:
+    """The larger Zarr chunk along m of the input arrays (None for in-memory arrays)."""
+    chunks = [array.chunks[0] for array in arrays if isinstance(array, zarr.Array)]
+    return max(chunks) if chunks else None
 
 
 def _read_whole(name: str, array: Any) -> np.ndarray:
@@ -340,7 +375,8 @@ def plan_job(
     shapes = {name: tuple(int(n) for n in array.shape) for name, array in arrays.items()}
     geometry = backward_geometry(shapes["dZ"], shapes["A_prev"], shapes["W"], params)
     compute_dtype = result_dtype(*(np.dtype(a.dtype) for a in arrays.values()))
-    batch_chunk = choose_batch_chunk(batch_chunk, max_memory, shapes, geometry, compute_dtype)
+    input_chunk = _zarr_chunk_along_m(arrays["A_prev"], arrays["dZ"])
+    batch_chunk = choose_batch_chunk(batch_chunk, max_memory, shapes, geometry, compute_dtype, input_chunk)
     bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
     split_every = normalize_split_every(split_every)
 
@@ -366,6 +402,7 @@ def plan_job(
         batch_chunk=int(batch_chunk),
         split_every=split_every,
         input_location=input_location or "<in-memory arrays>",
+        input_chunk=input_chunk,
         out=out_store,
         resume=resume,
         check_finite=check_finite,
@@ -525,7 +562,8 @@ def backward_job(
         group's ``hparameters`` attribute, else 1, 0, 1.
     batch_chunk : int, optional
         Samples per task; dA_prev is chunked the same way. Default 256, or
-        with ``max_memory`` the largest chunk that fits.
+        with ``max_memory`` the largest chunk that fits, rounded down to a
+        multiple of the input's Zarr chunk along m where one fits.
     max_memory : int or str, optional
         Memory one task may use, in bytes or as ``"512MiB"``, ``"2GB"``; see
         :func:`task_memory`. A ``batch_chunk`` that needs more is refused.

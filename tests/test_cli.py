@@ -214,7 +214,7 @@ def test_dry_run_writes_nothing(make_input, tmp_path):
     assert process.returncode == 0, process.stderr
     assert f"input   {inp}" in process.stdout
     assert f"output  {out}" in process.stdout
-    assert "chunks  4 of 6 samples (m = 20), tree fan-in 2" in process.stdout
+    assert "chunks  4 of up to 6 samples (m = 20), tree fan-in 2" in process.stdout
     assert "memory  at most about" in process.stdout
     assert not out.exists()
     assert snapshot(Path(inp)) == before
@@ -228,19 +228,19 @@ def test_dry_run_with_overwrite_leaves_an_existing_output_alone(make_input, tmp_
     before = snapshot(out)
     process = dconv_cli("backward", inp, out, "--dry-run", "--overwrite", "--batch-chunk", 2)
     assert process.returncode == 0, process.stderr
-    assert "chunks  3 of 2 samples (m = 6)" in process.stdout
+    assert "chunks  3 of up to 2 samples (m = 6)" in process.stdout
     assert snapshot(out) == before
 
 
 @pytest.mark.parametrize(
     "options, expected",
     [
-        ([], ["chunks  3 of 4 samples (m = 10), tree fan-in 3", "conv    stride 1, padding 1"]),
-        (["--batch-chunk", "6"], ["chunks  2 of 6 samples (m = 10), tree fan-in 3"]),
+        ([], ["chunks  3 of up to 4 samples (m = 10), tree fan-in 3", "conv    stride 1, padding 1"]),
+        (["--batch-chunk", "6"], ["chunks  2 of up to 6 samples (m = 10), tree fan-in 3"]),
         (["--split-every", "5", "--padding", "same"],
-         ["chunks  3 of 4 samples (m = 10), tree fan-in 5", "conv    stride 1, padding 'same', pads ((1, 1), (1, 1))"]),
+         ["chunks  3 of up to 4 samples (m = 10), tree fan-in 5", "conv    stride 1, padding 'same', pads ((1, 1), (1, 1))"]),
         (["--padding", "1,1,1,1"], ["pads ((1, 1), (1, 1))"]),
-        (["--workers", "2"], ["chunks  3 of 4 samples"]),  # overrides the spec's scheduler: nothing to reach
+        (["--workers", "2"], ["chunks  3 of up to 4 samples"]),  # overrides the spec's scheduler: nothing to reach
     ],
 )
 def test_command_line_options_override_the_spec(make_input, tmp_path, options, expected):

@@ -87,12 +87,12 @@ def test_batch_chunking(make_input, client, tmp_path, m, batch_chunk, input_chun
 
 
 def test_default_options(make_input, tmp_path):
-    """batch_chunk 256 and split_every 8 by default (a single chunk for a small batch)."""
+    """batch_chunk 256 rounded down to the input's Zarr chunk (7 here: 252), split_every 8 by default."""
     inp = make_input(m=10, padding=1)
     result = dconv.backward_job(inp, tmp_path / "out.zarr", scheduler="synchronous")
     assert result.n_chunks == 1
     stored = provenance(tmp_path / "out.zarr")
-    assert (stored["batch_chunk"], stored["split_every"], stored["status"]) == (256, 8, "complete")
+    assert (stored["batch_chunk"], stored["split_every"], stored["status"]) == (252, 8, "complete")
     assert_matches(read_output(tmp_path / "out.zarr"), kernel_gradients(read_inputs(inp), padding=1), "float64")
 
 
@@ -397,7 +397,7 @@ def test_plan_writes_nothing_and_describes_the_job(make_input, tmp_path):
     inp = make_input(m=20, chunk=7, padding=1)
     plan = plan_job(inp, tmp_path / "out.zarr", batch_chunk=6, split_every=2)
     text = plan.describe()
-    assert "chunks  4 of 6 samples (m = 20), tree fan-in 2" in text
+    assert "chunks  4 of up to 6 samples (m = 20), tree fan-in 2" in text
     assert inp in text and "out.zarr" in text
     assert not (tmp_path / "out.zarr").exists()
     assert os.listdir(tmp_path) == [Path(inp).name]
@@ -468,15 +468,34 @@ def test_parse_size_refuses_what_is_not_a_size(text):
 def test_max_memory_chooses_the_largest_chunk_that_fits(make_input, tmp_path):
     from dconv.job import plan_job, task_memory
 
-    inp = make_input(m=40)
+    group = zarr.open_group(make_input(m=40), mode="r")
+    inp = {name: group[name][:] for name in ("A_prev", "dZ", "W")}  # in memory: no Zarr chunk to align to
     budget = 600_000
-    plan = plan_job(inp, tmp_path / "out.zarr", max_memory=budget)
+    plan = plan_job(inp, tmp_path / "out.zarr", padding=1, max_memory=budget)
     chosen = plan.batch_chunk
     assert 1 <= chosen < 40
     assert task_memory(chosen, plan.shapes, plan.geometry, plan.compute_dtype) <= budget
     assert task_memory(chosen + 1, plan.shapes, plan.geometry, plan.compute_dtype) > budget
     with pytest.raises(InputError, match=rf"batch_chunk {chosen + 1} needs about .* use batch_chunk <= {chosen}"):
-        plan_job(inp, tmp_path / "out.zarr", batch_chunk=chosen + 1, max_memory=budget)
+        plan_job(inp, tmp_path / "out.zarr", padding=1, batch_chunk=chosen + 1, max_memory=budget)
     with pytest.raises(InputError, match="one sample needs about"):
-        plan_job(inp, tmp_path / "out.zarr", max_memory=100)
+        plan_job(inp, tmp_path / "out.zarr", padding=1, max_memory=100)
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "input_chunk, max_memory, expected",
+    [(7, None, 252), (64, None, 256), (300, None, 256), (7, 600_000, None)],
+)
+def test_default_batch_chunk_is_aligned_to_the_input_chunks(make_input, tmp_path, input_chunk, max_memory, expected):
+    from dconv.job import plan_job
+
+    plan = plan_job(make_input(m=400, chunk=input_chunk), tmp_path / "out.zarr", max_memory=max_memory)
+    if expected is not None:
+        assert plan.batch_chunk == expected
+    else:  # chosen by memory, then rounded down to whole input chunks
+        assert plan.batch_chunk % input_chunk == 0 and plan.batch_chunk >= input_chunk
+    assert ("not a multiple" in plan.describe()) == (input_chunk > 256)  # 256 cannot cover a 300-sample chunk
+    given = plan_job(make_input(m=400, chunk=input_chunk), tmp_path / "out.zarr", batch_chunk=input_chunk + 1)
+    assert given.batch_chunk == input_chunk + 1  # a given batch_chunk is kept, with a note
+    assert "not a multiple of the input's Zarr chunk" in given.describe()
