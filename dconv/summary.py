@@ -28,7 +28,8 @@ def _array_summary(array: zarr.Array) -> dict[str, Any]:
         "dimension_names": list(array.metadata.dimension_names or ()),
         "compressors": compressors,
         "stored_bytes": int(stored),
-        "compression_ratio": round(array.nbytes / stored, 3) if stored else None,
+        # stored bytes include the zarr.json document: no meaningful ratio for tiny arrays
+        "compression_ratio": round(array.nbytes / stored, 3) if stored and array.nbytes >= 2**16 else None,
     }
 
 
