@@ -331,7 +331,7 @@ def _check_out_replaceable(out: OutputStore, *, overwrite: bool, resume: bool) -
 
 def _is_empty_dir(url: str) -> bool:
     path = Path(url)
-    return "://" not in url and path.is_dir() and not any(path.iterdir())
+    return is_local(url) and path.is_dir() and not any(path.iterdir())
 
 
 def plan_job(

@@ -101,7 +101,7 @@ def open_group(
     url: str, mode: str, storage_options: Mapping[str, Any] | None = None, **kwargs: Any
 ) -> zarr.Group:
     """Open the Zarr group at ``url``; fsspec options only for URLs that have a scheme."""
-    if storage_options and "://" in str(url):
+    if storage_options and not is_local(str(url)):
         kwargs["storage_options"] = dict(storage_options)
     return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
 
@@ -313,10 +313,8 @@ def store_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     """True if anything (a Zarr node or any other file) is stored at ``url``."""
     import fsspec
 
-    if "://" not in str(url):
-        from pathlib import Path
-
-        return Path(url).exists()
+    if is_local(str(url)):
+        return os.path.exists(url)
     fs, path = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
     return fs.exists(path)
 
