@@ -198,8 +198,9 @@ def _job_arguments(args: argparse.Namespace, spec: Any = None) -> dict[str, Any]
         "max_memory": pick("max_memory", s.job.max_memory if s else None),
         "split_every": pick("split_every", s.job.split_every if s else 8),
         "check_finite": bool(pick("check_finite", s.job.check_finite if s else False)),
-        "overwrite": bool(pick("overwrite", s.output.overwrite if s else False)),
-        "resume": bool(pick("resume", s.output.resume if s else False)),
+        # --resume on the command line overrides a spec's overwrite = true, and --overwrite its resume = true
+        "overwrite": bool(args.overwrite) if args.resume else bool(pick("overwrite", s.output.overwrite if s else False)),
+        "resume": bool(args.resume) if args.overwrite else bool(pick("resume", s.output.resume if s else False)),
         "storage_options": storage,
         "cluster": cluster,
     }

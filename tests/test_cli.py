@@ -391,3 +391,20 @@ def test_unknown_scheduler_address_exits_2(make_input, tmp_path):
     assert re.search(f"Dask scheduler.* at '{address}'", line), line
     assert elapsed < 40, elapsed
     assert not out.exists()
+
+
+def test_resume_on_the_command_line_overrides_a_spec_that_overwrites(make_input, tmp_path):
+    """quickstart.toml says overwrite = true; `dconv run SPEC --resume` continues instead of refusing."""
+    inp, out = make_input(m=12), tmp_path / "out.zarr"
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        f'[input]\npath = "{inp}"\n[output]\npath = "{out}"\noverwrite = true\n'
+        "[job]\nbatch_chunk = 4\n[cluster]\nworkers = 1\n"
+    )
+    first = dconv_cli("run", spec, "--quiet")
+    assert first.returncode == 0, first.stderr
+    resumed = dconv_cli("run", spec, "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "0 of 3 chunks computed" in resumed.stdout
+    both = dconv_cli("run", spec, "--quiet", "--resume", "--overwrite")
+    assert both.returncode == 2 and "overwrite or resume, not both" in both.stderr
