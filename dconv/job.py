@@ -137,6 +137,20 @@ class JobPlan:
             )
         )
 
+    def graph(self, finished: Sequence[bool] | None = None) -> Any:
+        """The job's Dask computation (:func:`dconv.graph.backward_graph`), reusing ``finished`` chunks."""
+        return backward_graph(
+            self.dz_batches,
+            self.a_batches,
+            self.W,
+            self.geometry,
+            self.out,
+            self.bounds,
+            split_every=self.split_every,
+            finished=finished,
+            check_finite=self.check_finite,
+        )
+
     def provenance(self) -> dict[str, Any]:
         """The ``dconv`` attribute of the output, less status and times."""
         return {
@@ -483,17 +497,7 @@ def run_job(
     t0 = time.perf_counter()
     finished = prepare_output(plan)
     pending = int((~finished).sum())
-    graph = backward_graph(
-        plan.dz_batches,
-        plan.a_batches,
-        plan.W,
-        plan.geometry,
-        plan.out,
-        plan.bounds,
-        split_every=plan.split_every,
-        finished=list(finished),
-        check_finite=plan.check_finite,
-    )
+    graph = plan.graph(finished=list(finished))
     t1 = time.perf_counter()
     try:
         with tqdm(total=pending, unit="chunk", desc="dconv", file=sys.stderr, disable=not progress) as bar:

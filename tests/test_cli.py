@@ -387,7 +387,7 @@ def test_unknown_scheduler_address_exits_2(make_input, tmp_path):
     start = time.monotonic()
     process = dconv_cli("backward", inp, out, "--scheduler", address, "--quiet", timeout=60)
     elapsed = time.monotonic() - start
-    line = assert_one_line_error(process, 2, f"Dask scheduler")
+    line = assert_one_line_error(process, 2, "Dask scheduler")
     assert re.search(f"Dask scheduler.* at '{address}'", line), line
     assert elapsed < 40, elapsed
     assert not out.exists()

@@ -120,17 +120,7 @@ def test_tree_of_a_planned_job(make_input, tmp_path, m, batch_chunk, split_every
 
         inp = {name: da.from_array(array, chunks=(3, 5, 4, 2)) for name, array in read_inputs(inp).items()}
     plan = plan_job(inp, tmp_path / "out.zarr", padding=1, batch_chunk=batch_chunk, split_every=split_every)
-    graph = backward_graph(
-        plan.dz_batches,
-        plan.a_batches,
-        plan.W,
-        plan.geometry,
-        plan.out,
-        plan.bounds,
-        split_every=plan.split_every,
-        finished=[False] * len(plan.bounds),
-        check_finite=plan.check_finite,
-    )
+    graph = plan.graph()
     n_chunks = -(-m // batch_chunk)
     assert len(plan.bounds) == n_chunks
     assert_tree(graph, n_chunks, split_every)

@@ -32,7 +32,7 @@ import pytest
 import zarr
 
 import dconv
-from dconv.graph import CHUNK_PREFIX, ZarrSlice, backward_graph
+from dconv.graph import CHUNK_PREFIX, ZarrSlice
 from dconv.job import JobResult, plan_job
 from dconv.store import OutputStore
 
@@ -581,8 +581,7 @@ def test_workers_read_and_write_the_store_themselves(s3_endpoint, bucket, bare_w
 
     # The chunk tasks of the graph run_job computes carry only small arguments: no ndarray,
     # W by reference to one shared key.
-    graph = backward_graph(plan.dz_batches, plan.a_batches, plan.W, plan.geometry, plan.out, plan.bounds,
-                           split_every=plan.split_every)
+    graph = plan.graph()
     dsk = dict(graph.__dask_graph__())
     chunk_tasks = {k: t for k, t in dsk.items() if isinstance(k, tuple) and str(k[0]).startswith(CHUNK_PREFIX)}
     assert len(chunk_tasks) == len(plan.bounds)
