@@ -130,7 +130,7 @@ def backward_chunk(
                     "non-finite values (--check-finite is on)."
                 )
     t1 = time.perf_counter()
-    grads = backward_kernel(dZ, A_prev, W, geometry)
+    grads = backward_kernel(dZ, A_prev, W, geometry, threads=1)  # Dask runs the chunks in parallel
     dW, db = grads.dW.astype(np.float64), grads.db.reshape(-1).astype(np.float64)
     nonfinite = int(grads.dA_prev.size - np.count_nonzero(np.isfinite(grads.dA_prev)))
     t2 = time.perf_counter()

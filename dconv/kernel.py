@@ -20,11 +20,13 @@ Stride 1 (any padding, dilation, kernel): flat implicit GEMM, :func:`backward_fl
 
     (dA_prev is the correlation of the padded dZ with the flipped kernel; no
     scatter-add.) Rows at wrap-around positions are computed on zeros and
-    dropped. For dW, the taps of a kernel row (or of the whole kernel, when
-    ``fw * C_prev`` is small) are copied side by side first, so BLAS gets a
-    wider GEMM. If W or the result holds NaN or inf, the im2col path is used
-    instead, so that non-finite values land exactly where the loop reference
-    puts them.
+    dropped. Each of these GEMMs is cut per sample (for dW, per group of
+    samples when the kernel is large next to the image), and one
+    ``np.matmul`` call on strided views runs them all: a sample's rows stay
+    in cache from tap to tap, and GEMMs this small run on OpenBLAS's fast
+    single-threaded small-matrix kernels. If W or dW holds NaN or inf, the
+    im2col path is used instead, so that non-finite values land exactly
+    where the loop reference puts them.
 
 Other strides: im2col, :func:`backward_im2col`::
 
@@ -33,26 +35,40 @@ Other strides: im2col, :func:`backward_im2col`::
 
 In both, ``db`` is dZ summed over m, n_H, n_W in float64.
 
+Threads
+-------
+The stride-1 GEMMs are single-threaded, so :func:`backward_kernel` can cut the
+batch into ``threads`` slices and run each in a thread of its own, with BLAS
+held to one thread (threadpoolctl); the slices' dW and db are added in
+float64, in slice order. The other layers run larger GEMMs that BLAS threads
+by itself. The graph layer passes ``threads=1``: there, Dask runs the batch
+chunks in parallel.
+
 Memory
 ------
 Peak bytes allocated by one :func:`backward_kernel` call, including its three
 outputs but not its inputs (add ``itemsize * (N_in * C_prev + N_out * C + K * C_prev * C)``
 for those, and ``itemsize * N_out * C`` more if ``dZ`` is not C-contiguous)::
 
-    N_in = m * H * W      N_pad = m * Hp * Wp      N_out = m * n_H * n_W      K = fh * fw
+    N_in = m * H * W      N_pad = (m + 1) * Hp * Wp      N_out = m * n_H * n_W      K = fh * fw
     Hp, Wp = H + top + bottom, W + left + right
 
-    stride 1:  itemsize * (N_pad * C + N_pad * C_prev * max(3, 1 + t) + N_in * C_prev + 2 * K * C_prev * C)
-               t = fw (kernel-row copy, the usual case), K (when fw * C_prev < 32), 0 (1x1 kernel)
-    otherwise: itemsize * (2 * N_pad * C_prev + N_out * K * C_prev + N_in * C_prev + 2 * K * C_prev * C)
+    stride 1:  itemsize * (N_pad * C + 2 * N_pad * C_prev + N_in * C_prev + 4 * K * C_prev * C)
+    otherwise: itemsize * (2 * N_pad * C_prev + N_out * K * C_prev + N_in * C_prev + 4 * K * C_prev * C)
 
-plus a few KiB. The NaN/inf fallback of a stride-1 call needs the "otherwise" figure. (The dZ grid ``D`` also carries ``(fh-1)*dh*Wp + (fw-1)*dw`` extra
-rows at most, which is included in rounding ``N_pad`` up by one sample.)
+plus a few KiB. The NaN/inf fallback of a stride-1 call needs the "otherwise"
+figure. (The dZ grid ``D`` carries ``(fh-1)*dh*Wp + (fw-1)*dw`` extra rows at
+most: the extra sample in ``N_pad`` covers them.) A call split across ``t``
+threads needs ``itemsize * N_in * C_prev`` more, and ``m + t`` in place of
+``m + 1`` in ``N_pad``.
 :func:`backward_working_set` evaluates this bound.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -272,19 +288,35 @@ def embed_grad(dZ: np.ndarray, grid: FlatGrid) -> np.ndarray:
     return buffer
 
 
-def _tap_rows(matrix: np.ndarray, n_rows: int, shape: tuple[int, ...], row_steps: tuple[int, ...]) -> np.ndarray:
-    """A read-only view ``view[r, a, b, ..., c] == matrix[r + sum(steps * (a, b, ...)), c]``, no copy."""
+def sample_groups(m: int, per_group: int) -> list[tuple[int, int, int]]:
+    """``(first sample, number of groups, samples per group)`` of a batch cut into equal groups.
+
+    One entry for the groups of ``per_group`` samples, and a second for the
+    samples left over, if any.
+    """
+    n_full, left_over = divmod(m, per_group)
+    groups = [(0, n_full, per_group)] if n_full else []
+    return groups + ([(n_full * per_group, 1, left_over)] if left_over else [])
+
+
+def row_groups(matrix: np.ndarray, first_row: int, n_groups: int, step: int, n_rows: int) -> np.ndarray:
+    """A view ``view[g, r, c] == matrix[first_row + g * step + r, c]``, shape (n_groups, n_rows, C), no copy."""
     row, item = matrix.strides
-    return as_strided(
-        matrix,
-        shape=(n_rows, *shape, matrix.shape[1]),
-        strides=(row, *(step * row for step in row_steps), item),
-        writeable=False,
-    )
+    return as_strided(matrix[first_row:], shape=(n_groups, n_rows, matrix.shape[1]), strides=(step * row, row, item))
 
 
-def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape, mode: str) -> np.ndarray:
-    """dW of a stride-1 convolution from the flat grids.
+def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape) -> np.ndarray:
+    """dW of a stride-1 convolution from the flat grids: small GEMMs per sample (or group of samples) and tap.
+
+    ``dW[k] = P[shift_k : shift_k + L].T @ D[front : front + L]`` summed over
+    the rows ``L`` of every output pixel. One ``np.matmul`` runs this GEMM
+    for every (group, tap) on strided views, no copy, and the partial sums
+    are then added. A group is one sample, or as many as keep the partial
+    sums (``taps * C_prev * C`` per group) within the memory of the padded
+    input. Per-sample GEMMs ran 1.3-3x faster than one GEMM per tap over the
+    whole batch (``benchmarks/bench_kernel.py`` suite, OpenBLAS on AVX-512):
+    a sample's rows stay in cache from one tap to the next, and GEMMs this
+    small go to OpenBLAS's unpacked small-matrix kernels.
 
     Parameters
     ----------
@@ -292,102 +324,73 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
         From :func:`embed_input`.
     D : ndarray, shape (total, C)
         From :func:`embed_grad`.
-    mode : {"taps", "rows", "full"}
-        ``"taps"``: one GEMM per kernel tap on row ranges of ``P`` (no copy).
-        ``"rows"``: copy the ``fw`` taps of a kernel row side by side
-        (``fw * P`` bytes), then one GEMM per kernel row, ``K = fw * C_prev``.
-        ``"full"``: im2col of every tap (``fh * fw * P`` bytes), one GEMM.
+    w_shape : tuple of int
+        ``(fh, fw, C_prev, C)``.
 
     Returns
     -------
     ndarray, shape (fh, fw, C_prev, C)
     """
     fh, fw, c_prev, c_out = w_shape
-    (dh, dw), cols = geometry.dilation, grid.cols
-    n_out = grid.n_out
-    dz_rows = D[grid.front : grid.front + n_out]                              # (L, C)
-    if mode == "full":
-        taps = np.ascontiguousarray(_tap_rows(P, n_out, (fh, fw), (dh * cols, dw)))
-        return (taps.reshape(n_out, -1).T @ dz_rows).reshape(w_shape)        # "lk,lc->kc", k = (kh, kw, c_prev)
-    if mode == "rows":
-        n_rows = n_out + (fh - 1) * dh * cols
-        taps = np.ascontiguousarray(_tap_rows(P, n_rows, (fw,), (dw,))).reshape(n_rows, fw * c_prev)
-        dW = np.empty((fh, fw * c_prev, c_out), dtype=P.dtype)
-        for kh in range(fh):
-            shift = kh * dh * cols
-            np.matmul(taps[shift : shift + n_out].T, dz_rows, out=dW[kh])  # "lk,lc->kc", k = (kw, c_prev)
-        return dW.reshape(w_shape)
-    dW = np.empty((fh * fw, c_prev, c_out), dtype=P.dtype)
-    for k, shift in enumerate(grid.offsets):
-        np.matmul(P[shift : shift + n_out].T, dz_rows, out=dW[k])          # "lp,lc->pc"
-    return dW.reshape(w_shape)
+    (dh, dw), (n_h, n_w), cols = geometry.dilation, geometry.out_hw, grid.cols
+    sample = grid.rows * cols
+    m = P.shape[0] // sample
+    per_sample = (n_h - 1) * cols + n_w                          # first to last output pixel of a sample
+    per_group = min(m, -(-fh * fw * c_out // sample))               # ceil(taps * C / sample)
+    dW = np.zeros((fh, fw, c_prev, c_out), dtype=P.dtype)
+    for first, n_groups, size in sample_groups(m, per_group):
+        n_rows = (size - 1) * sample + per_sample
+        grads = row_groups(D, grid.front + first * sample, n_groups, size * sample, n_rows)     # (g, L, C)
+        rows = row_groups(P, first * sample, n_groups, size * sample, n_rows)                   # (g, L, C_prev)
+        row, item = rows.strides[1:]
+        taps = as_strided(                                        # (g, kh, kw, C_prev, L): each tap's rows, transposed
+            rows,
+            shape=(n_groups, fh, fw, c_prev, n_rows),
+            strides=(rows.strides[0], dh * cols * row, dw * row, item, row),
+            writeable=False,
+        )
+        dW += np.matmul(taps, grads[:, None, None]).sum(axis=0)   # "gkpl,glc->kpc"
+    return dW
 
 
-def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, m: int, mode: str) -> np.ndarray:
+def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, m: int) -> np.ndarray:
     """dA_prev of a stride-1 convolution: a correlation of the zero-padded dZ with the flipped kernel.
 
-    ``dA_prev[q] = sum_k D[front + origin - offsets[k] + q] @ W[k].T`` on the flat
-    grid, then the padding rows and columns are dropped.
+    ``dA_prev[q] = sum_k D[front + origin - offsets[k] + q] @ W[k].T`` on the
+    flat grid: per kernel tap, one ``np.matmul`` runs a small GEMM per
+    sample (faster than one large GEMM, as in :func:`weight_grad_flat`) and
+    the result is added into ``dA_prev``; then the padding rows and columns
+    are dropped.
 
     Parameters
     ----------
     D : ndarray, shape (total, C)
         From :func:`embed_grad`.
     W : ndarray, shape (fh, fw, C_prev, C)
-    mode : {"taps", "rows"}
-        As in :func:`weight_grad_flat`, with copies of ``D`` instead of ``P``;
-        every GEMM but the first is followed by an add into the result.
 
     Returns
     -------
     ndarray, shape (m, H, W, C_prev), C-contiguous
     """
     fh, fw, c_prev, c_out = W.shape
-    (height, width), (dh, dw) = geometry.in_hw, geometry.dilation
-    rows, cols, n_in = grid.rows, grid.cols, grid.n_in
+    height, width = geometry.in_hw
+    rows, cols = grid.rows, grid.cols
+    sample = rows * cols
     base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
-    out = np.empty((m * rows * cols, c_prev), dtype=D.dtype)
-    acc = out[:n_in]
-    if mode == "rows":
-        lo = base - grid.offsets[-1]
-        n_rows = n_in + (fh - 1) * dh * cols
-        taps = np.ascontiguousarray(_tap_rows(D[lo:], n_rows, (fw,), (dw,))).reshape(n_rows, fw * c_out)
-        w_rows = W[:, ::-1].transpose(0, 1, 3, 2).reshape(fh, fw * c_out, c_prev)
-        scratch = np.empty_like(acc)
-        for kh in range(fh):
-            start = (fh - 1 - kh) * dh * cols
-            target = acc if kh == 0 else scratch
-            np.matmul(taps[start : start + n_in], w_rows[kh], out=target)   # "qk,kp->qp", k = flipped kw x C
-            if kh:
-                acc += scratch
-    else:
-        w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
-        scratch = np.empty_like(acc)
-        for k, shift in enumerate(grid.offsets):
-            start = base - shift
-            target = acc if k == 0 else scratch
-            np.matmul(D[start : start + n_in], w_taps[k], out=target)        # "qc,cp->qp"
-            if k:
-                acc += scratch
+    per_sample = (height - 1) * cols + width                  # first to last input pixel of a sample
+    w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
+    out = np.empty((m * sample, c_prev), dtype=D.dtype)
+    acc = row_groups(out, 0, m, sample, per_sample)                   # (m, L_A, C_prev)
+    scratch = np.empty(acc.shape, dtype=D.dtype) if fh * fw > 1 else None
+    for k, shift in enumerate(grid.offsets):
+        grads = row_groups(D, base - shift, m, sample, per_sample)     # (m, L_A, C)
+        if k == 0:
+            np.matmul(grads, w_taps[k], out=acc)                       # "nqc,cp->nqp"
+        else:
+            np.matmul(grads, w_taps[k], out=scratch)
+            acc += scratch
     dA_prev = out.reshape(m, rows, cols, c_prev)[:, :height, :width]
     return dA_prev if (rows, cols) == (height, width) else np.ascontiguousarray(dA_prev)
-
-
-FLAT_MODES = {"dW": None, "dA": None}   # benchmark override; None = choose per shape
-
-
-def choose_modes(m: int, c_prev: int, c_out: int, geometry: ConvGeometry) -> tuple[str, str]:
-    """Pick the dW and dA strategies of :func:`weight_grad_flat` and :func:`input_grad_flat`."""
-    fh, fw = geometry.kernel_hw
-    if fh * fw == 1:
-        dW_mode = "taps"
-    elif fw * c_prev < 32:   # a kernel row of taps is too thin a GEMM: copy them all
-        dW_mode = "full"
-    else:
-        dW_mode = "rows"
-    dW_mode = FLAT_MODES["dW"] or dW_mode
-    dA_mode = FLAT_MODES["dA"] or "taps"
-    return dW_mode, dA_mode
 
 
 def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
@@ -399,14 +402,13 @@ def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
     """
     if not np.isfinite(W).all():
         return None
-    m, c_prev, c_out = A_prev.shape[0], W.shape[2], W.shape[3]
+    m = A_prev.shape[0]
     grid = flat_grid(m, geometry)
-    dW_mode, dA_mode = choose_modes(m, c_prev, c_out, geometry)
     D = embed_grad(dZ, grid)
-    dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape, dW_mode)
+    dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape)
     if not np.isfinite(dW).all():
         return None
-    return input_grad_flat(D, W, grid, geometry, m, dA_mode), dW
+    return input_grad_flat(D, W, grid, geometry, m), dW
 
 
 # --------------------------------------------------------------------------- any stride: im2col
@@ -428,22 +430,19 @@ def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
 
 
 def bias_grad(dZ: np.ndarray) -> np.ndarray:
-    """db, shape (1, 1, 1, C): dZ summed over m, n_H, n_W with float64 accumulation.
+    """db in float64, shape (C,): dZ summed over m, n_H, n_W with float64 accumulation.
 
     float64 dZ goes through BLAS (a GEMV with a ones vector, the fastest sum
     here); float32 dZ is summed by NumPy in float64, because a float32 BLAS
     sum loses digits when the terms cancel.
     """
-    n_channels = dZ.shape[3]
-    rows = dZ.reshape(-1, n_channels)
+    rows = dZ.reshape(-1, dZ.shape[3])
     if dZ.dtype == np.float64:
-        db = np.ones(rows.shape[0]) @ rows                                      # "m,mc->c"
-    else:
-        db = rows.sum(axis=0, dtype=np.float64)
-    return db.astype(dZ.dtype).reshape(1, 1, 1, n_channels)
+        return np.ones(rows.shape[0]) @ rows                                    # "m,mc->c"
+    return rows.sum(axis=0, dtype=np.float64)
 
 
-def backward_working_set(m: int, geometry: ConvGeometry, c_prev: int, c_out: int, itemsize: int) -> int:
+def backward_working_set(m: int, geometry: ConvGeometry, c_prev: int, c_out: int, itemsize: int, threads: int = 1) -> int:
     """Upper bound, in bytes, of what one :func:`backward_kernel` call allocates (outputs included, inputs not).
 
     See the module docstring for the formula. ``itemsize`` is 4 for float32, 8 for float64.
@@ -451,21 +450,81 @@ def backward_working_set(m: int, geometry: ConvGeometry, c_prev: int, c_out: int
     (height, width), (rows, cols) = geometry.in_hw, geometry.padded_hw
     (n_h, n_w), (fh, fw) = geometry.out_hw, geometry.kernel_hw
     taps = fh * fw
-    n_in, n_pad, n_out = m * height * width, (m + 1) * rows * cols, m * n_h * n_w
-    weights = 2 * taps * c_prev * c_out
+    n_in, n_pad, n_out = m * height * width, (m + threads) * rows * cols, m * n_h * n_w
+    weights = 4 * taps * c_prev * c_out
+    split = n_in * c_prev if threads > 1 else 0
     if geometry.stride == (1, 1):
-        copies = 0 if taps == 1 else (taps if fw * c_prev < 32 else fw)
-        elements = n_pad * c_out + n_pad * c_prev * max(3, 1 + copies) + n_in * c_prev + weights
+        elements = n_pad * c_out + 2 * n_pad * c_prev + n_in * c_prev + weights
     else:
         elements = 2 * n_pad * c_prev + n_out * taps * c_prev + n_in * c_prev + weights
-    return itemsize * elements
+    return itemsize * (elements + split)
 
 
-def backward_kernel(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> Gradients:
+MIN_SLICE_FLOPS = 20e6
+"""Smallest backward pass (in floating-point operations) worth a thread of its own."""
+
+
+def batch_slices(m: int, threads: int, flops: float) -> list[slice]:
+    """Cut ``range(m)`` into at most ``threads`` contiguous, near-equal slices.
+
+    Fewer slices when there are fewer samples than threads, or when a slice
+    would do less than :data:`MIN_SLICE_FLOPS` of the ``flops`` of the batch.
+    """
+    by_work = flops // MIN_SLICE_FLOPS if MIN_SLICE_FLOPS > 0 else m
+    n_slices = int(max(1, min(threads, m, by_work)))
+    bounds = [m * i // n_slices for i in range(n_slices + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+@functools.cache
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def blas_threads() -> int:
+    """How many threads the BLAS that NumPy uses may run (``OPENBLAS_NUM_THREADS`` and the like)."""
+    counts = [lib.num_threads for lib in _blas_controller().select(user_api="blas").lib_controllers]
+    return max(counts, default=os.cpu_count() or 1)
+
+
+def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
+    """``(dA_prev, dW, db)`` of one batch on the calling thread; db in float64, shape (C,)."""
+    result = backward_flat(dZ, A_prev, W, geometry) if geometry.stride == (1, 1) else None
+    if result is None:
+        result = backward_im2col(dZ, A_prev, W, geometry)
+    dA_prev, dW = result
+    return dA_prev, dW, bias_grad(dZ)
+
+
+def _backward_threads(dZ, A_prev, W, geometry, slices: list[slice]):
+    """:func:`_backward_one` on each slice of the batch in its own thread, BLAS held to one thread each.
+
+    dW and db of the slices are added in float64, in slice order.
+    """
+    dA_prev = np.empty(A_prev.shape, dtype=A_prev.dtype)
+
+    def run(batch: slice):
+        with np.errstate(invalid="ignore", over="ignore"):
+            dA_part, dW_part, db_part = _backward_one(dZ[batch], A_prev[batch], W, geometry)
+        dA_prev[batch] = dA_part
+        return dW_part, db_part
+
+    with _blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(len(slices)) as pool:
+        parts = list(pool.map(run, slices))
+    dW = np.sum([part[0] for part in parts], axis=0, dtype=np.float64)
+    db = np.sum([part[1] for part in parts], axis=0)
+    return dA_prev, dW.astype(A_prev.dtype), db
+
+
+def backward_kernel(
+    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, threads: int = 1
+) -> Gradients:
     """The backward pass on already-validated arrays of one dtype.
 
-    The graph layer calls this once per batch chunk. Use :func:`conv2d_backward`
-    from user code: it validates first.
+    The graph layer calls this once per batch chunk, with ``threads=1``. Use
+    :func:`conv2d_backward` from user code: it validates first.
 
     Parameters
     ----------
@@ -474,19 +533,34 @@ def backward_kernel(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
     W : ndarray, shape (fh, fw, C_prev, C)
     geometry : ConvGeometry
         From :func:`dconv.params.backward_geometry` on these shapes.
+    threads : int
+        For stride 1 and a kernel of more than one tap, whose per-sample
+        GEMMs are too small for BLAS to run on several threads, cut the
+        batch into up to this many slices (:func:`batch_slices`) and run
+        them in parallel, each with a single-threaded BLAS. Other layers run
+        larger GEMMs, and BLAS threads those itself (measured: splitting
+        them was no faster, or slower). With 1, everything runs on the
+        calling thread.
 
     Returns
     -------
     Gradients
         C-contiguous ``dA_prev``, ``dW``, ``db`` in the dtype of the inputs.
+        For a given ``threads`` and shapes the result is the same bit for bit
+        on every call; different ``threads`` round differently.
     """
     dZ = np.ascontiguousarray(dZ)
+    n_h, n_w = geometry.out_hw
+    fh, fw, c_prev, c_out = W.shape
+    flops = 4.0 * dZ.shape[0] * n_h * n_w * fh * fw * c_prev * c_out
+    per_sample_gemms = geometry.stride == (1, 1) and fh * fw > 1   # the flat path: GEMMs too small for BLAS threads
+    slices = batch_slices(dZ.shape[0], threads if per_sample_gemms else 1, flops)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate silently, as IEEE says
-        result = backward_flat(dZ, A_prev, W, geometry) if geometry.stride == (1, 1) else None
-        if result is None:
-            result = backward_im2col(dZ, A_prev, W, geometry)
-        dA_prev, dW = result
-        return Gradients(dA_prev, dW, bias_grad(dZ))
+        if len(slices) == 1:
+            dA_prev, dW, db = _backward_one(dZ, A_prev, W, geometry)
+        else:
+            dA_prev, dW, db = _backward_threads(dZ, A_prev, W, geometry, slices)
+    return Gradients(dA_prev, dW, db.astype(dZ.dtype).reshape(1, 1, 1, c_out))
 
 
 def conv2d_forward(
@@ -544,6 +618,7 @@ def conv2d_backward(
     stride: Any = 1,
     padding: Any = 0,
     dilation: Any = 1,
+    threads: int | None = None,
 ) -> Gradients:
     """Gradients of :func:`conv2d_forward` with respect to ``A_prev``, ``W`` and ``b``.
 
@@ -557,6 +632,10 @@ def conv2d_backward(
     padding : int, (ph, pw), ((top, bottom), (left, right)), "same" or "valid"
         ``"same"`` follows TensorFlow: ``n_H = ceil(H / sh)``, the odd padding
         row or column goes at the bottom or right. It works with any stride.
+    threads : int, optional
+        Run up to this many slices of the batch in parallel. Default: as many
+        threads as NumPy's BLAS may use (``OPENBLAS_NUM_THREADS`` and the like
+        set it). Pass 1 when you already run several calls in parallel.
 
     Returns
     -------
@@ -579,9 +658,14 @@ def conv2d_backward(
     W = as_float_array("W", W)
     geometry = backward_geometry(dZ.shape, A_prev.shape, W.shape, params)
     dtype = result_dtype(dZ, A_prev, W)
+    if threads is None:
+        threads = blas_threads()
+    elif isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InputError(f"threads must be a positive int or None; got {threads!r} instead.")
     return backward_kernel(
         dZ.astype(dtype, copy=False),
         A_prev.astype(dtype, copy=False),
         W.astype(dtype, copy=False),
         geometry,
+        threads=int(threads),
     )

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 import dconv
 from dconv import InputDtypeError, InputError, conv2d_backward, conv2d_forward
+from dconv.kernel import MIN_SLICE_FLOPS, batch_slices
+from dconv.params import ConvParams
 from dconv.reference import conv2d_backward_loops, conv2d_forward_loops
 
 from _kernel_cases import CASES, DTYPES, TOL, Case, conv_cases, f64, make_arrays, rel_err
@@ -323,6 +325,112 @@ def test_nan_in_input_gives_nan_in_dw_only_where_read():
     # With stride 3 and a 2x2 kernel pixel (2, 2) is never read: no NaN anywhere.
     grads = conv2d_backward(rng.standard_normal((2, 2, 2, 3)), a, w[:2, :2], stride=3, padding=0)
     assert all(np.isfinite(g).all() for g in grads)
+
+
+# --- the batch split across threads and the per-sample GEMM groups ------------
+
+
+@pytest.mark.parametrize("m, threads, flops, expected", [
+    (10, 2, 1e12, [(0, 5), (5, 10)]),
+    (7, 3, 1e12, [(0, 2), (2, 4), (4, 7)]),
+    (1, 4, 1e12, [(0, 1)]),                     # fewer samples than threads
+    (8, 4, 2.5 * MIN_SLICE_FLOPS, [(0, 4), (4, 8)]),  # too little work for four threads
+    (8, 2, 0.0, [(0, 8)]),
+])
+def test_batch_slices_cover_the_batch_in_order(m, threads, flops, expected):
+    assert [(s.start, s.stop) for s in batch_slices(m, threads, flops)] == expected
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("case_id", ["int_pad", "same_s1", "dilation2", "pad0", "m1", "same_s2", "kernel_1x1"])
+def test_threaded_split_matches_loop_reference(case_id, threads, monkeypatch):
+    """Every batch split the kernel may make, down to one sample a thread, against the oracle."""
+    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    case = CASES[case_id]._replace(a_shape=(5, *CASES[case_id].a_shape[1:]))
+    for dtype in DTYPES:
+        a, w, b, dz = make_arrays(case, dtype, 21)
+        grads = conv2d_backward(dz, a, w, threads=threads, **case.kwargs)
+        for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
+            assert got.dtype == np.dtype(dtype), name
+            assert got.flags.c_contiguous, name
+            assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+
+
+def test_threaded_result_is_reproducible_and_close_to_serial():
+    """A batch big enough to be split: the same bits on every call, and the serial result to rounding."""
+    rng = np.random.default_rng(5)
+    a, w, dz = rng.standard_normal((8, 32, 32, 16)), rng.standard_normal((3, 3, 16, 16)), rng.standard_normal((8, 32, 32, 16))
+    assert len(batch_slices(8, 2, 4.0 * 8 * 32 * 32 * 9 * 16 * 16)) == 2
+    first, again = (conv2d_backward(dz, a, w, padding=1, threads=2) for _ in range(2))
+    serial = conv2d_backward(dz, a, w, padding=1, threads=1)
+    for name, x, y, z in zip(("dA_prev", "dW", "db"), first, again, serial):
+        np.testing.assert_array_equal(x, y, err_msg=name)
+        np.testing.assert_allclose(x, z, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_threaded_split_keeps_special_values_where_the_reference_puts_them(monkeypatch):
+    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    case = CASES["int_pad"]._replace(a_shape=(4, 6, 5, 2))
+    a, w, _, dz = make_arrays(case, np.float64, 3)
+    a[3, 2, 2, 1] = np.inf          # in the second slice only
+    dz[0, 1, 1, 0] = np.nan         # in the first slice only
+    got = conv2d_backward(dz, a, w, threads=2, **case.kwargs)
+    want = conv2d_backward_loops(dz, a, w, **case.kwargs)
+    for name, x, y in zip(("dA_prev", "dW", "db"), got, want):
+        for mask_got, mask_want in zip(_special_masks(x), _special_masks(y)):
+            np.testing.assert_array_equal(mask_got, mask_want, err_msg=name)
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 7, 11])
+def test_weight_grad_in_groups_with_samples_left_over(m):
+    """2x2 images, a 3x3 kernel and 8 channels: dW is summed over groups of several samples
+    (taps * C > Hp * Wp), with a shorter last group when m is not a multiple."""
+    case = Case((m, 2, 2, 3), (3, 3, 3, 8), padding=1)
+    for dtype in DTYPES:
+        a, w, b, dz = make_arrays(case, dtype, m)
+        got = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
+        for name, x, y in zip(("dA_prev", "dW", "db"), got, reference(case, a, w, b, dz)[1:]):
+            assert rel_err(x, y) <= TOL[np.dtype(dtype)], (name, rel_err(x, y))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", [
+    Case((6, 12, 12, 4), (3, 3, 4, 8), padding=1),                 # stride 1, per-sample GEMMs
+    Case((7, 3, 3, 3), (3, 3, 3, 16), padding=1),                  # stride 1, dW in groups of samples
+    Case((6, 10, 9, 5), (2, 3, 5, 4), padding="same", dilation=2),
+    Case((6, 8, 8, 6), (1, 1, 6, 7)),
+    Case((6, 11, 11, 4), (3, 3, 4, 6), stride=2, padding=1),       # im2col
+], ids=["s1", "s1-groups", "s1-dilated", "1x1", "s2"])
+def test_kernel_allocates_within_its_documented_bound(case, threads, monkeypatch):
+    import tracemalloc
+
+    from dconv.kernel import backward_kernel, backward_working_set
+    from dconv.params import backward_geometry
+
+    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    a, w, _, dz = make_arrays(case, np.float64, 2)
+    geometry = backward_geometry(dz.shape, a.shape, w.shape, ConvParams.parse(**case.kwargs))
+    backward_kernel(dz, a, w, geometry, threads=threads)          # warm up: imports, thread pool
+    tracemalloc.start()
+    try:
+        backward_kernel(dz, a, w, geometry, threads=threads)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = backward_working_set(a.shape[0], geometry, a.shape[3], w.shape[3], 8, threads=threads)
+    assert peak <= bound + 64 * 1024, (peak, bound)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_threads_must_be_a_positive_int(bad):
+    a, w, dz = np.zeros((1, 3, 3, 1)), np.zeros((1, 1, 1, 1)), np.zeros((1, 3, 3, 1))
+    with pytest.raises(InputError, match=r"^threads must be a positive int or None; got "):
+        conv2d_backward(dz, a, w, threads=bad)
+
+
+def test_default_threads_follow_blas():
+    assert dconv.kernel.blas_threads() >= 1
 
 
 # --- import hygiene ------------------------------------------------------------
