@@ -38,7 +38,7 @@ import numpy as np
 import zarr
 
 import dconv
-from dconv.store import compressor, make_inputs
+from dconv.store import make_inputs
 
 
 def blas_info() -> list[dict]:
@@ -78,7 +78,7 @@ def torch_loop(path: str, out: str, batch_chunk: int) -> float | None:
     target = zarr.open_group(out, mode="w")
     dA_out = target.create_array(
         "dA_prev", shape=A_arr.shape, chunks=(batch_chunk, *A_arr.shape[1:]), dtype=A_arr.dtype,
-        compressors=compressor(A_arr.dtype),
+        compressors=None,  # as dconv writes dA_prev
     )
     dW_total = torch.zeros_like(W, dtype=torch.float64)
     db_total = torch.zeros(W.shape[0], dtype=torch.float64)
