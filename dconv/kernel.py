@@ -35,6 +35,16 @@ Other strides: im2col, :func:`backward_im2col`::
 
 In both, ``db`` is dZ summed over m, n_H, n_W in float64.
 
+Compiled helper
+---------------
+``dconv/_flatconv.c`` is the stride-1 ``dA_prev`` sum in C, built at install when a
+C compiler is there (optional: without one, the NumPy path above runs). It holds
+8 pixels x 16 float32 (8 float64) input channels in vector registers and adds
+every tap and channel into them before one store, so nothing is written per tap:
+2-4x faster than the NumPy GEMMs for C_prev of 16-64, measured. It is used when
+C_prev is a multiple of that vector width and at most 64 (:func:`use_compiled`);
+it needs no NumPy headers (buffer protocol) and releases the GIL.
+
 Threads
 -------
 The stride-1 GEMMs are single-threaded, so :func:`backward_kernel` can cut the
@@ -75,6 +85,11 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from dconv.errors import InputError
+
+try:  # the compiled dA_prev loop, dconv/_flatconv.c: optional, see "Compiled helper" above
+    from dconv import _flatconv
+except ImportError:  # not built (no C compiler at install): the NumPy path computes the same
+    _flatconv = None
 from dconv.params import (
     ConvGeometry,
     ConvParams,
@@ -353,14 +368,31 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
     return dW
 
 
+COMPILED = _flatconv is not None
+"""Whether :func:`input_grad_flat` may use the compiled loop (tests set it to False to run NumPy)."""
+
+COMPILED_LANES = {4: 16, 8: 8}
+"""Item size -> the multiple of C_prev the compiled loop needs (one AVX-512 register of channels)."""
+
+COMPILED_MAX_CHANNELS = 64
+"""Above this C_prev the compiled loop was no faster than the NumPy GEMMs (slower in float64)."""
+
+
+def use_compiled(dtype: np.dtype, c_prev: int) -> bool:
+    """Whether :func:`input_grad_flat` runs the compiled loop for this dtype and C_prev."""
+    lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    return COMPILED and lanes is not None and c_prev % lanes == 0 and c_prev <= COMPILED_MAX_CHANNELS
+
+
 def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, m: int) -> np.ndarray:
     """dA_prev of a stride-1 convolution: a correlation of the zero-padded dZ with the flipped kernel.
 
     ``dA_prev[q] = sum_k D[front + origin - offsets[k] + q] @ W[k].T`` on the
-    flat grid: per kernel tap, one ``np.matmul`` runs a small GEMM per
-    sample (faster than one large GEMM, as in :func:`weight_grad_flat`) and
-    the result is added into ``dA_prev``; then the padding rows and columns
-    are dropped.
+    flat grid. With the compiled helper (:func:`use_compiled`), one C loop
+    sums every tap into registers and writes ``dA_prev`` once. Otherwise, per
+    kernel tap, one ``np.matmul`` runs a small GEMM per sample (faster than
+    one large GEMM, as in :func:`weight_grad_flat`) and the result is added
+    into ``dA_prev``; then the padding rows and columns are dropped.
 
     Parameters
     ----------
@@ -379,6 +411,11 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
     per_sample = (height - 1) * cols + width                  # first to last input pixel of a sample
     w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
+    if use_compiled(D.dtype, c_prev):
+        dA_prev = np.empty((m, height, width, c_prev), dtype=D.dtype)
+        offsets = np.asarray(grid.offsets, dtype=np.intp)
+        _flatconv.input_grad(D, w_taps, offsets, D.shape[0], base, m, sample, height, width, cols, c_out, c_prev, dA_prev)
+        return dA_prev
     out = np.empty((m * sample, c_prev), dtype=D.dtype)
     acc = row_groups(out, 0, m, sample, per_sample)                   # (m, L_A, C_prev)
     scratch = np.empty(acc.shape, dtype=D.dtype) if fh * fw > 1 else None

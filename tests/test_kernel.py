@@ -422,6 +422,69 @@ def test_kernel_allocates_within_its_documented_bound(case, threads, monkeypatch
     assert peak <= bound + 64 * 1024, (peak, bound)
 
 
+# --- the compiled dA_prev loop (dconv/_flatconv.c) ---------------------------------
+
+needs_compiled = pytest.mark.skipif(dconv.kernel._flatconv is None, reason="the compiled helper was not built")
+
+COMPILED_CASES = {  # C_prev = 16: a multiple of the vector width in both dtypes
+    "pad1": Case((3, 9, 11, 16), (3, 3, 16, 5), padding=1),
+    "pad0_rect": Case((2, 7, 12, 16), (2, 3, 16, 3)),
+    "same_dilated": Case((2, 10, 9, 16), (3, 2, 16, 4), padding="same", dilation=(2, 3)),
+    "explicit_asym": Case((1, 6, 17, 16), (3, 3, 16, 2), padding=((0, 2), (1, 0))),
+    "kernel_1x1": Case((2, 5, 3, 16), (1, 1, 16, 4)),
+    "whole_input": Case((2, 4, 5, 16), (4, 5, 16, 3)),
+    "wide_32": Case((1, 3, 20, 32), (3, 3, 32, 8), padding=1),
+}
+
+
+@needs_compiled
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("case_id", list(COMPILED_CASES))
+def test_compiled_input_grad_matches_loop_reference(case_id, compiled, monkeypatch):
+    monkeypatch.setattr(dconv.kernel, "COMPILED", compiled)
+    case = COMPILED_CASES[case_id]
+    for dtype in DTYPES:
+        assert dconv.kernel.use_compiled(dtype, case.a_shape[3]) == compiled
+        a, w, b, dz = make_arrays(case, dtype, 4)
+        grads = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
+        for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
+            assert got.dtype == np.dtype(dtype) and got.flags.c_contiguous, name
+            assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+
+
+@needs_compiled
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("where", ["A_prev", "dZ"])
+def test_compiled_input_grad_keeps_special_values_where_the_reference_puts_them(where):
+    case = COMPILED_CASES["pad1"]
+    a, w, _, dz = make_arrays(case, np.float32, 6)
+    {"A_prev": a, "dZ": dz}[where][1, 4, 5, 3] = np.nan
+    got = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
+    want = conv2d_backward_loops(dz, a, w, **case.kwargs)
+    for name, x, y in zip(("dA_prev", "dW", "db"), got, want):
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=name)
+
+
+@needs_compiled
+def test_compiled_loop_refuses_buffers_it_cannot_use():
+    from dconv import _flatconv
+
+    D, Wt, out = np.zeros((100, 4), np.float32), np.zeros((1, 4, 16), np.float32), np.zeros((1, 3, 3, 16), np.float32)
+    offsets = np.zeros(1, np.intp)
+    args = (100, 0, 1, 25, 3, 3, 5, 4, 16)                     # d_rows, base, m, sample, H, W, cols, C, C_prev
+    _flatconv.input_grad(D, Wt, offsets, *args, out)           # fits: no error
+    with pytest.raises(ValueError, match="Wt must be a native float buffer"):
+        _flatconv.input_grad(D, Wt.astype(np.float64), offsets, *args, out)
+    with pytest.raises(ValueError, match="offsets must be a native intp buffer"):
+        _flatconv.input_grad(D, Wt, offsets.astype(np.int32), *args, out)
+    with pytest.raises(ValueError, match="does not fit"):
+        _flatconv.input_grad(D, Wt, offsets, 100, 90, *args[2:], out)
+    with pytest.raises(ValueError, match="not a multiple of the vector width"):
+        _flatconv.input_grad(D, np.zeros((1, 4, 8), np.float32), offsets, *args[:-1], 8, np.zeros((1, 3, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _flatconv.input_grad(D, Wt, offsets, *args, out[..., ::2])
+
+
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
 def test_threads_must_be_a_positive_int(bad):
     a, w, dz = np.zeros((1, 3, 3, 1)), np.zeros((1, 1, 1, 1)), np.zeros((1, 3, 3, 1))

@@ -1,0 +1,176 @@
+/* dA_prev of a stride-1 convolution, compiled: dconv.kernel.input_grad_flat calls this
+ * when the module was built and C_prev is a multiple of the vector width.
+ *
+ * It works on the flat grid of dconv.kernel.flat_grid: the batch zero-padded to
+ * rows x cols pixels and flattened to one row per padded pixel, where kernel tap k
+ * is the constant row shift offsets[k]. For every input pixel (n, y, x):
+ *
+ *   dA[n, y, x, :] = sum_k sum_c D[base - offsets[k] + n*sample + y*cols + x, c] * Wt[k, c, :]
+ *
+ * A register block holds 8 neighbouring pixels x LANES input channels (GCC/Clang
+ * vector extensions; -march=native makes them AVX-512 or AVX2 registers) and sums
+ * every tap and channel into it before one store: no per-tap pass over memory, no
+ * padding rows written. The GIL is released, so threads can run slices of a batch.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+typedef Py_ssize_t idx;
+
+#define PIXELS 8 /* neighbouring pixels per register block */
+
+#define DEFINE_INPUT_GRAD(T, NAME, LANES)                                                              \
+    typedef T NAME##_vec __attribute__((vector_size(LANES * sizeof(T))));                           \
+                                                                                                    \
+    static inline NAME##_vec NAME##_load(const T *p)                                                \
+    {                                                                                               \
+        NAME##_vec v;                                                                               \
+        memcpy(&v, p, sizeof v);                                                                    \
+        return v;                                                                                   \
+    }                                                                                               \
+                                                                                                    \
+    static void NAME##_input_grad(const T *D, const T *Wt, const idx *offsets, idx K, idx base,     \
+                                  idx m, idx sample, idx height, idx width, idx cols, idx C,       \
+                                  idx Cp, T *dA)                                                   \
+    {                                                                                               \
+        for (idx n = 0; n < m; n++)                                                                 \
+            for (idx y = 0; y < height; y++)                                                        \
+                for (idx x0 = 0; x0 < width; x0 += PIXELS) {                                        \
+                    idx nb = width - x0 < PIXELS ? width - x0 : PIXELS;                             \
+                    idx q = n * sample + y * cols + x0;                                             \
+                    T *out = dA + ((n * height + y) * width + x0) * Cp;                             \
+                    for (idx p0 = 0; p0 < Cp; p0 += LANES) {                                        \
+                        NAME##_vec acc[PIXELS];                                                     \
+                        for (int i = 0; i < PIXELS; i++)                                            \
+                            acc[i] = (NAME##_vec){0};                                               \
+                        for (idx k = 0; k < K; k++) {                                               \
+                            const T *src = D + (base - offsets[k] + q) * C;                         \
+                            const T *w = Wt + k * C * Cp + p0;                                      \
+                            if (nb == PIXELS) {                                                     \
+                                for (idx c = 0; c < C; c++) {                                       \
+                                    NAME##_vec wv = NAME##_load(w + c * Cp);                        \
+                                    for (int i = 0; i < PIXELS; i++)                                \
+                                        acc[i] += src[i * C + c] * wv;                              \
+                                }                                                                   \
+                            } else {                                                                \
+                                for (idx c = 0; c < C; c++) {                                       \
+                                    NAME##_vec wv = NAME##_load(w + c * Cp);                        \
+                                    for (idx i = 0; i < nb; i++)                                    \
+                                        acc[i] += src[i * C + c] * wv;                              \
+                                }                                                                   \
+                            }                                                                       \
+                        }                                                                           \
+                        for (idx i = 0; i < nb; i++)                                                \
+                            memcpy(out + i * Cp + p0, &acc[i], sizeof acc[i]);                      \
+                    }                                                                               \
+                }                                                                                   \
+    }
+
+DEFINE_INPUT_GRAD(float, f32, 16)
+DEFINE_INPUT_GRAD(double, f64, 8)
+
+/* ------------------------------------------------------------------ Python bindings */
+
+/* The item type of a native, C-contiguous buffer: 'f' (float32), 'd' (float64), 'n' (a 64-bit
+ * integer of the size of Py_ssize_t), or 0 for anything else. */
+static char item_type(const Py_buffer *view)
+{
+    const char *format = view->format ? view->format : "B";
+    if (format[0] == '@' || format[0] == '=')
+        format++;
+    if (format[1] != '\0')
+        return 0;
+    switch (format[0]) {
+    case 'f':
+        return 'f';
+    case 'd':
+        return 'd';
+    case 'l':
+    case 'q':
+    case 'n':
+        return view->itemsize == (Py_ssize_t)sizeof(idx) ? 'n' : 0;
+    default:
+        return 0;
+    }
+}
+
+/* Get a C-contiguous buffer of item type `type` (0: 'f' or 'd') with at least `count` items. */
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, char type, Py_ssize_t count, const char *name)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    char got = item_type(view);
+    int type_ok = type ? got == type : (got == 'f' || got == 'd');
+    if (!type_ok || view->len < count * view->itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s must be a native %s buffer of at least %zd items; got format %s, %zd bytes",
+                     name, type == 'n' ? "intp" : "float", count, view->format ? view->format : "B", view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Py_buffer *views, int n)
+{
+    for (int i = 0; i < n; i++)
+        PyBuffer_Release(&views[i]);
+}
+
+static PyObject *input_grad(PyObject *self, PyObject *args)
+{
+    PyObject *D_obj, *W_obj, *off_obj, *out_obj;
+    idx d_rows, base, m, sample, height, width, cols, C, Cp;
+    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnO", &D_obj, &W_obj, &off_obj, &d_rows, &base, &m, &sample, &height,
+                          &width, &cols, &C, &Cp, &out_obj))
+        return NULL;
+    Py_buffer v[4]; /* offsets, D, Wt, out */
+    if (get_buffer(off_obj, &v[0], 0, 'n', 1, "offsets") < 0)
+        return NULL;
+    idx K = v[0].len / (Py_ssize_t)sizeof(idx);
+    const idx *offsets = v[0].buf;
+    if (get_buffer(D_obj, &v[1], 0, 0, d_rows * C, "D") < 0) {
+        release(v, 1);
+        return NULL;
+    }
+    char type = item_type(&v[1]);
+    if (get_buffer(W_obj, &v[2], 0, type, K * C * Cp, "Wt") < 0) {
+        release(v, 2);
+        return NULL;
+    }
+    if (get_buffer(out_obj, &v[3], 1, type, m * height * width * Cp, "out") < 0) {
+        release(v, 3);
+        return NULL;
+    }
+    /* every row read lies in D: the lowest is base - offsets[K-1], the highest below base - offsets[0] + last pixel */
+    int fits = m > 0 && base - offsets[K - 1] >= 0 &&
+               base - offsets[0] + (m - 1) * sample + (height - 1) * cols + width <= d_rows;
+    int lanes_ok = Cp % (type == 'f' ? 16 : 8) == 0;
+    if (fits && lanes_ok) {
+        Py_BEGIN_ALLOW_THREADS
+        if (type == 'f')
+            f32_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+        else
+            f64_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+        Py_END_ALLOW_THREADS
+    }
+    release(v, 4);
+    if (!fits)
+        return PyErr_Format(PyExc_ValueError, "input_grad: the flat grid does not fit the %zd rows of D", d_rows);
+    if (!lanes_ok)
+        return PyErr_Format(PyExc_ValueError, "input_grad: C_prev %zd is not a multiple of the vector width", Cp);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"input_grad", input_grad, METH_VARARGS,
+     "input_grad(D, Wt, offsets, d_rows, base, m, sample, H, W, cols, C, C_prev, out)\n\n"
+     "dA_prev of a stride-1 convolution into out, shape (m, H, W, C_prev); Wt has shape (K, C, C_prev)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_flatconv",
+                                    "dA_prev of a stride-1 convolution, compiled (see dconv/kernel.py).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__flatconv(void) { return PyModule_Create(&module); }
