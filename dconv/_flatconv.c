@@ -18,7 +18,8 @@
 
 typedef Py_ssize_t idx;
 
-#define PIXELS 8 /* neighbouring pixels per register block */
+#define PIXELS 8   /* input_grad: neighbouring pixels per register block */
+#define CHANNELS 8 /* weight_grad: input channels per register block (x 2 vectors of outputs) */
 
 #define DEFINE_INPUT_GRAD(T, NAME, LANES)                                                              \
     typedef T NAME##_vec __attribute__((vector_size(LANES * sizeof(T))));                           \
@@ -67,17 +68,72 @@ typedef Py_ssize_t idx;
                 }                                                                                   \
     }
 
+/* dW for input channels c0 .. c0+cb-1 (cb <= CHANNELS) and outputs p0 .. p0+2*LANES-1 of one
+ * sample and one tap: 2*CHANNELS vector accumulators, added to out (float64) at the end. */
+#define DEFINE_WEIGHT_GRAD(T, NAME, LANES)                                                          \
+    static void NAME##_weight_block(const T *P, const T *D, idx q0, idx off, idx front, idx n_h,    \
+                                    idx n_w, idx cols, idx Cp, idx C, idx c0, idx cb, idx p0,      \
+                                    double *out)                                                   \
+    {                                                                                               \
+        NAME##_vec lo[CHANNELS], hi[CHANNELS];                                                      \
+        for (int c = 0; c < CHANNELS; c++)                                                          \
+            lo[c] = hi[c] = (NAME##_vec){0};                                                        \
+        for (idx i = 0; i < n_h; i++) {                                                             \
+            const T *a = P + (q0 + i * cols + off) * Cp + c0;                                       \
+            const T *g = D + (front + q0 + i * cols) * C + p0;                                      \
+            if (cb == CHANNELS) {                                                                   \
+                for (idx j = 0; j < n_w; j++) {                                                     \
+                    NAME##_vec g0 = NAME##_load(g + j * C), g1 = NAME##_load(g + j * C + LANES);    \
+                    for (int c = 0; c < CHANNELS; c++) {                                            \
+                        lo[c] += a[j * Cp + c] * g0;                                                \
+                        hi[c] += a[j * Cp + c] * g1;                                                \
+                    }                                                                               \
+                }                                                                                   \
+            } else {                                                                                \
+                for (idx j = 0; j < n_w; j++) {                                                     \
+                    NAME##_vec g0 = NAME##_load(g + j * C), g1 = NAME##_load(g + j * C + LANES);    \
+                    for (idx c = 0; c < cb; c++) {                                                  \
+                        lo[c] += a[j * Cp + c] * g0;                                                \
+                        hi[c] += a[j * Cp + c] * g1;                                                \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (idx c = 0; c < cb; c++)                                                                \
+            for (int l = 0; l < LANES; l++) {                                                       \
+                out[(c0 + c) * C + p0 + l] += lo[c][l];                                             \
+                out[(c0 + c) * C + p0 + LANES + l] += hi[c][l];                                     \
+            }                                                                                       \
+    }                                                                                               \
+                                                                                                    \
+    static void NAME##_weight_grad(const T *P, const T *D, const idx *offsets, idx K, idx front,    \
+                                   idx m, idx sample, idx n_h, idx n_w, idx cols, idx Cp, idx C,   \
+                                   double *dW)                                                     \
+    {                                                                                               \
+        for (idx n = 0; n < m; n++)                                                                 \
+            for (idx k = 0; k < K; k++)                                                             \
+                for (idx c0 = 0; c0 < Cp; c0 += CHANNELS)                                           \
+                    for (idx p0 = 0; p0 < C; p0 += 2 * LANES)                                       \
+                        NAME##_weight_block(P, D, n * sample, offsets[k], front, n_h, n_w, cols,    \
+                                            Cp, C, c0, Cp - c0 < CHANNELS ? Cp - c0 : CHANNELS, p0, \
+                                            dW + k * Cp * C);                                       \
+    }
+
 DEFINE_INPUT_GRAD(float, f32, 16)
 DEFINE_INPUT_GRAD(double, f64, 8)
+DEFINE_WEIGHT_GRAD(float, f32, 16)
+DEFINE_WEIGHT_GRAD(double, f64, 8)
 
 /* ------------------------------------------------------------------ Python bindings */
 
-/* The item type of a native, C-contiguous buffer: 'f' (float32), 'd' (float64), 'n' (a 64-bit
- * integer of the size of Py_ssize_t), or 0 for anything else. */
+/* The item type of a buffer in native byte order: 'f' (float32), 'd' (float64), 'n' (an integer
+ * of the size of Py_ssize_t), or 0 for anything else (the other byte order included). */
 static char item_type(const Py_buffer *view)
 {
     const char *format = view->format ? view->format : "B";
-    if (format[0] == '@' || format[0] == '=')
+    const unsigned int one = 1;
+    const char native = *(const unsigned char *)&one ? '<' : '>'; /* NumPy writes '<d' for a '<f8' array */
+    if (format[0] == '@' || format[0] == '=' || format[0] == native || (format[0] == '!' && native == '>'))
         format++;
     if (format[1] != '\0')
         return 0;
@@ -162,10 +218,57 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *weight_grad(PyObject *self, PyObject *args)
+{
+    PyObject *P_obj, *D_obj, *off_obj, *out_obj;
+    idx p_rows, d_rows, front, m, sample, n_h, n_w, cols, Cp, C;
+    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnnO", &P_obj, &D_obj, &off_obj, &p_rows, &d_rows, &front, &m, &sample,
+                          &n_h, &n_w, &cols, &Cp, &C, &out_obj))
+        return NULL;
+    Py_buffer v[4]; /* offsets, P, D, out */
+    if (get_buffer(off_obj, &v[0], 0, 'n', 1, "offsets") < 0)
+        return NULL;
+    idx K = v[0].len / (Py_ssize_t)sizeof(idx);
+    const idx *offsets = v[0].buf;
+    if (get_buffer(P_obj, &v[1], 0, 0, p_rows * Cp, "P") < 0) {
+        release(v, 1);
+        return NULL;
+    }
+    char type = item_type(&v[1]);
+    if (get_buffer(D_obj, &v[2], 0, type, d_rows * C, "D") < 0) {
+        release(v, 2);
+        return NULL;
+    }
+    if (get_buffer(out_obj, &v[3], 1, 'd', K * Cp * C, "out") < 0) {
+        release(v, 3);
+        return NULL;
+    }
+    idx end = (m - 1) * sample + (n_h - 1) * cols + n_w; /* one past the last output pixel */
+    int fits = m > 0 && offsets[0] >= 0 && end + offsets[K - 1] <= p_rows && front + end <= d_rows;
+    int lanes_ok = C % (type == 'f' ? 32 : 16) == 0;
+    if (fits && lanes_ok) {
+        Py_BEGIN_ALLOW_THREADS
+        if (type == 'f')
+            f32_weight_grad(v[1].buf, v[2].buf, offsets, K, front, m, sample, n_h, n_w, cols, Cp, C, v[3].buf);
+        else
+            f64_weight_grad(v[1].buf, v[2].buf, offsets, K, front, m, sample, n_h, n_w, cols, Cp, C, v[3].buf);
+        Py_END_ALLOW_THREADS
+    }
+    release(v, 4);
+    if (!fits)
+        return PyErr_Format(PyExc_ValueError, "weight_grad: the flat grid does not fit the rows of P or D");
+    if (!lanes_ok)
+        return PyErr_Format(PyExc_ValueError, "weight_grad: C %zd is not a multiple of twice the vector width", C);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"input_grad", input_grad, METH_VARARGS,
      "input_grad(D, Wt, offsets, d_rows, base, m, sample, H, W, cols, C, C_prev, out)\n\n"
      "dA_prev of a stride-1 convolution into out, shape (m, H, W, C_prev); Wt has shape (K, C, C_prev)."},
+    {"weight_grad", weight_grad, METH_VARARGS,
+     "weight_grad(P, D, offsets, p_rows, d_rows, front, m, sample, n_H, n_W, cols, C_prev, C, out)\n\n"
+     "Add dW of a stride-1 convolution into out, float64, shape (K, C_prev, C)."},
     {NULL, NULL, 0, NULL},
 };
 

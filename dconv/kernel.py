@@ -37,13 +37,21 @@ In both, ``db`` is dZ summed over m, n_H, n_W in float64.
 
 Compiled helper
 ---------------
-``dconv/_flatconv.c`` is the stride-1 ``dA_prev`` sum in C, built at install when a
-C compiler is there (optional: without one, the NumPy path above runs). It holds
-8 pixels x 16 float32 (8 float64) input channels in vector registers and adds
-every tap and channel into them before one store, so nothing is written per tap:
-2-4x faster than the NumPy GEMMs for C_prev of 16-64, measured. It is used when
-C_prev is a multiple of that vector width and at most 64 (:func:`use_compiled`);
-it needs no NumPy headers (buffer protocol) and releases the GIL.
+``dconv/_flatconv.c`` holds the two stride-1 sums in C, built at install when a C
+compiler is there (optional: without one, the NumPy code above runs).
+
+* ``input_grad`` keeps 8 pixels x 16 float32 (8 float64) input channels in vector
+  registers and adds every tap and channel into them before one store: no pass
+  over memory per tap. Used when C_prev is a multiple of that width and at most
+  64 (:func:`use_compiled_input_grad`).
+* ``weight_grad`` keeps 8 input channels x 2 vectors of output channels in
+  registers over one sample's pixels, and adds each sample's sum into a float64
+  dW. Used when C is a multiple of two vector widths
+  (:func:`use_compiled_weight_grad`).
+
+Measured against the NumPy GEMMs on one thread, float32 (``benchmarks/``): dA_prev
+2-3x faster for C_prev 16-64, dW 1-1.8x faster for C_prev 16-128. They need no
+NumPy headers (the buffer protocol) and release the GIL.
 
 Threads
 -------
@@ -320,6 +328,28 @@ def row_groups(matrix: np.ndarray, first_row: int, n_groups: int, step: int, n_r
     return as_strided(matrix[first_row:], shape=(n_groups, n_rows, matrix.shape[1]), strides=(step * row, row, item))
 
 
+COMPILED = _flatconv is not None
+"""Whether the stride-1 path may use the compiled loops (tests set it to False to run NumPy)."""
+
+COMPILED_LANES = {4: 16, 8: 8}
+"""Item size -> the multiple of C_prev the compiled loop needs (one AVX-512 register of channels)."""
+
+COMPILED_MAX_CHANNELS = 64
+"""Above this C_prev the compiled loop was no faster than the NumPy GEMMs (slower in float64)."""
+
+
+def use_compiled_input_grad(dtype: np.dtype, c_prev: int) -> bool:
+    """Whether :func:`input_grad_flat` runs the compiled loop for this dtype and C_prev."""
+    lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    return COMPILED and lanes is not None and c_prev % lanes == 0 and c_prev <= COMPILED_MAX_CHANNELS
+
+
+def use_compiled_weight_grad(dtype: np.dtype, c_out: int) -> bool:
+    """Whether :func:`weight_grad_flat` runs the compiled loop: C a multiple of two vector widths."""
+    lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    return COMPILED and lanes is not None and c_out % (2 * lanes) == 0
+
+
 def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape) -> np.ndarray:
     """dW of a stride-1 convolution from the flat grids: small GEMMs per sample (or group of samples) and tap.
 
@@ -350,6 +380,11 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
     (dh, dw), (n_h, n_w), cols = geometry.dilation, geometry.out_hw, grid.cols
     sample = grid.rows * cols
     m = P.shape[0] // sample
+    if use_compiled_weight_grad(P.dtype, c_out):
+        dW = np.zeros((fh * fw, c_prev, c_out), dtype=np.float64)
+        offsets = np.asarray(grid.offsets, dtype=np.intp)
+        _flatconv.weight_grad(P, D, offsets, P.shape[0], D.shape[0], grid.front, m, sample, n_h, n_w, cols, c_prev, c_out, dW)
+        return dW.astype(P.dtype).reshape(w_shape)
     per_sample = (n_h - 1) * cols + n_w                          # first to last output pixel of a sample
     per_group = min(m, -(-fh * fw * c_out // sample))               # ceil(taps * C / sample)
     dW = np.zeros((fh, fw, c_prev, c_out), dtype=P.dtype)
@@ -368,27 +403,11 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
     return dW
 
 
-COMPILED = _flatconv is not None
-"""Whether :func:`input_grad_flat` may use the compiled loop (tests set it to False to run NumPy)."""
-
-COMPILED_LANES = {4: 16, 8: 8}
-"""Item size -> the multiple of C_prev the compiled loop needs (one AVX-512 register of channels)."""
-
-COMPILED_MAX_CHANNELS = 64
-"""Above this C_prev the compiled loop was no faster than the NumPy GEMMs (slower in float64)."""
-
-
-def use_compiled(dtype: np.dtype, c_prev: int) -> bool:
-    """Whether :func:`input_grad_flat` runs the compiled loop for this dtype and C_prev."""
-    lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
-    return COMPILED and lanes is not None and c_prev % lanes == 0 and c_prev <= COMPILED_MAX_CHANNELS
-
-
 def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, m: int) -> np.ndarray:
     """dA_prev of a stride-1 convolution: a correlation of the zero-padded dZ with the flipped kernel.
 
     ``dA_prev[q] = sum_k D[front + origin - offsets[k] + q] @ W[k].T`` on the
-    flat grid. With the compiled helper (:func:`use_compiled`), one C loop
+    flat grid. With the compiled helper (:func:`use_compiled_input_grad`), one C loop
     sums every tap into registers and writes ``dA_prev`` once. Otherwise, per
     kernel tap, one ``np.matmul`` runs a small GEMM per sample (faster than
     one large GEMM, as in :func:`weight_grad_flat`) and the result is added
@@ -411,7 +430,7 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
     per_sample = (height - 1) * cols + width                  # first to last input pixel of a sample
     w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
-    if use_compiled(D.dtype, c_prev):
+    if use_compiled_input_grad(D.dtype, c_prev):
         dA_prev = np.empty((m, height, width, c_prev), dtype=D.dtype)
         offsets = np.asarray(grid.offsets, dtype=np.intp)
         _flatconv.input_grad(D, w_taps, offsets, D.shape[0], base, m, sample, height, width, cols, c_out, c_prev, dA_prev)

@@ -17,6 +17,9 @@ import pytest
 # Worker processes run the kernel single-threaded, as the embedded cluster does.
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
+# `python -m dconv` and `dask worker` subprocesses import the installed dconv (with its compiled
+# helper), never the checkout in the working directory: results they write are compared bit for bit.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 
 def free_port() -> int:

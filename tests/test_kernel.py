@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -426,8 +427,11 @@ def test_kernel_allocates_within_its_documented_bound(case, threads, monkeypatch
 
 needs_compiled = pytest.mark.skipif(dconv.kernel._flatconv is None, reason="the compiled helper was not built")
 
-COMPILED_CASES = {  # C_prev = 16: a multiple of the vector width in both dtypes
+COMPILED_CASES = {  # C_prev = 16 (dA_prev) or C = 32 (dW): multiples of the vector widths in both dtypes
     "pad1": Case((3, 9, 11, 16), (3, 3, 16, 5), padding=1),
+    "dw_only": Case((2, 6, 7, 5), (3, 3, 5, 32), padding=1),
+    "dw_and_da": Case((2, 5, 9, 16), (3, 2, 16, 32), padding="same", dilation=2),
+    "dw_channel_tail": Case((3, 4, 4, 20), (2, 2, 20, 64)),
     "pad0_rect": Case((2, 7, 12, 16), (2, 3, 16, 3)),
     "same_dilated": Case((2, 10, 9, 16), (3, 2, 16, 4), padding="same", dilation=(2, 3)),
     "explicit_asym": Case((1, 6, 17, 16), (3, 3, 16, 2), padding=((0, 2), (1, 0))),
@@ -437,14 +441,28 @@ COMPILED_CASES = {  # C_prev = 16: a multiple of the vector width in both dtypes
 }
 
 
+def test_compiled_helper_is_built_where_it_can_be():
+    """pip builds dconv/_flatconv.c as an optional extension: on a machine with a C compiler and the
+    Python headers it must be there, or a broken build would go unnoticed (the NumPy path hides it)."""
+    import shutil
+    import sysconfig
+
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not (shutil.which("cc") or shutil.which("gcc")) or not headers.exists():
+        pytest.skip("no C compiler or Python headers here: the NumPy path is expected")
+    assert dconv.kernel._flatconv is not None, f"dconv._flatconv was not built; dconv is {dconv.__file__}"
+
+
 @needs_compiled
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("case_id", list(COMPILED_CASES))
-def test_compiled_input_grad_matches_loop_reference(case_id, compiled, monkeypatch):
+def test_compiled_loops_match_loop_reference(case_id, compiled, monkeypatch):
     monkeypatch.setattr(dconv.kernel, "COMPILED", compiled)
     case = COMPILED_CASES[case_id]
     for dtype in DTYPES:
-        assert dconv.kernel.use_compiled(dtype, case.a_shape[3]) == compiled
+        uses = (dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3]),
+                dconv.kernel.use_compiled_weight_grad(dtype, case.w_shape[3]))
+        assert any(uses) == compiled
         a, w, b, dz = make_arrays(case, dtype, 4)
         grads = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
         for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
@@ -455,10 +473,10 @@ def test_compiled_input_grad_matches_loop_reference(case_id, compiled, monkeypat
 @needs_compiled
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("where", ["A_prev", "dZ"])
-def test_compiled_input_grad_keeps_special_values_where_the_reference_puts_them(where):
-    case = COMPILED_CASES["pad1"]
+def test_compiled_loops_keep_special_values_where_the_reference_puts_them(where):
+    case = COMPILED_CASES["dw_and_da"]
     a, w, _, dz = make_arrays(case, np.float32, 6)
-    {"A_prev": a, "dZ": dz}[where][1, 4, 5, 3] = np.nan
+    {"A_prev": a, "dZ": dz}[where][1, 3, 4, 3] = np.nan
     got = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
     want = conv2d_backward_loops(dz, a, w, **case.kwargs)
     for name, x, y in zip(("dA_prev", "dW", "db"), got, want):
@@ -483,6 +501,13 @@ def test_compiled_loop_refuses_buffers_it_cannot_use():
         _flatconv.input_grad(D, np.zeros((1, 4, 8), np.float32), offsets, *args[:-1], 8, np.zeros((1, 3, 3, 8), np.float32))
     with pytest.raises(ValueError, match="not C-contiguous"):
         _flatconv.input_grad(D, Wt, offsets, *args, out[..., ::2])
+    P, dW = np.zeros((100, 4), np.float32), np.zeros((1, 4, 32))
+    wargs = (100, 100, 0, 1, 25, 3, 3, 5, 4)                    # p_rows, d_rows, front, m, sample, n_H, n_W, cols, C_prev
+    _flatconv.weight_grad(P, np.zeros((100, 32), np.float32), offsets, *wargs, 32, dW)
+    with pytest.raises(ValueError, match="out must be a native float buffer"):
+        _flatconv.weight_grad(P, np.zeros((100, 32), np.float32), offsets, *wargs, 32, dW.astype(np.float32))
+    with pytest.raises(ValueError, match="not a multiple of twice the vector width"):
+        _flatconv.weight_grad(P, np.zeros((100, 16), np.float32), offsets, *wargs, 16, np.zeros((1, 4, 16)))
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
