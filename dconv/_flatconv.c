@@ -19,7 +19,9 @@
 typedef Py_ssize_t idx;
 
 #define PIXELS 8   /* input_grad: neighbouring pixels per register block */
-#define CHANNELS 8 /* weight_grad: input channels per register block (x 2 vectors of outputs) */
+#define NARROW 4        /* input_grad: the largest C_prev of the narrow variant */
+#define NARROW_PIXELS 4 /* input_grad, narrow variant: pixels per register block */
+#define CHANNELS 8      /* weight_grad: input channels per register block (x 2 vectors of outputs) */
 
 #define DEFINE_INPUT_GRAD(T, NAME, LANES)                                                              \
     typedef T NAME##_vec __attribute__((vector_size(LANES * sizeof(T))));                           \
@@ -65,6 +67,44 @@ typedef Py_ssize_t idx;
                         for (idx i = 0; i < nb; i++)                                                \
                             memcpy(out + i * Cp + p0, &acc[i], sizeof acc[i]);                      \
                     }                                                                               \
+                }                                                                                   \
+    }
+
+/* The same sum for a narrow C_prev (at most NARROW, a first layer's 1-3 image channels): the
+ * vectors run over C instead, 4 pixels x C_prev accumulators, reduced across lanes at the end.
+ * Wc has shape (K, C_prev, C). C must be a multiple of LANES. */
+#define DEFINE_INPUT_GRAD_NARROW(T, NAME, LANES)                                                    \
+    static void NAME##_input_grad_narrow(const T *D, const T *Wc, const idx *offsets, idx K,       \
+                                         idx base, idx m, idx sample, idx height, idx width,       \
+                                         idx cols, idx C, idx Cp, T *dA)                           \
+    {                                                                                               \
+        for (idx n = 0; n < m; n++)                                                                 \
+            for (idx y = 0; y < height; y++)                                                        \
+                for (idx x0 = 0; x0 < width; x0 += NARROW_PIXELS) {                                 \
+                    idx nb = width - x0 < NARROW_PIXELS ? width - x0 : NARROW_PIXELS;               \
+                    idx q = n * sample + y * cols + x0;                                             \
+                    NAME##_vec acc[NARROW_PIXELS][NARROW];                                          \
+                    for (int i = 0; i < NARROW_PIXELS; i++)                                         \
+                        for (int p = 0; p < NARROW; p++)                                            \
+                            acc[i][p] = (NAME##_vec){0};                                            \
+                    for (idx k = 0; k < K; k++) {                                                   \
+                        const T *src = D + (base - offsets[k] + q) * C;                             \
+                        const T *w = Wc + k * Cp * C;                                               \
+                        for (idx c = 0; c < C; c += LANES)                                          \
+                            for (idx i = 0; i < nb; i++) {                                          \
+                                NAME##_vec d = NAME##_load(src + i * C + c);                        \
+                                for (idx p = 0; p < Cp; p++)                                        \
+                                    acc[i][p] += d * NAME##_load(w + p * C + c);                    \
+                            }                                                                       \
+                    }                                                                               \
+                    T *out = dA + ((n * height + y) * width + x0) * Cp;                             \
+                    for (idx i = 0; i < nb; i++)                                                    \
+                        for (idx p = 0; p < Cp; p++) {                                              \
+                            T total = 0;                                                            \
+                            for (int l = 0; l < LANES; l++)                                         \
+                                total += acc[i][p][l];                                              \
+                            out[i * Cp + p] = total;                                                \
+                        }                                                                           \
                 }                                                                                   \
     }
 
@@ -121,6 +161,8 @@ typedef Py_ssize_t idx;
 
 DEFINE_INPUT_GRAD(float, f32, 16)
 DEFINE_INPUT_GRAD(double, f64, 8)
+DEFINE_INPUT_GRAD_NARROW(float, f32, 16)
+DEFINE_INPUT_GRAD_NARROW(double, f64, 8)
 DEFINE_WEIGHT_GRAD(float, f32, 16)
 DEFINE_WEIGHT_GRAD(double, f64, 8)
 
@@ -201,20 +243,29 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
     /* every row read lies in D: the lowest is base - offsets[K-1], the highest below base - offsets[0] + last pixel */
     int fits = m > 0 && base - offsets[K - 1] >= 0 &&
                base - offsets[0] + (m - 1) * sample + (height - 1) * cols + width <= d_rows;
-    int lanes_ok = Cp % (type == 'f' ? 16 : 8) == 0;
-    if (fits && lanes_ok) {
+    idx lanes = type == 'f' ? 16 : 8;
+    int wide = Cp % lanes == 0, narrow = !wide && Cp <= NARROW && C % lanes == 0;
+    if (fits && (wide || narrow)) {
         Py_BEGIN_ALLOW_THREADS
-        if (type == 'f')
+        if (type == 'f' && wide)
             f32_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
-        else
+        else if (wide)
             f64_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+        else if (type == 'f')
+            f32_input_grad_narrow(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp,
+                                  v[3].buf);
+        else
+            f64_input_grad_narrow(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp,
+                                  v[3].buf);
         Py_END_ALLOW_THREADS
     }
     release(v, 4);
     if (!fits)
         return PyErr_Format(PyExc_ValueError, "input_grad: the flat grid does not fit the %zd rows of D", d_rows);
-    if (!lanes_ok)
-        return PyErr_Format(PyExc_ValueError, "input_grad: C_prev %zd is not a multiple of the vector width", Cp);
+    if (!(wide || narrow))
+        return PyErr_Format(PyExc_ValueError,
+                            "input_grad: C_prev %zd is not a multiple of the vector width, nor at most %d with C a multiple",
+                            Cp, NARROW);
     Py_RETURN_NONE;
 }
 
@@ -265,7 +316,8 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"input_grad", input_grad, METH_VARARGS,
      "input_grad(D, Wt, offsets, d_rows, base, m, sample, H, W, cols, C, C_prev, out)\n\n"
-     "dA_prev of a stride-1 convolution into out, shape (m, H, W, C_prev); Wt has shape (K, C, C_prev)."},
+     "dA_prev of a stride-1 convolution into out, shape (m, H, W, C_prev). Wt has shape (K, C, C_prev),\n"
+     "or (K, C_prev, C) when C_prev is narrow (at most 4 and not a multiple of the vector width)."},
     {"weight_grad", weight_grad, METH_VARARGS,
      "weight_grad(P, D, offsets, p_rows, d_rows, front, m, sample, n_H, n_W, cols, C_prev, C, out)\n\n"
      "Add dW of a stride-1 convolution into out, float64, shape (K, C_prev, C)."},

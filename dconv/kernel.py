@@ -43,7 +43,8 @@ compiler is there (optional: without one, the NumPy code above runs).
 * ``input_grad`` keeps 8 pixels x 16 float32 (8 float64) input channels in vector
   registers and adds every tap and channel into them before one store: no pass
   over memory per tap. Used when C_prev is a multiple of that width and at most
-  64 (:func:`use_compiled_input_grad`).
+  64, or, in a variant whose vectors run over C, when C_prev is at most 4 (a first
+  layer) and C a multiple of the width (:func:`use_compiled_input_grad`).
 * ``weight_grad`` keeps 8 input channels x 2 vectors of output channels in
   registers over one sample's pixels, and adds each sample's sum into a float64
   dW. Used when C is a multiple of two vector widths
@@ -338,10 +339,18 @@ COMPILED_MAX_CHANNELS = 64
 """Above this C_prev the compiled loop was no faster than the NumPy GEMMs (slower in float64)."""
 
 
-def use_compiled_input_grad(dtype: np.dtype, c_prev: int) -> bool:
-    """Whether :func:`input_grad_flat` runs the compiled loop for this dtype and C_prev."""
+COMPILED_NARROW = 4
+"""The largest C_prev (not a multiple of the vector width) of the compiled loop's narrow variant."""
+
+
+def use_compiled_input_grad(dtype: np.dtype, c_prev: int, c_out: int) -> bool:
+    """Whether :func:`input_grad_flat` runs the compiled loop for this dtype, C_prev and C."""
     lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
-    return COMPILED and lanes is not None and c_prev % lanes == 0 and c_prev <= COMPILED_MAX_CHANNELS
+    if not COMPILED or lanes is None:
+        return False
+    wide = c_prev % lanes == 0 and c_prev <= COMPILED_MAX_CHANNELS
+    narrow = c_prev % lanes != 0 and c_prev <= COMPILED_NARROW and c_out % lanes == 0
+    return wide or narrow
 
 
 def use_compiled_weight_grad(dtype: np.dtype, c_out: int) -> bool:
@@ -430,10 +439,12 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
     per_sample = (height - 1) * cols + width                  # first to last input pixel of a sample
     w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
-    if use_compiled_input_grad(D.dtype, c_prev):
+    if use_compiled_input_grad(D.dtype, c_prev, c_out):
+        narrow = c_prev % COMPILED_LANES[D.itemsize] != 0
+        weights = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out)) if narrow else w_taps
         dA_prev = np.empty((m, height, width, c_prev), dtype=D.dtype)
         offsets = np.asarray(grid.offsets, dtype=np.intp)
-        _flatconv.input_grad(D, w_taps, offsets, D.shape[0], base, m, sample, height, width, cols, c_out, c_prev, dA_prev)
+        _flatconv.input_grad(D, weights, offsets, D.shape[0], base, m, sample, height, width, cols, c_out, c_prev, dA_prev)
         return dA_prev
     out = np.empty((m * sample, c_prev), dtype=D.dtype)
     acc = row_groups(out, 0, m, sample, per_sample)                   # (m, L_A, C_prev)

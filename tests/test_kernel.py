@@ -432,6 +432,8 @@ COMPILED_CASES = {  # C_prev = 16 (dA_prev) or C = 32 (dW): multiples of the vec
     "dw_only": Case((2, 6, 7, 5), (3, 3, 5, 32), padding=1),
     "dw_and_da": Case((2, 5, 9, 16), (3, 2, 16, 32), padding="same", dilation=2),
     "dw_channel_tail": Case((3, 4, 4, 20), (2, 2, 20, 64)),
+    "narrow_3": Case((2, 9, 10, 3), (5, 5, 3, 16), padding=2),      # a first layer: C_prev 3, C 16
+    "narrow_1_dilated": Case((3, 7, 6, 1), (3, 2, 1, 32), padding="same", dilation=2),
     "pad0_rect": Case((2, 7, 12, 16), (2, 3, 16, 3)),
     "same_dilated": Case((2, 10, 9, 16), (3, 2, 16, 4), padding="same", dilation=(2, 3)),
     "explicit_asym": Case((1, 6, 17, 16), (3, 3, 16, 2), padding=((0, 2), (1, 0))),
@@ -460,7 +462,7 @@ def test_compiled_loops_match_loop_reference(case_id, compiled, monkeypatch):
     monkeypatch.setattr(dconv.kernel, "COMPILED", compiled)
     case = COMPILED_CASES[case_id]
     for dtype in DTYPES:
-        uses = (dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3]),
+        uses = (dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3], case.w_shape[3]),
                 dconv.kernel.use_compiled_weight_grad(dtype, case.w_shape[3]))
         assert any(uses) == compiled
         a, w, b, dz = make_arrays(case, dtype, 4)
@@ -497,8 +499,10 @@ def test_compiled_loop_refuses_buffers_it_cannot_use():
         _flatconv.input_grad(D, Wt, offsets.astype(np.int32), *args, out)
     with pytest.raises(ValueError, match="does not fit"):
         _flatconv.input_grad(D, Wt, offsets, 100, 90, *args[2:], out)
-    with pytest.raises(ValueError, match="not a multiple of the vector width"):
+    with pytest.raises(ValueError, match="not a multiple of the vector width, nor at most 4"):
         _flatconv.input_grad(D, np.zeros((1, 4, 8), np.float32), offsets, *args[:-1], 8, np.zeros((1, 3, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="not a multiple of the vector width, nor at most 4"):  # narrow, but C = 4
+        _flatconv.input_grad(D, np.zeros((1, 4, 3), np.float32), offsets, *args[:-1], 3, np.zeros((1, 3, 3, 3), np.float32))
     with pytest.raises(ValueError, match="not C-contiguous"):
         _flatconv.input_grad(D, Wt, offsets, *args, out[..., ::2])
     P, dW = np.zeros((100, 4), np.float32), np.zeros((1, 4, 32))
