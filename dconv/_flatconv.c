@@ -108,33 +108,36 @@ typedef Py_ssize_t idx;
                 }                                                                                   \
     }
 
-/* dW for input channels c0 .. c0+cb-1 (cb <= CHANNELS) and outputs p0 .. p0+2*LANES-1 of one
- * sample and one tap: 2*CHANNELS vector accumulators, added to out (float64) at the end. */
+/* dW for input channels c0 .. c0+cb-1 (cb <= CHANNELS) and outputs p0 .. p0+2*LANES-1, one
+ * sample and one tap: 2*CHANNELS vector accumulators, added to out (float64) at the end.
+ * Output pixel (i, j) reads P row a0 + i*row_step + j*col_step (the tap's pixel of the padded
+ * input; the steps carry the stride) and dZ row g0 + i*n_w + j. */
 #define DEFINE_WEIGHT_GRAD(T, NAME, LANES)                                                          \
-    static void NAME##_weight_block(const T *P, const T *D, idx q0, idx off, idx front, idx n_h,    \
-                                    idx n_w, idx cols, idx Cp, idx C, idx c0, idx cb, idx p0,      \
-                                    double *out)                                                   \
+    static void NAME##_weight_block(const T *P, const T *G, idx a0, idx g0, idx row_step,           \
+                                    idx col_step, idx n_h, idx n_w, idx Cp, idx C, idx c0, idx cb,  \
+                                    idx p0, double *out)                                           \
     {                                                                                               \
         NAME##_vec lo[CHANNELS], hi[CHANNELS];                                                      \
         for (int c = 0; c < CHANNELS; c++)                                                          \
             lo[c] = hi[c] = (NAME##_vec){0};                                                        \
         for (idx i = 0; i < n_h; i++) {                                                             \
-            const T *a = P + (q0 + i * cols + off) * Cp + c0;                                       \
-            const T *g = D + (front + q0 + i * cols) * C + p0;                                      \
+            const T *a = P + (a0 + i * row_step) * Cp + c0;                                         \
+            const T *g = G + (g0 + i * n_w) * C + p0;                                               \
+            idx a_step = col_step * Cp;                                                             \
             if (cb == CHANNELS) {                                                                   \
                 for (idx j = 0; j < n_w; j++) {                                                     \
-                    NAME##_vec g0 = NAME##_load(g + j * C), g1 = NAME##_load(g + j * C + LANES);    \
+                    NAME##_vec v0 = NAME##_load(g + j * C), v1 = NAME##_load(g + j * C + LANES);    \
                     for (int c = 0; c < CHANNELS; c++) {                                            \
-                        lo[c] += a[j * Cp + c] * g0;                                                \
-                        hi[c] += a[j * Cp + c] * g1;                                                \
+                        lo[c] += a[j * a_step + c] * v0;                                            \
+                        hi[c] += a[j * a_step + c] * v1;                                            \
                     }                                                                               \
                 }                                                                                   \
             } else {                                                                                \
                 for (idx j = 0; j < n_w; j++) {                                                     \
-                    NAME##_vec g0 = NAME##_load(g + j * C), g1 = NAME##_load(g + j * C + LANES);    \
+                    NAME##_vec v0 = NAME##_load(g + j * C), v1 = NAME##_load(g + j * C + LANES);    \
                     for (idx c = 0; c < cb; c++) {                                                  \
-                        lo[c] += a[j * Cp + c] * g0;                                                \
-                        hi[c] += a[j * Cp + c] * g1;                                                \
+                        lo[c] += a[j * a_step + c] * v0;                                            \
+                        hi[c] += a[j * a_step + c] * v1;                                            \
                     }                                                                               \
                 }                                                                                   \
             }                                                                                       \
@@ -146,16 +149,17 @@ typedef Py_ssize_t idx;
             }                                                                                       \
     }                                                                                               \
                                                                                                     \
-    static void NAME##_weight_grad(const T *P, const T *D, const idx *offsets, idx K, idx front,    \
-                                   idx m, idx sample, idx n_h, idx n_w, idx cols, idx Cp, idx C,   \
-                                   double *dW)                                                     \
+    static void NAME##_weight_grad(const T *P, const T *G, const idx *offsets, idx K, idx m,        \
+                                   idx sample, idx row_step, idx col_step, idx n_h, idx n_w,       \
+                                   idx Cp, idx C, double *dW)                                      \
     {                                                                                               \
         for (idx n = 0; n < m; n++)                                                                 \
             for (idx k = 0; k < K; k++)                                                             \
                 for (idx c0 = 0; c0 < Cp; c0 += CHANNELS)                                           \
                     for (idx p0 = 0; p0 < C; p0 += 2 * LANES)                                       \
-                        NAME##_weight_block(P, D, n * sample, offsets[k], front, n_h, n_w, cols,    \
-                                            Cp, C, c0, Cp - c0 < CHANNELS ? Cp - c0 : CHANNELS, p0, \
+                        NAME##_weight_block(P, G, n * sample + offsets[k], n * n_h * n_w, row_step, \
+                                            col_step, n_h, n_w, Cp, C, c0,                          \
+                                            Cp - c0 < CHANNELS ? Cp - c0 : CHANNELS, p0,            \
                                             dW + k * Cp * C);                                       \
     }
 
@@ -271,12 +275,12 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
 
 static PyObject *weight_grad(PyObject *self, PyObject *args)
 {
-    PyObject *P_obj, *D_obj, *off_obj, *out_obj;
-    idx p_rows, d_rows, front, m, sample, n_h, n_w, cols, Cp, C;
-    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnnO", &P_obj, &D_obj, &off_obj, &p_rows, &d_rows, &front, &m, &sample,
-                          &n_h, &n_w, &cols, &Cp, &C, &out_obj))
+    PyObject *P_obj, *G_obj, *off_obj, *out_obj;
+    idx p_rows, m, sample, row_step, col_step, n_h, n_w, Cp, C;
+    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnO", &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample, &row_step,
+                          &col_step, &n_h, &n_w, &Cp, &C, &out_obj))
         return NULL;
-    Py_buffer v[4]; /* offsets, P, D, out */
+    Py_buffer v[4]; /* offsets, P, dZ, out */
     if (get_buffer(off_obj, &v[0], 0, 'n', 1, "offsets") < 0)
         return NULL;
     idx K = v[0].len / (Py_ssize_t)sizeof(idx);
@@ -286,7 +290,7 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
         return NULL;
     }
     char type = item_type(&v[1]);
-    if (get_buffer(D_obj, &v[2], 0, type, d_rows * C, "D") < 0) {
+    if (get_buffer(G_obj, &v[2], 0, type, m * n_h * n_w * C, "dZ") < 0) {
         release(v, 2);
         return NULL;
     }
@@ -294,20 +298,20 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
         release(v, 3);
         return NULL;
     }
-    idx end = (m - 1) * sample + (n_h - 1) * cols + n_w; /* one past the last output pixel */
-    int fits = m > 0 && offsets[0] >= 0 && end + offsets[K - 1] <= p_rows && front + end <= d_rows;
+    idx last = (m - 1) * sample + (n_h - 1) * row_step + (n_w - 1) * col_step; /* the last output pixel's row */
+    int fits = m > 0 && n_h > 0 && n_w > 0 && offsets[0] >= 0 && last + offsets[K - 1] < p_rows;
     int lanes_ok = C % (type == 'f' ? 32 : 16) == 0;
     if (fits && lanes_ok) {
         Py_BEGIN_ALLOW_THREADS
         if (type == 'f')
-            f32_weight_grad(v[1].buf, v[2].buf, offsets, K, front, m, sample, n_h, n_w, cols, Cp, C, v[3].buf);
+            f32_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, C, v[3].buf);
         else
-            f64_weight_grad(v[1].buf, v[2].buf, offsets, K, front, m, sample, n_h, n_w, cols, Cp, C, v[3].buf);
+            f64_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, C, v[3].buf);
         Py_END_ALLOW_THREADS
     }
     release(v, 4);
     if (!fits)
-        return PyErr_Format(PyExc_ValueError, "weight_grad: the flat grid does not fit the rows of P or D");
+        return PyErr_Format(PyExc_ValueError, "weight_grad: the output pixels do not fit the %zd rows of P", p_rows);
     if (!lanes_ok)
         return PyErr_Format(PyExc_ValueError, "weight_grad: C %zd is not a multiple of twice the vector width", C);
     Py_RETURN_NONE;
@@ -319,8 +323,9 @@ static PyMethodDef methods[] = {
      "dA_prev of a stride-1 convolution into out, shape (m, H, W, C_prev). Wt has shape (K, C, C_prev),\n"
      "or (K, C_prev, C) when C_prev is narrow (at most 4 and not a multiple of the vector width)."},
     {"weight_grad", weight_grad, METH_VARARGS,
-     "weight_grad(P, D, offsets, p_rows, d_rows, front, m, sample, n_H, n_W, cols, C_prev, C, out)\n\n"
-     "Add dW of a stride-1 convolution into out, float64, shape (K, C_prev, C)."},
+     "weight_grad(P, dZ, offsets, p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, C, out)\n\n"
+     "Add dW into out, float64, shape (K, C_prev, C). Output pixel (n, i, j) reads row\n"
+     "n*sample + i*row_step + j*col_step + offsets[k] of the padded input P and dZ[n, i, j]."},
     {NULL, NULL, 0, NULL},
 };
 

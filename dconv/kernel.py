@@ -236,8 +236,6 @@ class FlatGrid(NamedTuple):
         ``Hp, Wp``: the padded sample size, shared by the input and dZ grids.
     offsets : tuple of int
         Row shift of each kernel tap, in ``W.reshape(fh * fw, ...)`` order.
-    n_out : int
-        ``L``: rows from the first to the last output pixel of the batch.
     n_in : int
         ``L_A``: rows from the first to the last unpadded input pixel, counted from
         the pixel ``(0, top, left)``.
@@ -252,7 +250,6 @@ class FlatGrid(NamedTuple):
     rows: int
     cols: int
     offsets: tuple[int, ...]
-    n_out: int
     n_in: int
     front: int
     total: int
@@ -260,20 +257,19 @@ class FlatGrid(NamedTuple):
 
 
 def flat_grid(m: int, geometry: ConvGeometry) -> FlatGrid:
-    """The :class:`FlatGrid` of a stride-1 convolution on a batch of ``m`` samples."""
-    (height, width), (n_h, n_w) = geometry.in_hw, geometry.out_hw
+    """The :class:`FlatGrid` of a convolution on a batch of ``m`` samples."""
+    height, width = geometry.in_hw
     (fh, fw), (dh, dw) = geometry.kernel_hw, geometry.dilation
     (top, _), (left, _) = geometry.pads
     rows, cols = geometry.padded_hw
     offsets = tuple(kh * dh * cols + kw * dw for kh in range(fh) for kw in range(fw))
     sample = rows * cols
-    n_out = (m - 1) * sample + (n_h - 1) * cols + n_w
     n_in = (m - 1) * sample + (height - 1) * cols + width
     origin = top * cols + left
     # dA_prev row q reads dZ buffer row front + origin - offsets[k] + q: keep every read in bounds.
     front = max(0, offsets[-1] - origin)
     total = max(front + m * sample, front + origin + n_in)
-    return FlatGrid(rows, cols, offsets, n_out, n_in, front, total, origin)
+    return FlatGrid(rows, cols, offsets, n_in, front, total, origin)
 
 
 def embed_input(A_prev: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
@@ -389,11 +385,6 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
     (dh, dw), (n_h, n_w), cols = geometry.dilation, geometry.out_hw, grid.cols
     sample = grid.rows * cols
     m = P.shape[0] // sample
-    if use_compiled_weight_grad(P.dtype, c_out):
-        dW = np.zeros((fh * fw, c_prev, c_out), dtype=np.float64)
-        offsets = np.asarray(grid.offsets, dtype=np.intp)
-        _flatconv.weight_grad(P, D, offsets, P.shape[0], D.shape[0], grid.front, m, sample, n_h, n_w, cols, c_prev, c_out, dW)
-        return dW.astype(P.dtype).reshape(w_shape)
     per_sample = (n_h - 1) * cols + n_w                          # first to last output pixel of a sample
     per_group = min(m, -(-fh * fw * c_out // sample))               # ceil(taps * C / sample)
     dW = np.zeros((fh, fw, c_prev, c_out), dtype=P.dtype)
@@ -460,8 +451,25 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     return dA_prev if (rows, cols) == (height, width) else np.ascontiguousarray(dA_prev)
 
 
+def weight_grad_compiled(P: np.ndarray, dZ: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape) -> np.ndarray:
+    """dW by the compiled loop, any stride: output pixel ``(n, i, j)`` meets the padded input at
+    row ``n * Hp * Wp + i * sh * Wp + j * sw + offsets[k]`` of ``P`` (see :func:`use_compiled_weight_grad`).
+
+    Returns
+    -------
+    ndarray, shape (fh, fw, C_prev, C), in the dtype of ``P`` (summed in float64)
+    """
+    fh, fw, c_prev, c_out = w_shape
+    (sh, sw), (n_h, n_w), cols = geometry.stride, geometry.out_hw, grid.cols
+    m = dZ.shape[0]
+    dW = np.zeros((fh * fw, c_prev, c_out), dtype=np.float64)
+    offsets = np.asarray(grid.offsets, dtype=np.intp)
+    _flatconv.weight_grad(P, dZ, offsets, P.shape[0], m, grid.rows * cols, sh * cols, sw, n_h, n_w, c_prev, c_out, dW)
+    return dW.astype(P.dtype).reshape(w_shape)
+
+
 def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
-    """``(dA_prev, dW)`` of a stride-1 convolution by flat implicit GEMM, or None.
+    """``(dA_prev, dW)`` of a stride-1 convolution on the flat grids, or None.
 
     None means the result would differ from the reference in where NaN and
     inf land (the wrap-around rows multiply zeros by non-finite values): the
@@ -469,10 +477,13 @@ def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
     """
     if not np.isfinite(W).all():
         return None
-    m = A_prev.shape[0]
+    m, c_out = A_prev.shape[0], W.shape[3]
     grid = flat_grid(m, geometry)
     D = embed_grad(dZ, grid)
-    dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape)
+    if use_compiled_weight_grad(dZ.dtype, c_out):
+        dW = weight_grad_compiled(embed_input(A_prev, geometry), dZ, grid, geometry, W.shape)
+    else:
+        dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape)
     if not np.isfinite(dW).all():
         return None
     return input_grad_flat(D, W, grid, geometry, m), dW
@@ -482,15 +493,25 @@ def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
 
 
 def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
-    """``(dA_prev, dW)`` for any stride: im2col, two GEMMs, col2im."""
+    """``(dA_prev, dW)`` for any stride: im2col, two GEMMs, col2im.
+
+    When the compiled dW loop applies (:func:`use_compiled_weight_grad`), it
+    reads the padded input in place and there is no im2col copy.
+    """
     n_channels = W.shape[3]
     padded = pad_input(A_prev, geometry.pads)
-    cols = im2col(padded, geometry)                           # (M, K)
     dZ_2d = dZ.reshape(-1, n_channels)                        # (M, C)
     W_2d = W.reshape(-1, n_channels)                          # (K, C)
-    dW = (cols.T @ dZ_2d).reshape(W.shape)                    # "mk,mc->kc"
+    if use_compiled_weight_grad(dZ.dtype, n_channels):
+        P = np.ascontiguousarray(padded).reshape(-1, padded.shape[3])
+        dW = weight_grad_compiled(P, dZ, flat_grid(dZ.shape[0], geometry), geometry, W.shape)
+        del P
+    else:
+        cols = im2col(padded, geometry)                       # (M, K)
+        dW = (cols.T @ dZ_2d).reshape(W.shape)                # "mk,mc->kc"
+        del cols
     padded_shape = padded.shape
-    del cols, padded
+    del padded
     dcols = dZ_2d @ W_2d.T                                    # "mc,kc->mk"
     dA_prev = unpad(col2im(dcols, geometry, padded_shape), geometry.pads)
     return np.ascontiguousarray(dA_prev), dW
@@ -562,6 +583,14 @@ def blas_threads() -> int:
     return max(counts, default=os.cpu_count() or 1)
 
 
+def single_threaded(geometry: ConvGeometry, dtype: np.dtype, c_prev: int, c_out: int) -> bool:
+    """Whether this layer's loops run on one thread (the compiled loops, per-sample GEMMs), so the batch is worth splitting."""
+    if geometry.stride != (1, 1):   # im2col's GEMMs are threaded by BLAS; the compiled dW loop is not
+        return use_compiled_weight_grad(dtype, c_out) and geometry.kernel_hw != (1, 1)
+    compiled = use_compiled_input_grad(dtype, c_prev, c_out) or use_compiled_weight_grad(dtype, c_out)
+    return compiled or geometry.kernel_hw != (1, 1)
+
+
 def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
     """``(dA_prev, dW, db)`` of one batch on the calling thread; db in float64, shape (C,)."""
     result = backward_flat(dZ, A_prev, W, geometry) if geometry.stride == (1, 1) else None
@@ -626,8 +655,7 @@ def backward_kernel(
     n_h, n_w = geometry.out_hw
     fh, fw, c_prev, c_out = W.shape
     flops = 4.0 * dZ.shape[0] * n_h * n_w * fh * fw * c_prev * c_out
-    per_sample_gemms = geometry.stride == (1, 1) and fh * fw > 1   # the flat path: GEMMs too small for BLAS threads
-    slices = batch_slices(dZ.shape[0], threads if per_sample_gemms else 1, flops)
+    slices = batch_slices(dZ.shape[0], threads if single_threaded(geometry, dZ.dtype, c_prev, c_out) else 1, flops)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate silently, as IEEE says
         if len(slices) == 1:
             dA_prev, dW, db = _backward_one(dZ, A_prev, W, geometry)

@@ -432,6 +432,9 @@ COMPILED_CASES = {  # C_prev = 16 (dA_prev) or C = 32 (dW): multiples of the vec
     "dw_only": Case((2, 6, 7, 5), (3, 3, 5, 32), padding=1),
     "dw_and_da": Case((2, 5, 9, 16), (3, 2, 16, 32), padding="same", dilation=2),
     "dw_channel_tail": Case((3, 4, 4, 20), (2, 2, 20, 64)),
+    "stride2": Case((2, 9, 10, 16), (3, 3, 16, 32), stride=2, padding=1),
+    "stride_2x3_same_dilated": Case((2, 11, 13, 16), (3, 2, 16, 32), stride=(2, 3), padding="same", dilation=(1, 2)),
+    "stride3_1x1": Case((2, 7, 8, 16), (1, 1, 16, 32), stride=3),
     "narrow_3": Case((2, 9, 10, 3), (5, 5, 3, 16), padding=2),      # a first layer: C_prev 3, C 16
     "narrow_1_dilated": Case((3, 7, 6, 1), (3, 2, 1, 32), padding="same", dilation=2),
     "pad0_rect": Case((2, 7, 12, 16), (2, 3, 16, 3)),
@@ -475,8 +478,9 @@ def test_compiled_loops_match_loop_reference(case_id, compiled, monkeypatch):
 @needs_compiled
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("where", ["A_prev", "dZ"])
-def test_compiled_loops_keep_special_values_where_the_reference_puts_them(where):
-    case = COMPILED_CASES["dw_and_da"]
+@pytest.mark.parametrize("case_id", ["dw_and_da", "stride2"])
+def test_compiled_loops_keep_special_values_where_the_reference_puts_them(where, case_id):
+    case = COMPILED_CASES[case_id]
     a, w, _, dz = make_arrays(case, np.float32, 6)
     {"A_prev": a, "dZ": dz}[where][1, 3, 4, 3] = np.nan
     got = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
@@ -505,13 +509,15 @@ def test_compiled_loop_refuses_buffers_it_cannot_use():
         _flatconv.input_grad(D, np.zeros((1, 4, 3), np.float32), offsets, *args[:-1], 3, np.zeros((1, 3, 3, 3), np.float32))
     with pytest.raises(ValueError, match="not C-contiguous"):
         _flatconv.input_grad(D, Wt, offsets, *args, out[..., ::2])
-    P, dW = np.zeros((100, 4), np.float32), np.zeros((1, 4, 32))
-    wargs = (100, 100, 0, 1, 25, 3, 3, 5, 4)                    # p_rows, d_rows, front, m, sample, n_H, n_W, cols, C_prev
-    _flatconv.weight_grad(P, np.zeros((100, 32), np.float32), offsets, *wargs, 32, dW)
+    P, dZ, dW = np.zeros((100, 4), np.float32), np.zeros((1, 3, 3, 32), np.float32), np.zeros((1, 4, 32))
+    wargs = (100, 1, 25, 10, 2, 3, 3, 4)                        # p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev
+    _flatconv.weight_grad(P, dZ, offsets, *wargs, 32, dW)
     with pytest.raises(ValueError, match="out must be a native float buffer"):
-        _flatconv.weight_grad(P, np.zeros((100, 32), np.float32), offsets, *wargs, 32, dW.astype(np.float32))
+        _flatconv.weight_grad(P, dZ, offsets, *wargs, 32, dW.astype(np.float32))
+    with pytest.raises(ValueError, match="do not fit the 20 rows of P"):   # the last pixel reads row 24
+        _flatconv.weight_grad(P[:20], dZ, offsets, 20, *wargs[1:], 32, dW)
     with pytest.raises(ValueError, match="not a multiple of twice the vector width"):
-        _flatconv.weight_grad(P, np.zeros((100, 16), np.float32), offsets, *wargs, 16, np.zeros((1, 4, 16)))
+        _flatconv.weight_grad(P, np.zeros((1, 3, 3, 16), np.float32), offsets, *wargs, 16, np.zeros((1, 4, 16)))
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
