@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> dict:
 
     print(f"python {platform.python_version()}, numpy {np.__version__}, dconv {dconv.__version__}, "
           f"torch {torch.__version__ if torch is not None else 'not installed'}")
+    print(f"dconv compiled loops (dconv/_flatconv.c): {'on' if dconv.kernel.COMPILED else 'off (NumPy only)'}")
     print(f"threads: {threads} (numpy BLAS via threadpoolctl, torch.set_num_threads); "
           f"torch.get_num_threads() = {torch.get_num_threads() if torch is not None else '-'}")
     print("BLAS libraries loaded (threadpoolctl.threadpool_info()):")
@@ -340,7 +341,7 @@ def run(args: argparse.Namespace) -> dict:
 
     return dict(
         python=platform.python_version(), numpy=np.__version__,
-        torch=None if torch is None else torch.__version__, threads=threads,
+        torch=None if torch is None else torch.__version__, threads=threads, compiled=dconv.kernel.COMPILED,
         torch_threads=None if torch is None else torch.get_num_threads(),
         blas=blas_info(), gemm_gflops=peak, repeats=repeats, rows=rows, summary=summary, classic=classic,
         timing=("min over interleaved samples; dconv = conv2d_backward; torch = aten.convolution_backward "
@@ -358,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-loops", action="store_true", help="skip the (slow) loop reference")
     parser.add_argument("--classic", action="store_true", help="run the classic row even with --quick")
     parser.add_argument("--check", action="store_true", help="also compare dW with torch's (setup sanity)")
+    parser.add_argument("--numpy-only", action="store_true",
+                        help="time dconv without its compiled loops, as on a machine where they were not built")
     args = parser.parse_args(argv)
+    if args.numpy_only:
+        dconv.kernel.COMPILED = False
     results = run(args)
     if args.json:
         with open(args.json, "w") as handle:
