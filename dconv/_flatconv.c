@@ -19,6 +19,7 @@
 typedef Py_ssize_t idx;
 
 #define PIXELS 8   /* input_grad: neighbouring pixels per register block */
+#define WIDE_PIXELS 6   /* input_grad, wide variant: pixels per register block (x 2 vectors) */
 #define NARROW 4        /* input_grad: the largest C_prev of the narrow variant */
 #define NARROW_PIXELS 4 /* input_grad, narrow variant: pixels per register block */
 #define CHANNELS 8      /* weight_grad: input channels per register block (x 2 vectors of outputs) */
@@ -66,6 +67,54 @@ typedef Py_ssize_t idx;
                         }                                                                           \
                         for (idx i = 0; i < nb; i++)                                                \
                             memcpy(out + i * Cp + p0, &acc[i], sizeof acc[i]);                      \
+                    }                                                                               \
+                }                                                                                   \
+    }
+
+/* The same sum with 6 pixels x 2 vectors of input channels per register block (C_prev a
+ * multiple of 2*LANES): 8 loads feed 12 FMAs, against 9 for 8 in the 8 x 1 block above. */
+#define DEFINE_INPUT_GRAD_WIDE(T, NAME, LANES)                                                      \
+    static void NAME##_input_grad_wide(const T *D, const T *Wt, const idx *offsets, idx K,         \
+                                       idx base, idx m, idx sample, idx height, idx width,         \
+                                       idx cols, idx C, idx Cp, T *dA)                             \
+    {                                                                                               \
+        for (idx n = 0; n < m; n++)                                                                 \
+            for (idx y = 0; y < height; y++)                                                        \
+                for (idx x0 = 0; x0 < width; x0 += WIDE_PIXELS) {                                   \
+                    idx nb = width - x0 < WIDE_PIXELS ? width - x0 : WIDE_PIXELS;                   \
+                    idx q = n * sample + y * cols + x0;                                             \
+                    T *out = dA + ((n * height + y) * width + x0) * Cp;                             \
+                    for (idx p0 = 0; p0 < Cp; p0 += 2 * LANES) {                                    \
+                        NAME##_vec lo[WIDE_PIXELS], hi[WIDE_PIXELS];                                \
+                        for (int i = 0; i < WIDE_PIXELS; i++)                                       \
+                            lo[i] = hi[i] = (NAME##_vec){0};                                        \
+                        for (idx k = 0; k < K; k++) {                                               \
+                            const T *src = D + (base - offsets[k] + q) * C;                         \
+                            const T *w = Wt + k * C * Cp + p0;                                      \
+                            if (nb == WIDE_PIXELS) {                                                \
+                                for (idx c = 0; c < C; c++) {                                       \
+                                    NAME##_vec w0 = NAME##_load(w + c * Cp);                        \
+                                    NAME##_vec w1 = NAME##_load(w + c * Cp + LANES);                \
+                                    for (int i = 0; i < WIDE_PIXELS; i++) {                         \
+                                        lo[i] += src[i * C + c] * w0;                               \
+                                        hi[i] += src[i * C + c] * w1;                               \
+                                    }                                                               \
+                                }                                                                   \
+                            } else {                                                                \
+                                for (idx c = 0; c < C; c++) {                                       \
+                                    NAME##_vec w0 = NAME##_load(w + c * Cp);                        \
+                                    NAME##_vec w1 = NAME##_load(w + c * Cp + LANES);                \
+                                    for (idx i = 0; i < nb; i++) {                                  \
+                                        lo[i] += src[i * C + c] * w0;                               \
+                                        hi[i] += src[i * C + c] * w1;                               \
+                                    }                                                               \
+                                }                                                                   \
+                            }                                                                       \
+                        }                                                                           \
+                        for (idx i = 0; i < nb; i++) {                                              \
+                            memcpy(out + i * Cp + p0, &lo[i], sizeof lo[i]);                        \
+                            memcpy(out + i * Cp + p0 + LANES, &hi[i], sizeof hi[i]);                \
+                        }                                                                           \
                     }                                                                               \
                 }                                                                                   \
     }
@@ -165,6 +214,8 @@ typedef Py_ssize_t idx;
 
 DEFINE_INPUT_GRAD(float, f32, 16)
 DEFINE_INPUT_GRAD(double, f64, 8)
+DEFINE_INPUT_GRAD_WIDE(float, f32, 16)
+DEFINE_INPUT_GRAD_WIDE(double, f64, 8)
 DEFINE_INPUT_GRAD_NARROW(float, f32, 16)
 DEFINE_INPUT_GRAD_NARROW(double, f64, 8)
 DEFINE_WEIGHT_GRAD(float, f32, 16)
@@ -251,8 +302,12 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
     int wide = Cp % lanes == 0, narrow = !wide && Cp <= NARROW && C % lanes == 0;
     if (fits && (wide || narrow)) {
         Py_BEGIN_ALLOW_THREADS
-        if (type == 'f' && wide)
+        if (type == 'f' && wide && Cp % (2 * lanes) == 0)
+            f32_input_grad_wide(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+        else if (type == 'f' && wide)
             f32_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+        else if (wide && Cp % (2 * lanes) == 0)
+            f64_input_grad_wide(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
         else if (wide)
             f64_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
         else if (type == 'f')

@@ -40,11 +40,12 @@ Compiled helper
 ``dconv/_flatconv.c`` holds the two stride-1 sums in C, built at install when a C
 compiler is there (optional: without one, the NumPy code above runs).
 
-* ``input_grad`` keeps 8 pixels x 16 float32 (8 float64) input channels in vector
-  registers and adds every tap and channel into them before one store: no pass
-  over memory per tap. Used when C_prev is a multiple of that width and at most
-  64, or, in a variant whose vectors run over C, when C_prev is at most 4 (a first
-  layer) and C a multiple of the width (:func:`use_compiled_input_grad`).
+* ``input_grad`` keeps 6 pixels x 32 float32 (16 float64) input channels in vector
+  registers (8 pixels x 16 when C_prev is an odd multiple of 16) and adds every
+  tap and channel into them before one store: no pass over memory per tap. Used
+  when C_prev is a multiple of the vector width and at most 128, or, in a variant
+  whose vectors run over C, when C_prev is at most 4 (a first layer) and C a
+  multiple of the width (:func:`use_compiled_input_grad`).
 * ``weight_grad`` keeps 8 input channels x 2 vectors of output channels in
   registers over one sample's pixels, and adds each sample's sum into a float64
   dW. It reads dZ and the padded input in place, at any stride, so the im2col
@@ -332,8 +333,8 @@ COMPILED = _flatconv is not None
 COMPILED_LANES = {4: 16, 8: 8}
 """Item size -> the multiple of C_prev the compiled loop needs (one AVX-512 register of channels)."""
 
-COMPILED_MAX_CHANNELS = 64
-"""Above this C_prev the compiled loop was no faster than the NumPy GEMMs (slower in float64)."""
+COMPILED_MAX_CHANNELS = 128
+"""The largest C_prev the compiled dA_prev loop was measured to beat the NumPy GEMMs at."""
 
 
 COMPILED_NARROW = 4
