@@ -53,8 +53,9 @@ compiler is there (optional: without one, the NumPy code above runs).
   (:func:`use_compiled_weight_grad`).
 
 Measured against the NumPy code on one thread, stride-1 layers of the benchmark
-suite: dA_prev 1.3-3.1x faster (2.7-5.5x for the 1- and 3-channel first layers),
-dW 1.0-2.2x. They need no NumPy headers (the buffer protocol) and release the GIL.
+suite, both dtypes: dA_prev 1.3-3.6x faster (2.3-5.4x for the 1- and 3-channel
+first layers), dW 1.0-1.8x. They need no NumPy headers (the buffer protocol) and
+release the GIL.
 
 Threads
 -------
