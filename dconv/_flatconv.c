@@ -1,16 +1,27 @@
-/* dA_prev of a stride-1 convolution, compiled: dconv.kernel.input_grad_flat calls this
- * when the module was built and C_prev is a multiple of the vector width.
+/* The loops of dconv's backward pass that BLAS runs badly, compiled. dconv.kernel calls
+ * them when this module was built (an optional extension: see "Compiled helper" in
+ * dconv/kernel.py) and the channel counts suit the vector width LANES (16 float32 or
+ * 8 float64 per AVX-512 register; GCC/Clang vector extensions, -march=native).
  *
- * It works on the flat grid of dconv.kernel.flat_grid: the batch zero-padded to
- * rows x cols pixels and flattened to one row per padded pixel, where kernel tap k
- * is the constant row shift offsets[k]. For every input pixel (n, y, x):
+ * input_grad: dA_prev of a stride-1 convolution on the flat grid of
+ * dconv.kernel.flat_grid (the batch zero-padded to rows x cols pixels, one row per
+ * padded pixel, kernel tap k a constant row shift offsets[k]). For every input pixel:
  *
  *   dA[n, y, x, :] = sum_k sum_c D[base - offsets[k] + n*sample + y*cols + x, c] * Wt[k, c, :]
  *
- * A register block holds 8 neighbouring pixels x LANES input channels (GCC/Clang
- * vector extensions; -march=native makes them AVX-512 or AVX2 registers) and sums
- * every tap and channel into it before one store: no per-tap pass over memory, no
- * padding rows written. The GIL is released, so threads can run slices of a batch.
+ *   A register block holds neighbouring pixels x input channels and takes every tap and
+ *   channel before one store: no pass over memory per tap, no padding row written.
+ *   Three shapes of block: 6 pixels x 2 vectors, 8 pixels x 1 vector, and for a narrow
+ *   C_prev (a first layer's 1-3 channels) 4 pixels x C_prev vectors running over C.
+ *
+ * weight_grad: dW of a convolution of any stride, from the padded input and dZ in place:
+ *
+ *   dW[k, c, :] += sum_(n, i, j) P[n*sample + i*row_step + j*col_step + offsets[k], c] * dZ[n, i, j, :]
+ *
+ *   8 input channels x 2 vectors of outputs per register block, over one sample's
+ *   pixels at a time; each sample's sum is added into a float64 dW.
+ *
+ * Both release the GIL, so threads can run slices of a batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -18,7 +29,7 @@
 
 typedef Py_ssize_t idx;
 
-#define PIXELS 8   /* input_grad: neighbouring pixels per register block */
+#define PIXELS 8        /* input_grad: neighbouring pixels per register block (x 1 vector) */
 #define WIDE_PIXELS 6   /* input_grad, wide variant: pixels per register block (x 2 vectors) */
 #define NARROW 4        /* input_grad: the largest C_prev of the narrow variant */
 #define NARROW_PIXELS 4 /* input_grad, narrow variant: pixels per register block */
