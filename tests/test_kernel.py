@@ -443,6 +443,7 @@ COMPILED_CASES = {  # C_prev = 16 (dA_prev) or C = 32 (dW): multiples of the vec
     "kernel_1x1": Case((2, 5, 3, 16), (1, 1, 16, 4)),
     "whole_input": Case((2, 4, 5, 16), (4, 5, 16, 3)),
     "wide_32": Case((1, 3, 20, 32), (3, 3, 32, 8), padding=1),
+    "odd_vectors_24": Case((2, 5, 7, 24), (3, 3, 24, 8), padding=1),  # float64: 3 vectors of 8 channels
 }
 
 
@@ -464,14 +465,28 @@ def test_compiled_helper_is_built_where_it_can_be():
 def test_compiled_loops_match_loop_reference(case_id, compiled, monkeypatch):
     monkeypatch.setattr(dconv.kernel, "COMPILED", compiled)
     case = COMPILED_CASES[case_id]
+    used = []
     for dtype in DTYPES:
-        uses = (dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3], case.w_shape[3]),
-                dconv.kernel.use_compiled_weight_grad(dtype, case.w_shape[3]))
-        assert any(uses) == compiled
+        used += [dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3], case.w_shape[3]),
+                 dconv.kernel.use_compiled_weight_grad(dtype, case.w_shape[3])]
         a, w, b, dz = make_arrays(case, dtype, 4)
         grads = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
         for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
             assert got.dtype == np.dtype(dtype) and got.flags.c_contiguous, name
+            assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+    assert any(used) == compiled
+
+
+@needs_compiled
+@pytest.mark.parametrize("case_id", ["dw_and_da", "stride2", "narrow_3"])
+def test_compiled_loops_in_threads_match_loop_reference(case_id, monkeypatch):
+    """The compiled loops release the GIL and run slices of a batch side by side."""
+    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    case = COMPILED_CASES[case_id]._replace(a_shape=(5, *COMPILED_CASES[case_id].a_shape[1:]))
+    for dtype in DTYPES:
+        a, w, b, dz = make_arrays(case, dtype, 8)
+        grads = conv2d_backward(dz, a, w, threads=2, **case.kwargs)
+        for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
             assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
 
 
