@@ -122,11 +122,21 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--tls-key", help="client private key for a tls:// scheduler")
 
 
+def version_text() -> str:
+    """``dconv X.Y.Z``, and whether the kernel's compiled loops were built."""
+    import dconv
+    from dconv import kernel
+
+    loops = "on" if kernel.COMPILED else "off (not built at install: the kernel runs in NumPy only)"
+    return f"dconv {dconv.__version__}; compiled loops (dconv/_flatconv.c): {loops}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="dconv",
         description="Conv2d backward (dA_prev, dW, db) for large batches, on Dask, with Zarr storage.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     backward = commands.add_parser("backward", help="run a backward job on an input group")

@@ -408,3 +408,12 @@ def test_resume_on_the_command_line_overrides_a_spec_that_overwrites(make_input,
     assert "0 of 3 chunks computed" in resumed.stdout
     both = dconv_cli("run", spec, "--quiet", "--resume", "--overwrite")
     assert both.returncode == 2 and "overwrite or resume, not both" in both.stderr
+
+
+def test_version_says_whether_the_compiled_loops_are_there():
+    import dconv.kernel
+
+    result = dconv_cli("--version")
+    assert result.returncode == 0, result.stderr
+    expected = "on" if dconv.kernel.COMPILED else "off (not built at install"
+    assert result.stdout.startswith(f"dconv {dconv.__version__}; compiled loops (dconv/_flatconv.c): {expected}")
