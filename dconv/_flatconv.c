@@ -21,7 +21,9 @@
  *   8 input channels x 2 vectors of outputs per register block, over one sample's
  *   pixels at a time; each sample's sum is added into a float64 dW.
  *
- * Both release the GIL, so threads can run slices of a batch.
+ * column_sums: float32 db summed in float64.
+ *
+ * All release the GIL, so threads can run slices of a batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -232,6 +234,34 @@ DEFINE_INPUT_GRAD_NARROW(double, f64, 8)
 DEFINE_WEIGHT_GRAD(float, f32, 16)
 DEFINE_WEIGHT_GRAD(double, f64, 8)
 
+/* db: the column sums of a (rows, C) float32 matrix, added into a float64 out, converting each
+ * value to float64 before adding (as NumPy's sum(axis=0, dtype=float64), without its temporaries).
+ * One pass over the rows per block of up to SUM_COLUMNS columns, 4 rows at a time into 4
+ * independent accumulators (a narrow C would otherwise wait on one add chain). */
+#define SUM_COLUMNS 256
+static void f32_column_sums(const float *x, idx rows, idx C, double *out)
+{
+    double acc[4][SUM_COLUMNS];
+    for (idx c0 = 0; c0 < C; c0 += SUM_COLUMNS) {
+        idx cb = C - c0 < SUM_COLUMNS ? C - c0 : SUM_COLUMNS;
+        for (int ph = 0; ph < 4; ph++)
+            for (idx c = 0; c < cb; c++)
+                acc[ph][c] = 0;
+        idx r = 0;
+        for (; r + 4 <= rows; r += 4)
+            for (int ph = 0; ph < 4; ph++) {
+                const float *row = x + (r + ph) * C + c0;
+                for (idx c = 0; c < cb; c++)
+                    acc[ph][c] += (double)row[c];
+            }
+        for (; r < rows; r++)
+            for (idx c = 0; c < cb; c++)
+                acc[0][c] += (double)x[r * C + c0 + c];
+        for (idx c = 0; c < cb; c++)
+            out[c0 + c] += (acc[0][c] + acc[1][c]) + (acc[2][c] + acc[3][c]);
+    }
+}
+
 /* ------------------------------------------------------------------ Python bindings */
 
 /* The item type of a buffer in native byte order: 'f' (float32), 'd' (float64), 'n' (an integer
@@ -383,6 +413,26 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *column_sums(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *out_obj;
+    idx rows, C;
+    if (!PyArg_ParseTuple(args, "OnnO", &x_obj, &rows, &C, &out_obj))
+        return NULL;
+    Py_buffer v[2];
+    if (get_buffer(x_obj, &v[0], 0, 'f', rows * C, "x") < 0)
+        return NULL;
+    if (get_buffer(out_obj, &v[1], 1, 'd', C, "out") < 0) {
+        release(v, 1);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    f32_column_sums(v[0].buf, rows, C, v[1].buf);
+    Py_END_ALLOW_THREADS
+    release(v, 2);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"input_grad", input_grad, METH_VARARGS,
      "input_grad(D, Wt, offsets, d_rows, base, m, sample, H, W, cols, C, C_prev, out)\n\n"
@@ -392,6 +442,8 @@ static PyMethodDef methods[] = {
      "weight_grad(P, dZ, offsets, p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, C, out)\n\n"
      "Add dW into out, float64, shape (K, C_prev, C). Output pixel (n, i, j) reads row\n"
      "n*sample + i*row_step + j*col_step + offsets[k] of the padded input P and dZ[n, i, j]."},
+    {"column_sums", column_sums, METH_VARARGS,
+     "column_sums(x, rows, C, out)\n\nAdd the column sums of float32 x (rows, C) into float64 out (C,)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -46,6 +46,7 @@ compiler is there (optional: without one, the NumPy code above runs).
   when C_prev is a multiple of the vector width and at most 128, or, in a variant
   whose vectors run over C, when C_prev is at most 4 (a first layer) and C a
   multiple of the width (:func:`use_compiled_input_grad`).
+* ``column_sums`` adds float32 db in float64, in one pass over dZ.
 * ``weight_grad`` keeps 8 input channels x 2 vectors of output channels in
   registers over one sample's pixels, and adds each sample's sum into a float64
   dW. It reads dZ and the padded input in place, at any stride, so the im2col
@@ -524,12 +525,16 @@ def bias_grad(dZ: np.ndarray) -> np.ndarray:
     """db in float64, shape (C,): dZ summed over m, n_H, n_W with float64 accumulation.
 
     float64 dZ goes through BLAS (a GEMV with a ones vector, the fastest sum
-    here); float32 dZ is summed by NumPy in float64, because a float32 BLAS
-    sum loses digits when the terms cancel.
+    here); float32 dZ is summed in float64 (by the compiled helper, or NumPy),
+    because a float32 BLAS sum loses digits when the terms cancel.
     """
     rows = dZ.reshape(-1, dZ.shape[3])
     if dZ.dtype == np.float64:
         return np.ones(rows.shape[0]) @ rows                                    # "m,mc->c"
+    if COMPILED:                     # the same float64 sums, 3-7x faster (no float64 temporaries)
+        db = np.zeros(rows.shape[1])
+        _flatconv.column_sums(np.ascontiguousarray(rows), rows.shape[0], rows.shape[1], db)
+        return db
     return rows.sum(axis=0, dtype=np.float64)
 
 

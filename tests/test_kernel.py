@@ -505,6 +505,21 @@ def test_compiled_loops_keep_special_values_where_the_reference_puts_them(where,
 
 
 @needs_compiled
+@pytest.mark.parametrize("rows, columns", [(1, 1), (7, 3), (1030, 32), (61, 300)])
+def test_compiled_column_sums_are_the_float64_sums(rows, columns):
+    from dconv import _flatconv
+
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, columns)) * 10.0 ** rng.integers(-3, 6, (rows, columns))).astype(np.float32)
+    x[::2] += 1e6                       # terms that cancel: a float32 sum would lose them
+    x[1::2] -= 1e6
+    out = np.full(columns, 0.5)
+    _flatconv.column_sums(x, rows, columns, out)
+    want = 0.5 + x.astype(np.float64).sum(axis=0)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-9 * np.abs(x).sum(axis=0).max())
+
+
+@needs_compiled
 def test_compiled_loop_refuses_buffers_it_cannot_use():
     from dconv import _flatconv
 
