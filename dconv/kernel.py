@@ -1,7 +1,7 @@
 """The NumPy conv2d kernel: forward and backward for one in-memory batch.
 
-Pure NumPy. This module never imports Dask and does no I/O; the graph layer
-calls it once per batch chunk.
+NumPy, with optional compiled loops (below). This module never imports Dask
+and does no I/O; the graph layer calls it once per batch chunk.
 
 Shapes (NHWC activations, HWIO weights, cross-correlation, zero padding)::
 
@@ -37,8 +37,8 @@ In both, ``db`` is dZ summed over m, n_H, n_W in float64.
 
 Compiled helper
 ---------------
-``dconv/_flatconv.c`` holds the two stride-1 sums in C, built at install when a C
-compiler is there (optional: without one, the NumPy code above runs).
+``dconv/_flatconv.c`` holds three loops in C, built at install when a C compiler
+is there (optional: without one, the NumPy code above runs).
 
 * ``input_grad`` keeps 6 pixels x 32 float32 (16 float64) input channels in vector
   registers (8 pixels x 16 when C_prev is an odd multiple of 16) and adds every
@@ -60,12 +60,14 @@ release the GIL.
 
 Threads
 -------
-The stride-1 GEMMs are single-threaded, so :func:`backward_kernel` can cut the
-batch into ``threads`` slices and run each in a thread of its own, with BLAS
-held to one thread (threadpoolctl); the slices' dW and db are added in
-float64, in slice order. The other layers run larger GEMMs that BLAS threads
-by itself. The graph layer passes ``threads=1``: there, Dask runs the batch
-chunks in parallel.
+The stride-1 loops (per-sample GEMMs, or the compiled loops) each run on one
+thread, so :func:`backward_kernel` cuts the batch into ``threads`` slices and
+runs each in a thread of its own, with BLAS held to one thread (threadpoolctl);
+the slices' dW and db are added in float64, in slice order
+(:func:`single_threaded` says when). The im2col layers run larger GEMMs that
+BLAS threads by itself; they are split too when the compiled dW loop runs on a
+kernel larger than 1x1. The graph layer passes ``threads=1``: there, Dask runs
+the batch chunks in parallel.
 
 Memory
 ------
