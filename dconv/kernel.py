@@ -332,14 +332,13 @@ def row_groups(matrix: np.ndarray, first_row: int, n_groups: int, step: int, n_r
 
 
 COMPILED = _flatconv is not None
-"""Whether the stride-1 path may use the compiled loops (tests set it to False to run NumPy)."""
+"""Whether the kernel may use the compiled loops (tests and ``bench_kernel.py --numpy-only`` set it to False)."""
 
 COMPILED_LANES = {4: 16, 8: 8}
-"""Item size -> the multiple of C_prev the compiled loop needs (one AVX-512 register of channels)."""
+"""Item size -> channels per vector register in the compiled loops (AVX-512: 16 float32, 8 float64)."""
 
 COMPILED_MAX_CHANNELS = 128
 """The largest C_prev the compiled dA_prev loop was measured to beat the NumPy GEMMs at."""
-
 
 COMPILED_NARROW = 4
 """The largest C_prev (not a multiple of the vector width) of the compiled loop's narrow variant."""
@@ -356,7 +355,7 @@ def use_compiled_input_grad(dtype: np.dtype, c_prev: int, c_out: int) -> bool:
 
 
 def use_compiled_weight_grad(dtype: np.dtype, c_out: int) -> bool:
-    """Whether :func:`weight_grad_flat` runs the compiled loop: C a multiple of two vector widths."""
+    """Whether dW comes from the compiled loop (:func:`weight_grad_compiled`): C a multiple of two vector widths."""
     lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
     return COMPILED and lanes is not None and c_out % (2 * lanes) == 0
 
