@@ -33,6 +33,9 @@ Other strides: im2col, :func:`backward_im2col`::
     dW      = cols.T @ dZ            # "mk,mc->kc"  (or the compiled dW loop, with no cols copy)
     dA_prev = col2im(dZ @ W.T)       # "mc,kc->mk", then scatter-add per kernel offset
 
+With the compiled loops, dA_prev is instead one stride-1 correlation per phase
+of the padded input (:func:`input_grad_phases`), and nothing is scattered.
+
 In both, ``db`` is dZ summed over m, n_H, n_W in float64.
 
 Compiled helper
@@ -45,7 +48,8 @@ is there (optional: without one, the NumPy code above runs).
   tap and channel into them before one store: no pass over memory per tap. Used
   when C_prev is a multiple of the vector width and at most 128, or, in a variant
   whose vectors run over C, when C_prev is at most 4 (a first layer) and C a
-  multiple of the width (:func:`use_compiled_input_grad`).
+  multiple of the width (:func:`use_compiled_input_grad`). Other strides run it
+  once per phase of the input (:func:`input_grad_phases`).
 * ``column_sums`` adds float32 db in float64, in one pass over dZ.
 * ``weight_grad`` keeps 8 input channels x 2 vectors of output channels in
   registers over one sample's pixels, and adds each sample's sum into a float64
@@ -65,7 +69,7 @@ thread, so :func:`backward_kernel` cuts the batch into ``threads`` slices and
 runs each in a thread of its own, with BLAS held to one thread (threadpoolctl);
 the slices' dW and db are added in float64, in slice order
 (:func:`single_threaded` says when). The im2col layers run larger GEMMs that
-BLAS threads by itself; they are split too when the compiled dW loop runs on a
+BLAS threads by itself; they are split too when a compiled loop runs on a
 kernel larger than 1x1. The graph layer passes ``threads=1``: there, Dask runs
 the batch chunks in parallel.
 
@@ -436,11 +440,8 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     per_sample = (height - 1) * cols + width                  # first to last input pixel of a sample
     w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
     if use_compiled_input_grad(D.dtype, c_prev, c_out):
-        narrow = c_prev % COMPILED_LANES[D.itemsize] != 0
-        weights = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out)) if narrow else w_taps
         dA_prev = np.empty((m, height, width, c_prev), dtype=D.dtype)
-        offsets = np.asarray(grid.offsets, dtype=np.intp)
-        _flatconv.input_grad(D, weights, offsets, D.shape[0], base, m, sample, height, width, cols, c_out, c_prev, dA_prev)
+        _compiled_input_grad(D, W.reshape(fh * fw, c_prev, c_out), grid.offsets, base, sample, cols, dA_prev)
         return dA_prev
     out = np.empty((m * sample, c_prev), dtype=D.dtype)
     acc = row_groups(out, 0, m, sample, per_sample)                   # (m, L_A, C_prev)
@@ -454,6 +455,63 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
             acc += scratch
     dA_prev = out.reshape(m, rows, cols, c_prev)[:, :height, :width]
     return dA_prev if (rows, cols) == (height, width) else np.ascontiguousarray(dA_prev)
+
+
+def _compiled_input_grad(D, w_taps, offsets, base, sample, cols, out) -> None:
+    """``out[n, y, x] = sum_k D[base - offsets[k] + n * sample + y * cols + x] @ w_taps[k].T`` by the compiled loop.
+
+    Parameters
+    ----------
+    D : ndarray, shape (rows, C)
+    w_taps : ndarray, shape (K, C_prev, C)
+        The taps' weights, in the order of ``offsets`` (ascending).
+    out : ndarray, shape (m, height, width, C_prev), C-contiguous, written
+    """
+    m, height, width, c_prev = out.shape
+    c_out = w_taps.shape[2]
+    narrow = c_prev % COMPILED_LANES[D.itemsize] != 0       # the narrow variant takes (K, C_prev, C)
+    weights = np.ascontiguousarray(w_taps if narrow else w_taps.transpose(0, 2, 1))
+    offsets = np.asarray(offsets, dtype=np.intp)
+    _flatconv.input_grad(D, weights, offsets, D.shape[0], base, m, sample, height, width, cols, c_out, c_prev, out)
+
+
+def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """dA_prev at any stride by the compiled loop, one stride-1 correlation per phase of the padded input.
+
+    The padded input pixels ``(ry + a * sh, rx + b * sw)`` of one phase ``(ry, rx)``
+    are reached by the taps ``(kh, kw)`` with ``kh * dh = ry + e_h * sh`` and
+    ``kw * dw = rx + e_w * sw`` (``e_h, e_w`` whole), from ``dZ[a - e_h, b - e_w]``:
+    a stride-1 correlation of dZ with those taps, with no product on the zeros
+    that an upsampled dZ would hold. ``dZ`` is laid once on a grid padded by the
+    largest ``e``, each phase's result goes to its rows and columns of the padded
+    ``dA_prev``, and the padding is dropped.
+
+    Returns
+    -------
+    ndarray, shape (m, H, W, C_prev), C-contiguous
+    """
+    m, n_h, n_w, c_out = dZ.shape
+    fh, fw, c_prev, _ = W.shape
+    (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
+    rows, cols = geometry.padded_hw
+    e_h, e_w = (fh - 1) * dh // sh, (fw - 1) * dw // sw              # the largest shifts
+    grid_h, grid_w = e_h + max(n_h, -(-rows // sh)), e_w + max(n_w, -(-cols // sw))
+    D = np.zeros((m, grid_h, grid_w, c_out), dtype=dZ.dtype)
+    D[:, e_h : e_h + n_h, e_w : e_w + n_w] = dZ
+    D = D.reshape(-1, c_out)
+    dA_padded = np.zeros((m, rows, cols, c_prev), dtype=dZ.dtype)
+    for ry in range(sh):
+        for rx in range(sw):
+            taps = [(kh, kw) for kh in range(fh) for kw in range(fw) if (kh * dh - ry) % sh == 0 and (kw * dw - rx) % sw == 0]
+            if not taps:
+                continue                                          # no tap reaches this phase: its dA_prev is 0
+            shifts = [((kh * dh - ry) // sh) * grid_w + (kw * dw - rx) // sw for kh, kw in taps]
+            order = np.argsort(shifts, kind="stable")
+            phase = np.empty((m, -(-(rows - ry) // sh), -(-(cols - rx) // sw), c_prev), dtype=dZ.dtype)
+            w_taps = np.stack([W[taps[i]] for i in order])                              # (K', C_prev, C)
+            _compiled_input_grad(D, w_taps, [shifts[i] for i in order], e_h * grid_w + e_w, grid_h * grid_w, grid_w, phase)
+            dA_padded[:, ry::sh, rx::sw] = phase
+    return np.ascontiguousarray(unpad(dA_padded, geometry.pads))
 
 
 def weight_grad_compiled(P: np.ndarray, dZ: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape) -> np.ndarray:
@@ -501,7 +559,9 @@ def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
     """``(dA_prev, dW)`` for any stride: im2col, two GEMMs, col2im.
 
     When the compiled dW loop applies (:func:`use_compiled_weight_grad`), it
-    reads the padded input in place and there is no im2col copy.
+    reads the padded input in place and there is no im2col copy; when the
+    compiled dA_prev loop applies and W is finite, :func:`input_grad_phases`
+    replaces the second GEMM and col2im.
     """
     n_channels = W.shape[3]
     padded = pad_input(A_prev, geometry.pads)
@@ -517,6 +577,8 @@ def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
         del cols
     padded_shape = padded.shape
     del padded
+    if use_compiled_input_grad(dZ.dtype, W.shape[2], n_channels) and np.isfinite(W).all():
+        return input_grad_phases(dZ, W, geometry), dW             # finite W: the zeros around dZ add nothing
     dcols = dZ_2d @ W_2d.T                                    # "mc,kc->mk"
     dA_prev = unpad(col2im(dcols, geometry, padded_shape), geometry.pads)
     return np.ascontiguousarray(dA_prev), dW
@@ -594,8 +656,9 @@ def blas_threads() -> int:
 
 def single_threaded(geometry: ConvGeometry, dtype: np.dtype, c_prev: int, c_out: int) -> bool:
     """Whether this layer's loops run on one thread (the compiled loops, per-sample GEMMs), so the batch is worth splitting."""
-    if geometry.stride != (1, 1):   # im2col's GEMMs are threaded by BLAS; the compiled dW loop is not
-        return use_compiled_weight_grad(dtype, c_out) and geometry.kernel_hw != (1, 1)
+    if geometry.stride != (1, 1):   # im2col's GEMMs are threaded by BLAS; the compiled loops are not
+        compiled = use_compiled_weight_grad(dtype, c_out) or use_compiled_input_grad(dtype, c_prev, c_out)
+        return compiled and geometry.kernel_hw != (1, 1)
     compiled = use_compiled_input_grad(dtype, c_prev, c_out) or use_compiled_weight_grad(dtype, c_out)
     return compiled or geometry.kernel_hw != (1, 1)
 

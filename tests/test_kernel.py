@@ -477,6 +477,36 @@ def test_compiled_loops_match_loop_reference(case_id, compiled, monkeypatch):
     assert any(used) == compiled
 
 
+def _random_compiled_cases(n: int, seed: int = 11) -> list[Case]:
+    """Strides 1-3, dilations 1-2, every padding form, channel counts the compiled loops take."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < n:
+        fh, fw = rng.integers(1, 5, 2)
+        stride = tuple(int(v) for v in rng.integers(1, 4, 2))
+        dilation = tuple(int(v) for v in rng.integers(1, 3, 2))
+        padding = [0, 1, (1, 2), ((0, 2), (1, 0)), "same", "valid"][rng.integers(6)]
+        c_prev, c_out = int(rng.choice([1, 3, 16, 32])), int(rng.choice([16, 32]))
+        case = Case((int(rng.integers(1, 4)), int(rng.integers(4, 12)), int(rng.integers(4, 12)), c_prev),
+                    (int(fh), int(fw), c_prev, c_out), stride=stride, padding=padding, dilation=dilation)
+        try:
+            case.z_shape()
+        except ValueError:                  # the kernel does not fit this input
+            continue
+        cases.append(case)
+    return cases
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", _random_compiled_cases(40), ids=lambda c: f"{c.a_shape}-{c.w_shape}-s{c.stride}-p{c.padding}-d{c.dilation}")
+def test_compiled_loops_on_random_layers_match_loop_reference(case):
+    for dtype in DTYPES:
+        a, w, b, dz = make_arrays(case, dtype, 13)
+        grads = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
+        for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
+            assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+
+
 @needs_compiled
 @pytest.mark.parametrize("case_id", ["dw_and_da", "stride2", "narrow_3"])
 def test_compiled_loops_in_threads_match_loop_reference(case_id, monkeypatch):
