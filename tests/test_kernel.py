@@ -402,7 +402,10 @@ def test_weight_grad_in_groups_with_samples_left_over(m):
     Case((6, 10, 9, 5), (2, 3, 5, 4), padding="same", dilation=2),
     Case((6, 8, 8, 6), (1, 1, 6, 7)),
     Case((6, 11, 11, 4), (3, 3, 4, 6), stride=2, padding=1),       # im2col
-], ids=["s1", "s1-groups", "s1-dilated", "1x1", "s2"])
+    Case((6, 11, 11, 16), (3, 3, 16, 32), stride=2, padding=1),    # compiled: the dW loop and the phases
+    Case((4, 10, 10, 16), (1, 1, 16, 128), stride=2),              # compiled, a dZ grid wider than the input
+    Case((5, 9, 9, 16), (3, 3, 16, 32), padding=1),                # compiled, stride 1
+], ids=["s1", "s1-groups", "s1-dilated", "1x1", "s2", "s2-compiled", "1x1-s2-compiled", "s1-compiled"])
 def test_kernel_allocates_within_its_documented_bound(case, threads, monkeypatch):
     import tracemalloc
 
