@@ -376,10 +376,11 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
     for every (group, tap) on strided views, no copy, and the partial sums
     are then added. A group is one sample, or as many as keep the partial
     sums (``taps * C_prev * C`` per group) within the memory of the padded
-    input. Per-sample GEMMs ran 1.3-3x faster than one GEMM per tap over the
-    whole batch (``benchmarks/bench_kernel.py`` suite, OpenBLAS on AVX-512):
-    a sample's rows stay in cache from one tap to the next, and GEMMs this
-    small go to OpenBLAS's unpacked small-matrix kernels.
+    input. On one thread these ran 1.0-2.8x faster than the kernel-row GEMMs
+    they replaced (stride-1 layers of the ``benchmarks/bench_kernel.py``
+    suite, OpenBLAS on AVX-512): a sample's rows stay in cache from one tap
+    to the next, and the speed jumps when a GEMM drops under 100**3
+    multiply-adds, where OpenBLAS switches to its small-matrix kernels.
 
     Parameters
     ----------
@@ -442,11 +443,11 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     sample = rows * cols
     base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
     per_sample = (height - 1) * cols + width                  # first to last input pixel of a sample
-    w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
     if use_compiled_input_grad(D.dtype, c_prev, c_out):
         dA_prev = np.empty((m, height, width, c_prev), dtype=D.dtype)
         _compiled_input_grad(D, W.reshape(fh * fw, c_prev, c_out), grid.offsets, base, sample, cols, dA_prev)
         return dA_prev
+    w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
     out = np.empty((m * sample, c_prev), dtype=D.dtype)
     acc = row_groups(out, 0, m, sample, per_sample)                   # (m, L_A, C_prev)
     scratch = np.empty(acc.shape, dtype=D.dtype) if fh * fw > 1 else None
