@@ -26,17 +26,23 @@ Every function takes a store as a local path or an fsspec URL plus
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+import numcodecs.blosc
 import numpy as np
 import zarr
 import zarr.errors
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, BytesCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.sync import sync
 
 from dconv.errors import InputError
 from dconv.params import check_float_dtype
@@ -226,6 +232,8 @@ def read_batch(array: zarr.Array, name: str, start: int, stop: int) -> np.ndarra
             "local paths must be on storage every worker shares."
         )
     try:
+        if _reads_whole_chunks(array, start, stop):
+            return _read_whole_chunks(array, start, stop)
         return np.asarray(array[start:stop])
     except Exception as e:  # codec errors have no common base class
         chunk = _first_bad_chunk(array, start, stop)
@@ -233,6 +241,79 @@ def read_batch(array: zarr.Array, name: str, start: int, stop: int) -> np.ndarra
             f"{name} chunk {chunk} (along the first axis, samples {chunk * array.chunks[0]}.."
             f"{min((chunk + 1) * array.chunks[0], array.shape[0]) - 1}) is corrupt or truncated: {type(e).__name__}: {e}"
         ) from e
+
+
+def _reads_whole_chunks(array: zarr.Array, start: int, stop: int) -> bool:
+    """Whether ``array[start:stop]`` is whole chunks in a layout ``_read_whole_chunks`` decodes.
+
+    That layout is the one ``make_inputs`` and ``OutputStore`` write: Zarr v3,
+    chunks that span every axis but the first, little-endian bytes, then Blosc
+    or no compression. Anything else (sharding, other codecs, a read that cuts
+    a chunk) goes through zarr's own path.
+    """
+    metadata = array.metadata
+    if metadata.zarr_format != 3 or sys.byteorder != "little" or not isinstance(metadata.chunk_grid, RegularChunkGrid):
+        return False
+    size = array.chunks[0]
+    aligned = start % size == 0 and (stop % size == 0 or stop == array.shape[0])
+    first, *compressors = metadata.codecs
+    return (
+        aligned
+        and tuple(array.chunks[1:]) == tuple(array.shape[1:])
+        and isinstance(first, BytesCodec)
+        and (first.endian is None or first.endian.value == "little")
+        and (not compressors or (len(compressors) == 1 and isinstance(compressors[0], BloscCodec)))
+    )
+
+
+def _read_whole_chunks(array: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """``array[start:stop]``, each chunk decoded straight into its place in the result.
+
+    zarr's own read decodes a chunk into a new buffer and then copies it into
+    the result; on a 50 MB chunk pair that is half the read time (measured in
+    docs/DESIGN.md, "Where data lands"). The chunks are fetched concurrently
+    through the array's store, so this works on every store zarr supports.
+    """
+    size = array.chunks[0]
+    out = np.empty((stop - start, *array.shape[1:]), dtype=_numpy_dtype("array", array))
+    indices = range(start // size, -(-stop // size))
+    keys = [array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1)) for index in indices]
+    fetched = sync(_get_all([array.store_path / key for key in keys]))
+    chunk_nbytes = size * out[0].nbytes
+    for index, key, data in zip(indices, keys, fetched):
+        block = out[index * size - start : (index + 1) * size - start]
+        if data is None:  # never written: all fill value
+            block[...] = array.fill_value
+        elif isinstance(array.metadata.codecs[-1], BloscCodec):
+            _blosc_into(data.as_numpy_array(), block, chunk_nbytes, key)
+        else:
+            _raw_into(data.as_numpy_array(), block, chunk_nbytes, key)
+    return out
+
+
+async def _get_all(paths: list) -> list:
+    prototype = default_buffer_prototype()
+    return await asyncio.gather(*(path.get(prototype=prototype) for path in paths))
+
+
+def _blosc_into(encoded: np.ndarray, block: np.ndarray, chunk_nbytes: int, key: str) -> None:
+    """Decompress a Blosc chunk of ``chunk_nbytes`` into ``block`` (the whole chunk, or the array's last rows)."""
+    # Blosc header: version, versionlz, flags, typesize, then uint32 LE nbytes (decoded size)
+    nbytes = int.from_bytes(encoded[4:8].tobytes(), "little") if encoded.nbytes >= 16 else -1
+    if nbytes != chunk_nbytes:
+        raise ValueError(f"chunk {key} decodes to {nbytes} bytes; expected {chunk_nbytes}.")
+    if block.nbytes == chunk_nbytes:
+        numcodecs.blosc.decompress(encoded, block)
+    else:  # the last chunk, stored whole, of an array that ends inside it
+        decoded = np.frombuffer(numcodecs.blosc.decompress(encoded), dtype=block.dtype)
+        block[...] = decoded[: block.size].reshape(block.shape)
+
+
+def _raw_into(encoded: np.ndarray, block: np.ndarray, chunk_nbytes: int, key: str) -> None:
+    """Copy an uncompressed chunk of ``chunk_nbytes`` into ``block``."""
+    if encoded.nbytes != chunk_nbytes:
+        raise ValueError(f"chunk {key} holds {encoded.nbytes} bytes; expected {chunk_nbytes}.")
+    block[...] = encoded.view(block.dtype)[: block.size].reshape(block.shape)
 
 
 def _first_bad_chunk(array: zarr.Array, start: int, stop: int) -> int:
