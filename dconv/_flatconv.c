@@ -9,6 +9,8 @@
  *
  *   dA[n, y, x, :] = sum_k sum_c D[base - offsets[k] + n*sample + y*cols + x, c] * Wt[k, c, :]
  *
+ *   Pixel (n, y, x) is stored where an out_layout says: the whole dA_prev at stride 1, or at
+ *   stride > 1 the pixels of one phase of the input, straight into the unpadded dA_prev.
  *   A register block holds neighbouring pixels x input channels and takes every tap and
  *   channel before one store: no pass over memory per tap, no padding row written.
  *   Three shapes of block: 6 pixels x 2 vectors, 8 pixels x 1 vector, and for a narrow
@@ -37,6 +39,11 @@ typedef Py_ssize_t idx;
 #define NARROW_PIXELS 4 /* input_grad, narrow variant: pixels per register block */
 #define CHANNELS 8      /* weight_grad: input channels per register block (x 2 vectors of outputs) */
 
+/* Where input_grad writes pixel (n, y, x): element first + n*sample + y*row + x*pixel of dA. */
+typedef struct {
+    idx first, sample, row, pixel;
+} out_layout;
+
 #define DEFINE_INPUT_GRAD(T, NAME, LANES)                                                              \
     typedef T NAME##_vec __attribute__((vector_size(LANES * sizeof(T))));                           \
                                                                                                     \
@@ -49,14 +56,14 @@ typedef Py_ssize_t idx;
                                                                                                     \
     static void NAME##_input_grad(const T *D, const T *Wt, const idx *offsets, idx K, idx base,     \
                                   idx m, idx sample, idx height, idx width, idx cols, idx C,       \
-                                  idx Cp, T *dA)                                                   \
+                                  idx Cp, T *dA, out_layout o)                                                   \
     {                                                                                               \
         for (idx n = 0; n < m; n++)                                                                 \
             for (idx y = 0; y < height; y++)                                                        \
                 for (idx x0 = 0; x0 < width; x0 += PIXELS) {                                        \
                     idx nb = width - x0 < PIXELS ? width - x0 : PIXELS;                             \
                     idx q = n * sample + y * cols + x0;                                             \
-                    T *out = dA + ((n * height + y) * width + x0) * Cp;                             \
+                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                             \
                     for (idx p0 = 0; p0 < Cp; p0 += LANES) {                                        \
                         NAME##_vec acc[PIXELS];                                                     \
                         for (int i = 0; i < PIXELS; i++)                                            \
@@ -79,7 +86,7 @@ typedef Py_ssize_t idx;
                             }                                                                       \
                         }                                                                           \
                         for (idx i = 0; i < nb; i++)                                                \
-                            memcpy(out + i * Cp + p0, &acc[i], sizeof acc[i]);                      \
+                            memcpy(out + i * o.pixel + p0, &acc[i], sizeof acc[i]);                      \
                     }                                                                               \
                 }                                                                                   \
     }
@@ -89,14 +96,14 @@ typedef Py_ssize_t idx;
 #define DEFINE_INPUT_GRAD_WIDE(T, NAME, LANES)                                                      \
     static void NAME##_input_grad_wide(const T *D, const T *Wt, const idx *offsets, idx K,         \
                                        idx base, idx m, idx sample, idx height, idx width,         \
-                                       idx cols, idx C, idx Cp, T *dA)                             \
+                                       idx cols, idx C, idx Cp, T *dA, out_layout o)                             \
     {                                                                                               \
         for (idx n = 0; n < m; n++)                                                                 \
             for (idx y = 0; y < height; y++)                                                        \
                 for (idx x0 = 0; x0 < width; x0 += WIDE_PIXELS) {                                   \
                     idx nb = width - x0 < WIDE_PIXELS ? width - x0 : WIDE_PIXELS;                   \
                     idx q = n * sample + y * cols + x0;                                             \
-                    T *out = dA + ((n * height + y) * width + x0) * Cp;                             \
+                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                             \
                     for (idx p0 = 0; p0 < Cp; p0 += 2 * LANES) {                                    \
                         NAME##_vec lo[WIDE_PIXELS], hi[WIDE_PIXELS];                                \
                         for (int i = 0; i < WIDE_PIXELS; i++)                                       \
@@ -125,8 +132,8 @@ typedef Py_ssize_t idx;
                             }                                                                       \
                         }                                                                           \
                         for (idx i = 0; i < nb; i++) {                                              \
-                            memcpy(out + i * Cp + p0, &lo[i], sizeof lo[i]);                        \
-                            memcpy(out + i * Cp + p0 + LANES, &hi[i], sizeof hi[i]);                \
+                            memcpy(out + i * o.pixel + p0, &lo[i], sizeof lo[i]);                        \
+                            memcpy(out + i * o.pixel + p0 + LANES, &hi[i], sizeof hi[i]);                \
                         }                                                                           \
                     }                                                                               \
                 }                                                                                   \
@@ -138,7 +145,7 @@ typedef Py_ssize_t idx;
 #define DEFINE_INPUT_GRAD_NARROW(T, NAME, LANES)                                                    \
     static void NAME##_input_grad_narrow(const T *D, const T *Wc, const idx *offsets, idx K,       \
                                          idx base, idx m, idx sample, idx height, idx width,       \
-                                         idx cols, idx C, idx Cp, T *dA)                           \
+                                         idx cols, idx C, idx Cp, T *dA, out_layout o)                           \
     {                                                                                               \
         for (idx n = 0; n < m; n++)                                                                 \
             for (idx y = 0; y < height; y++)                                                        \
@@ -159,13 +166,13 @@ typedef Py_ssize_t idx;
                                     acc[i][p] += d * NAME##_load(w + p * C + c);                    \
                             }                                                                       \
                     }                                                                               \
-                    T *out = dA + ((n * height + y) * width + x0) * Cp;                             \
+                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                             \
                     for (idx i = 0; i < nb; i++)                                                    \
                         for (idx p = 0; p < Cp; p++) {                                              \
                             T total = 0;                                                            \
                             for (int l = 0; l < LANES; l++)                                         \
                                 total += acc[i][p][l];                                              \
-                            out[i * Cp + p] = total;                                                \
+                            out[i * o.pixel + p] = total;                                                \
                         }                                                                           \
                 }                                                                                   \
     }
@@ -315,9 +322,13 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
 {
     PyObject *D_obj, *W_obj, *off_obj, *out_obj;
     idx d_rows, base, m, sample, height, width, cols, C, Cp;
-    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnO", &D_obj, &W_obj, &off_obj, &d_rows, &base, &m, &sample, &height,
-                          &width, &cols, &C, &Cp, &out_obj))
+    out_layout o;
+    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnO(nnnn)", &D_obj, &W_obj, &off_obj, &d_rows, &base, &m, &sample,
+                          &height, &width, &cols, &C, &Cp, &out_obj, &o.first, &o.sample, &o.row, &o.pixel))
         return NULL;
+    if (m < 1 || height < 1 || width < 1 || o.first < 0 || o.sample < 0 || o.row < 0 || o.pixel < Cp)
+        return PyErr_Format(PyExc_ValueError, "input_grad: empty output or bad layout (first %zd, steps %zd %zd %zd)",
+                            o.first, o.sample, o.row, o.pixel);
     Py_buffer v[4]; /* offsets, D, Wt, out */
     if (get_buffer(off_obj, &v[0], 0, 'n', 1, "offsets") < 0)
         return NULL;
@@ -332,7 +343,9 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
         release(v, 2);
         return NULL;
     }
-    if (get_buffer(out_obj, &v[3], 1, type, m * height * width * Cp, "out") < 0) {
+    /* the last element written: pixel (m-1, height-1, width-1), channel Cp-1 */
+    idx out_end = o.first + (m - 1) * o.sample + (height - 1) * o.row + (width - 1) * o.pixel + Cp;
+    if (get_buffer(out_obj, &v[3], 1, type, out_end, "out") < 0) {
         release(v, 3);
         return NULL;
     }
@@ -344,19 +357,19 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
     if (fits && (wide || narrow)) {
         Py_BEGIN_ALLOW_THREADS
         if (type == 'f' && wide && Cp % (2 * lanes) == 0)
-            f32_input_grad_wide(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+            f32_input_grad_wide(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
         else if (type == 'f' && wide)
-            f32_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+            f32_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
         else if (wide && Cp % (2 * lanes) == 0)
-            f64_input_grad_wide(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+            f64_input_grad_wide(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
         else if (wide)
-            f64_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf);
+            f64_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
         else if (type == 'f')
             f32_input_grad_narrow(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp,
-                                  v[3].buf);
+                                  v[3].buf, o);
         else
             f64_input_grad_narrow(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp,
-                                  v[3].buf);
+                                  v[3].buf, o);
         Py_END_ALLOW_THREADS
     }
     release(v, 4);

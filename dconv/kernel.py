@@ -464,22 +464,27 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     return dA_prev if (rows, cols) == (height, width) else np.ascontiguousarray(dA_prev)
 
 
-def _compiled_input_grad(D, w_taps, offsets, base, sample, cols, out) -> None:
-    """``out[n, y, x] = sum_k D[base - offsets[k] + n * sample + y * cols + x] @ w_taps[k].T`` by the compiled loop.
+def _compiled_input_grad(D, w_taps, offsets, base, sample, cols, out, size=None, first=(0, 0), step=(1, 1)) -> None:
+    """``out[n, y0 + y * sy, x0 + x * sx] = sum_k D[base - offsets[k] + n * sample + y * cols + x] @ w_taps[k].T``
+    by the compiled loop, for ``y, x`` below ``size`` (default: every pixel of ``out``).
 
     Parameters
     ----------
     D : ndarray, shape (rows, C)
     w_taps : ndarray, shape (K, C_prev, C)
         The taps' weights, in the order of ``offsets`` (ascending).
-    out : ndarray, shape (m, height, width, C_prev), C-contiguous, written
+    out : ndarray, shape (m, H, W, C_prev), C-contiguous, written
+    size, first, step : pairs of int
+        ``(height, width)`` of the pixels computed, ``(y0, x0)`` and ``(sy, sx)``.
     """
     m, height, width, c_prev = out.shape
     c_out = w_taps.shape[2]
     narrow = c_prev % COMPILED_LANES[D.itemsize] != 0       # the narrow variant takes (K, C_prev, C)
     weights = np.ascontiguousarray(w_taps if narrow else w_taps.transpose(0, 2, 1))
     offsets = np.asarray(offsets, dtype=np.intp)
-    _flatconv.input_grad(D, weights, offsets, D.shape[0], base, m, sample, height, width, cols, c_out, c_prev, out)
+    (n_y, n_x), (y0, x0), (sy, sx) = size or (height, width), first, step
+    layout = ((y0 * width + x0) * c_prev, height * width * c_prev, sy * width * c_prev, sx * c_prev)
+    _flatconv.input_grad(D, weights, offsets, D.shape[0], base, m, sample, n_y, n_x, cols, c_out, c_prev, out, layout)
 
 
 def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
@@ -490,8 +495,8 @@ def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> 
     ``kw * dw = rx + e_w * sw`` (``e_h, e_w`` whole), from ``dZ[a - e_h, b - e_w]``:
     a stride-1 correlation of dZ with those taps, with no product on the zeros
     that an upsampled dZ would hold. ``dZ`` is laid once on a grid padded by the
-    largest ``e``, each phase's result goes to its rows and columns of the padded
-    ``dA_prev``, and the padding is dropped.
+    largest ``e``, and each phase writes the pixels of it that lie inside the
+    unpadded input straight into ``dA_prev``.
 
     Returns
     -------
@@ -500,25 +505,35 @@ def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> 
     m, n_h, n_w, c_out = dZ.shape
     fh, fw, c_prev, _ = W.shape
     (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
-    rows, cols = geometry.padded_hw
+    (top, _), (left, _) = geometry.pads
+    (height, width), (rows, cols) = geometry.in_hw, geometry.padded_hw
     e_h, e_w = (fh - 1) * dh // sh, (fw - 1) * dw // sw              # the largest shifts
     grid_h, grid_w = e_h + max(n_h, -(-rows // sh)), e_w + max(n_w, -(-cols // sw))
     D = np.zeros((m, grid_h, grid_w, c_out), dtype=dZ.dtype)
     D[:, e_h : e_h + n_h, e_w : e_w + n_w] = dZ
     D = D.reshape(-1, c_out)
-    dA_padded = np.zeros((m, rows, cols, c_prev), dtype=dZ.dtype)
-    for ry in range(sh):
-        for rx in range(sw):
-            taps = [(kh, kw) for kh in range(fh) for kw in range(fw) if (kh * dh - ry) % sh == 0 and (kw * dw - rx) % sw == 0]
-            if not taps:
-                continue                                          # no tap reaches this phase: its dA_prev is 0
-            shifts = [((kh * dh - ry) // sh) * grid_w + (kw * dw - rx) // sw for kh, kw in taps]
-            order = np.argsort(shifts, kind="stable")
-            phase = np.empty((m, -(-(rows - ry) // sh), -(-(cols - rx) // sw), c_prev), dtype=dZ.dtype)
-            w_taps = np.stack([W[taps[i]] for i in order])                              # (K', C_prev, C)
-            _compiled_input_grad(D, w_taps, [shifts[i] for i in order], e_h * grid_w + e_w, grid_h * grid_w, grid_w, phase)
-            dA_padded[:, ry::sh, rx::sw] = phase
-    return np.ascontiguousarray(unpad(dA_padded, geometry.pads))
+    phases = [(ry, rx) for ry in range(sh) for rx in range(sw)]
+    taps_of = {
+        (ry, rx): [(kh, kw) for kh in range(fh) for kw in range(fw) if (kh * dh - ry) % sh == 0 and (kw * dw - rx) % sw == 0]
+        for ry, rx in phases
+    }
+    everywhere = all(taps_of.values())                    # else the phases no tap reaches stay 0
+    dA_prev = (np.empty if everywhere else np.zeros)((m, height, width, c_prev), dtype=dZ.dtype)
+    for ry, rx in phases:
+        a0, b0 = max(0, -(-(top - ry) // sh)), max(0, -(-(left - rx) // sw))           # first phase pixel inside
+        n_a, n_b = -(-(top + height - ry) // sh) - a0, -(-(left + width - rx) // sw) - b0
+        taps = taps_of[(ry, rx)]
+        if not taps or n_a <= 0 or n_b <= 0:
+            continue
+        shifts = [((kh * dh - ry) // sh) * grid_w + (kw * dw - rx) // sw for kh, kw in taps]
+        order = np.argsort(shifts, kind="stable")
+        w_taps = np.stack([W[taps[i]] for i in order])                                  # (K', C_prev, C)
+        base = (e_h + a0) * grid_w + e_w + b0
+        _compiled_input_grad(
+            D, w_taps, [shifts[i] for i in order], base, grid_h * grid_w, grid_w, dA_prev,
+            size=(n_a, n_b), first=(ry + a0 * sh - top, rx + b0 * sw - left), step=(sh, sw),
+        )
+    return dA_prev
 
 
 def weight_grad_compiled(P: np.ndarray, dZ: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape) -> np.ndarray:

@@ -559,19 +559,31 @@ def test_compiled_loop_refuses_buffers_it_cannot_use():
     D, Wt, out = np.zeros((100, 4), np.float32), np.zeros((1, 4, 16), np.float32), np.zeros((1, 3, 3, 16), np.float32)
     offsets = np.zeros(1, np.intp)
     args = (100, 0, 1, 25, 3, 3, 5, 4, 16)                     # d_rows, base, m, sample, H, W, cols, C, C_prev
-    _flatconv.input_grad(D, Wt, offsets, *args, out)           # fits: no error
+    layout = (0, 144, 48, 16)                                  # out's first element, sample, row and pixel steps
+
+    def call(D=D, Wt=Wt, offsets=offsets, args=args, out=out, layout=layout):
+        _flatconv.input_grad(D, Wt, offsets, *args, out, layout)
+
+    call()                                                     # fits: no error
+    call(args=(*args[:4], 2, 2, *args[6:]), layout=(0, 144, 96, 32))    # pixels (0, 0), (0, 2), (2, 0), (2, 2)
     with pytest.raises(ValueError, match="Wt must be a native float buffer"):
-        _flatconv.input_grad(D, Wt.astype(np.float64), offsets, *args, out)
+        call(Wt=Wt.astype(np.float64))
     with pytest.raises(ValueError, match="offsets must be a native intp buffer"):
-        _flatconv.input_grad(D, Wt, offsets.astype(np.int32), *args, out)
+        call(offsets=offsets.astype(np.int32))
     with pytest.raises(ValueError, match="does not fit"):
-        _flatconv.input_grad(D, Wt, offsets, 100, 90, *args[2:], out)
+        call(args=(100, 90, *args[2:]))
     with pytest.raises(ValueError, match="not a multiple of the vector width, nor at most 4"):
-        _flatconv.input_grad(D, np.zeros((1, 4, 8), np.float32), offsets, *args[:-1], 8, np.zeros((1, 3, 3, 8), np.float32))
+        call(Wt=np.zeros((1, 4, 8), np.float32), args=(*args[:-1], 8), out=np.zeros((1, 3, 3, 8), np.float32),
+             layout=(0, 72, 24, 8))
     with pytest.raises(ValueError, match="not a multiple of the vector width, nor at most 4"):  # narrow, but C = 4
-        _flatconv.input_grad(D, np.zeros((1, 4, 3), np.float32), offsets, *args[:-1], 3, np.zeros((1, 3, 3, 3), np.float32))
+        call(Wt=np.zeros((1, 4, 3), np.float32), args=(*args[:-1], 3), out=np.zeros((1, 3, 3, 3), np.float32),
+             layout=(0, 27, 9, 3))
     with pytest.raises(ValueError, match="not C-contiguous"):
-        _flatconv.input_grad(D, Wt, offsets, *args, out[..., ::2])
+        call(out=out[..., ::2])
+    with pytest.raises(ValueError, match="out must be a native float buffer of at least 160 items"):
+        call(layout=(16, 144, 48, 16))                         # the last pixel would end past out
+    with pytest.raises(ValueError, match="bad layout"):
+        call(layout=(0, 144, 48, 8))                           # pixels overlapping
     P, dZ, dW = np.zeros((100, 4), np.float32), np.zeros((1, 3, 3, 32), np.float32), np.zeros((1, 4, 32))
     wargs = (100, 1, 25, 10, 2, 3, 3, 4)                        # p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev
     _flatconv.weight_grad(P, dZ, offsets, *wargs, 32, dW)
