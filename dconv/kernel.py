@@ -85,11 +85,11 @@ for those, and ``itemsize * N_out * C`` more if ``dZ`` is not C-contiguous)::
     Hp, Wp = H + top + bottom, W + left + right
 
     stride 1:  itemsize * (N_pad * C + 2 * N_pad * C_prev + N_in * C_prev + 4 * K * C_prev * C)
-    otherwise: itemsize * (2 * N_pad * C_prev + max(N_out * K * C_prev, N_grid * C + N_pad * C_prev)
+    otherwise: itemsize * (2 * N_pad * C_prev + max(N_out * K * C_prev, N_grid * C)
                            + N_in * C_prev + 4 * K * C_prev * C)
     N_grid = (m + 1) * (e_h + max(n_H, ceil(Hp / sh))) * (e_w + max(n_W, ceil(Wp / sw))),  e_h = (fh-1)*dh // sh
 
-(the second term of the max is the dZ grid and phase buffers of :func:`input_grad_phases`).
+(the second term of the max is the dZ grid of :func:`input_grad_phases`, whose phases write into dA_prev).
 
 plus a few KiB. The NaN/inf fallback of a stride-1 call needs the "otherwise"
 figure. (The dZ grid ``D`` carries ``(fh-1)*dh*Wp + (fw-1)*dw`` extra rows at
@@ -662,7 +662,7 @@ def backward_working_set(m: int, geometry: ConvGeometry, c_prev: int, c_out: int
     else:
         (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
         grid = ((fh - 1) * dh // sh + max(n_h, -(-rows // sh))) * ((fw - 1) * dw // sw + max(n_w, -(-cols // sw)))
-        dA_work = max(n_out * taps * c_prev, (m + threads) * grid * c_out + n_pad * c_prev)   # col2im, or the phases
+        dA_work = max(n_out * taps * c_prev, (m + threads) * grid * c_out)   # col2im, or the phases' dZ grid
         elements = 2 * n_pad * c_prev + dA_work + n_in * c_prev + weights
     return itemsize * (elements + split)
 
