@@ -20,8 +20,11 @@
  *
  *   dW[k, c, :] += sum_(n, i, j) P[n*sample + i*row_step + j*col_step + offsets[k], c] * dZ[n, i, j, :]
  *
- *   8 input channels x 2 vectors of outputs per register block, over one sample's
- *   pixels at a time; each sample's sum is added into a float64 dW.
+ *   8 input channels x 2 vectors of outputs per register block (16 x 1 vector when C is one
+ *   vector), over one sample's pixels at a time; each sample's sum is added into a float64 dW.
+ *   For a narrow C_prev the caller merges the taps of each kernel row into the rows of a
+ *   block (their values lie side by side in P), so a first layer's 1-3 channels still fill
+ *   the registers.
  *
  * column_sums: float32 db summed in float64.
  *
@@ -37,7 +40,8 @@ typedef Py_ssize_t idx;
 #define WIDE_PIXELS 6   /* input_grad, wide variant: pixels per register block (x 2 vectors) */
 #define NARROW 4        /* input_grad: the largest C_prev of the narrow variant */
 #define NARROW_PIXELS 4 /* input_grad, narrow variant: pixels per register block */
-#define CHANNELS 8      /* weight_grad: input channels per register block (x 2 vectors of outputs) */
+#define CHANNELS 8      /* weight_grad: rows (input channels) per register block (x 2 vectors of outputs) */
+#define ONE_VECTOR_ROWS 16 /* weight_grad: rows per register block when C is one vector */
 
 /* Where input_grad writes pixel (n, y, x): element first + n*sample + y*row + x*pixel of dA. */
 typedef struct {
@@ -177,10 +181,13 @@ typedef struct {
                 }                                                                                   \
     }
 
-/* dW for input channels c0 .. c0+cb-1 (cb <= CHANNELS) and outputs p0 .. p0+2*LANES-1, one
- * sample and one tap: 2*CHANNELS vector accumulators, added to out (float64) at the end.
- * Output pixel (i, j) reads P row a0 + i*row_step + j*col_step (the tap's pixel of the padded
- * input; the steps carry the stride) and dZ row g0 + i*n_w + j. */
+/* dW for rows c0 .. c0+cb-1 (cb <= CHANNELS) and outputs p0 .. p0+2*LANES-1, one sample and one
+ * tap: 2*CHANNELS vector accumulators, added to out (float64) at the end. Output pixel (i, j) reads
+ * P from element (a0 + i*row_step + j*col_step) * Cp (the tap's pixel of the padded input; the
+ * steps carry the stride) and dZ row g0 + i*n_w + j. A row is an input channel, or, where the
+ * caller merges the taps of a kernel row (a narrow C_prev), a (tap, channel) pair: rows past
+ * C_prev then read the next pixels' channels. ONE_VECTOR_ROWS x 1 vector is the block for C =
+ * LANES. */
 #define DEFINE_WEIGHT_GRAD(T, NAME, LANES)                                                          \
     static void NAME##_weight_block(const T *P, const T *G, idx a0, idx g0, idx row_step,           \
                                     idx col_step, idx n_h, idx n_w, idx Cp, idx C, idx c0, idx cb,  \
@@ -218,18 +225,49 @@ typedef struct {
             }                                                                                       \
     }                                                                                               \
                                                                                                     \
+    static void NAME##_weight_block_one(const T *P, const T *G, idx a0, idx g0, idx row_step,       \
+                                        idx col_step, idx n_h, idx n_w, idx Cp, idx C, idx c0,      \
+                                        idx cb, idx p0, double *out)                               \
+    {                                                                                               \
+        NAME##_vec acc[ONE_VECTOR_ROWS];                                                            \
+        for (int c = 0; c < ONE_VECTOR_ROWS; c++)                                                   \
+            acc[c] = (NAME##_vec){0};                                                               \
+        for (idx i = 0; i < n_h; i++) {                                                             \
+            const T *a = P + (a0 + i * row_step) * Cp + c0;                                         \
+            const T *g = G + (g0 + i * n_w) * C + p0;                                               \
+            idx a_step = col_step * Cp;                                                             \
+            if (cb == ONE_VECTOR_ROWS) {                                                            \
+                for (idx j = 0; j < n_w; j++) {                                                     \
+                    NAME##_vec v = NAME##_load(g + j * C);                                          \
+                    for (int c = 0; c < ONE_VECTOR_ROWS; c++)                                       \
+                        acc[c] += a[j * a_step + c] * v;                                            \
+                }                                                                                   \
+            } else {                                                                                \
+                for (idx j = 0; j < n_w; j++) {                                                     \
+                    NAME##_vec v = NAME##_load(g + j * C);                                          \
+                    for (idx c = 0; c < cb; c++)                                                    \
+                        acc[c] += a[j * a_step + c] * v;                                            \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (idx c = 0; c < cb; c++)                                                                \
+            for (int l = 0; l < LANES; l++)                                                         \
+                out[(c0 + c) * C + p0 + l] += acc[c][l];                                            \
+    }                                                                                               \
+                                                                                                    \
     static void NAME##_weight_grad(const T *P, const T *G, const idx *offsets, idx K, idx m,        \
                                    idx sample, idx row_step, idx col_step, idx n_h, idx n_w,       \
-                                   idx Cp, idx C, double *dW)                                      \
+                                   idx Cp, idx R, idx C, double *dW)                               \
     {                                                                                               \
+        int two = C % (2 * LANES) == 0;                                                             \
+        idx rows = two ? CHANNELS : ONE_VECTOR_ROWS, width = two ? 2 * LANES : LANES;               \
         for (idx n = 0; n < m; n++)                                                                 \
             for (idx k = 0; k < K; k++)                                                             \
-                for (idx c0 = 0; c0 < Cp; c0 += CHANNELS)                                           \
-                    for (idx p0 = 0; p0 < C; p0 += 2 * LANES)                                       \
-                        NAME##_weight_block(P, G, n * sample + offsets[k], n * n_h * n_w, row_step, \
-                                            col_step, n_h, n_w, Cp, C, c0,                          \
-                                            Cp - c0 < CHANNELS ? Cp - c0 : CHANNELS, p0,            \
-                                            dW + k * Cp * C);                                       \
+                for (idx c0 = 0; c0 < R; c0 += rows)                                                \
+                    for (idx p0 = 0; p0 < C; p0 += width)                                           \
+                        (two ? NAME##_weight_block : NAME##_weight_block_one)(                      \
+                            P, G, n * sample + offsets[k], n * n_h * n_w, row_step, col_step, n_h,  \
+                            n_w, Cp, C, c0, R - c0 < rows ? R - c0 : rows, p0, dW + k * R * C);     \
     }
 
 DEFINE_INPUT_GRAD(float, f32, 16)
@@ -385,10 +423,12 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
 static PyObject *weight_grad(PyObject *self, PyObject *args)
 {
     PyObject *P_obj, *G_obj, *off_obj, *out_obj;
-    idx p_rows, m, sample, row_step, col_step, n_h, n_w, Cp, C;
-    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnO", &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample, &row_step,
-                          &col_step, &n_h, &n_w, &Cp, &C, &out_obj))
+    idx p_rows, m, sample, row_step, col_step, n_h, n_w, Cp, R, C;
+    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnnO", &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample, &row_step,
+                          &col_step, &n_h, &n_w, &Cp, &R, &C, &out_obj))
         return NULL;
+    if (Cp < 1 || R < 1)
+        return PyErr_Format(PyExc_ValueError, "weight_grad: C_prev %zd and rows %zd must be >= 1", Cp, R);
     Py_buffer v[4]; /* offsets, P, dZ, out */
     if (get_buffer(off_obj, &v[0], 0, 'n', 1, "offsets") < 0)
         return NULL;
@@ -403,26 +443,27 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
         release(v, 2);
         return NULL;
     }
-    if (get_buffer(out_obj, &v[3], 1, 'd', K * Cp * C, "out") < 0) {
+    if (get_buffer(out_obj, &v[3], 1, 'd', K * R * C, "out") < 0) {
         release(v, 3);
         return NULL;
     }
     idx last = (m - 1) * sample + (n_h - 1) * row_step + (n_w - 1) * col_step; /* the last output pixel's row */
-    int fits = m > 0 && n_h > 0 && n_w > 0 && offsets[0] >= 0 && last + offsets[K - 1] < p_rows;
-    int lanes_ok = C % (type == 'f' ? 32 : 16) == 0;
+    /* the last element read: R values from the last output pixel's pixel of the last tap */
+    int fits = m > 0 && n_h > 0 && n_w > 0 && offsets[0] >= 0 && (last + offsets[K - 1]) * Cp + R <= p_rows * Cp;
+    int lanes_ok = C % (type == 'f' ? 16 : 8) == 0;
     if (fits && lanes_ok) {
         Py_BEGIN_ALLOW_THREADS
         if (type == 'f')
-            f32_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, C, v[3].buf);
+            f32_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, v[3].buf);
         else
-            f64_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, C, v[3].buf);
+            f64_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, v[3].buf);
         Py_END_ALLOW_THREADS
     }
     release(v, 4);
     if (!fits)
         return PyErr_Format(PyExc_ValueError, "weight_grad: the output pixels do not fit the %zd rows of P", p_rows);
     if (!lanes_ok)
-        return PyErr_Format(PyExc_ValueError, "weight_grad: C %zd is not a multiple of twice the vector width", C);
+        return PyErr_Format(PyExc_ValueError, "weight_grad: C %zd is not a multiple of the vector width", C);
     Py_RETURN_NONE;
 }
 

@@ -353,6 +353,9 @@ COMPILED_MAX_CHANNELS = 128
 COMPILED_NARROW = 4
 """The largest C_prev (not a multiple of the vector width) of the compiled loop's narrow variant."""
 
+COMPILED_NARROW_WEIGHT = 8
+"""Below this many input channels, the compiled dW loop merges each kernel row's taps (:func:`weight_grad_compiled`)."""
+
 
 def use_compiled_input_grad(dtype: np.dtype, c_prev: int, c_out: int) -> bool:
     """Whether :func:`input_grad_flat` runs the compiled loop for this dtype, C_prev and C."""
@@ -365,9 +368,9 @@ def use_compiled_input_grad(dtype: np.dtype, c_prev: int, c_out: int) -> bool:
 
 
 def use_compiled_weight_grad(dtype: np.dtype, c_out: int) -> bool:
-    """Whether dW comes from the compiled loop (:func:`weight_grad_compiled`): C a multiple of two vector widths."""
+    """Whether dW comes from the compiled loop (:func:`weight_grad_compiled`): C a multiple of the vector width."""
     lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
-    return COMPILED and lanes is not None and c_out % (2 * lanes) == 0
+    return COMPILED and lanes is not None and c_out % lanes == 0
 
 
 def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape) -> np.ndarray:
@@ -540,16 +543,26 @@ def weight_grad_compiled(P: np.ndarray, dZ: np.ndarray, grid: FlatGrid, geometry
     """dW by the compiled loop, any stride: output pixel ``(n, i, j)`` meets the padded input at
     row ``n * Hp * Wp + i * sh * Wp + j * sw + offsets[k]`` of ``P`` (see :func:`use_compiled_weight_grad`).
 
+    Below :data:`COMPILED_NARROW_WEIGHT` input channels (and with no dilation
+    along the width), the taps of each kernel row count as rows of one tap:
+    their values lie side by side in ``P``, so the loop's register blocks
+    fill up with (tap, channel) pairs instead of 1-3 channels.
+
     Returns
     -------
     ndarray, shape (fh, fw, C_prev, C), in the dtype of ``P`` (summed in float64)
     """
     fh, fw, c_prev, c_out = w_shape
     (sh, sw), (n_h, n_w), cols = geometry.stride, geometry.out_hw, grid.cols
+    merged = c_prev < COMPILED_NARROW_WEIGHT and geometry.dilation[1] == 1
+    if merged:                                                   # (kh, kw * C_prev + c) rows
+        offsets, rows = grid.offsets[::fw], fw * c_prev
+    else:
+        offsets, rows = grid.offsets, c_prev
+    dW = np.zeros((len(offsets), rows, c_out), dtype=np.float64)
+    offsets = np.asarray(offsets, dtype=np.intp)
     m = dZ.shape[0]
-    dW = np.zeros((fh * fw, c_prev, c_out), dtype=np.float64)
-    offsets = np.asarray(grid.offsets, dtype=np.intp)
-    _flatconv.weight_grad(P, dZ, offsets, P.shape[0], m, grid.rows * cols, sh * cols, sw, n_h, n_w, c_prev, c_out, dW)
+    _flatconv.weight_grad(P, dZ, offsets, P.shape[0], m, grid.rows * cols, sh * cols, sw, n_h, n_w, c_prev, rows, c_out, dW)
     return dW.astype(P.dtype).reshape(w_shape)
 
 

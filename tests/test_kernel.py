@@ -585,14 +585,17 @@ def test_compiled_loop_refuses_buffers_it_cannot_use():
     with pytest.raises(ValueError, match="bad layout"):
         call(layout=(0, 144, 48, 8))                           # pixels overlapping
     P, dZ, dW = np.zeros((100, 4), np.float32), np.zeros((1, 3, 3, 32), np.float32), np.zeros((1, 4, 32))
-    wargs = (100, 1, 25, 10, 2, 3, 3, 4)                        # p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev
+    wargs = (100, 1, 25, 10, 2, 3, 3, 4, 4)                     # p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, rows
     _flatconv.weight_grad(P, dZ, offsets, *wargs, 32, dW)
+    _flatconv.weight_grad(P, dZ, offsets, *wargs[:-1], 8, 32, np.zeros((1, 8, 32)))   # rows spanning 2 pixels
     with pytest.raises(ValueError, match="out must be a native float buffer"):
         _flatconv.weight_grad(P, dZ, offsets, *wargs, 32, dW.astype(np.float32))
     with pytest.raises(ValueError, match="do not fit the 20 rows of P"):   # the last pixel reads row 24
         _flatconv.weight_grad(P[:20], dZ, offsets, 20, *wargs[1:], 32, dW)
-    with pytest.raises(ValueError, match="not a multiple of twice the vector width"):
-        _flatconv.weight_grad(P, np.zeros((1, 3, 3, 16), np.float32), offsets, *wargs, 16, np.zeros((1, 4, 16)))
+    with pytest.raises(ValueError, match="do not fit the 25 rows of P"):   # 8 values from row 24 run past it
+        _flatconv.weight_grad(P[:25], dZ, offsets, 25, *wargs[1:-1], 8, 32, np.zeros((1, 8, 32)))
+    with pytest.raises(ValueError, match="not a multiple of the vector width"):
+        _flatconv.weight_grad(P, np.zeros((1, 3, 3, 8), np.float32), offsets, *wargs, 8, np.zeros((1, 4, 8)))
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
