@@ -14,7 +14,7 @@
  *   A register block holds neighbouring pixels x input channels and takes every tap and
  *   channel before one store: no pass over memory per tap, no padding row written.
  *   Three shapes of block: 6 pixels x 2 vectors, 8 pixels x 1 vector, and for a narrow
- *   C_prev (a first layer's 1-3 channels) 4 pixels x C_prev vectors running over C.
+ *   C_prev (a first layer's 1-3 channels) 5-8 pixels x C_prev vectors running over C.
  *
  * weight_grad: dW of a convolution of any stride, from the padded input and dZ in place:
  *
@@ -39,7 +39,6 @@ typedef Py_ssize_t idx;
 #define PIXELS 8        /* input_grad: neighbouring pixels per register block (x 1 vector) */
 #define WIDE_PIXELS 6   /* input_grad, wide variant: pixels per register block (x 2 vectors) */
 #define NARROW 4        /* input_grad: the largest C_prev of the narrow variant */
-#define NARROW_PIXELS 4 /* input_grad, narrow variant: pixels per register block */
 #define CHANNELS 8      /* weight_grad: rows (input channels) per register block (x 2 vectors of outputs) */
 #define ONE_VECTOR_ROWS 16 /* weight_grad: rows per register block when C is one vector */
 
@@ -143,40 +142,53 @@ typedef struct {
                 }                                                                                   \
     }
 
-/* The same sum for a narrow C_prev (at most NARROW, a first layer's 1-3 image channels): the
- * vectors run over C instead, 4 pixels x C_prev accumulators, reduced across lanes at the end.
- * Wc has shape (K, C_prev, C). C must be a multiple of LANES. */
-#define DEFINE_INPUT_GRAD_NARROW(T, NAME, LANES)                                                    \
-    static void NAME##_input_grad_narrow(const T *D, const T *Wc, const idx *offsets, idx K,       \
-                                         idx base, idx m, idx sample, idx height, idx width,       \
-                                         idx cols, idx C, idx Cp, T *dA, out_layout o)                           \
+/* The same sum for a narrow C_prev (CP <= NARROW, a first layer's 1-3 image channels): the
+ * vectors run over C instead, NB pixels x CP accumulators, reduced across lanes at the end. The
+ * CP weight vectors of a tap and block of C are loaded once per NB pixels. One function per CP,
+ * so that the accumulators stay in registers. Wc has shape (K, CP, C); C a multiple of LANES. */
+#define DEFINE_INPUT_GRAD_NARROW(T, NAME, LANES, CP, NB)                                            \
+    static void NAME##_input_grad_narrow##CP(const T *D, const T *Wc, const idx *offsets, idx K,   \
+                                             idx base, idx m, idx sample, idx height, idx width,   \
+                                             idx cols, idx C, T *dA, out_layout o)                 \
     {                                                                                               \
         for (idx n = 0; n < m; n++)                                                                 \
             for (idx y = 0; y < height; y++)                                                        \
-                for (idx x0 = 0; x0 < width; x0 += NARROW_PIXELS) {                                 \
-                    idx nb = width - x0 < NARROW_PIXELS ? width - x0 : NARROW_PIXELS;               \
+                for (idx x0 = 0; x0 < width; x0 += NB) {                                            \
+                    idx nb = width - x0 < NB ? width - x0 : NB;                                     \
                     idx q = n * sample + y * cols + x0;                                             \
-                    NAME##_vec acc[NARROW_PIXELS][NARROW];                                          \
-                    for (int i = 0; i < NARROW_PIXELS; i++)                                         \
-                        for (int p = 0; p < NARROW; p++)                                            \
+                    NAME##_vec acc[NB][CP];                                                         \
+                    for (int i = 0; i < NB; i++)                                                    \
+                        for (int p = 0; p < CP; p++)                                                \
                             acc[i][p] = (NAME##_vec){0};                                            \
                     for (idx k = 0; k < K; k++) {                                                   \
                         const T *src = D + (base - offsets[k] + q) * C;                             \
-                        const T *w = Wc + k * Cp * C;                                               \
-                        for (idx c = 0; c < C; c += LANES)                                          \
-                            for (idx i = 0; i < nb; i++) {                                          \
-                                NAME##_vec d = NAME##_load(src + i * C + c);                        \
-                                for (idx p = 0; p < Cp; p++)                                        \
-                                    acc[i][p] += d * NAME##_load(w + p * C + c);                    \
+                        const T *w = Wc + k * CP * C;                                               \
+                        for (idx c = 0; c < C; c += LANES) {                                        \
+                            NAME##_vec wv[CP];                                                      \
+                            for (int p = 0; p < CP; p++)                                            \
+                                wv[p] = NAME##_load(w + p * C + c);                                 \
+                            if (nb == NB) {                                                         \
+                                for (int i = 0; i < NB; i++) {                                      \
+                                    NAME##_vec d = NAME##_load(src + i * C + c);                    \
+                                    for (int p = 0; p < CP; p++)                                    \
+                                        acc[i][p] += d * wv[p];                                     \
+                                }                                                                   \
+                            } else {                                                                \
+                                for (idx i = 0; i < nb; i++) {                                      \
+                                    NAME##_vec d = NAME##_load(src + i * C + c);                    \
+                                    for (int p = 0; p < CP; p++)                                    \
+                                        acc[i][p] += d * wv[p];                                     \
+                                }                                                                   \
                             }                                                                       \
+                        }                                                                           \
                     }                                                                               \
-                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                             \
+                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;               \
                     for (idx i = 0; i < nb; i++)                                                    \
-                        for (idx p = 0; p < Cp; p++) {                                              \
+                        for (int p = 0; p < CP; p++) {                                              \
                             T total = 0;                                                            \
                             for (int l = 0; l < LANES; l++)                                         \
                                 total += acc[i][p][l];                                              \
-                            out[i * o.pixel + p] = total;                                                \
+                            out[i * o.pixel + p] = total;                                           \
                         }                                                                           \
                 }                                                                                   \
     }
@@ -274,8 +286,24 @@ DEFINE_INPUT_GRAD(float, f32, 16)
 DEFINE_INPUT_GRAD(double, f64, 8)
 DEFINE_INPUT_GRAD_WIDE(float, f32, 16)
 DEFINE_INPUT_GRAD_WIDE(double, f64, 8)
-DEFINE_INPUT_GRAD_NARROW(float, f32, 16)
-DEFINE_INPUT_GRAD_NARROW(double, f64, 8)
+DEFINE_INPUT_GRAD_NARROW(float, f32, 16, 1, 8)
+DEFINE_INPUT_GRAD_NARROW(float, f32, 16, 2, 8)
+DEFINE_INPUT_GRAD_NARROW(float, f32, 16, 3, 6)
+DEFINE_INPUT_GRAD_NARROW(float, f32, 16, 4, 5)
+DEFINE_INPUT_GRAD_NARROW(double, f64, 8, 1, 8)
+DEFINE_INPUT_GRAD_NARROW(double, f64, 8, 2, 8)
+DEFINE_INPUT_GRAD_NARROW(double, f64, 8, 3, 6)
+DEFINE_INPUT_GRAD_NARROW(double, f64, 8, 4, 5)
+
+/* The narrow variant for C_prev = Cp (1 .. NARROW). */
+typedef void (*f32_narrow_fn)(const float *, const float *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
+                              float *, out_layout);
+typedef void (*f64_narrow_fn)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
+                              double *, out_layout);
+static const f32_narrow_fn f32_narrow[NARROW + 1] = {NULL, f32_input_grad_narrow1, f32_input_grad_narrow2,
+                                                     f32_input_grad_narrow3, f32_input_grad_narrow4};
+static const f64_narrow_fn f64_narrow[NARROW + 1] = {NULL, f64_input_grad_narrow1, f64_input_grad_narrow2,
+                                                     f64_input_grad_narrow3, f64_input_grad_narrow4};
 DEFINE_WEIGHT_GRAD(float, f32, 16)
 DEFINE_WEIGHT_GRAD(double, f64, 8)
 
@@ -364,7 +392,8 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnO(nnnn)", &D_obj, &W_obj, &off_obj, &d_rows, &base, &m, &sample,
                           &height, &width, &cols, &C, &Cp, &out_obj, &o.first, &o.sample, &o.row, &o.pixel))
         return NULL;
-    if (m < 1 || height < 1 || width < 1 || o.first < 0 || o.sample < 0 || o.row < 0 || o.pixel < Cp)
+    if (m < 1 || height < 1 || width < 1 || C < 1 || Cp < 1 || o.first < 0 || o.sample < 0 || o.row < 0 ||
+        o.pixel < Cp)
         return PyErr_Format(PyExc_ValueError, "input_grad: empty output or bad layout (first %zd, steps %zd %zd %zd)",
                             o.first, o.sample, o.row, o.pixel);
     Py_buffer v[4]; /* offsets, D, Wt, out */
@@ -403,11 +432,9 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
         else if (wide)
             f64_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
         else if (type == 'f')
-            f32_input_grad_narrow(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp,
-                                  v[3].buf, o);
+            f32_narrow[Cp](v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, v[3].buf, o);
         else
-            f64_input_grad_narrow(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp,
-                                  v[3].buf, o);
+            f64_narrow[Cp](v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, v[3].buf, o);
         Py_END_ALLOW_THREADS
     }
     release(v, 4);
