@@ -47,7 +47,7 @@ typedef struct {
     idx first, sample, row, pixel;
 } out_layout;
 
-#define DEFINE_INPUT_GRAD(T, NAME, LANES)                                                              \
+#define DEFINE_INPUT_GRAD(T, NAME, LANES)                                                           \
     typedef T NAME##_vec __attribute__((vector_size(LANES * sizeof(T))));                           \
                                                                                                     \
     static inline NAME##_vec NAME##_load(const T *p)                                                \
@@ -59,14 +59,14 @@ typedef struct {
                                                                                                     \
     static void NAME##_input_grad(const T *D, const T *Wt, const idx *offsets, idx K, idx base,     \
                                   idx m, idx sample, idx height, idx width, idx cols, idx C,       \
-                                  idx Cp, T *dA, out_layout o)                                                   \
+                                  idx Cp, T *dA, out_layout o)                                      \
     {                                                                                               \
         for (idx n = 0; n < m; n++)                                                                 \
             for (idx y = 0; y < height; y++)                                                        \
                 for (idx x0 = 0; x0 < width; x0 += PIXELS) {                                        \
                     idx nb = width - x0 < PIXELS ? width - x0 : PIXELS;                             \
                     idx q = n * sample + y * cols + x0;                                             \
-                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                             \
+                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                \
                     for (idx p0 = 0; p0 < Cp; p0 += LANES) {                                        \
                         NAME##_vec acc[PIXELS];                                                     \
                         for (int i = 0; i < PIXELS; i++)                                            \
@@ -89,7 +89,7 @@ typedef struct {
                             }                                                                       \
                         }                                                                           \
                         for (idx i = 0; i < nb; i++)                                                \
-                            memcpy(out + i * o.pixel + p0, &acc[i], sizeof acc[i]);                      \
+                            memcpy(out + i * o.pixel + p0, &acc[i], sizeof acc[i]);                 \
                     }                                                                               \
                 }                                                                                   \
     }
@@ -99,14 +99,14 @@ typedef struct {
 #define DEFINE_INPUT_GRAD_WIDE(T, NAME, LANES)                                                      \
     static void NAME##_input_grad_wide(const T *D, const T *Wt, const idx *offsets, idx K,         \
                                        idx base, idx m, idx sample, idx height, idx width,         \
-                                       idx cols, idx C, idx Cp, T *dA, out_layout o)                             \
+                                       idx cols, idx C, idx Cp, T *dA, out_layout o)                \
     {                                                                                               \
         for (idx n = 0; n < m; n++)                                                                 \
             for (idx y = 0; y < height; y++)                                                        \
                 for (idx x0 = 0; x0 < width; x0 += WIDE_PIXELS) {                                   \
                     idx nb = width - x0 < WIDE_PIXELS ? width - x0 : WIDE_PIXELS;                   \
                     idx q = n * sample + y * cols + x0;                                             \
-                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                             \
+                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                \
                     for (idx p0 = 0; p0 < Cp; p0 += 2 * LANES) {                                    \
                         NAME##_vec lo[WIDE_PIXELS], hi[WIDE_PIXELS];                                \
                         for (int i = 0; i < WIDE_PIXELS; i++)                                       \
@@ -135,8 +135,8 @@ typedef struct {
                             }                                                                       \
                         }                                                                           \
                         for (idx i = 0; i < nb; i++) {                                              \
-                            memcpy(out + i * o.pixel + p0, &lo[i], sizeof lo[i]);                        \
-                            memcpy(out + i * o.pixel + p0 + LANES, &hi[i], sizeof hi[i]);                \
+                            memcpy(out + i * o.pixel + p0, &lo[i], sizeof lo[i]);                   \
+                            memcpy(out + i * o.pixel + p0 + LANES, &hi[i], sizeof hi[i]);           \
                         }                                                                           \
                     }                                                                               \
                 }                                                                                   \

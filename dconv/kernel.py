@@ -737,11 +737,11 @@ def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
     """``(dA_prev, dW, db)`` of one batch on the calling thread; db in float64, shape (C,)."""
     if is_pointwise(geometry):
         result = backward_pointwise(dZ, A_prev, W)
+    elif geometry.stride == (1, 1):
+        result = backward_flat(dZ, A_prev, W, geometry)          # None: non-finite values, see its docstring
     else:
-        result = backward_flat(dZ, A_prev, W, geometry) if geometry.stride == (1, 1) else None
-    if result is None:
-        result = backward_im2col(dZ, A_prev, W, geometry)
-    dA_prev, dW = result
+        result = None
+    dA_prev, dW = result if result is not None else backward_im2col(dZ, A_prev, W, geometry)
     return dA_prev, dW, bias_grad(dZ)
 
 
