@@ -163,7 +163,11 @@ def pad_input(A_prev: np.ndarray, pads: tuple[tuple[int, int], tuple[int, int]])
     """Zero-pad the two spatial axes of ``A_prev`` (m, H, W, C) by ``((top, bottom), (left, right))``."""
     if pads == ((0, 0), (0, 0)):
         return A_prev
-    return np.pad(A_prev, ((0, 0), pads[0], pads[1], (0, 0)))
+    (top, bottom), (left, right) = pads
+    m, height, width, channels = A_prev.shape
+    padded = np.empty((m, top + height + bottom, left + width + right, channels), dtype=A_prev.dtype)
+    pad_into(A_prev, padded, top, left)
+    return padded
 
 
 def window_view(padded: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
@@ -303,14 +307,7 @@ def embed_input(A_prev: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
     ndarray, shape (m * Hp * Wp, C_prev)
         A view of ``A_prev`` when there is no padding and it is C-contiguous, else a copy.
     """
-    m, height, width, channels = A_prev.shape
-    (top, _), (left, _) = geometry.pads
-    rows, cols = geometry.padded_hw
-    if (rows, cols) == (height, width):
-        return np.ascontiguousarray(A_prev).reshape(m * rows * cols, channels)
-    padded = np.empty((m, rows, cols, channels), dtype=A_prev.dtype)
-    pad_into(A_prev, padded, top, left)
-    return padded.reshape(m * rows * cols, channels)
+    return np.ascontiguousarray(pad_input(A_prev, geometry.pads)).reshape(-1, A_prev.shape[3])
 
 
 def embed_grad(dZ: np.ndarray, grid: FlatGrid) -> np.ndarray:
