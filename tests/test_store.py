@@ -8,6 +8,7 @@ import pytest
 import zarr
 from dask.callbacks import Callback
 from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
 
 import dconv
 from dconv import InputError
@@ -179,13 +180,16 @@ def test_store_exists(tmp_path):
 
 # --------------------------------------------------------------------------- reading whole chunks
 
+@pytest.mark.parametrize("store", ["local", "fsspec"])
 @pytest.mark.parametrize("compressors", [None, "blosc"], ids=["raw", "blosc"])
 @pytest.mark.parametrize("start, stop", [(0, 10), (4, 10), (8, 10), (0, 4), (4, 8)])
-def test_whole_chunk_reads_match_zarr(tmp_path, compressors, start, stop):
+def test_whole_chunk_reads_match_zarr(tmp_path, store, compressors, start, stop):
     """Reads of whole chunks decode straight into the result; the last chunk is stored whole
-    but only its rows inside the array come back, and a chunk never written reads as the fill value."""
+    but only its rows inside the array come back, and a chunk never written reads as the fill value.
+    Local chunk files are mapped; other stores (here fsspec's memory filesystem) fetch the chunks."""
     codec = BloscCodec(cname="lz4", shuffle="shuffle", typesize=4) if compressors else None
-    array = zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array(
+    url = str(tmp_path / "g.zarr") if store == "local" else f"memory://{tmp_path.name}/g.zarr"
+    array = zarr.open_group(url, mode="w").create_array(
         "x", shape=(10, 3, 2), chunks=(4, 3, 2), dtype="float32", fill_value=-1.5, compressors=codec
     )
     values = np.arange(60, dtype=np.float32).reshape(10, 3, 2)
@@ -193,6 +197,7 @@ def test_whole_chunk_reads_match_zarr(tmp_path, compressors, start, stop):
     array[8:] = values[8:]  # chunk 1 (rows 4..7) is never written
     expected = values.copy()
     expected[4:8] = -1.5
+    assert isinstance(array.store, LocalStore) == (store == "local")
     assert _reads_whole_chunks(array, start, stop)
     result = read_batch(array, "x", start, stop)
     assert result.dtype == np.float32 and result.flags.c_contiguous
