@@ -315,13 +315,11 @@ def embed_grad(dZ: np.ndarray, grid: FlatGrid) -> np.ndarray:
 
     Returns
     -------
-    ndarray, shape (total, C)
-        A view of ``dZ`` when the grids coincide (1x1 kernel, no padding), else a copy.
+    ndarray, shape (total, C), a new array (a 1x1 kernel without padding, whose grids
+    would coincide, takes :func:`backward_pointwise` instead)
     """
     m, n_h, n_w, channels = dZ.shape
     sample = grid.rows * grid.cols
-    if (n_h, n_w) == (grid.rows, grid.cols) and grid.total == m * sample:
-        return np.ascontiguousarray(dZ).reshape(m * sample, channels)
     buffer = np.empty((grid.total, channels), dtype=dZ.dtype)
     buffer[: grid.front] = 0
     buffer[grid.front + m * sample :] = 0
@@ -332,8 +330,8 @@ def embed_grad(dZ: np.ndarray, grid: FlatGrid) -> np.ndarray:
 def pad_into(values: np.ndarray, grids: np.ndarray, top: int, left: int) -> None:
     """``grids[:, top:top + h, left:left + w] = values``, and zeros in the rest of ``grids``.
 
-    Writes each element once: zeroing all of ``grids`` first cost 25-30% more
-    (measured on the suite's dZ grids).
+    Writes each element once: 25-30% faster than zeroing all of ``grids`` first
+    (measured on dZ grids of the benchmark suite's layers).
 
     Parameters
     ----------

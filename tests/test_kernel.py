@@ -42,6 +42,15 @@ def assert_matches_reference(case: Case, dtype, seed: int) -> None:
         assert rel_err(got, want) <= tol, (name, rel_err(got, want))
 
 
+def assert_gradients_match_reference(case: Case, dtype, seed: int, threads: int) -> None:
+    """``conv2d_backward`` on ``threads`` threads against the loop oracle: dtype, C-contiguity and values."""
+    a, w, b, dz = make_arrays(case, dtype, seed)
+    grads = conv2d_backward(dz, a, w, threads=threads, **case.kwargs)
+    for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
+        assert got.dtype == np.dtype(dtype) and got.flags.c_contiguous, name
+        assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+
+
 # --- 1. oracle comparisons ---------------------------------------------------
 
 
@@ -350,12 +359,7 @@ def test_threaded_split_matches_loop_reference(case_id, threads, monkeypatch):
     monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
     case = CASES[case_id]._replace(a_shape=(5, *CASES[case_id].a_shape[1:]))
     for dtype in DTYPES:
-        a, w, b, dz = make_arrays(case, dtype, 21)
-        grads = conv2d_backward(dz, a, w, threads=threads, **case.kwargs)
-        for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
-            assert got.dtype == np.dtype(dtype), name
-            assert got.flags.c_contiguous, name
-            assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+        assert_gradients_match_reference(case, dtype, seed=21, threads=threads)
 
 
 def test_threaded_result_is_reproducible_and_close_to_serial():
@@ -494,11 +498,7 @@ def test_compiled_loops_match_loop_reference(case_id, compiled, monkeypatch):
     for dtype in DTYPES:
         used += [dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3], case.w_shape[3]),
                  dconv.kernel.use_compiled_weight_grad(dtype, case.w_shape[3])]
-        a, w, b, dz = make_arrays(case, dtype, 4)
-        grads = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
-        for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
-            assert got.dtype == np.dtype(dtype) and got.flags.c_contiguous, name
-            assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+        assert_gradients_match_reference(case, dtype, seed=4, threads=1)
     assert any(used) == compiled
 
 
@@ -526,10 +526,7 @@ def _random_compiled_cases(n: int, seed: int = 11) -> list[Case]:
 @pytest.mark.parametrize("case", _random_compiled_cases(40), ids=lambda c: f"{c.a_shape}-{c.w_shape}-s{c.stride}-p{c.padding}-d{c.dilation}")
 def test_compiled_loops_on_random_layers_match_loop_reference(case):
     for dtype in DTYPES:
-        a, w, b, dz = make_arrays(case, dtype, 13)
-        grads = conv2d_backward(dz, a, w, threads=1, **case.kwargs)
-        for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
-            assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+        assert_gradients_match_reference(case, dtype, seed=13, threads=1)
 
 
 @needs_compiled
@@ -539,10 +536,7 @@ def test_compiled_loops_in_threads_match_loop_reference(case_id, monkeypatch):
     monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
     case = COMPILED_CASES[case_id]._replace(a_shape=(5, *COMPILED_CASES[case_id].a_shape[1:]))
     for dtype in DTYPES:
-        a, w, b, dz = make_arrays(case, dtype, 8)
-        grads = conv2d_backward(dz, a, w, threads=2, **case.kwargs)
-        for name, got, want in zip(("dA_prev", "dW", "db"), grads, reference(case, a, w, b, dz)[1:]):
-            assert rel_err(got, want) <= TOL[np.dtype(dtype)], (name, rel_err(got, want))
+        assert_gradients_match_reference(case, dtype, seed=8, threads=2)
 
 
 @needs_compiled
