@@ -112,11 +112,17 @@ CLASSIC = Layer("classic (vs loops)", 64, (32, 32), 16, 32, (3, 3), 1, 1, m_loop
 # ----------------------------------------------------------------------------- timing
 
 
+REST = 0.02
+"""Seconds of sleep before each sample. After a call, PyTorch's OpenMP worker spins for about
+5 ms (measured: 4-5 ms of CPU in a 20-50 ms sleep after one call), which took a core from
+the first milliseconds of the dconv sample that followed it."""
+
+
 def time_calls(fns, *, repeats: int, target: float) -> list[float]:
     """Per-call time of each zero-argument callable: min over interleaved samples.
 
     Each callable gets its own ``number`` of calls per sample, sized so that a
-    sample lasts about ``target`` seconds.
+    sample lasts about ``target`` seconds. Each sample starts after :data:`REST`.
     """
     numbers = []
     for fn in fns:
@@ -128,6 +134,7 @@ def time_calls(fns, *, repeats: int, target: float) -> list[float]:
     best = [math.inf] * len(fns)
     for _ in range(repeats):
         for index, (fn, number) in enumerate(zip(fns, numbers)):
+            time.sleep(REST)
             start = time.perf_counter()
             for _ in range(number):
                 fn()

@@ -45,42 +45,46 @@ Compiled helper
 ``dconv/_flatconv.c`` holds three loops in C, built at install when a C compiler
 is there (optional: without one, the NumPy code above runs).
 
-* ``input_grad`` keeps 6 pixels x 32 float32 (16 float64) input channels in vector
-  registers (8 pixels x 16 when C_prev is an odd multiple of 16) and adds every
-  tap and channel into them before one store: no pass over memory per tap. Used
-  when C_prev is a multiple of the vector width and at most 128, or, in a variant
-  whose vectors run over C (one function per C_prev, 5-8 pixels x C_prev vectors),
-  when C_prev is at most 4 (a first layer) and C a multiple of the width
+* ``input_grad`` keeps up to 12 pixels x 32 float32 (16 float64) input channels in
+  vector registers (x 16 / 8 when C_prev is an odd multiple of 16 / 8) and adds
+  every tap and channel into them before one store: no pass over memory per tap.
+  Used when C_prev is a multiple of the vector width and at most 128, or, in a
+  variant whose vectors run over C (5-8 pixels x C_prev vectors), when C_prev is
+  at most 4 (a first layer) and C a multiple of the width
   (:func:`use_compiled_input_grad`). Other strides run it once per phase of the
   input, each phase writing its pixels straight into dA_prev (:func:`input_grad_phases`).
 * ``column_sums`` adds float32 db in float64, in one pass over dZ.
-* ``weight_grad`` keeps 8 input channels x 2 vectors of output channels in
+* ``weight_grad`` keeps up to 14 input channels x 2 vectors of output channels in
   registers (16 x 1 vector when C is one vector wide) over one sample's pixels,
   and adds each sample's sum into a float64 dW. It reads dZ and the padded input
   in place, at any stride, so the im2col path skips its copy too. Below 8 input
   channels, the taps of a kernel row count as rows of the block. Used when C is a
   multiple of the vector width (:func:`use_compiled_weight_grad`).
 
+Each register block is a C function of its own per size, so that its
+accumulators stay in registers; a row of pixels, or of input channels, is cut
+into near-equal blocks. Blocks of a run-time size kept their accumulators on the
+stack: on one thread, over ten layers shaped like the benchmark suite's (3x3
+stride 1 and 2, 16-128 channels, first layers) in both dtypes, the fixed sizes
+took dA_prev 12% and dW about 15% less time, the whole backward pass 12%
+(geometric means; 21-23% for the 3x3 stride-2 128-channel layer).
+
 Measured on one thread against the NumPy code, stride-1 layers of the benchmark
-suite, both dtypes: dA_prev 1.3-3.6x faster, dW 1.0-1.8x. Later changes,
-measured per half batch of the suite's float32 layers: one function per narrow
-C_prev took a first layer's dA_prev from 6.3 to 3.1 ms (3 channels) and from
-0.70 to 0.42 ms (1 channel); merged taps took their dW from 3.6 to 2.7 ms and
-(with the one-vector block, against NumPy) from 0.60 to 0.33 ms; the 16->16
-layer's dW went from 1.16 ms (NumPy) to 1.05 ms; writing the phases in place
-took the stride-2 layers' dA_prev from 3.6-6.1 to 2.7-5.0 ms. The loops need
-no NumPy headers (the buffer protocol) and release the GIL.
+suite, both dtypes, before the fixed-size blocks: dA_prev 1.3-3.6x faster, dW
+1.0-1.8x. The loops need no NumPy headers (the buffer protocol) and release the GIL.
 
 Threads
 -------
 The stride-1 loops (per-sample GEMMs, or the compiled loops) each run on one
 thread, so :func:`backward_kernel` cuts the batch into ``threads`` slices and
-runs each in a thread of its own, with BLAS held to one thread (threadpoolctl);
-the slices' dW and db are added in float64, in slice order
+runs each in a thread of its own, the first on the calling thread, with BLAS
+held to one thread (threadpoolctl). The compiled loops write each slice's
+dA_prev in place; the slices' dW and db are added in float64, in slice order
 (:func:`single_threaded` says when). The im2col layers run larger GEMMs that
-BLAS threads by itself; they are split too when a compiled loop runs on a
-kernel larger than 1x1. The graph layer passes ``threads=1``: there, Dask runs
-the batch chunks in parallel.
+BLAS threads by itself; they are split too when a compiled loop runs (the 1x1
+stride-2 layer of the benchmark suite: 1.2x faster in float32, 1.1x in float64).
+The graph layer passes ``threads=1``: there, Dask runs the batch chunks in
+parallel.
 
 Memory
 ------
@@ -101,8 +105,9 @@ for those, and ``itemsize * N_out * C`` more if ``dZ`` is not C-contiguous)::
 plus a few KiB. The NaN/inf fallback of a stride-1 call needs the "otherwise"
 figure. (The dZ grid ``D`` carries ``(fh-1)*dh*Wp + (fw-1)*dw`` extra rows at
 most: the extra sample in ``N_pad`` covers them.) A call split across ``t``
-threads needs ``itemsize * N_in * C_prev`` more, and ``m + t`` in place of
-``m + 1`` in ``N_pad``.
+threads needs ``m + t`` in place of ``m + 1`` in ``N_pad``, and
+``itemsize * N_in * C_prev`` more for the slices' dA_prev (the compiled loops
+write it in place; the bound keeps the term for the NumPy paths, which copy).
 :func:`backward_working_set` evaluates this bound.
 """
 
@@ -444,7 +449,9 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
     return dW
 
 
-def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, m: int) -> np.ndarray:
+def input_grad_flat(
+    D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, m: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """dA_prev of a stride-1 convolution: a correlation of the zero-padded dZ with the flipped kernel.
 
     ``dA_prev[q] = sum_k D[front + origin - offsets[k] + q] @ W[k].T`` on the
@@ -459,10 +466,12 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     D : ndarray, shape (total, C)
         From :func:`embed_grad`.
     W : ndarray, shape (fh, fw, C_prev, C)
+    out : ndarray, shape (m, H, W, C_prev), C-contiguous, optional
+        Where to write dA_prev (a new array if None).
 
     Returns
     -------
-    ndarray, shape (m, H, W, C_prev), C-contiguous
+    ndarray, shape (m, H, W, C_prev), C-contiguous: ``out`` if given
     """
     fh, fw, c_prev, c_out = W.shape
     height, width = geometry.in_hw
@@ -471,12 +480,12 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
     base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
     per_sample = (height - 1) * cols + width                  # first to last input pixel of a sample
     if use_compiled_input_grad(D.dtype, c_prev, c_out):
-        dA_prev = np.empty((m, height, width, c_prev), dtype=D.dtype)
+        dA_prev = np.empty((m, height, width, c_prev), dtype=D.dtype) if out is None else out
         _compiled_input_grad(D, W.reshape(fh * fw, c_prev, c_out), grid.offsets, base, sample, cols, dA_prev)
         return dA_prev
     w_taps = np.ascontiguousarray(W.reshape(fh * fw, c_prev, c_out).transpose(0, 2, 1))  # (K, C, C_prev)
-    out = np.empty((m * sample, c_prev), dtype=D.dtype)
-    acc = row_groups(out, 0, m, sample, per_sample)                   # (m, L_A, C_prev)
+    on_grid = np.empty((m * sample, c_prev), dtype=D.dtype)
+    acc = row_groups(on_grid, 0, m, sample, per_sample)                # (m, L_A, C_prev)
     scratch = np.empty(acc.shape, dtype=D.dtype) if fh * fw > 1 else None
     for k, shift in enumerate(grid.offsets):
         grads = row_groups(D, base - shift, m, sample, per_sample)     # (m, L_A, C)
@@ -485,7 +494,10 @@ def input_grad_flat(D: np.ndarray, W: np.ndarray, grid: FlatGrid, geometry: Conv
         else:
             np.matmul(grads, w_taps[k], out=scratch)
             acc += scratch
-    dA_prev = out.reshape(m, rows, cols, c_prev)[:, :height, :width]
+    dA_prev = on_grid.reshape(m, rows, cols, c_prev)[:, :height, :width]
+    if out is not None:
+        out[...] = dA_prev
+        return out
     return dA_prev if (rows, cols) == (height, width) else np.ascontiguousarray(dA_prev)
 
 
@@ -512,7 +524,7 @@ def _compiled_input_grad(D, w_taps, offsets, base, sample, cols, out, size=None,
     _flatconv.input_grad(D, weights, offsets, D.shape[0], base, m, sample, n_y, n_x, cols, c_out, c_prev, out, layout)
 
 
-def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out: np.ndarray | None = None) -> np.ndarray:
     """dA_prev at any stride by the compiled loop, one stride-1 correlation per phase of the padded input.
 
     The padded input pixels ``(ry + a * sh, rx + b * sw)`` of one phase ``(ry, rx)``
@@ -521,11 +533,11 @@ def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> 
     a stride-1 correlation of dZ with those taps, with no product on the zeros
     that an upsampled dZ would hold. ``dZ`` is laid once on a grid padded by the
     largest ``e``, and each phase writes the pixels of it that lie inside the
-    unpadded input straight into ``dA_prev``.
+    unpadded input straight into ``dA_prev`` (``out`` if given, C-contiguous).
 
     Returns
     -------
-    ndarray, shape (m, H, W, C_prev), C-contiguous
+    ndarray, shape (m, H, W, C_prev), C-contiguous: ``out`` if given
     """
     m, n_h, n_w, c_out = dZ.shape
     fh, fw, c_prev, _ = W.shape
@@ -543,7 +555,12 @@ def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> 
         for ry, rx in phases
     }
     everywhere = all(taps_of.values())                    # else the phases no tap reaches stay 0
-    dA_prev = (np.empty if everywhere else np.zeros)((m, height, width, c_prev), dtype=dZ.dtype)
+    if out is None:                                       # np.zeros: fresh zero pages, faster than a memset
+        dA_prev = (np.empty if everywhere else np.zeros)((m, height, width, c_prev), dtype=dZ.dtype)
+    else:
+        dA_prev = out
+        if not everywhere:
+            dA_prev[...] = 0
     for ry, rx in phases:
         a0, b0 = max(0, -(-(top - ry) // sh)), max(0, -(-(left - rx) // sw))           # first phase pixel inside
         n_a, n_b = -(-(top + height - ry) // sh) - a0, -(-(left + width - rx) // sw) - b0
@@ -588,8 +605,8 @@ def weight_grad_compiled(P: np.ndarray, dZ: np.ndarray, grid: FlatGrid, geometry
     return dW.astype(P.dtype).reshape(w_shape)
 
 
-def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
-    """``(dA_prev, dW)`` of a stride-1 convolution on the flat grids, or None.
+def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
+    """``(dA_prev, dW)`` of a stride-1 convolution on the flat grids, or None; dA_prev into ``out`` if given.
 
     None means the result would differ from the reference in where NaN and
     inf land (the wrap-around rows multiply zeros by non-finite values): the
@@ -606,7 +623,7 @@ def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
         dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape)
     if not np.isfinite(dW).all():
         return None
-    return input_grad_flat(D, W, grid, geometry, m), dW
+    return input_grad_flat(D, W, grid, geometry, m, out), dW
 
 
 def is_pointwise(geometry: ConvGeometry) -> bool:
@@ -635,8 +652,9 @@ def backward_pointwise(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray):
 # --------------------------------------------------------------------------- any stride: im2col
 
 
-def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
-    """``(dA_prev, dW)`` for any stride: im2col, two GEMMs, col2im.
+def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
+    """``(dA_prev, dW)`` for any stride: im2col, two GEMMs, col2im. The compiled dA_prev loop writes into ``out``
+    if given; the caller copies the other paths' dA_prev there.
 
     When the compiled dW loop applies (:func:`use_compiled_weight_grad`), it
     reads the padded input in place and there is no im2col copy; when the
@@ -658,7 +676,7 @@ def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
     padded_shape = padded.shape
     del padded
     if use_compiled_input_grad(dZ.dtype, W.shape[2], n_channels) and np.isfinite(W).all():
-        return input_grad_phases(dZ, W, geometry), dW             # finite W: the zeros around dZ add nothing
+        return input_grad_phases(dZ, W, geometry, out), dW        # finite W: the zeros around dZ add nothing
     dcols = dZ_2d @ W_2d.T                                    # "mc,kc->mk"
     dA_prev = unpad(col2im(dcols, geometry, padded_shape), geometry.pads)
     return np.ascontiguousarray(dA_prev), dW
@@ -741,40 +759,47 @@ def single_threaded(geometry: ConvGeometry, dtype: np.dtype, c_prev: int, c_out:
     """Whether this layer's loops run on one thread (the compiled loops, per-sample GEMMs), so the batch is worth splitting."""
     if is_pointwise(geometry):      # two large GEMMs, which BLAS threads
         return False
-    if geometry.stride != (1, 1):   # im2col's GEMMs are threaded by BLAS; the compiled loops are not
-        compiled = use_compiled_weight_grad(dtype, c_out) or use_compiled_input_grad(dtype, c_prev, c_out)
-        return compiled and geometry.kernel_hw != (1, 1)
     compiled = use_compiled_input_grad(dtype, c_prev, c_out) or use_compiled_weight_grad(dtype, c_out)
+    if geometry.stride != (1, 1):   # im2col's GEMMs are threaded by BLAS; the compiled loops are not
+        return compiled
     return compiled or geometry.kernel_hw != (1, 1)
 
 
-def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry):
-    """``(dA_prev, dW, db)`` of one batch on the calling thread; db in float64, shape (C,)."""
+def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
+    """``(dA_prev, dW, db)`` of one batch on the calling thread; db in float64, shape (C,).
+
+    dA_prev is ``out`` when given (C-contiguous, shaped like A_prev): the compiled loops write it there.
+    """
     if is_pointwise(geometry):
         result = backward_pointwise(dZ, A_prev, W)
     elif geometry.stride == (1, 1):
-        result = backward_flat(dZ, A_prev, W, geometry)          # None: non-finite values, see its docstring
+        result = backward_flat(dZ, A_prev, W, geometry, out)     # None: non-finite values, see its docstring
     else:
         result = None
-    dA_prev, dW = result if result is not None else backward_im2col(dZ, A_prev, W, geometry)
+    dA_prev, dW = result if result is not None else backward_im2col(dZ, A_prev, W, geometry, out)
+    if out is not None and dA_prev is not out:
+        out[...] = dA_prev
+        dA_prev = out
     return dA_prev, dW, bias_grad(dZ)
 
 
 def _backward_threads(dZ, A_prev, W, geometry, slices: list[slice]):
-    """:func:`_backward_one` on each slice of the batch in its own thread, BLAS held to one thread each.
+    """:func:`_backward_one` on each slice of the batch in a thread of its own, BLAS held to one thread each.
 
-    dW and db of the slices are added in float64, in slice order.
+    The calling thread runs the first slice (waking a pool thread for it took
+    0.1 ms). The slices write their dA_prev in place; their dW and db are
+    added in float64, in slice order.
     """
     dA_prev = np.empty(A_prev.shape, dtype=A_prev.dtype)
 
     def run(batch: slice):
         with np.errstate(invalid="ignore", over="ignore"):
-            dA_part, dW_part, db_part = _backward_one(dZ[batch], A_prev[batch], W, geometry)
-        dA_prev[batch] = dA_part
+            _, dW_part, db_part = _backward_one(dZ[batch], A_prev[batch], W, geometry, out=dA_prev[batch])
         return dW_part, db_part
 
     with _blas_controller().limit(limits=1, user_api="blas"):
-        parts = list(_thread_pool(len(slices)).map(run, slices))
+        others = [_thread_pool(len(slices) - 1).submit(run, batch) for batch in slices[1:]]
+        parts = [run(slices[0])] + [future.result() for future in others]
     dW = np.sum([part[0] for part in parts], axis=0, dtype=np.float64)
     db = np.sum([part[1] for part in parts], axis=0)
     return dA_prev, dW.astype(A_prev.dtype), db

@@ -51,6 +51,7 @@ CASES = {
     "dilation_pair": Case((1, 9, 8, 2), (2, 3, 2, 2), stride=(1, 2), dilation=(2, 1)),
     "kernel_1x1": Case((2, 4, 5, 3), (1, 1, 3, 4)),
     "kernel_1x1_stride2_pad": Case((2, 5, 5, 3), (1, 1, 3, 2), stride=2, padding=1),
+    "kernel_1x1_stride_2x3": Case((2, 5, 7, 3), (1, 1, 3, 2), stride=(2, 3)),
     "m1": Case((1, 5, 5, 1), (3, 3, 1, 1), padding=1),
     "output_1x1": Case((2, 3, 3, 2), (3, 3, 2, 2)),
     "kernel_whole_input_rect": Case((2, 4, 3, 2), (4, 3, 2, 3), stride=2),

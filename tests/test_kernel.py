@@ -530,6 +530,19 @@ def test_compiled_loops_on_random_layers_match_loop_reference(case):
 
 
 @needs_compiled
+@pytest.mark.parametrize("width", range(1, 27))
+def test_compiled_register_blocks_of_every_size(width):
+    """The C loops cut a row of pixels into blocks of 1-12 pixels, and the rows of dW (C_prev) into
+    blocks of 1-16 rows, one C function per size: widths and C_prev 1-26 reach every one."""
+    cases = [Case((2, 3, width, c), (2, 3, c, c_out), padding=1) for c, c_out in [(32, 32), (16, 16), (8, 16)]]
+    cases += [Case((2, 3, width, c), (3, 2, c, 16), padding=1) for c in range(1, 5)]                # narrow dA_prev
+    cases += [Case((1, 2, 3, width), (2, 1, width, c_out), padding=(1, 0)) for c_out in (32, 16)]     # dW rows
+    for case in cases:
+        for dtype in DTYPES:
+            assert_gradients_match_reference(case, dtype, seed=width, threads=1)
+
+
+@needs_compiled
 @pytest.mark.parametrize("case_id", ["dw_and_da", "stride2", "narrow_3"])
 def test_compiled_loops_in_threads_match_loop_reference(case_id, monkeypatch):
     """The compiled loops release the GIL and run slices of a batch side by side."""
