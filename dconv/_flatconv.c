@@ -43,6 +43,10 @@ typedef Py_ssize_t idx;
 
 #define INPUT_PIXELS 12    /* input_grad: the most neighbouring pixels per register block (x 2 or 1 vectors) */
 #define NARROW 4           /* input_grad: the largest C_prev of the narrow blocks */
+#define NARROW_PIXELS_1 8  /* input_grad: the most pixels per narrow block, by C_prev (NB x C_prev vectors) */
+#define NARROW_PIXELS_2 8
+#define NARROW_PIXELS_3 6
+#define NARROW_PIXELS_4 5
 #define WEIGHT_ROWS 14     /* weight_grad: the most rows (input channels) per register block of 2 vectors */
 #define WEIGHT_ROWS_ONE 16 /* weight_grad: the same when C is one vector */
 
@@ -110,7 +114,7 @@ typedef struct {
         }                                                                                           \
         for (int i = 0; i < NB; i++)                                                                \
             for (int v = 0; v < NV; v++)                                                            \
-                memcpy(out + i * pixel + v * LANES, &acc[i][v], sizeof acc[i][v]);                 \
+                memcpy(out + i * pixel + v * LANES, &acc[i][v], sizeof acc[i][v]);                  \
     }
 
 /* The narrow block (CP = C_prev <= NARROW, a first layer's 1-3 image channels): NB pixels x CP
@@ -186,18 +190,18 @@ typedef struct {
 #define DEFINE_BLOCKS(T, NAME, LANES)                                                               \
     REPEAT(INPUT_PIXELS, DEFINE_INPUT_BLOCK, T, NAME, LANES, 2)                                     \
     REPEAT(INPUT_PIXELS, DEFINE_INPUT_BLOCK, T, NAME, LANES, 1)                                     \
-    REPEAT(8, DEFINE_NARROW_BLOCK, T, NAME, LANES, 1)                                               \
-    REPEAT(8, DEFINE_NARROW_BLOCK, T, NAME, LANES, 2)                                               \
-    REPEAT(6, DEFINE_NARROW_BLOCK, T, NAME, LANES, 3)                                               \
-    REPEAT(5, DEFINE_NARROW_BLOCK, T, NAME, LANES, 4)                                               \
+    REPEAT(NARROW_PIXELS_1, DEFINE_NARROW_BLOCK, T, NAME, LANES, 1)                                 \
+    REPEAT(NARROW_PIXELS_2, DEFINE_NARROW_BLOCK, T, NAME, LANES, 2)                                 \
+    REPEAT(NARROW_PIXELS_3, DEFINE_NARROW_BLOCK, T, NAME, LANES, 3)                                 \
+    REPEAT(NARROW_PIXELS_4, DEFINE_NARROW_BLOCK, T, NAME, LANES, 4)                                 \
     REPEAT(WEIGHT_ROWS, DEFINE_WEIGHT_BLOCK, T, NAME, LANES, 2)                                     \
     REPEAT(WEIGHT_ROWS_ONE, DEFINE_WEIGHT_BLOCK, T, NAME, LANES, 1)                                 \
     static const NAME##_input_block NAME##_input_blocks_2[] = {NULL, REPEAT(INPUT_PIXELS, BLOCK_NAME, NAME##_input_block_2)}; \
     static const NAME##_input_block NAME##_input_blocks_1[] = {NULL, REPEAT(INPUT_PIXELS, BLOCK_NAME, NAME##_input_block_1)}; \
-    static const NAME##_input_block NAME##_narrow_blocks_1[] = {NULL, REPEAT(8, BLOCK_NAME, NAME##_narrow_block_1)}; \
-    static const NAME##_input_block NAME##_narrow_blocks_2[] = {NULL, REPEAT(8, BLOCK_NAME, NAME##_narrow_block_2)}; \
-    static const NAME##_input_block NAME##_narrow_blocks_3[] = {NULL, REPEAT(6, BLOCK_NAME, NAME##_narrow_block_3)}; \
-    static const NAME##_input_block NAME##_narrow_blocks_4[] = {NULL, REPEAT(5, BLOCK_NAME, NAME##_narrow_block_4)}; \
+    static const NAME##_input_block NAME##_narrow_blocks_1[] = {NULL, REPEAT(NARROW_PIXELS_1, BLOCK_NAME, NAME##_narrow_block_1)}; \
+    static const NAME##_input_block NAME##_narrow_blocks_2[] = {NULL, REPEAT(NARROW_PIXELS_2, BLOCK_NAME, NAME##_narrow_block_2)}; \
+    static const NAME##_input_block NAME##_narrow_blocks_3[] = {NULL, REPEAT(NARROW_PIXELS_3, BLOCK_NAME, NAME##_narrow_block_3)}; \
+    static const NAME##_input_block NAME##_narrow_blocks_4[] = {NULL, REPEAT(NARROW_PIXELS_4, BLOCK_NAME, NAME##_narrow_block_4)}; \
     static const NAME##_weight_block NAME##_weight_blocks_2[] = {NULL, REPEAT(WEIGHT_ROWS, BLOCK_NAME, NAME##_weight_block_2)}; \
     static const NAME##_weight_block NAME##_weight_blocks_1[] = {NULL, REPEAT(WEIGHT_ROWS_ONE, BLOCK_NAME, NAME##_weight_block_1)};
 
@@ -210,11 +214,11 @@ typedef struct {
     } NAME##_input_plan;                                                                            \
                                                                                                     \
     /* The plan for C_prev = Cp; blocks NULL when no block fits. */                                 \
-    static NAME##_input_plan NAME##_plan_input(idx Cp, idx C)                                      \
+    static NAME##_input_plan NAME##_plan_input(idx Cp, idx C)                                       \
     {                                                                                               \
         static const NAME##_input_block *narrow[NARROW + 1] = {                                     \
             NULL, NAME##_narrow_blocks_1, NAME##_narrow_blocks_2, NAME##_narrow_blocks_3, NAME##_narrow_blocks_4}; \
-        static const idx narrow_pixels[NARROW + 1] = {0, 8, 8, 6, 5};                               \
+        static const idx narrow_pixels[NARROW + 1] = {0, NARROW_PIXELS_1, NARROW_PIXELS_2, NARROW_PIXELS_3, NARROW_PIXELS_4}; \
         if (Cp % (2 * LANES) == 0)                                                                  \
             return (NAME##_input_plan){NAME##_input_blocks_2, INPUT_PIXELS, 2 * LANES};             \
         if (Cp % LANES == 0)                                                                        \
@@ -225,7 +229,7 @@ typedef struct {
     }                                                                                               \
                                                                                                     \
     static void NAME##_input_grad(NAME##_input_plan plan, const T *D, const T *Wt, const idx *offsets, \
-                                  idx K, idx base, idx m, idx sample, idx height, idx width,       \
+                                  idx K, idx base, idx m, idx sample, idx height, idx width,        \
                                   idx cols, idx C, idx Cp, T *dA, out_layout o)                     \
     {                                                                                               \
         idx n_blocks = (width + plan.max_pixels - 1) / plan.max_pixels;                             \
@@ -241,8 +245,8 @@ typedef struct {
     }                                                                                               \
                                                                                                     \
     static void NAME##_weight_grad(const T *P, const T *G, const idx *offsets, idx K, idx m,        \
-                                   idx sample, idx row_step, idx col_step, idx n_h, idx n_w,       \
-                                   idx Cp, idx R, idx C, double *dW)                               \
+                                   idx sample, idx row_step, idx col_step, idx n_h, idx n_w,        \
+                                   idx Cp, idx R, idx C, double *dW)                                \
     {                                                                                               \
         int two = C % (2 * LANES) == 0;                                                             \
         const NAME##_weight_block *blocks = two ? NAME##_weight_blocks_2 : NAME##_weight_blocks_1;  \
