@@ -115,7 +115,7 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -799,7 +799,11 @@ def _backward_threads(dZ, A_prev, W, geometry, slices: list[slice]):
 
     with _blas_controller().limit(limits=1, user_api="blas"):
         others = [_thread_pool(len(slices) - 1).submit(run, batch) for batch in slices[1:]]
-        parts = [run(slices[0])] + [future.result() for future in others]
+        try:
+            parts = [run(slices[0])]
+        finally:
+            wait(others)                          # no slice runs on once this call returns or raises
+        parts += [future.result() for future in others]
     dW = np.sum([part[0] for part in parts], axis=0, dtype=np.float64)
     db = np.sum([part[1] for part in parts], axis=0)
     return dA_prev, dW.astype(A_prev.dtype), db

@@ -374,6 +374,30 @@ def test_threaded_result_is_reproducible_and_close_to_serial():
         np.testing.assert_allclose(x, z, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
+def test_threaded_split_waits_for_every_slice_when_one_fails(monkeypatch):
+    """The calling thread runs the first slice: if it raises, the call still waits for the
+    slices running in the pool before the error reaches the caller."""
+    import threading
+    import time
+
+    finished = []
+
+    def one_slice(dZ, A_prev, W, geometry, out=None):
+        if threading.current_thread() is threading.main_thread():
+            raise MemoryError("first slice")
+        time.sleep(0.2)
+        finished.append(dZ.shape[0])
+        return out, np.zeros(W.shape), np.zeros(W.shape[3])
+
+    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    monkeypatch.setattr(dconv.kernel, "_backward_one", one_slice)
+    case = CASES["int_pad"]._replace(a_shape=(4, 6, 5, 2))
+    a, w, _, dz = make_arrays(case, np.float64, 3)
+    with pytest.raises(MemoryError, match="first slice"):
+        conv2d_backward(dz, a, w, threads=2, **case.kwargs)
+    assert finished == [2]
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_threaded_split_keeps_special_values_where_the_reference_puts_them(monkeypatch):
     monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
