@@ -522,7 +522,10 @@ class OutputStore:
             NaN/Inf count of ``dA_prev``.
         """
         group = self.group()
-        group["dA_prev"][start : start + dA_prev.shape[0]] = dA_prev
+        # Every block is stored, zeros too: zarr's default first compares a block with the fill
+        # value, to skip empty chunks, which took 7 of 23 ms per 17 MB block.
+        blocks = group["dA_prev"].with_config({"write_empty_chunks": True})
+        blocks[start : start + dA_prev.shape[0]] = dA_prev
         group[f"{PROGRESS}/dW_partial"][index] = dW
         group[f"{PROGRESS}/db_partial"][index] = db
         group[f"{PROGRESS}/nonfinite"][index] = nonfinite

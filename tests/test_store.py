@@ -49,6 +49,17 @@ def test_output_layout(finished_job):
     assert group["_progress/nonfinite"][:].tolist() == [0, 0, 0]
 
 
+def test_every_dA_prev_block_is_stored_zeros_included(make_input, tmp_path):
+    """A block of zeros (dZ = 0) is written like any other: a reader sees every chunk the job made."""
+    inp = make_input(m=9, chunk=4, padding=1)
+    zarr.open_group(inp, mode="r+")["dZ"][...] = 0
+    out = tmp_path / "out.zarr"
+    dconv.backward_job(inp, out, batch_chunk=4, scheduler="threads")
+    dA_prev = zarr.open_group(str(out), mode="r")["dA_prev"]
+    assert dA_prev.nchunks_initialized == 3
+    assert not dA_prev[...].any()
+
+
 def test_output_provenance(finished_job):
     inp, out, result = finished_job
     stored = provenance(out)
