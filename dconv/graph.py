@@ -130,8 +130,8 @@ def backward_chunk(
                     "non-finite values (--check-finite is on)."
                 )
     t1 = time.perf_counter()
-    grads = backward_kernel(dZ, A_prev, W, geometry, threads=1)  # Dask runs the chunks in parallel
-    dW, db = grads.dW.astype(np.float64), grads.db.reshape(-1).astype(np.float64)
+    grads = backward_kernel(dZ, A_prev, W, geometry, threads=1, float64_sums=True)  # Dask runs chunks in parallel
+    dW, db = grads.dW, grads.db.reshape(-1)
     nonfinite = int(grads.dA_prev.size - np.count_nonzero(np.isfinite(grads.dA_prev)))
     t2 = time.perf_counter()
     out.write_chunk(index, start, grads.dA_prev, dW, db, nonfinite)

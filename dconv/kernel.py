@@ -589,7 +589,7 @@ def weight_grad_compiled(P: np.ndarray, dZ: np.ndarray, grid: FlatGrid, geometry
 
     Returns
     -------
-    ndarray, shape (fh, fw, C_prev, C), in the dtype of ``P`` (summed in float64)
+    ndarray, float64, shape (fh, fw, C_prev, C)
     """
     fh, fw, c_prev, c_out = w_shape
     (sh, sw), (n_h, n_w), cols = geometry.stride, geometry.out_hw, grid.cols
@@ -602,7 +602,7 @@ def weight_grad_compiled(P: np.ndarray, dZ: np.ndarray, grid: FlatGrid, geometry
     offsets = np.asarray(offsets, dtype=np.intp)
     m = dZ.shape[0]
     _flatconv.weight_grad(P, dZ, offsets, P.shape[0], m, grid.rows * cols, sh * cols, sw, n_h, n_w, c_prev, rows, c_out, dW)
-    return dW.astype(P.dtype).reshape(w_shape)
+    return dW.reshape(w_shape)
 
 
 def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
@@ -766,7 +766,8 @@ def single_threaded(geometry: ConvGeometry, dtype: np.dtype, c_prev: int, c_out:
 
 
 def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
-    """``(dA_prev, dW, db)`` of one batch on the calling thread; db in float64, shape (C,).
+    """``(dA_prev, dW, db)`` of one batch on the calling thread; db in float64, shape (C,), and dW in
+    float64 where the compiled loop summed it.
 
     dA_prev is ``out`` when given (C-contiguous, shaped like A_prev): the compiled loops write it there.
     """
@@ -806,11 +807,16 @@ def _backward_threads(dZ, A_prev, W, geometry, slices: list[slice]):
         parts += [future.result() for future in others]
     dW = np.sum([part[0] for part in parts], axis=0, dtype=np.float64)
     db = np.sum([part[1] for part in parts], axis=0)
-    return dA_prev, dW.astype(A_prev.dtype), db
+    return dA_prev, dW, db
 
 
 def backward_kernel(
-    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, threads: int = 1
+    dZ: np.ndarray,
+    A_prev: np.ndarray,
+    W: np.ndarray,
+    geometry: ConvGeometry,
+    threads: int = 1,
+    float64_sums: bool = False,
 ) -> Gradients:
     """The backward pass on already-validated arrays of one dtype.
 
@@ -825,20 +831,26 @@ def backward_kernel(
     geometry : ConvGeometry
         From :func:`dconv.params.backward_geometry` on these shapes.
     threads : int
-        For stride 1 and a kernel of more than one tap, whose per-sample
-        GEMMs are too small for BLAS to run on several threads, cut the
+        For layers whose loops run on one thread (:func:`single_threaded`:
+        the compiled loops, and the per-sample GEMMs of stride 1), cut the
         batch into up to this many slices (:func:`batch_slices`) and run
         them in parallel, each with a single-threaded BLAS. Other layers run
         larger GEMMs, and BLAS threads those itself (measured: splitting
         them was no faster, or slower). With 1, everything runs on the
         calling thread.
+    float64_sums : bool
+        Return ``dW`` and ``db`` as the float64 sums they were accumulated in
+        (the compiled dW loop, db, the slices' total), not rounded to the
+        dtype of the inputs. The graph layer adds the chunks' partials in
+        float64 this way.
 
     Returns
     -------
     Gradients
-        C-contiguous ``dA_prev``, ``dW``, ``db`` in the dtype of the inputs.
-        For a given ``threads`` and shapes the result is the same bit for bit
-        on every call; different ``threads`` round differently.
+        C-contiguous ``dA_prev``, ``dW``, ``db`` in the dtype of the inputs
+        (``dW`` and ``db`` in float64 with ``float64_sums``). For a given
+        ``threads`` and shapes the result is the same bit for bit on every
+        call; different ``threads`` round differently.
     """
     dZ = np.ascontiguousarray(dZ)
     n_h, n_w = geometry.out_hw
@@ -850,7 +862,8 @@ def backward_kernel(
             dA_prev, dW, db = _backward_one(dZ, A_prev, W, geometry)
         else:
             dA_prev, dW, db = _backward_threads(dZ, A_prev, W, geometry, slices)
-    return Gradients(dA_prev, dW, db.astype(dZ.dtype).reshape(1, 1, 1, c_out))
+    sums = np.float64 if float64_sums else dZ.dtype
+    return Gradients(dA_prev, dW.astype(sums, copy=False), db.astype(sums, copy=False).reshape(1, 1, 1, c_out))
 
 
 def conv2d_forward(

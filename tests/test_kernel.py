@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import dconv
 from dconv import InputDtypeError, InputError, conv2d_backward, conv2d_forward
 from dconv.kernel import MIN_SLICE_FLOPS, batch_slices
-from dconv.params import ConvParams
+from dconv.params import ConvParams, backward_geometry
 from dconv.reference import conv2d_backward_loops, conv2d_forward_loops
 
 from _kernel_cases import CASES, DTYPES, TOL, Case, conv_cases, f64, make_arrays, rel_err
@@ -372,6 +372,25 @@ def test_threaded_result_is_reproducible_and_close_to_serial():
     for name, x, y, z in zip(("dA_prev", "dW", "db"), first, again, serial):
         np.testing.assert_array_equal(x, y, err_msg=name)
         np.testing.assert_allclose(x, z, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case_id", ["dw_and_da", "stride2", "stride3_1x1"])
+def test_float64_sums_keep_the_digits_the_default_rounds_off(case_id, threads, monkeypatch):
+    """float64_sums (the graph layer's partials): dW and db in float64, the default's values once
+    rounded to float32, and not all of them float32 numbers already (the sums kept their digits)."""
+    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    case = COMPILED_CASES[case_id]._replace(a_shape=(4, *COMPILED_CASES[case_id].a_shape[1:]))
+    a, w, _, dz = make_arrays(case, np.float32, 9)
+    geometry = backward_geometry(dz.shape, a.shape, w.shape, ConvParams.parse(case.stride, case.padding, case.dilation))
+    rounded = dconv.kernel.backward_kernel(dz, a, w, geometry, threads=threads)
+    sums = dconv.kernel.backward_kernel(dz, a, w, geometry, threads=threads, float64_sums=True)
+    np.testing.assert_array_equal(sums.dA_prev, rounded.dA_prev)
+    for name in ("dW", "db"):
+        got, want = getattr(sums, name), getattr(rounded, name)
+        assert got.dtype == np.float64 and want.dtype == np.float32, name
+        np.testing.assert_array_equal(got.astype(np.float32), want, err_msg=name)
+        assert (got != got.astype(np.float32)).any(), name
 
 
 def test_threaded_split_waits_for_every_slice_when_one_fails(monkeypatch):
