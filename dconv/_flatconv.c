@@ -1,7 +1,6 @@
-/* The loops of dconv's backward pass that BLAS runs badly, compiled. dconv.kernel calls
- * them when this module was built (an optional extension: see "Compiled helper" in
- * dconv/kernel.py) and the channel counts suit the vector width LANES (16 float32 or
- * 8 float64 per AVX-512 register; GCC/Clang vector extensions, -march=native).
+/* The loops of dconv's backward pass that BLAS runs badly, compiled. dconv.kernel calls them
+ * when this module was built (an optional extension: see "Compiled helper" in dconv/kernel.py)
+ * and the channel counts suit the logical vector of LANES channels (16 float32, 8 float64).
  *
  * input_grad: dA_prev of a stride-1 convolution on the flat grid of
  * dconv.kernel.flat_grid (the batch zero-padded to rows x cols pixels, one row per
@@ -12,26 +11,31 @@
  *   Pixel (n, y, x) is stored where an out_layout says: the whole dA_prev at stride 1, or at
  *   stride > 1 the pixels of one phase of the input, straight into the unpadded dA_prev.
  *   A register block holds neighbouring pixels x input channels and takes every tap and
- *   channel before one store: no pass over memory per tap, no padding row written.
- *   Blocks: up to 12 pixels x 2 or 1 vectors of input channels, and for a narrow C_prev (a
- *   first layer's 1-3 channels) 5-8 pixels x C_prev vectors running over C.
+ *   channel before one store: no pass over memory per tap, no padding row written. For a
+ *   narrow C_prev (a first layer's 1-4 channels) the block's vectors run over C instead.
  *
  * weight_grad: dW of a convolution of any stride, from the padded input and dZ in place:
  *
  *   dW[k, c, :] += sum_(n, i, j) P[n*sample + i*row_step + j*col_step + offsets[k], c] * dZ[n, i, j, :]
  *
- *   Up to 14 input channels x 2 vectors of outputs per register block (16 x 1 vector when C
- *   is one vector), over one sample's pixels at a time; each sample's sum is added into a
- *   float64 dW. For a narrow C_prev the caller merges the taps of each kernel row into the
- *   rows of a block (their values lie side by side in P), so a first layer's 1-3 channels
- *   still fill the registers.
+ *   A register block holds input channels x output vectors, over one sample's pixels at a
+ *   time; each sample's sum is added into a float64 dW. For a narrow C_prev the caller merges
+ *   the taps of each kernel row into the rows of a block (their values lie side by side in P).
+ *
+ * Both are compiled once per SIMD level in this one file (_flatconv_loops.h, included under
+ * each level's target pragma) and chosen per call by name; levels() says which this CPU runs:
+ *
+ *   level     ISA                vector regs   logical vector     multiply-add
+ *   avx512    AVX-512F           32 x 64 B     1 zmm              FMA
+ *   avx2      AVX2 + FMA         16 x 32 B     2 ymm              FMA
+ *   baseline  SSE2 (x86-64)      16 x 16 B     4 xmm              multiply, then add
+ *   neon      ASIMD (aarch64)    32 x 16 B     4 q registers      FMA
  *
  * Every register block has its sizes as compile-time constants, one function per size, so
  * that its accumulators stay in registers; a row of pixels (or of channels) is cut into
- * near-equal blocks. A block with a run-time size kept its accumulators on the stack:
- * measured 12% slower for dA_prev and 13% for dW, over the suite's layers.
+ * near-equal blocks. The sizes follow each level's register file (the tables below).
  *
- * column_sums: float32 db summed in float64.
+ * column_sums: float32 db summed in float64 (plain C, the same at every level).
  *
  * All release the GIL, so threads can run slices of a batch.
  */
@@ -39,21 +43,39 @@
 #include <Python.h>
 #include <string.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#define DCONV_X86_64 1
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#define DCONV_AARCH64 1
+#include <arm_neon.h>
+#endif
+
 typedef Py_ssize_t idx;
 
-#define INPUT_PIXELS 12    /* input_grad: the most neighbouring pixels per register block (x 2 or 1 vectors) */
-#define NARROW 4           /* input_grad: the largest C_prev of the narrow blocks */
-#define NARROW_PIXELS_1 8  /* input_grad: the most pixels per narrow block, by C_prev (NB x C_prev vectors) */
-#define NARROW_PIXELS_2 8
-#define NARROW_PIXELS_3 6
-#define NARROW_PIXELS_4 5
-#define WEIGHT_ROWS 14     /* weight_grad: the most rows (input channels) per register block of 2 vectors */
-#define WEIGHT_ROWS_ONE 16 /* weight_grad: the same when C is one vector */
+#define NARROW 4 /* input_grad: the largest C_prev of the narrow blocks */
+#ifndef WEIGHT_TILE_PIXELS
+#define WEIGHT_TILE_PIXELS 128 /* weight_grad: about this many output pixels per pass (whole rows) */
+#endif
 
 /* Where input_grad writes pixel (n, y, x): element first + n*sample + y*row + x*pixel of dA. */
 typedef struct {
     idx first, sample, row, pixel;
 } out_layout;
+
+/* Which input_grad blocks take C_prev = Cp (the same rule at every level). */
+enum { PLAN_NONE, PLAN_TWO_VECTORS, PLAN_ONE_VECTOR, PLAN_NARROW };
+
+static int input_plan(idx Cp, idx C, idx lanes)
+{
+    if (Cp % (2 * lanes) == 0)
+        return PLAN_TWO_VECTORS;
+    if (Cp % lanes == 0)
+        return PLAN_ONE_VECTOR;
+    if (Cp <= NARROW && C % lanes == 0)
+        return PLAN_NARROW;
+    return PLAN_NONE;
+}
 
 /* REPEAT(N, M, args): M(args, 1) M(args, 2) ... M(args, N), N a literal or a macro. */
 #define REPEAT(N, ...) REPEAT_EXPANDED(N, __VA_ARGS__)
@@ -74,200 +96,183 @@ typedef struct {
 #define REPEAT_14(M, ...) REPEAT_13(M, __VA_ARGS__) M(__VA_ARGS__, 14)
 #define REPEAT_15(M, ...) REPEAT_14(M, __VA_ARGS__) M(__VA_ARGS__, 15)
 #define REPEAT_16(M, ...) REPEAT_15(M, __VA_ARGS__) M(__VA_ARGS__, 16)
-#define BLOCK_NAME(PREFIX, N) PREFIX##_##N,
 
-#define DEFINE_VECTOR(T, NAME, LANES)                                                               \
-    typedef T NAME##_vec __attribute__((vector_size(LANES * sizeof(T))));                           \
-                                                                                                    \
-    static inline NAME##_vec NAME##_load(const T *p)                                                \
-    {                                                                                               \
-        NAME##_vec v;                                                                               \
-        memcpy(&v, p, sizeof v);                                                                    \
-        return v;                                                                                   \
-    }                                                                                               \
-                                                                                                    \
-    typedef void (*NAME##_input_block)(const T *, const T *, const idx *, idx, idx, idx, T *, idx); \
-    typedef void (*NAME##_weight_block)(const T *, const T *, idx, idx, idx, idx, idx, idx, double *);
+/* F(name): name with this inclusion's PREFIX, e.g. F(input_grad) -> avx2_f32_input_grad. */
+#define PASTE(a, b) PASTE_EXPANDED(a, b)
+#define PASTE_EXPANDED(a, b) a##_##b
+#define F(name) PASTE(PREFIX, name)
 
-/* A register block of input_grad: NB neighbouring pixels x NV vectors of input channels. src is
- * D's row of the block's first pixel; Wt (K, C, Cp) and out start at the block's first input
- * channel. */
-#define DEFINE_INPUT_BLOCK(T, NAME, LANES, NV, NB)                                                  \
-    static void NAME##_input_block_##NV##_##NB(const T *src, const T *Wt, const idx *offsets, idx K, \
-                                               idx C, idx Cp, T *out, idx pixel)                    \
-    {                                                                                               \
-        NAME##_vec acc[NB][NV];                                                                     \
-        for (int i = 0; i < NB; i++)                                                                \
-            for (int v = 0; v < NV; v++)                                                            \
-                acc[i][v] = (NAME##_vec){0};                                                        \
-        for (idx k = 0; k < K; k++) {                                                               \
-            const T *s = src - offsets[k] * C;                                                      \
-            const T *w = Wt + k * C * Cp;                                                           \
-            for (idx c = 0; c < C; c++) {                                                           \
-                NAME##_vec wv[NV];                                                                  \
-                for (int v = 0; v < NV; v++)                                                        \
-                    wv[v] = NAME##_load(w + c * Cp + v * LANES);                                    \
-                for (int i = 0; i < NB; i++)                                                        \
-                    for (int v = 0; v < NV; v++)                                                    \
-                        acc[i][v] += s[i * C + c] * wv[v];                                          \
-            }                                                                                       \
-        }                                                                                           \
-        for (int i = 0; i < NB; i++)                                                                \
-            for (int v = 0; v < NV; v++)                                                            \
-                memcpy(out + i * pixel + v * LANES, &acc[i][v], sizeof acc[i][v]);                  \
-    }
+/* ------------------------------------------------------------------ the levels
+ * Each section defines a level's vector operations and block sizes, then includes
+ * _flatconv_level.h, which instantiates _flatconv_loops.h for float32 and float64 (the logical
+ * vector is 64 bytes in both dtypes, so one table of sizes serves both). A block of NB x NV
+ * logical vectors needs NB * NV * PARTS accumulator registers, plus the loaded vectors. */
 
-/* The narrow block (CP = C_prev <= NARROW, a first layer's 1-3 image channels): NB pixels x CP
- * accumulators whose vectors run over C, reduced across lanes at the end. The CP weight vectors
- * of a tap and block of C are loaded once per NB pixels. Wc has shape (K, CP, C); C a multiple
- * of LANES. */
-#define DEFINE_NARROW_BLOCK(T, NAME, LANES, CP, NB)                                                 \
-    static void NAME##_narrow_block_##CP##_##NB(const T *src, const T *Wc, const idx *offsets, idx K, \
-                                                idx C, idx Cp, T *out, idx pixel)                   \
-    {                                                                                               \
-        (void)Cp;                                                                                   \
-        NAME##_vec acc[NB][CP];                                                                     \
-        for (int i = 0; i < NB; i++)                                                                \
-            for (int p = 0; p < CP; p++)                                                            \
-                acc[i][p] = (NAME##_vec){0};                                                        \
-        for (idx k = 0; k < K; k++) {                                                               \
-            const T *s = src - offsets[k] * C;                                                      \
-            const T *w = Wc + k * CP * C;                                                           \
-            for (idx c = 0; c < C; c += LANES) {                                                    \
-                NAME##_vec wv[CP];                                                                  \
-                for (int p = 0; p < CP; p++)                                                        \
-                    wv[p] = NAME##_load(w + p * C + c);                                             \
-                for (int i = 0; i < NB; i++) {                                                      \
-                    NAME##_vec d = NAME##_load(s + i * C + c);                                      \
-                    for (int p = 0; p < CP; p++)                                                    \
-                        acc[i][p] += d * wv[p];                                                     \
-                }                                                                                   \
-            }                                                                                       \
-        }                                                                                           \
-        for (int i = 0; i < NB; i++)                                                                \
-            for (int p = 0; p < CP; p++) {                                                          \
-                T total = 0;                                                                        \
-                for (int l = 0; l < LANES; l++)                                                     \
-                    total += acc[i][p][l];                                                          \
-                out[i * pixel + p] = total;                                                         \
-            }                                                                                       \
-    }
+#if DCONV_X86_64
 
-/* A register block of weight_grad: NR rows x NV vectors of outputs, summed over one sample's
- * output pixels and added to out (float64, at the block's first row and output). Output pixel
- * (i, j) reads P at a + (i*row_step + j*col_step) * Cp (the tap's pixel of the padded input; the
- * steps carry the stride) and dZ at g + (i*n_w + j) * C. A row is an input channel, or, where the
- * caller merges the taps of a kernel row (a narrow C_prev), a (tap, channel) pair: rows past
- * C_prev then read the next pixels' channels. */
-#define DEFINE_WEIGHT_BLOCK(T, NAME, LANES, NV, NR)                                                 \
-    static void NAME##_weight_block_##NV##_##NR(const T *a, const T *g, idx row_step, idx col_step, \
-                                                idx n_h, idx n_w, idx Cp, idx C, double *out)       \
-    {                                                                                               \
-        NAME##_vec acc[NR][NV];                                                                     \
-        for (int r = 0; r < NR; r++)                                                                \
-            for (int v = 0; v < NV; v++)                                                            \
-                acc[r][v] = (NAME##_vec){0};                                                        \
-        idx a_step = col_step * Cp;                                                                 \
-        for (idx i = 0; i < n_h; i++) {                                                             \
-            const T *ar = a + i * row_step * Cp;                                                    \
-            const T *gr = g + i * n_w * C;                                                          \
-            for (idx j = 0; j < n_w; j++) {                                                         \
-                NAME##_vec dz[NV];                                                                  \
-                for (int v = 0; v < NV; v++)                                                        \
-                    dz[v] = NAME##_load(gr + j * C + v * LANES);                                    \
-                for (int r = 0; r < NR; r++)                                                        \
-                    for (int v = 0; v < NV; v++)                                                    \
-                        acc[r][v] += ar[j * a_step + r] * dz[v];                                    \
-            }                                                                                       \
-        }                                                                                           \
-        for (int r = 0; r < NR; r++)                                                                \
-            for (int v = 0; v < NV; v++)                                                            \
-                for (int l = 0; l < LANES; l++)                                                     \
-                    out[r * C + v * LANES + l] += acc[r][v][l];                                     \
-    }
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#endif
+#define LEVEL avx512
+#define PARTS 1
+#define NATIVE_F32 __m512
+#define NATIVE_F64 __m512d
+#define SET1_F32 _mm512_set1_ps
+#define SET1_F64 _mm512_set1_pd
+#define LOADU_F32 _mm512_loadu_ps
+#define LOADU_F64 _mm512_loadu_pd
+#define FMADD_F32 _mm512_fmadd_ps
+#define FMADD_F64 _mm512_fmadd_pd
+#define INPUT_PIXELS_2 12 /* 24 accumulators of 32 registers */
+#define INPUT_PIXELS_1 12
+#define NARROW_PIXELS_1 8
+#define NARROW_PIXELS_2 8
+#define NARROW_PIXELS_3 6
+#define NARROW_PIXELS_4 5
+#define WEIGHT_ROWS_2 14 /* 28 accumulators */
+#define WEIGHT_ROWS_1 16
+#define INPUT_TWO 1
+#define WEIGHT_TWO 1
+#include "_flatconv_level.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 
-/* The blocks of every size, and tables of them by size (entry 0 unused). */
-#define DEFINE_BLOCKS(T, NAME, LANES)                                                               \
-    REPEAT(INPUT_PIXELS, DEFINE_INPUT_BLOCK, T, NAME, LANES, 2)                                     \
-    REPEAT(INPUT_PIXELS, DEFINE_INPUT_BLOCK, T, NAME, LANES, 1)                                     \
-    REPEAT(NARROW_PIXELS_1, DEFINE_NARROW_BLOCK, T, NAME, LANES, 1)                                 \
-    REPEAT(NARROW_PIXELS_2, DEFINE_NARROW_BLOCK, T, NAME, LANES, 2)                                 \
-    REPEAT(NARROW_PIXELS_3, DEFINE_NARROW_BLOCK, T, NAME, LANES, 3)                                 \
-    REPEAT(NARROW_PIXELS_4, DEFINE_NARROW_BLOCK, T, NAME, LANES, 4)                                 \
-    REPEAT(WEIGHT_ROWS, DEFINE_WEIGHT_BLOCK, T, NAME, LANES, 2)                                     \
-    REPEAT(WEIGHT_ROWS_ONE, DEFINE_WEIGHT_BLOCK, T, NAME, LANES, 1)                                 \
-    static const NAME##_input_block NAME##_input_blocks_2[] = {NULL, REPEAT(INPUT_PIXELS, BLOCK_NAME, NAME##_input_block_2)}; \
-    static const NAME##_input_block NAME##_input_blocks_1[] = {NULL, REPEAT(INPUT_PIXELS, BLOCK_NAME, NAME##_input_block_1)}; \
-    static const NAME##_input_block NAME##_narrow_blocks_1[] = {NULL, REPEAT(NARROW_PIXELS_1, BLOCK_NAME, NAME##_narrow_block_1)}; \
-    static const NAME##_input_block NAME##_narrow_blocks_2[] = {NULL, REPEAT(NARROW_PIXELS_2, BLOCK_NAME, NAME##_narrow_block_2)}; \
-    static const NAME##_input_block NAME##_narrow_blocks_3[] = {NULL, REPEAT(NARROW_PIXELS_3, BLOCK_NAME, NAME##_narrow_block_3)}; \
-    static const NAME##_input_block NAME##_narrow_blocks_4[] = {NULL, REPEAT(NARROW_PIXELS_4, BLOCK_NAME, NAME##_narrow_block_4)}; \
-    static const NAME##_weight_block NAME##_weight_blocks_2[] = {NULL, REPEAT(WEIGHT_ROWS, BLOCK_NAME, NAME##_weight_block_2)}; \
-    static const NAME##_weight_block NAME##_weight_blocks_1[] = {NULL, REPEAT(WEIGHT_ROWS_ONE, BLOCK_NAME, NAME##_weight_block_1)};
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+#define LEVEL avx2
+#define PARTS 2
+#define NATIVE_F32 __m256
+#define NATIVE_F64 __m256d
+#define SET1_F32 _mm256_set1_ps
+#define SET1_F64 _mm256_set1_pd
+#define LOADU_F32 _mm256_loadu_ps
+#define LOADU_F64 _mm256_loadu_pd
+#define FMADD_F32 _mm256_fmadd_ps
+#define FMADD_F64 _mm256_fmadd_pd
+#define INPUT_PIXELS_2 3
+#define INPUT_PIXELS_1 6 /* 12 accumulators of 16 registers, 2 loaded weights, 1 broadcast */
+#define NARROW_PIXELS_1 6
+#define NARROW_PIXELS_2 3
+#define NARROW_PIXELS_3 2
+#define NARROW_PIXELS_4 1
+#define WEIGHT_ROWS_2 3
+#define WEIGHT_ROWS_1 6
+#define INPUT_TWO 0 /* 6 x 1 was 5-20% faster than 3 x 2 */
+#define WEIGHT_TWO 0
+#include "_flatconv_level.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 
-/* The loops over blocks. An input_grad plan: the blocks by pixel count, the most pixels per
- * block, and the input channels each block covers (2 or 1 vectors, or all C_prev when narrow). */
-#define DEFINE_LOOPS(T, NAME, LANES)                                                                \
-    typedef struct {                                                                                \
-        const NAME##_input_block *blocks;                                                           \
-        idx max_pixels, channels;                                                                   \
-    } NAME##_input_plan;                                                                            \
-                                                                                                    \
-    /* The plan for C_prev = Cp; blocks NULL when no block fits. */                                 \
-    static NAME##_input_plan NAME##_plan_input(idx Cp, idx C)                                       \
-    {                                                                                               \
-        static const NAME##_input_block *narrow[NARROW + 1] = {                                     \
-            NULL, NAME##_narrow_blocks_1, NAME##_narrow_blocks_2, NAME##_narrow_blocks_3, NAME##_narrow_blocks_4}; \
-        static const idx narrow_pixels[NARROW + 1] = {0, NARROW_PIXELS_1, NARROW_PIXELS_2, NARROW_PIXELS_3, NARROW_PIXELS_4}; \
-        if (Cp % (2 * LANES) == 0)                                                                  \
-            return (NAME##_input_plan){NAME##_input_blocks_2, INPUT_PIXELS, 2 * LANES};             \
-        if (Cp % LANES == 0)                                                                        \
-            return (NAME##_input_plan){NAME##_input_blocks_1, INPUT_PIXELS, LANES};                 \
-        if (Cp <= NARROW && C % LANES == 0)                                                         \
-            return (NAME##_input_plan){narrow[Cp], narrow_pixels[Cp], Cp};                          \
-        return (NAME##_input_plan){NULL, 0, 0};                                                     \
-    }                                                                                               \
-                                                                                                    \
-    static void NAME##_input_grad(NAME##_input_plan plan, const T *D, const T *Wt, const idx *offsets, \
-                                  idx K, idx base, idx m, idx sample, idx height, idx width,        \
-                                  idx cols, idx C, idx Cp, T *dA, out_layout o)                     \
-    {                                                                                               \
-        idx n_blocks = (width + plan.max_pixels - 1) / plan.max_pixels;                             \
-        for (idx n = 0; n < m; n++)                                                                 \
-            for (idx y = 0; y < height; y++)                                                        \
-                for (idx b = 0, x0 = 0, nb; b < n_blocks; b++, x0 += nb) {                          \
-                    nb = (width - x0) / (n_blocks - b);                                             \
-                    const T *src = D + (base + n * sample + y * cols + x0) * C;                     \
-                    T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;                \
-                    for (idx p0 = 0; p0 < Cp; p0 += plan.channels)                                  \
-                        plan.blocks[nb](src, Wt + p0, offsets, K, C, Cp, out + p0, o.pixel);        \
-                }                                                                                   \
-    }                                                                                               \
-                                                                                                    \
-    static void NAME##_weight_grad(const T *P, const T *G, const idx *offsets, idx K, idx m,        \
-                                   idx sample, idx row_step, idx col_step, idx n_h, idx n_w,        \
-                                   idx Cp, idx R, idx C, double *dW)                                \
-    {                                                                                               \
-        int two = C % (2 * LANES) == 0;                                                             \
-        const NAME##_weight_block *blocks = two ? NAME##_weight_blocks_2 : NAME##_weight_blocks_1;  \
-        idx max_rows = two ? WEIGHT_ROWS : WEIGHT_ROWS_ONE, width = two ? 2 * LANES : LANES;        \
-        idx n_blocks = (R + max_rows - 1) / max_rows;                                               \
-        for (idx n = 0; n < m; n++)                                                                 \
-            for (idx k = 0; k < K; k++)                                                             \
-                for (idx b = 0, c0 = 0, rows; b < n_blocks; b++, c0 += rows) {                      \
-                    rows = (R - c0) / (n_blocks - b);                                               \
-                    for (idx p0 = 0; p0 < C; p0 += width)                                           \
-                        blocks[rows](P + (n * sample + offsets[k]) * Cp + c0, G + n * n_h * n_w * C + p0, \
-                                     row_step, col_step, n_h, n_w, Cp, C, dW + (k * R + c0) * C + p0); \
-                }                                                                                   \
-    }
+/* baseline: SSE2, which every x86-64 CPU has, and no FMA: products are rounded before the add */
+#define LEVEL baseline
+#define PARTS 4
+#define NATIVE_F32 __m128
+#define NATIVE_F64 __m128d
+#define SET1_F32 _mm_set1_ps
+#define SET1_F64 _mm_set1_pd
+#define LOADU_F32 _mm_loadu_ps
+#define LOADU_F64 _mm_loadu_pd
+#define FMADD_F32(a, b, c) _mm_add_ps(_mm_mul_ps(a, b), c)
+#define FMADD_F64(a, b, c) _mm_add_pd(_mm_mul_pd(a, b), c)
+#define INPUT_PIXELS_2 1 /* 8 accumulators of 16 registers, and the loaded weights */
+#define INPUT_PIXELS_1 2
+#define NARROW_PIXELS_1 2
+#define NARROW_PIXELS_2 1
+#define NARROW_PIXELS_3 1
+#define NARROW_PIXELS_4 1
+#define WEIGHT_ROWS_2 1
+#define WEIGHT_ROWS_1 2
+#define INPUT_TWO 0
+#define WEIGHT_TWO 0
+#include "_flatconv_level.h"
 
-DEFINE_VECTOR(float, f32, 16)
-DEFINE_VECTOR(double, f64, 8)
-DEFINE_BLOCKS(float, f32, 16)
-DEFINE_BLOCKS(double, f64, 8)
-DEFINE_LOOPS(float, f32, 16)
-DEFINE_LOOPS(double, f64, 8)
+#elif DCONV_AARCH64
+
+#define LEVEL neon
+#define PARTS 4
+#define NATIVE_F32 float32x4_t
+#define NATIVE_F64 float64x2_t
+#define SET1_F32 vdupq_n_f32
+#define SET1_F64 vdupq_n_f64
+#define LOADU_F32 vld1q_f32
+#define LOADU_F64 vld1q_f64
+#define FMADD_F32(a, b, c) vfmaq_f32(c, a, b)
+#define FMADD_F64(a, b, c) vfmaq_f64(c, a, b)
+#define INPUT_PIXELS_2 2 /* 16 accumulators of 32 registers, and 8 loaded weights */
+#define INPUT_PIXELS_1 6
+#define NARROW_PIXELS_1 5
+#define NARROW_PIXELS_2 2
+#define NARROW_PIXELS_3 1
+#define NARROW_PIXELS_4 1
+#define WEIGHT_ROWS_2 2
+#define WEIGHT_ROWS_1 6
+#define INPUT_TWO 1
+#define WEIGHT_TWO 1
+#include "_flatconv_level.h"
+
+#endif
+
+/* Which CPUs run each level */
+#if DCONV_X86_64
+static int runs_avx512(void) { return __builtin_cpu_supports("avx512f"); }
+static int runs_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#endif
+static int runs_always(void) { return 1; }
+
+typedef struct {
+    const char *name;
+    int (*runs_here)(void);
+    void (*f32_input_grad)(const float *, const float *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx, idx,
+                           float *, out_layout);
+    void (*f64_input_grad)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
+                           idx, double *, out_layout);
+    void (*f32_weight_grad)(const float *, const float *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx, idx,
+                            idx, double *);
+    void (*f64_weight_grad)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
+                            idx, idx, double *);
+} simd_level;
+
+#define LEVEL_ENTRY(NAME, RUNS)                                                                     \
+    {#NAME, RUNS, NAME##_f32_input_grad, NAME##_f64_input_grad, NAME##_f32_weight_grad, NAME##_f64_weight_grad}
+
+/* Best first */
+static const simd_level levels[] = {
+#if DCONV_X86_64
+    LEVEL_ENTRY(avx512, runs_avx512),
+    LEVEL_ENTRY(avx2, runs_avx2),
+    LEVEL_ENTRY(baseline, runs_always),
+#elif DCONV_AARCH64
+    LEVEL_ENTRY(neon, runs_always),
+#endif
+    {NULL, NULL, NULL, NULL, NULL, NULL},
+};
+
+/* The level of that name, if this CPU runs it; else NULL with a ValueError set. */
+static const simd_level *find_level(const char *name)
+{
+    for (const simd_level *level = levels; level->name; level++)
+        if (strcmp(level->name, name) == 0) {
+            if (level->runs_here())
+                return level;
+            PyErr_Format(PyExc_ValueError, "SIMD level %s: this CPU cannot run it", name);
+            return NULL;
+        }
+    PyErr_Format(PyExc_ValueError, "SIMD level %s is not compiled into this build", name);
+    return NULL;
+}
 
 /* db: the column sums of a (rows, C) float32 matrix, added into a float64 out, converting each
  * value to float64 before adding (as NumPy's sum(axis=0, dtype=float64), without its temporaries).
@@ -348,11 +353,15 @@ static void release(Py_buffer *views, int n)
 
 static PyObject *input_grad(PyObject *self, PyObject *args)
 {
+    const char *level_name;
     PyObject *D_obj, *W_obj, *off_obj, *out_obj;
     idx d_rows, base, m, sample, height, width, cols, C, Cp;
     out_layout o;
-    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnO(nnnn)", &D_obj, &W_obj, &off_obj, &d_rows, &base, &m, &sample,
-                          &height, &width, &cols, &C, &Cp, &out_obj, &o.first, &o.sample, &o.row, &o.pixel))
+    if (!PyArg_ParseTuple(args, "sOOOnnnnnnnnnO(nnnn)", &level_name, &D_obj, &W_obj, &off_obj, &d_rows, &base, &m,
+                          &sample, &height, &width, &cols, &C, &Cp, &out_obj, &o.first, &o.sample, &o.row, &o.pixel))
+        return NULL;
+    const simd_level *level = find_level(level_name);
+    if (level == NULL)
         return NULL;
     if (m < 1 || height < 1 || width < 1 || C < 1 || Cp < 1 || o.first < 0 || o.sample < 0 || o.row < 0 ||
         o.pixel < Cp)
@@ -381,15 +390,13 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
     /* every row read lies in D: the lowest is base - offsets[K-1], the highest below base - offsets[0] + last pixel */
     int fits = m > 0 && base - offsets[K - 1] >= 0 &&
                base - offsets[0] + (m - 1) * sample + (height - 1) * cols + width <= d_rows;
-    f32_input_plan f32_plan = f32_plan_input(Cp, C);
-    f64_input_plan f64_plan = f64_plan_input(Cp, C);
-    int planned = type == 'f' ? f32_plan.blocks != NULL : f64_plan.blocks != NULL;
+    int planned = input_plan(Cp, C, type == 'f' ? 16 : 8) != PLAN_NONE;
     if (fits && planned) {
         Py_BEGIN_ALLOW_THREADS
         if (type == 'f')
-            f32_input_grad(f32_plan, v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
+            level->f32_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
         else
-            f64_input_grad(f64_plan, v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
+            level->f64_input_grad(v[1].buf, v[2].buf, offsets, K, base, m, sample, height, width, cols, C, Cp, v[3].buf, o);
         Py_END_ALLOW_THREADS
     }
     release(v, 4);
@@ -404,10 +411,14 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
 
 static PyObject *weight_grad(PyObject *self, PyObject *args)
 {
+    const char *level_name;
     PyObject *P_obj, *G_obj, *off_obj, *out_obj;
     idx p_rows, m, sample, row_step, col_step, n_h, n_w, Cp, R, C;
-    if (!PyArg_ParseTuple(args, "OOOnnnnnnnnnnO", &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample, &row_step,
-                          &col_step, &n_h, &n_w, &Cp, &R, &C, &out_obj))
+    if (!PyArg_ParseTuple(args, "sOOOnnnnnnnnnnO", &level_name, &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample,
+                          &row_step, &col_step, &n_h, &n_w, &Cp, &R, &C, &out_obj))
+        return NULL;
+    const simd_level *level = find_level(level_name);
+    if (level == NULL)
         return NULL;
     if (Cp < 1 || R < 1)
         return PyErr_Format(PyExc_ValueError, "weight_grad: C_prev %zd and rows %zd must be >= 1", Cp, R);
@@ -436,9 +447,9 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
     if (fits && lanes_ok) {
         Py_BEGIN_ALLOW_THREADS
         if (type == 'f')
-            f32_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, v[3].buf);
+            level->f32_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, v[3].buf);
         else
-            f64_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, v[3].buf);
+            level->f64_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, v[3].buf);
         Py_END_ALLOW_THREADS
     }
     release(v, 4);
@@ -469,13 +480,35 @@ static PyObject *column_sums(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *list_levels(PyObject *self, PyObject *unused)
+{
+    PyObject *names = PyList_New(0);
+    for (const simd_level *level = levels; names && level->name; level++)
+        if (level->runs_here()) {
+            PyObject *name = PyUnicode_FromString(level->name);
+            if (name == NULL || PyList_Append(names, name) < 0) {
+                Py_XDECREF(name);
+                Py_CLEAR(names);
+                break;
+            }
+            Py_DECREF(name);
+        }
+    if (names == NULL)
+        return NULL;
+    PyObject *result = PyList_AsTuple(names);
+    Py_DECREF(names);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"levels", list_levels, METH_NOARGS,
+     "levels()\n\nThe SIMD levels compiled into this build that this CPU runs, best first."},
     {"input_grad", input_grad, METH_VARARGS,
-     "input_grad(D, Wt, offsets, d_rows, base, m, sample, H, W, cols, C, C_prev, out)\n\n"
+     "input_grad(level, D, Wt, offsets, d_rows, base, m, sample, H, W, cols, C, C_prev, out, layout)\n\n"
      "dA_prev of a stride-1 convolution into out, shape (m, H, W, C_prev). Wt has shape (K, C, C_prev),\n"
      "or (K, C_prev, C) when C_prev is narrow (at most 4 and not a multiple of the vector width)."},
     {"weight_grad", weight_grad, METH_VARARGS,
-     "weight_grad(P, dZ, offsets, p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, C, out)\n\n"
+     "weight_grad(level, P, dZ, offsets, p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, rows, C, out)\n\n"
      "Add dW into out, float64, shape (K, C_prev, C). Output pixel (n, i, j) reads row\n"
      "n*sample + i*row_step + j*col_step + offsets[k] of the padded input P and dZ[n, i, j]."},
     {"column_sums", column_sums, METH_VARARGS,
@@ -484,7 +517,13 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_flatconv",
-                                    "dA_prev of a stride-1 convolution, compiled (see dconv/kernel.py).", -1, methods,
+                                    "The compiled loops of dconv.kernel, one set per SIMD level.", -1, methods,
                                     NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__flatconv(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__flatconv(void)
+{
+#if DCONV_X86_64
+    __builtin_cpu_init();
+#endif
+    return PyModule_Create(&module);
+}

@@ -123,10 +123,8 @@ from numpy.lib.stride_tricks import as_strided
 
 from dconv.errors import InputError
 
-try:  # the compiled dA_prev loop, dconv/_flatconv.c: optional, see "Compiled helper" above
-    from dconv import _flatconv
-except ImportError:  # not built (no C compiler at install): the NumPy path computes the same
-    _flatconv = None
+from dconv import simd
+from dconv.simd import _flatconv  # the compiled loops, or None: optional, see "Compiled helper" above
 from dconv.params import (
     ConvGeometry,
     ConvParams,
@@ -368,14 +366,18 @@ def row_groups(matrix: np.ndarray, first_row: int, n_groups: int, step: int, n_r
     return as_strided(matrix[first_row:], shape=(n_groups, n_rows, matrix.shape[1]), strides=(step * row, row, item))
 
 
-COMPILED = _flatconv is not None
-"""Whether the kernel may use the compiled loops (tests and ``bench_kernel.py --numpy-only`` set it to False)."""
+def compiled_level() -> str | None:
+    """The SIMD level the compiled loops run at in this process, or None for the NumPy path only.
+
+    :func:`dconv.simd.active_level`: ``DCONV_SIMD``, or :func:`dconv.simd.set_level`.
+    """
+    level = simd.active_level()
+    return None if level == "numpy" else level
+
 
 COMPILED_LANES = {4: 16, 8: 8}
-"""Item size -> channels per vector register in the compiled loops (AVX-512: 16 float32, 8 float64)."""
-
-COMPILED_MAX_CHANNELS = 128
-"""The largest C_prev the compiled dA_prev loop was measured to beat the NumPy GEMMs at."""
+"""Item size -> channels per logical vector of the compiled loops (16 float32 or 8 float64 at every level:
+one zmm on AVX-512, two ymm on AVX2, four xmm or q registers on SSE2 and NEON)."""
 
 COMPILED_NARROW = 4
 """The largest C_prev (not a multiple of the vector width) of the compiled loop's narrow variant."""
@@ -384,20 +386,66 @@ COMPILED_NARROW_WEIGHT = 8
 """Below this many input channels, the compiled dW loop merges each kernel row's taps (:func:`weight_grad_compiled`)."""
 
 
+class CompiledRule(NamedTuple):
+    """Where one SIMD level's compiled loops beat NumPy's GEMMs, by C_prev: the largest C_prev that takes them.
+
+    Each field is a pair, ``(float32, float64)``. Layers with C_prev of at most
+    :data:`COMPILED_NARROW` (dA_prev) or below :data:`COMPILED_NARROW_WEIGHT`
+    (dW), the first layers, take the compiled loops at every level: GEMMs
+    that narrow run far below the BLAS rate.
+    """
+
+    input_grad: tuple[int, int]
+    """dA_prev, C_prev a multiple of the vector width, any stride."""
+    weight_grad: tuple[int, int]
+    """dW at stride 1."""
+    weight_grad_strided: tuple[int, int]
+    """dW at other strides (im2col's GEMM is the other path)."""
+
+
+ANY = 1 << 30
+COMPILED_RULES = {
+    # AVX-512 Xeon (earlier landings): the loops won on every layer of the suite.
+    "avx512": CompiledRule(input_grad=(128, 128), weight_grad=(ANY, ANY), weight_grad_strided=(ANY, ANY)),
+    # AMD EPYC Zen 3, one thread, BLAS on one thread (benchmarks/results/paths-avx2.txt): the GEMMs
+    # won dW at stride 2 from C_prev 64 (by 8-33%); the loops won or tied everything else.
+    "avx2": CompiledRule(input_grad=(128, 128), weight_grad=(128, 128), weight_grad_strided=(32, 32)),
+    # Not measured (no aarch64 machine here): the avx2 rule; NEON has as many registers as AVX-512.
+    "neon": CompiledRule(input_grad=(128, 128), weight_grad=(128, 128), weight_grad_strided=(32, 32)),
+    # SSE2 loops against an AVX2 OpenBLAS on the same Zen 3: the GEMMs won all but the first layers,
+    # and float64 dA_prev up to 16 channels.
+    "baseline": CompiledRule(input_grad=(0, 16), weight_grad=(0, 0), weight_grad_strided=(0, 0)),
+}
+"""The rule of each SIMD level (:mod:`dconv.simd`), from interleaved timings of both paths per layer."""
+
+
+def _rule_limit(pair: tuple[int, int], dtype: np.dtype) -> int:
+    return pair[0] if np.dtype(dtype).itemsize == 4 else pair[1]
+
+
 def use_compiled_input_grad(dtype: np.dtype, c_prev: int, c_out: int) -> bool:
-    """Whether :func:`input_grad_flat` runs the compiled loop for this dtype, C_prev and C."""
-    lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
-    if not COMPILED or lanes is None:
+    """Whether dA_prev comes from the compiled loop at this process's level, for this dtype, C_prev and C."""
+    level, lanes = compiled_level(), COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    if level is None or lanes is None:
         return False
-    wide = c_prev % lanes == 0 and c_prev <= COMPILED_MAX_CHANNELS
-    narrow = c_prev % lanes != 0 and c_prev <= COMPILED_NARROW and c_out % lanes == 0
-    return wide or narrow
+    if c_prev % lanes == 0:
+        return c_prev <= _rule_limit(COMPILED_RULES[level].input_grad, dtype)
+    return c_prev <= COMPILED_NARROW and c_out % lanes == 0
 
 
-def use_compiled_weight_grad(dtype: np.dtype, c_out: int) -> bool:
-    """Whether dW comes from the compiled loop (:func:`weight_grad_compiled`): C a multiple of the vector width."""
-    lanes = COMPILED_LANES.get(np.dtype(dtype).itemsize)
-    return COMPILED and lanes is not None and c_out % lanes == 0
+def use_compiled_weight_grad(dtype: np.dtype, c_prev: int, c_out: int, geometry: ConvGeometry) -> bool:
+    """Whether dW comes from the compiled loop (:func:`weight_grad_compiled`) at this process's level.
+
+    C must be a multiple of the vector width; then :data:`COMPILED_RULES` decides by C_prev and stride.
+    """
+    level, lanes = compiled_level(), COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    if level is None or lanes is None or c_out % lanes != 0:
+        return False
+    if c_prev < COMPILED_NARROW_WEIGHT:
+        return True
+    rule = COMPILED_RULES[level]
+    limit = rule.weight_grad if geometry.stride == (1, 1) else rule.weight_grad_strided
+    return c_prev <= _rule_limit(limit, dtype)
 
 
 def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape) -> np.ndarray:
@@ -521,7 +569,7 @@ def _compiled_input_grad(D, w_taps, offsets, base, sample, cols, out, size=None,
     offsets = np.asarray(offsets, dtype=np.intp)
     (n_y, n_x), (y0, x0), (sy, sx) = size or (height, width), first, step
     layout = ((y0 * width + x0) * c_prev, height * width * c_prev, sy * width * c_prev, sx * c_prev)
-    _flatconv.input_grad(D, weights, offsets, D.shape[0], base, m, sample, n_y, n_x, cols, c_out, c_prev, out, layout)
+    _flatconv.input_grad(compiled_level(), D, weights, offsets, D.shape[0], base, m, sample, n_y, n_x, cols, c_out, c_prev, out, layout)
 
 
 def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out: np.ndarray | None = None) -> np.ndarray:
@@ -601,7 +649,7 @@ def weight_grad_compiled(P: np.ndarray, dZ: np.ndarray, grid: FlatGrid, geometry
     dW = np.zeros((len(offsets), rows, c_out), dtype=np.float64)
     offsets = np.asarray(offsets, dtype=np.intp)
     m = dZ.shape[0]
-    _flatconv.weight_grad(P, dZ, offsets, P.shape[0], m, grid.rows * cols, sh * cols, sw, n_h, n_w, c_prev, rows, c_out, dW)
+    _flatconv.weight_grad(compiled_level(), P, dZ, offsets, P.shape[0], m, grid.rows * cols, sh * cols, sw, n_h, n_w, c_prev, rows, c_out, dW)
     return dW.reshape(w_shape)
 
 
@@ -617,7 +665,7 @@ def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
     m, c_out = A_prev.shape[0], W.shape[3]
     grid = flat_grid(m, geometry)
     D = embed_grad(dZ, grid)
-    if use_compiled_weight_grad(dZ.dtype, c_out):
+    if use_compiled_weight_grad(dZ.dtype, A_prev.shape[3], c_out, geometry):
         dW = weight_grad_compiled(embed_input(A_prev, geometry), dZ, grid, geometry, W.shape)
     else:
         dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape)
@@ -665,7 +713,7 @@ def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
     padded = pad_input(A_prev, geometry.pads)
     dZ_2d = dZ.reshape(-1, n_channels)                        # (M, C)
     W_2d = W.reshape(-1, n_channels)                          # (K, C)
-    if use_compiled_weight_grad(dZ.dtype, n_channels):
+    if use_compiled_weight_grad(dZ.dtype, W.shape[2], n_channels, geometry):
         P = np.ascontiguousarray(padded).reshape(-1, padded.shape[3])
         dW = weight_grad_compiled(P, dZ, flat_grid(dZ.shape[0], geometry), geometry, W.shape)
         del P
@@ -692,7 +740,7 @@ def bias_grad(dZ: np.ndarray) -> np.ndarray:
     rows = dZ.reshape(-1, dZ.shape[3])
     if dZ.dtype == np.float64:
         return np.ones(rows.shape[0]) @ rows                                    # "m,mc->c"
-    if COMPILED:                     # the same float64 sums, 3-7x faster (no float64 temporaries)
+    if compiled_level() is not None:  # the same float64 sums, 3-7x faster (no float64 temporaries)
         db = np.zeros(rows.shape[1])
         _flatconv.column_sums(np.ascontiguousarray(rows), rows.shape[0], rows.shape[1], db)
         return db
@@ -759,7 +807,7 @@ def single_threaded(geometry: ConvGeometry, dtype: np.dtype, c_prev: int, c_out:
     """Whether this layer's loops run on one thread (the compiled loops, per-sample GEMMs), so the batch is worth splitting."""
     if is_pointwise(geometry):      # two large GEMMs, which BLAS threads
         return False
-    compiled = use_compiled_input_grad(dtype, c_prev, c_out) or use_compiled_weight_grad(dtype, c_out)
+    compiled = use_compiled_input_grad(dtype, c_prev, c_out) or use_compiled_weight_grad(dtype, c_prev, c_out, geometry)
     if geometry.stride != (1, 1):   # im2col's GEMMs are threaded by BLAS; the compiled loops are not
         return compiled
     return compiled or geometry.kernel_hw != (1, 1)

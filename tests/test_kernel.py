@@ -4,6 +4,7 @@ property tests, dtype rules, input validation and IEEE special values."""
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -497,7 +498,22 @@ def _peak_allocation(case: Case, threads: int) -> tuple[int, int]:
 
 # --- the compiled dA_prev loop (dconv/_flatconv.c) ---------------------------------
 
-needs_compiled = pytest.mark.skipif(dconv.kernel._flatconv is None, reason="the compiled helper was not built")
+needs_compiled = pytest.mark.skipif(not dconv.simd_levels(), reason="the compiled helper was not built")
+
+LEVELS = dconv.simd_levels()
+"""Every compiled SIMD level this machine runs: each is tested (DCONV_SIMD picks one in production)."""
+
+
+@pytest.fixture(params=LEVELS or [pytest.param("none", marks=pytest.mark.skip(reason="no compiled level here"))])
+def level(request, monkeypatch):
+    """Run the test at one SIMD level, with the compiled loops on every layer they can take (not only
+    where COMPILED_RULES says they are faster), then restore the process's own level."""
+    every = dconv.kernel.CompiledRule(*[(dconv.kernel.ANY, dconv.kernel.ANY)] * 3)
+    monkeypatch.setitem(dconv.kernel.COMPILED_RULES, request.param, every)
+    dconv.simd.set_level(request.param)
+    yield request.param
+    dconv.simd.set_level(None)
+
 
 COMPILED_CASES = {  # C_prev = 16 (dA_prev) or C = 32 (dW): multiples of the vector widths in both dtypes
     "pad1": Case((3, 9, 11, 16), (3, 3, 16, 5), padding=1),
@@ -532,17 +548,22 @@ def test_compiled_helper_is_built_where_it_can_be():
 
 
 @needs_compiled
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("level_name", [*LEVELS, "numpy"])
 @pytest.mark.parametrize("case_id", list(COMPILED_CASES))
-def test_compiled_loops_match_loop_reference(case_id, compiled, monkeypatch):
-    monkeypatch.setattr(dconv.kernel, "COMPILED", compiled)
+def test_compiled_loops_match_loop_reference(case_id, level_name):
     case = COMPILED_CASES[case_id]
-    used = []
-    for dtype in DTYPES:
-        used += [dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3], case.w_shape[3]),
-                 dconv.kernel.use_compiled_weight_grad(dtype, case.w_shape[3])]
-        assert_gradients_match_reference(case, dtype, seed=4, threads=1)
-    assert any(used) == compiled
+    geometry = backward_geometry(case.z_shape(), case.a_shape, case.w_shape, ConvParams.parse(**case.kwargs))
+    dconv.simd.set_level(level_name)
+    try:
+        used = []
+        for dtype in DTYPES:
+            used += [dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3], case.w_shape[3]),
+                     dconv.kernel.use_compiled_weight_grad(dtype, case.a_shape[3], case.w_shape[3], geometry)]
+            assert_gradients_match_reference(case, dtype, seed=4, threads=1)
+    finally:
+        dconv.simd.set_level(None)
+    if level_name == "numpy":
+        assert not any(used)
 
 
 def _random_compiled_cases(n: int, seed: int = 11) -> list[Case]:
@@ -567,16 +588,16 @@ def _random_compiled_cases(n: int, seed: int = 11) -> list[Case]:
 
 @needs_compiled
 @pytest.mark.parametrize("case", _random_compiled_cases(40), ids=lambda c: f"{c.a_shape}-{c.w_shape}-s{c.stride}-p{c.padding}-d{c.dilation}")
-def test_compiled_loops_on_random_layers_match_loop_reference(case):
+def test_compiled_loops_on_random_layers_match_loop_reference(case, level):
     for dtype in DTYPES:
         assert_gradients_match_reference(case, dtype, seed=13, threads=1)
 
 
 @needs_compiled
 @pytest.mark.parametrize("width", range(1, 27))
-def test_compiled_register_blocks_of_every_size(width):
+def test_compiled_register_blocks_of_every_size(width, level):
     """The C loops cut a row of pixels into blocks of 1-12 pixels, and the rows of dW (C_prev) into
-    blocks of 1-16 rows, one C function per size: widths and C_prev 1-26 reach every one."""
+    blocks of 1-16 rows, one C function per size and level: widths and C_prev 1-26 reach every one."""
     cases = [Case((2, 3, width, c), (2, 3, c, c_out), padding=1) for c, c_out in [(32, 32), (16, 16), (8, 16)]]
     cases += [Case((2, 3, width, c), (3, 2, c, 16), padding=1) for c in range(1, 5)]                # narrow dA_prev
     cases += [Case((1, 2, 3, width), (2, 1, width, c_out), padding=(1, 0)) for c_out in (32, 16)]     # dW rows
@@ -587,7 +608,7 @@ def test_compiled_register_blocks_of_every_size(width):
 
 @needs_compiled
 @pytest.mark.parametrize("case_id", ["dw_and_da", "stride2", "narrow_3"])
-def test_compiled_loops_in_threads_match_loop_reference(case_id, monkeypatch):
+def test_compiled_loops_in_threads_match_loop_reference(case_id, level, monkeypatch):
     """The compiled loops release the GIL and run slices of a batch side by side."""
     monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
     case = COMPILED_CASES[case_id]._replace(a_shape=(5, *COMPILED_CASES[case_id].a_shape[1:]))
@@ -634,7 +655,7 @@ def test_compiled_loop_refuses_buffers_it_cannot_use():
     layout = (0, 144, 48, 16)                                  # out's first element, sample, row and pixel steps
 
     def call(D=D, Wt=Wt, offsets=offsets, args=args, out=out, layout=layout):
-        _flatconv.input_grad(D, Wt, offsets, *args, out, layout)
+        _flatconv.input_grad(LEVELS[0], D, Wt, offsets, *args, out, layout)
 
     call()                                                     # fits: no error
     call(args=(*args[:4], 2, 2, *args[6:]), layout=(0, 144, 96, 32))    # pixels (0, 0), (0, 2), (2, 0), (2, 2)
@@ -658,16 +679,59 @@ def test_compiled_loop_refuses_buffers_it_cannot_use():
         call(layout=(0, 144, 48, 8))                           # pixels overlapping
     P, dZ, dW = np.zeros((100, 4), np.float32), np.zeros((1, 3, 3, 32), np.float32), np.zeros((1, 4, 32))
     wargs = (100, 1, 25, 10, 2, 3, 3, 4, 4)                     # p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, rows
-    _flatconv.weight_grad(P, dZ, offsets, *wargs, 32, dW)
-    _flatconv.weight_grad(P, dZ, offsets, *wargs[:-1], 8, 32, np.zeros((1, 8, 32)))   # rows spanning 2 pixels
+    _flatconv.weight_grad(LEVELS[0], P, dZ, offsets, *wargs, 32, dW)
+    _flatconv.weight_grad(LEVELS[0], P, dZ, offsets, *wargs[:-1], 8, 32, np.zeros((1, 8, 32)))   # rows spanning 2 pixels
     with pytest.raises(ValueError, match="out must be a native float buffer"):
-        _flatconv.weight_grad(P, dZ, offsets, *wargs, 32, dW.astype(np.float32))
+        _flatconv.weight_grad(LEVELS[0], P, dZ, offsets, *wargs, 32, dW.astype(np.float32))
     with pytest.raises(ValueError, match="do not fit the 20 rows of P"):   # the last pixel reads row 24
-        _flatconv.weight_grad(P[:20], dZ, offsets, 20, *wargs[1:], 32, dW)
+        _flatconv.weight_grad(LEVELS[0], P[:20], dZ, offsets, 20, *wargs[1:], 32, dW)
     with pytest.raises(ValueError, match="do not fit the 25 rows of P"):   # 8 values from row 24 run past it
-        _flatconv.weight_grad(P[:25], dZ, offsets, 25, *wargs[1:-1], 8, 32, np.zeros((1, 8, 32)))
+        _flatconv.weight_grad(LEVELS[0], P[:25], dZ, offsets, 25, *wargs[1:-1], 8, 32, np.zeros((1, 8, 32)))
     with pytest.raises(ValueError, match="not a multiple of the vector width"):
-        _flatconv.weight_grad(P, np.zeros((1, 3, 3, 8), np.float32), offsets, *wargs, 8, np.zeros((1, 4, 8)))
+        _flatconv.weight_grad(LEVELS[0], P, np.zeros((1, 3, 3, 8), np.float32), offsets, *wargs, 8, np.zeros((1, 4, 8)))
+
+
+@needs_compiled
+def test_compiled_loops_refuse_a_level_they_cannot_run():
+    from dconv import _flatconv
+
+    P, dZ, dW, offsets = np.zeros((100, 4)), np.zeros((1, 3, 3, 8)), np.zeros((1, 4, 8)), np.zeros(1, np.intp)
+    wargs = (100, 1, 25, 10, 2, 3, 3, 4, 4)
+    with pytest.raises(ValueError, match="SIMD level sse9 is not compiled into this build"):
+        _flatconv.weight_grad("sse9", P, dZ, offsets, *wargs, 8, dW)
+    lacking = [name for name in ("avx512", "avx2") if name not in LEVELS]
+    if platform.machine() in ("x86_64", "AMD64") and lacking:      # compiled in, but this CPU lacks it
+        with pytest.raises(ValueError, match=f"SIMD level {lacking[0]}: this CPU cannot run it"):
+            _flatconv.weight_grad(lacking[0], P, dZ, offsets, *wargs, 8, dW)
+
+
+def test_every_level_has_a_rule():
+    assert set(dconv.kernel.COMPILED_RULES) == set(dconv.simd.LEVELS)
+
+
+FMA_LEVELS = [name for name in LEVELS if name != "baseline"]
+
+
+@pytest.mark.skipif(len(FMA_LEVELS) < 2, reason=f"one level with FMA runs here ({FMA_LEVELS}): nothing to compare")
+@pytest.mark.parametrize("case_id", ["pad1", "dw_and_da", "stride2", "narrow_3", "odd_vectors_24"])
+def test_levels_with_fma_give_the_same_bits(case_id, monkeypatch):
+    """avx512, avx2 and neon sum the same terms in the same order with one rounding each: a job that
+    moves between CPU types gets the same dA_prev, dW and db on the layers the loops take."""
+    every = dconv.kernel.CompiledRule(*[(dconv.kernel.ANY, dconv.kernel.ANY)] * 3)
+    case = COMPILED_CASES[case_id]
+    for dtype in DTYPES:
+        a, w, _, dz = make_arrays(case, dtype, 21)
+        results = []
+        for name in FMA_LEVELS:
+            monkeypatch.setitem(dconv.kernel.COMPILED_RULES, name, every)
+            dconv.simd.set_level(name)
+            try:
+                results.append(conv2d_backward(dz, a, w, threads=1, **case.kwargs))
+            finally:
+                dconv.simd.set_level(None)
+        for other in results[1:]:
+            for name, x, y in zip(("dA_prev", "dW", "db"), results[0], other):
+                np.testing.assert_array_equal(x, y, err_msg=name)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])

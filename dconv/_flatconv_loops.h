@@ -1,0 +1,258 @@
+/* The register blocks and loops of dconv/_flatconv.c for one SIMD level and one dtype.
+ *
+ * _flatconv.c includes this file once per (level, dtype), inside that level's target pragma,
+ * with these macros defined:
+ *
+ *   T, LANES               the element type, and the lanes of the logical vector: 16 float32 or
+ *                          8 float64 at every level, so that every level takes the same layers
+ *   PREFIX                 the name prefix of this inclusion, e.g. avx2_f32
+ *   NATIVE, PARTS          the level's vector register type, and how many make a logical vector
+ *   SET1(x), LOADU(p)      broadcast a scalar, load NATIVE from an unaligned address
+ *   FMADD(a, b, c)         a * b + c: one rounding (FMA) on every level but x86-64 baseline
+ *   INPUT_PIXELS_2/_1      the most pixels per input_grad block of 2 or 1 logical vectors
+ *   NARROW_PIXELS_1.._4    the most pixels per narrow input_grad block, by C_prev
+ *   WEIGHT_ROWS_2/_1       the most rows per weight_grad block of 2 or 1 logical vectors
+ *   INPUT_TWO, WEIGHT_TWO  whether blocks of 2 logical vectors are used where the channels allow
+ *
+ * The block sizes follow the level's register file: 32 vector registers on AVX-512 and NEON,
+ * 16 on AVX2 and SSE2. Each lane of each accumulator sums the same terms in the same order at
+ * every level, and the lanes of the narrow blocks are added in a fixed order, so the levels
+ * with FMA give the same bits; only how many accumulators a block holds differs.
+ */
+
+typedef struct {
+    NATIVE part[PARTS];
+} F(vec);
+
+#define NATIVE_LANES (LANES / PARTS)
+
+static inline __attribute__((always_inline)) F(vec) F(load)(const T *p)
+{
+    F(vec) v;
+    for (int h = 0; h < PARTS; h++)
+        v.part[h] = LOADU(p + h * NATIVE_LANES);
+    return v;
+}
+
+static inline __attribute__((always_inline)) F(vec) F(zero)(void)
+{
+    F(vec) v;
+    for (int h = 0; h < PARTS; h++)
+        v.part[h] = SET1((T)0);
+    return v;
+}
+
+/* acc + x * w, x broadcast (one NATIVE register, shared by the caller across vectors) */
+static inline __attribute__((always_inline)) F(vec) F(muladd_broadcast)(NATIVE x, F(vec) w, F(vec) acc)
+{
+    for (int h = 0; h < PARTS; h++)
+        acc.part[h] = FMADD(x, w.part[h], acc.part[h]);
+    return acc;
+}
+
+/* acc + a * b, lane by lane */
+static inline __attribute__((always_inline)) F(vec) F(muladd)(F(vec) a, F(vec) b, F(vec) acc)
+{
+    for (int h = 0; h < PARTS; h++)
+        acc.part[h] = FMADD(a.part[h], b.part[h], acc.part[h]);
+    return acc;
+}
+
+/* The sum of the lanes, added in lane order */
+static inline __attribute__((always_inline)) T F(lane_sum)(F(vec) v)
+{
+    T lanes[LANES], total = 0;
+    memcpy(lanes, &v, sizeof lanes);
+    for (int l = 0; l < LANES; l++)
+        total += lanes[l];
+    return total;
+}
+
+typedef void (*F(input_block))(const T *, const T *, const idx *, idx, idx, idx, T *, idx);
+typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, idx, double *);
+
+/* A register block of input_grad: NB neighbouring pixels x NV vectors of input channels. src is
+ * D's row of the block's first pixel; Wt (K, C, Cp) and out start at the block's first input
+ * channel. */
+#define DEFINE_INPUT_BLOCK(NV, NB)                                                                  \
+    static void F(input_block_##NV##_##NB)(const T *src, const T *Wt, const idx *offsets, idx K,    \
+                                           idx C, idx Cp, T *out, idx pixel)                        \
+    {                                                                                               \
+        F(vec) acc[NB][NV];                                                                         \
+        for (int i = 0; i < NB; i++)                                                                \
+            for (int v = 0; v < NV; v++)                                                            \
+                acc[i][v] = F(zero)();                                                              \
+        for (idx k = 0; k < K; k++) {                                                               \
+            const T *s = src - offsets[k] * C;                                                      \
+            const T *w = Wt + k * C * Cp;                                                           \
+            for (idx c = 0; c < C; c++) {                                                           \
+                F(vec) wv[NV];                                                                      \
+                for (int v = 0; v < NV; v++)                                                        \
+                    wv[v] = F(load)(w + c * Cp + v * LANES);                                        \
+                for (int i = 0; i < NB; i++) {                                                      \
+                    NATIVE x = SET1(s[i * C + c]);                                                  \
+                    for (int v = 0; v < NV; v++)                                                    \
+                        acc[i][v] = F(muladd_broadcast)(x, wv[v], acc[i][v]);                       \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int i = 0; i < NB; i++)                                                                \
+            for (int v = 0; v < NV; v++)                                                            \
+                memcpy(out + i * pixel + v * LANES, &acc[i][v], sizeof acc[i][v]);                  \
+    }
+
+/* The narrow block (CP = C_prev <= NARROW, a first layer's 1-3 image channels): NB pixels x CP
+ * accumulators whose vectors run over C, their lanes added at the end. The CP weight vectors of
+ * a tap and block of C are loaded once per NB pixels. Wc has shape (K, CP, C); C a multiple of
+ * LANES. */
+#define DEFINE_NARROW_BLOCK(CP, NB)                                                                 \
+    static void F(narrow_block_##CP##_##NB)(const T *src, const T *Wc, const idx *offsets, idx K,   \
+                                            idx C, idx Cp, T *out, idx pixel)                       \
+    {                                                                                               \
+        (void)Cp;                                                                                   \
+        F(vec) acc[NB][CP];                                                                         \
+        for (int i = 0; i < NB; i++)                                                                \
+            for (int p = 0; p < CP; p++)                                                            \
+                acc[i][p] = F(zero)();                                                              \
+        for (idx k = 0; k < K; k++) {                                                               \
+            const T *s = src - offsets[k] * C;                                                      \
+            const T *w = Wc + k * CP * C;                                                           \
+            for (idx c = 0; c < C; c += LANES) {                                                    \
+                F(vec) wv[CP];                                                                      \
+                for (int p = 0; p < CP; p++)                                                        \
+                    wv[p] = F(load)(w + p * C + c);                                                 \
+                for (int i = 0; i < NB; i++) {                                                      \
+                    F(vec) d = F(load)(s + i * C + c);                                              \
+                    for (int p = 0; p < CP; p++)                                                    \
+                        acc[i][p] = F(muladd)(d, wv[p], acc[i][p]);                                 \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int i = 0; i < NB; i++)                                                                \
+            for (int p = 0; p < CP; p++)                                                            \
+                out[i * pixel + p] = F(lane_sum)(acc[i][p]);                                        \
+    }
+
+/* A register block of weight_grad: NR rows x NV vectors of outputs, summed over one sample's
+ * output pixels and added to out (float64, at the block's first row and output). Output pixel
+ * (i, j) reads P at a + (i*row_step + j*col_step) * Cp (the tap's pixel of the padded input; the
+ * steps carry the stride) and dZ at g + (i*n_w + j) * C. A row is an input channel, or, where the
+ * caller merges the taps of a kernel row (a narrow C_prev), a (tap, channel) pair: rows past
+ * C_prev then read the next pixels' channels. */
+#define DEFINE_WEIGHT_BLOCK(NV, NR)                                                                 \
+    static void F(weight_block_##NV##_##NR)(const T *a, const T *g, idx row_step, idx col_step,     \
+                                            idx n_h, idx n_w, idx Cp, idx C, double *out)           \
+    {                                                                                               \
+        F(vec) acc[NR][NV];                                                                         \
+        for (int r = 0; r < NR; r++)                                                                \
+            for (int v = 0; v < NV; v++)                                                            \
+                acc[r][v] = F(zero)();                                                              \
+        idx a_step = col_step * Cp;                                                                 \
+        for (idx i = 0; i < n_h; i++) {                                                             \
+            const T *ar = a + i * row_step * Cp;                                                    \
+            const T *gr = g + i * n_w * C;                                                          \
+            for (idx j = 0; j < n_w; j++) {                                                         \
+                F(vec) dz[NV];                                                                      \
+                for (int v = 0; v < NV; v++)                                                        \
+                    dz[v] = F(load)(gr + j * C + v * LANES);                                        \
+                for (int r = 0; r < NR; r++) {                                                      \
+                    NATIVE x = SET1(ar[j * a_step + r]);                                            \
+                    for (int v = 0; v < NV; v++)                                                    \
+                        acc[r][v] = F(muladd_broadcast)(x, dz[v], acc[r][v]);                       \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < NR; r++)                                                                \
+            for (int v = 0; v < NV; v++) {                                                          \
+                T lanes[LANES];                                                                     \
+                memcpy(lanes, &acc[r][v], sizeof lanes);                                            \
+                for (int l = 0; l < LANES; l++)                                                     \
+                    out[r * C + v * LANES + l] += lanes[l];                                         \
+            }                                                                                       \
+    }
+
+REPEAT(INPUT_PIXELS_2, DEFINE_INPUT_BLOCK, 2)
+REPEAT(INPUT_PIXELS_1, DEFINE_INPUT_BLOCK, 1)
+REPEAT(NARROW_PIXELS_1, DEFINE_NARROW_BLOCK, 1)
+REPEAT(NARROW_PIXELS_2, DEFINE_NARROW_BLOCK, 2)
+REPEAT(NARROW_PIXELS_3, DEFINE_NARROW_BLOCK, 3)
+REPEAT(NARROW_PIXELS_4, DEFINE_NARROW_BLOCK, 4)
+REPEAT(WEIGHT_ROWS_2, DEFINE_WEIGHT_BLOCK, 2)
+REPEAT(WEIGHT_ROWS_1, DEFINE_WEIGHT_BLOCK, 1)
+
+/* The blocks by size (entry 0 unused) */
+#define BLOCK_NAME(KIND, N) F(KIND##_##N),
+static const F(input_block) F(input_blocks_2)[] = {NULL, REPEAT(INPUT_PIXELS_2, BLOCK_NAME, input_block_2)};
+static const F(input_block) F(input_blocks_1)[] = {NULL, REPEAT(INPUT_PIXELS_1, BLOCK_NAME, input_block_1)};
+static const F(input_block) F(narrow_blocks_1)[] = {NULL, REPEAT(NARROW_PIXELS_1, BLOCK_NAME, narrow_block_1)};
+static const F(input_block) F(narrow_blocks_2)[] = {NULL, REPEAT(NARROW_PIXELS_2, BLOCK_NAME, narrow_block_2)};
+static const F(input_block) F(narrow_blocks_3)[] = {NULL, REPEAT(NARROW_PIXELS_3, BLOCK_NAME, narrow_block_3)};
+static const F(input_block) F(narrow_blocks_4)[] = {NULL, REPEAT(NARROW_PIXELS_4, BLOCK_NAME, narrow_block_4)};
+static const F(weight_block) F(weight_blocks_2)[] = {NULL, REPEAT(WEIGHT_ROWS_2, BLOCK_NAME, weight_block_2)};
+static const F(weight_block) F(weight_blocks_1)[] = {NULL, REPEAT(WEIGHT_ROWS_1, BLOCK_NAME, weight_block_1)};
+
+/* input_grad over every pixel: each row of pixels cut into near-equal blocks, each block over
+ * every group of input channels. The caller has checked input_plan(Cp, C, LANES). */
+static void F(input_grad)(const T *D, const T *Wt, const idx *offsets, idx K, idx base, idx m, idx sample,
+                          idx height, idx width, idx cols, idx C, idx Cp, T *dA, out_layout o)
+{
+    static const F(input_block) *narrow[NARROW + 1] = {
+        NULL, F(narrow_blocks_1), F(narrow_blocks_2), F(narrow_blocks_3), F(narrow_blocks_4)};
+    static const idx narrow_pixels[NARROW + 1] = {0, NARROW_PIXELS_1, NARROW_PIXELS_2, NARROW_PIXELS_3,
+                                                  NARROW_PIXELS_4};
+    const F(input_block) *blocks;
+    idx max_pixels, channels;
+    int plan = input_plan(Cp, C, LANES);
+    if (plan == PLAN_TWO_VECTORS && !INPUT_TWO)
+        plan = PLAN_ONE_VECTOR;
+    switch (plan) {
+    case PLAN_TWO_VECTORS:
+        blocks = F(input_blocks_2), max_pixels = INPUT_PIXELS_2, channels = 2 * LANES;
+        break;
+    case PLAN_ONE_VECTOR:
+        blocks = F(input_blocks_1), max_pixels = INPUT_PIXELS_1, channels = LANES;
+        break;
+    default:
+        blocks = narrow[Cp], max_pixels = narrow_pixels[Cp], channels = Cp;
+    }
+    idx n_blocks = (width + max_pixels - 1) / max_pixels;
+    for (idx n = 0; n < m; n++)
+        for (idx y = 0; y < height; y++)
+            for (idx b = 0, x0 = 0, nb; b < n_blocks; b++, x0 += nb) {
+                nb = (width - x0) / (n_blocks - b);
+                const T *src = D + (base + n * sample + y * cols + x0) * C;
+                T *out = dA + o.first + n * o.sample + y * o.row + x0 * o.pixel;
+                for (idx p0 = 0; p0 < Cp; p0 += channels)
+                    blocks[nb](src, Wt + p0, offsets, K, C, Cp, out + p0, o.pixel);
+            }
+}
+
+/* weight_grad: each sample's dW, block by block, added into the float64 dW. C a multiple of LANES. */
+static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, idx m, idx sample, idx row_step,
+                           idx col_step, idx n_h, idx n_w, idx Cp, idx R, idx C, double *dW)
+{
+    int two = WEIGHT_TWO && C % (2 * LANES) == 0;
+    const F(weight_block) *blocks = two ? F(weight_blocks_2) : F(weight_blocks_1);
+    idx max_rows = two ? WEIGHT_ROWS_2 : WEIGHT_ROWS_1, width = two ? 2 * LANES : LANES;
+    idx n_blocks = (R + max_rows - 1) / max_rows;
+    idx tile = n_w < WEIGHT_TILE_PIXELS ? WEIGHT_TILE_PIXELS / n_w : 1; /* output rows per tile */
+    for (idx n = 0; n < m; n++)
+        for (idx i0 = 0; i0 < n_h; i0 += tile) {
+            idx tile_h = n_h - i0 < tile ? n_h - i0 : tile;
+            const T *a = P + (n * sample + i0 * row_step) * Cp;
+            const T *g = G + (n * n_h + i0) * n_w * C;
+            for (idx k = 0; k < K; k++)
+                for (idx b = 0, c0 = 0, rows; b < n_blocks; b++, c0 += rows) {
+                    rows = (R - c0) / (n_blocks - b);
+                    for (idx p0 = 0; p0 < C; p0 += width)
+                        blocks[rows](a + offsets[k] * Cp + c0, g + p0, row_step, col_step, tile_h, n_w, Cp, C,
+                                     dW + (k * R + c0) * C + p0);
+                }
+        }
+}
+
+#undef DEFINE_INPUT_BLOCK
+#undef DEFINE_NARROW_BLOCK
+#undef DEFINE_WEIGHT_BLOCK
+#undef BLOCK_NAME
+#undef NATIVE_LANES

@@ -1,0 +1,162 @@
+"""Which instruction-set level the kernel's compiled loops run at.
+
+``dconv/_flatconv.c`` is compiled for several targets inside one extension: on
+x86-64 ``avx512`` (AVX-512F), ``avx2`` (AVX2 + FMA) and ``baseline`` (SSE2, which
+every x86-64 CPU runs); on aarch64 ``neon``. The best level this CPU reports is
+chosen at first use. The environment variable ``DCONV_SIMD`` overrides it:
+
+======== ==================================================================
+auto     the best compiled level this CPU runs (the default)
+avx512   AVX-512F loops                         (x86-64 with AVX-512F)
+avx2     AVX2 + FMA loops                       (x86-64 with AVX2 and FMA)
+baseline SSE2 loops, no FMA                     (every x86-64 CPU)
+neon     NEON/ASIMD loops                       (aarch64)
+numpy    no compiled loops: the NumPy path only
+======== ==================================================================
+
+A level this CPU cannot run, or an unknown word, raises
+:class:`~dconv.errors.SimdLevelError` (a ``ValueError``); dconv never falls back
+silently. This module imports nothing but the standard library, the compiled
+extension and :mod:`dconv.errors` (it is part of the kernel layer).
+
+A job carries its client's ``DCONV_SIMD`` word to every chunk task, which makes
+it that worker's level with :func:`use_level`; before the job starts, each
+worker answers :func:`level_report`, so that a level one of them lacks is
+refused up front.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dconv.errors import SimdLevelError
+
+try:  # optional: built at install when a C compiler is there
+    from dconv import _flatconv
+except ImportError:
+    _flatconv = None
+
+__all__ = [
+    "LEVELS",
+    "ENV_VAR",
+    "simd_levels",
+    "parse_word",
+    "resolve_level",
+    "active_level",
+    "set_level",
+    "use_level",
+    "level_report",
+]
+
+LEVELS = ("avx512", "avx2", "neon", "baseline")
+"""Every compiled level dconv knows, best first (a build holds those of its architecture)."""
+
+ENV_VAR = "DCONV_SIMD"
+
+CHOICES = ("auto", *LEVELS, "numpy")
+"""What ``DCONV_SIMD`` accepts."""
+
+_active: str | None = None
+
+
+def simd_levels() -> list[str]:
+    """The compiled levels this machine can run, best first.
+
+    Never lists ``"numpy"``, which is always available. Empty when the
+    extension was not built (no C compiler at install).
+    """
+    return list(_flatconv.levels()) if _flatconv is not None else []
+
+
+def parse_word(requested: str | None) -> str:
+    """A ``DCONV_SIMD`` value normalised to one of :data:`CHOICES` (None and "" are ``"auto"``).
+
+    Checks the word only, not whether this machine runs the level: a client
+    checks its job's word with this, and each worker resolves it.
+
+    Raises
+    ------
+    SimdLevelError
+        ``requested`` is not one of :data:`CHOICES`.
+    """
+    word = (requested or "auto").strip().lower()
+    if word not in CHOICES:
+        raise SimdLevelError(f"{ENV_VAR} must be one of {', '.join(CHOICES)}; got {requested!r} instead.")
+    return word
+
+
+def resolve_level(requested: str | None) -> str:
+    """The level to run for a ``DCONV_SIMD`` value: ``"auto"`` (or None, or "") picks the best.
+
+    Returns
+    -------
+    str
+        One of :func:`simd_levels`, or ``"numpy"``.
+
+    Raises
+    ------
+    SimdLevelError
+        ``requested`` is not one of :data:`CHOICES`, or names a level this
+        machine cannot run. A ``ValueError``.
+    """
+    word = parse_word(requested)
+    available = simd_levels()
+    if word == "auto":
+        return available[0] if available else "numpy"
+    if word == "numpy" or word in available:
+        return word
+    runs = ", ".join(available + ["numpy"])
+    why = "the compiled loops were not built" if _flatconv is None else "this CPU lacks it"
+    raise SimdLevelError(f"{ENV_VAR}={word}: {why}; this machine runs {runs}.")
+
+
+def active_level() -> str:
+    """The level the kernel runs at in this process: ``DCONV_SIMD`` resolved once, or :func:`set_level`'s."""
+    global _active
+    if _active is None:
+        _active = resolve_level(os.environ.get(ENV_VAR))
+    return _active
+
+
+def set_level(level: str | None) -> str:
+    """Run the kernel at ``level`` from now on in this process (None: ``DCONV_SIMD`` again); returns the level."""
+    global _active
+    _active = None if level is None else resolve_level(level)
+    return active_level()
+
+
+def use_level(requested: str | None) -> str:
+    """Make a job's ``DCONV_SIMD`` word this process's level; returns the level now active.
+
+    A chunk task calls this before the kernel. The job's word wins over this
+    process's own ``DCONV_SIMD`` (which is not even read).
+
+    Raises
+    ------
+    SimdLevelError
+        As :func:`resolve_level`.
+    """
+    level = resolve_level(requested)
+    if level != _active:
+        set_level(level)
+    return active_level()
+
+
+def level_report(requested: str | None) -> dict[str, Any]:
+    """What this process runs and what ``requested`` resolves to here; never raises for a bad level.
+
+    A job's preflight runs this on every worker (``client.run``).
+
+    Returns
+    -------
+    dict
+        ``runs``: :func:`simd_levels` and ``"numpy"``, best first; ``level``:
+        the level ``requested`` resolves to, or None; ``error``: the one-line
+        reason when ``level`` is None.
+    """
+    try:
+        level, error = resolve_level(requested), None
+    except SimdLevelError as e:
+        level, error = None, str(e)
+    return {"runs": simd_levels() + ["numpy"], "level": level, "error": error}
