@@ -6,6 +6,14 @@ removed, so that OpenBLAS picks its native kernel::
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --quick
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --dtype float32 --json out.json
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --paths   # loops vs GEMMs, per layer
+
+The SIMD level of dconv's compiled loops is ``DCONV_SIMD`` (or ``--level``). To
+hold the others to the same instruction set, set their variables on the command
+(before torch is imported), for example on an AVX-512 machine::
+
+    DCONV_SIMD=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OPENBLAS_CORETYPE=Haswell \
+        env -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py
 
 What is timed, per layer and dtype:
 
@@ -41,7 +49,9 @@ import numpy as np
 import threadpoolctl
 
 import dconv
-from dconv.params import ConvParams, forward_geometry
+import dconv.kernel
+from dconv import simd
+from dconv.params import ConvParams, backward_geometry, forward_geometry
 from dconv.reference import conv2d_backward_loops
 
 try:  # torch is optional
@@ -207,6 +217,110 @@ def gemm_rate(dtype: np.dtype, n: int, repeats: int) -> float:
     return 2.0 * n**3 / seconds / 1e9
 
 
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_info() -> dict:
+    """The CPU model, its SIMD features that matter here, and dconv's SIMD levels on it."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    features = [f for f in ("avx512f", "avx2", "fma", "asimd") if f in flags]
+    return dict(model=model, machine=platform.machine(), features=features, levels=simd.simd_levels(),
+                level=simd.active_level())
+
+
+def torch_isa() -> dict:
+    """What holds PyTorch (and OpenBLAS) to an instruction set in this run, if anything."""
+    keys = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
+    info = {key: os.environ.get(key) for key in keys}
+    if torch is not None:
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
+def cpu_description() -> str:
+    info, isa = cpu_info(), torch_isa()
+    return (f"CPU: {info['model']} ({info['machine']}; {', '.join(info['features']) or 'no AVX2/AVX-512/ASIMD'}); "
+            f"dconv SIMD level {info['level']} (this machine runs {', '.join(info['levels'] + ['numpy'])}); "
+            f"torch CPU capability {isa.get('torch_cpu_capability', '-')}, "
+            f"ONEDNN_MAX_CPU_ISA={isa['ONEDNN_MAX_CPU_ISA'] or 'unset'}, OPENBLAS_CORETYPE={isa['OPENBLAS_CORETYPE'] or 'unset'}")
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+PAIRINGS = {"loops+loops": (True, True), "loops+GEMM": (True, False), "GEMM+loops": (False, True), "GEMM+GEMM": (False, False)}
+"""dA_prev path + dW path."""
+
+
+def run_paths(args: argparse.Namespace) -> dict:
+    """Time each layer with the compiled loops on or off for dA_prev and for dW (medians of interleaved rounds).
+
+    Shows which pairing :data:`dconv.kernel.COMPILED_RULES` picks at this level, and its time over the
+    fastest pairing's: the rule must never pick one more than 1.1x the fastest.
+    """
+    threads = args.threads or os.cpu_count() or 1
+    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+    suite = [layer for layer in SUITE if layer.quick] if args.quick else list(SUITE)
+    dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+    level = simd.active_level()
+    print(cpu_description())
+    blas = ", ".join(f"{b['internal_api']} {b['architecture']}" for b in blas_info() if b["user_api"] == "blas")
+    print(f"threads: {threads}; BLAS: {blas}")
+    print(f"per layer: conv2d_backward time (median of {args.rounds} interleaved rounds) with dA_prev + dW by the "
+          f"compiled loops or the NumPy GEMMs; * = the rule's pick; pick/best must stay <= 1.10")
+    rule_in, rule_w = dconv.kernel.use_compiled_input_grad, dconv.kernel.use_compiled_weight_grad
+    rows = []
+    for dtype in dtypes:
+        for layer in suite:
+            dZ, A_prev, W = make_arrays(layer, dtype)
+            geometry = backward_geometry(dZ.shape, A_prev.shape, W.shape, layer.params())
+            picked = (rule_in(dtype, layer.c_prev, layer.c), rule_w(dtype, layer.c_prev, layer.c, geometry))
+            samples = {name: [] for name in PAIRINGS}
+            call = dconv_call(layer, (dZ, A_prev, W))
+            try:
+                for _ in range(args.rounds):
+                    for name, (loops_in, loops_w) in PAIRINGS.items():
+                        dconv.kernel.use_compiled_input_grad = lambda *a, _on=loops_in: _on and _eligible_in(*a)
+                        dconv.kernel.use_compiled_weight_grad = lambda *a, _on=loops_w: _on and _eligible_w(*a)
+                        samples[name].append(time_calls([call], repeats=1, target=0.03)[0])
+            finally:
+                dconv.kernel.use_compiled_input_grad, dconv.kernel.use_compiled_weight_grad = rule_in, rule_w
+            medians = {name: float(np.median(values)) for name, values in samples.items()}
+            pick = next(name for name, on in PAIRINGS.items() if on == picked)
+            best = min(medians.values())
+            rows.append(dict(layer=layer.name, dtype=dtype.name, level=level, medians=medians, pick=pick,
+                             pick_over_best=medians[pick] / best))
+            cells = "  ".join(f"{name}{'*' if name == pick else ' '}{fmt_time(t):>9s}" for name, t in medians.items())
+            print(f"{layer.name:18s} {dtype.name:7s} {cells}  pick/best {medians[pick] / best:4.2f}", flush=True)
+    worst = max(rows, key=lambda r: r["pick_over_best"])
+    print(f"level {level}: worst pick/best {worst['pick_over_best']:.2f} ({worst['layer']} {worst['dtype']})")
+    return dict(mode="paths", cpu=cpu_info(), level=level, threads=threads, blas=blas_info(), rounds=args.rounds, rows=rows)
+
+
+def _eligible_in(dtype, c_prev, c_out) -> bool:
+    """Whether the compiled dA_prev loop can take this layer at all (every rule limit lifted)."""
+    lanes = dconv.kernel.COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    if dconv.kernel.compiled_level() is None or lanes is None:
+        return False
+    return c_prev % lanes == 0 or (c_prev <= dconv.kernel.COMPILED_NARROW and c_out % lanes == 0)
+
+
+def _eligible_w(dtype, c_prev, c_out, geometry) -> bool:
+    """Whether the compiled dW loop can take this layer at all."""
+    lanes = dconv.kernel.COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    return dconv.kernel.compiled_level() is not None and lanes is not None and c_out % lanes == 0
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -246,7 +360,7 @@ def run(args: argparse.Namespace) -> dict:
 
     print(f"python {platform.python_version()}, numpy {np.__version__}, dconv {dconv.__version__}, "
           f"torch {torch.__version__ if torch is not None else 'not installed'}")
-    print(f"dconv compiled loops (dconv/_flatconv.c): {'on' if dconv.kernel.COMPILED else 'off (NumPy only)'}")
+    print(cpu_description())
     print(f"threads: {threads} (numpy BLAS via threadpoolctl, torch.set_num_threads); "
           f"torch.get_num_threads() = {torch.get_num_threads() if torch is not None else '-'}")
     print("BLAS libraries loaded (threadpoolctl.threadpool_info()):")
@@ -348,7 +462,8 @@ def run(args: argparse.Namespace) -> dict:
 
     return dict(
         python=platform.python_version(), numpy=np.__version__,
-        torch=None if torch is None else torch.__version__, threads=threads, compiled=dconv.kernel.COMPILED,
+        torch=None if torch is None else torch.__version__, threads=threads, cpu=cpu_info(), simd_level=simd.active_level(),
+        torch_isa=torch_isa(),
         torch_threads=None if torch is None else torch.get_num_threads(),
         blas=blas_info(), gemm_gflops=peak, repeats=repeats, rows=rows, summary=summary, classic=classic,
         timing=("min over interleaved samples; dconv = conv2d_backward; torch = aten.convolution_backward "
@@ -366,12 +481,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-loops", action="store_true", help="skip the (slow) loop reference")
     parser.add_argument("--classic", action="store_true", help="run the classic row even with --quick")
     parser.add_argument("--check", action="store_true", help="also compare dW with torch's (setup sanity)")
-    parser.add_argument("--numpy-only", action="store_true",
-                        help="time dconv without its compiled loops, as on a machine where they were not built")
+    parser.add_argument("--level", choices=simd.CHOICES, default=None,
+                        help="the SIMD level of dconv's compiled loops (default: DCONV_SIMD, else auto); "
+                             "numpy: without them, as where they were not built")
+    parser.add_argument("--paths", action="store_true",
+                        help="instead: time the compiled loops and the GEMMs for dA_prev and dW of each layer, "
+                             "all four pairings, and show the one the rule picks (COMPILED_RULES)")
+    parser.add_argument("--rounds", type=int, default=7, help="--paths: interleaved rounds (median counts)")
     args = parser.parse_args(argv)
-    if args.numpy_only:
-        dconv.kernel.COMPILED = False
-    results = run(args)
+    if args.level:
+        simd.set_level(args.level)
+    results = run_paths(args) if args.paths else run(args)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

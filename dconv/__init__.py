@@ -3,6 +3,7 @@
 Layers, bottom up:
 
 - :mod:`dconv.params`, :mod:`dconv.kernel`: pure NumPy, one in-memory batch.
+- :mod:`dconv.simd`: the SIMD level of the kernel's compiled loops (``DCONV_SIMD``).
 - :mod:`dconv.classic`: the classic ``conv_forward`` / ``conv_backward(dZ, cache)`` API.
 - :mod:`dconv.graph`: the Dask computation over batch chunks.
 - :mod:`dconv.store`: the Zarr layout of inputs and outputs.
@@ -19,9 +20,10 @@ from importlib import import_module
 from typing import Any
 
 from dconv.classic import conv_backward, conv_forward
-from dconv.errors import InputDtypeError, InputError
+from dconv.errors import InputDtypeError, InputError, SimdLevelError
 from dconv.kernel import Gradients, conv2d_backward, conv2d_forward
 from dconv.params import ConvParams
+from dconv.simd import simd_levels
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "InputDtypeError",
     "InputError",
     "JobResult",
+    "SimdLevelError",
     "__version__",
     "backward_job",
     "conv2d_backward",
@@ -39,6 +42,7 @@ __all__ = [
     "conv_forward",
     "make_inputs",
     "open_result",
+    "simd_levels",
 ]
 
 # Job-level names, imported lazily so that `import dconv` stays NumPy-only.

@@ -1,13 +1,14 @@
 """The ``dconv`` command: parses arguments, then calls the library.
 
-Exit codes: 0 success; 1 a failure while running; 2 bad input or usage;
-3 ``inspect`` found an output that is not complete.
+Exit codes: 0 success; 1 a failure while running; 2 bad input or usage (a bad
+``DCONV_SIMD`` too); 3 ``inspect`` found an output that is not complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from dataclasses import asdict
@@ -123,12 +124,47 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
 
 
 def version_text() -> str:
-    """``dconv X.Y.Z``, and whether the kernel's compiled loops were built."""
-    import dconv
-    from dconv import kernel
+    """``dconv X.Y.Z``, the SIMD level ``DCONV_SIMD`` picks here, and the levels this machine runs.
 
-    loops = "on" if kernel.COMPILED else "off (not built at install: the kernel runs in NumPy only)"
-    return f"dconv {dconv.__version__}; compiled loops (dconv/_flatconv.c): {loops}"
+    A bad ``DCONV_SIMD`` is reported in place of the level, not raised.
+    """
+    import dconv
+    from dconv import simd
+
+    word = os.environ.get(simd.ENV_VAR) or "auto"
+    levels = simd.simd_levels()
+    runs = ", ".join(levels + ["numpy"])
+    built = "" if levels else "; the compiled loops were not built at install"
+    try:
+        level = f"SIMD level {simd.resolve_level(word)} ({simd.ENV_VAR}={word}; this machine runs {runs}{built})"
+    except ValueError as e:
+        level = f"no SIMD level: {e}"
+    return f"dconv {dconv.__version__}; {level}"
+
+
+class VersionAction(argparse.Action):
+    """``--version``: prints :func:`version_text` on one line (argparse's own action wraps it) and exits."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show the version, the SIMD level in use and the levels this machine runs; exit")
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        print(version_text())
+        parser.exit(EXIT_OK)
+
+
+def check_simd_here(cluster: Any) -> None:
+    """Refuse a bad ``DCONV_SIMD`` before any work: an unknown word always, and a level this
+    CPU lacks when the workers run here (the local cluster). An existing cluster's workers
+    are asked when the job starts (:func:`dconv.job.check_simd`)."""
+    from dconv import simd
+
+    word = os.environ.get(simd.ENV_VAR)
+    if cluster.scheduler is None:
+        simd.resolve_level(word)
+    else:
+        simd.parse_word(word)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dconv",
         description="Conv2d backward (dA_prev, dW, db) for large batches, on Dask, with Zarr storage.",
     )
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     backward = commands.add_parser("backward", help="run a backward job on an input group")
@@ -219,6 +255,7 @@ def _job_arguments(args: argparse.Namespace, spec: Any = None) -> dict[str, Any]
 def _run_job(arguments: dict[str, Any], args: argparse.Namespace) -> int:
     from dconv.job import plan_job, run_job
     from dconv.cluster import connect
+    from dconv.summary import format_levels
 
     cluster = arguments.pop("cluster")
     plan = plan_job(**arguments)
@@ -232,13 +269,16 @@ def _run_job(arguments: dict[str, Any], args: argparse.Namespace) -> int:
         f"dconv: wrote {result.out}: {result.computed_chunks} of {result.n_chunks} chunks computed in "
         f"{seconds['total']:.2f} s (kernel {seconds.get('kernel', 0.0):.2f} s summed over tasks); "
         f"|dW| = {float((result.dW.astype('float64') ** 2).sum() ** 0.5):.6g}, "
-        f"|db| = {float((result.db.astype('float64') ** 2).sum() ** 0.5):.6g}"
+        f"|db| = {float((result.db.astype('float64') ** 2).sum() ** 0.5):.6g}; "
+        f"SIMD {format_levels(result.simd)}"
     )
     return EXIT_OK
 
 
 def cmd_backward(args: argparse.Namespace) -> int:
-    return _run_job(_job_arguments(args), args)
+    arguments = _job_arguments(args)
+    check_simd_here(arguments["cluster"])
+    return _run_job(arguments, args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -247,6 +287,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     arguments = _job_arguments(args, spec)
+    check_simd_here(arguments["cluster"])
     make = spec.input.make
     if make is not None and not store_exists(spec.input.path, arguments["storage_options"]):
         if args.dry_run:

@@ -9,7 +9,7 @@ its own type and maps to exit code 1.
 
 from __future__ import annotations
 
-__all__ = ["InputError", "InputDtypeError"]
+__all__ = ["InputError", "InputDtypeError", "SimdLevelError"]
 
 
 class InputError(ValueError):
@@ -18,3 +18,7 @@ class InputError(ValueError):
 
 class InputDtypeError(InputError, TypeError):
     """An input array has a dtype other than float32 or float64."""
+
+
+class SimdLevelError(InputError):
+    """``DCONV_SIMD`` is an unknown word, or names a level this machine (or a worker) cannot run."""

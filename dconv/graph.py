@@ -2,7 +2,8 @@
 
 For a batch of ``m`` samples cut into ``n = ceil(m / batch_chunk)`` chunks::
 
-    chunk task i:  read A_prev[i], dZ[i]  ->  kernel  ->  write dA_prev[i] and partials to Zarr
+    chunk task i:  set the job's SIMD level  ->  read A_prev[i], dZ[i]  ->  kernel
+                   ->  write dA_prev[i], partials and level to Zarr
                    returns Partial(dW_i, db_i) in float64
     combine:       adds at most ``split_every`` partials, in chunk order
     result:        one Partial (dW, db) after ceil(log(n, split_every)) combine levels
@@ -22,12 +23,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import dask
 import numpy as np
 from dask.delayed import Delayed
 
+from dconv import simd
 from dconv.errors import InputError
 from dconv.kernel import backward_kernel
 from dconv.params import ConvGeometry
@@ -56,8 +58,9 @@ class Partial(NamedTuple):
     db : ndarray, float64, shape (C,)
     stats : dict
         Summed over the chunks: wall time of the ``read``, ``kernel`` and
-        ``write`` steps (seconds) and ``nonfinite_dA_prev``, the count of NaN
-        and Inf values written to dA_prev.
+        ``write`` steps (seconds), ``nonfinite_dA_prev``, the count of NaN
+        and Inf values written to dA_prev, and ``simd``, ``{level: chunks}``,
+        the number of chunks that ran at each SIMD level.
     """
 
     dW: np.ndarray
@@ -108,6 +111,7 @@ def backward_chunk(
     index: int,
     start: int,
     check_finite: bool = False,
+    simd_word: str | None = None,
 ) -> Partial:
     """Run the kernel on one batch chunk and write its results (a chunk task).
 
@@ -118,8 +122,12 @@ def backward_chunk(
     W : ndarray, shape (fh, fw, C_prev, C)
         Already in the compute dtype.
     out : OutputStore
-        Receives dA_prev[start:start + b] and the partials at ``index``.
+        Receives dA_prev[start:start + b], and the partials and SIMD level at ``index``.
+    simd_word : str, optional
+        The job's ``DCONV_SIMD`` word, made this worker's level first
+        (:func:`dconv.simd.use_level`); None keeps this process's level.
     """
+    level = simd.use_level(simd_word) if simd_word is not None else simd.active_level()
     t0 = time.perf_counter()
     dZ, A_prev = _load(dz_batch, W.dtype), _load(a_batch, W.dtype)
     if check_finite:
@@ -134,16 +142,24 @@ def backward_chunk(
     dW, db = grads.dW, grads.db.reshape(-1)
     nonfinite = int(grads.dA_prev.size - np.count_nonzero(np.isfinite(grads.dA_prev)))
     t2 = time.perf_counter()
-    out.write_chunk(index, start, grads.dA_prev, dW, db, nonfinite)
+    out.write_chunk(index, start, grads.dA_prev, dW, db, nonfinite, level)
     t3 = time.perf_counter()
     _report_progress(out.url, index)
-    return Partial(dW, db, {"read": t1 - t0, "kernel": t2 - t1, "write": t3 - t2, "nonfinite_dA_prev": nonfinite})
+    stats = {"read": t1 - t0, "kernel": t2 - t1, "write": t3 - t2, "nonfinite_dA_prev": nonfinite, "simd": {level: 1}}
+    return Partial(dW, db, stats)
 
 
 def load_finished_chunk(out: OutputStore, index: int) -> Partial:
-    """The partial of a chunk that an earlier, interrupted run already finished."""
-    dW, db, nonfinite = out.read_partial(index)
-    return Partial(dW, db, {"nonfinite_dA_prev": nonfinite})
+    """The partial of a chunk that an earlier, interrupted run already finished, with its recorded level."""
+    dW, db, nonfinite, level = out.read_partial(index)
+    return Partial(dW, db, {"nonfinite_dA_prev": nonfinite, "simd": {level: 1}})
+
+
+def _add_stat(total: Any, value: Any) -> Any:
+    """Numbers and tuples add; mappings (``simd``'s counts) add key by key."""
+    if isinstance(value, Mapping):
+        return {key: total.get(key, 0) + value.get(key, 0) for key in {**total, **value}}
+    return total + value
 
 
 def combine_partials(partials: Sequence[Partial]) -> Partial:
@@ -155,7 +171,7 @@ def combine_partials(partials: Sequence[Partial]) -> Partial:
         dW += partial.dW
         db += partial.db
         for name, value in partial.stats.items():
-            stats[name] = stats.get(name, 0) + value
+            stats[name] = _add_stat(stats[name], value) if name in stats else value
     return Partial(dW, db, stats)
 
 
@@ -208,6 +224,7 @@ def backward_graph(
     split_every: int,
     finished: Sequence[bool] | None = None,
     check_finite: bool = False,
+    simd_word: str | None = None,
 ) -> Delayed:
     """The whole job as one Dask computation that returns the reduced Partial.
 
@@ -221,8 +238,11 @@ def backward_graph(
         From :func:`batch_bounds`.
     finished : sequence of bool, optional
         Chunks an earlier run finished; their partials are read back instead.
+    simd_word : str, optional
+        The job's ``DCONV_SIMD`` word, which each chunk task makes its
+        worker's level; None keeps each worker's own.
     """
-    token = dask.base.tokenize(out.url, geometry, bounds, split_every, W)
+    token = dask.base.tokenize(out.url, geometry, bounds, split_every, W, simd_word)
     W_key = dask.delayed(W, name=f"dconv-W-{token}")
     finished = finished if finished is not None else [False] * len(bounds)
     leaves = []
@@ -233,7 +253,8 @@ def backward_graph(
         else:
             leaves.append(
                 dask.delayed(backward_chunk, pure=True)(
-                    dz_batch, a_batch, W_key, geometry, out, index, start, check_finite, dask_key_name=key
+                    dz_batch, a_batch, W_key, geometry, out, index, start, check_finite, simd_word,
+                    dask_key_name=key,
                 )
             )
     return tree_reduce(leaves, split_every, token)

@@ -2,8 +2,9 @@
 
 A job has two phases. :func:`plan_job` reads only metadata (and ``W``) and
 raises :class:`~dconv.errors.InputError` for anything wrong, before a byte of
-output is written. :func:`run_job` creates or resumes the output, computes the
-graph in one pass and marks the output "complete" last.
+output is written. :func:`run_job` checks that every worker runs the job's SIMD
+level (:func:`check_simd`), creates or resumes the output, computes the graph in
+one pass and marks the output "complete" last.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import zarr
 from dask.callbacks import Callback
 
 from dconv.cluster import ClusterOptions, connect
-from dconv.errors import InputError
+from dconv.errors import InputError, SimdLevelError
 from dconv.graph import CHUNK_PREFIX, ZarrSlice, backward_graph, batch_bounds, normalize_split_every, progress_topic
 from dconv.kernel import as_float_array, backward_working_set
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, check_float_dtype, result_dtype
+from dconv.simd import ENV_VAR as SIMD_ENV_VAR
+from dconv.simd import level_report, parse_word, resolve_level
 from dconv.store import (
     InputGroup,
     OutputStore,
@@ -42,7 +45,7 @@ from dconv.store import (
     store_exists,
 )
 
-__all__ = ["backward_job", "plan_job", "run_job", "JobPlan", "JobResult", "DEFAULT_BATCH_CHUNK"]
+__all__ = ["backward_job", "plan_job", "run_job", "check_simd", "JobPlan", "JobResult", "DEFAULT_BATCH_CHUNK"]
 
 DEFAULT_BATCH_CHUNK = 256
 LOCAL_SCHEDULERS = ("threads", "synchronous")
@@ -65,6 +68,9 @@ class JobResult:
         of the chunks' ``read``, ``kernel`` and ``write`` steps.
     nonfinite : dict
         Count of NaN and Inf values in each of ``dA_prev``, ``dW`` and ``db``.
+    simd : dict
+        ``{level: chunks}``: how many of the job's chunks ran at each SIMD
+        level (chunks an earlier run finished count at the level they ran at).
     """
 
     dW: np.ndarray
@@ -74,11 +80,16 @@ class JobResult:
     computed_chunks: int
     seconds: dict = field(default_factory=dict)
     nonfinite: dict = field(default_factory=dict)
+    simd: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class JobPlan:
-    """A validated job: everything :func:`run_job` needs, nothing written yet."""
+    """A validated job: everything :func:`run_job` needs, nothing written yet.
+
+    ``simd`` is the job's ``DCONV_SIMD`` word, checked but not resolved: each
+    worker resolves it (:func:`dconv.simd.use_level`).
+    """
 
     dz_batches: Sequence[Any]
     a_batches: Sequence[Any]
@@ -96,6 +107,7 @@ class JobPlan:
     out: OutputStore
     resume: bool
     check_finite: bool
+    simd: str = "auto"
 
     def identity(self) -> dict[str, Any]:
         """What must match for ``resume`` to continue this job's output (JSON-friendly)."""
@@ -126,6 +138,7 @@ class JobPlan:
                 f"chunks  {len(self.bounds)} of up to {self.batch_chunk} samples (m = {m}), "
                 f"tree fan-in {self.split_every}",
                 f"memory  at most about {format_size(per_task)} per running task",
+                f"simd    {SIMD_ENV_VAR}={self.simd}, resolved on each worker",
             ]
             + (
                 [
@@ -149,6 +162,7 @@ class JobPlan:
             split_every=self.split_every,
             finished=finished,
             check_finite=self.check_finite,
+            simd_word=self.simd,
         )
 
     def provenance(self) -> dict[str, Any]:
@@ -159,6 +173,7 @@ class JobPlan:
             "n_chunks": len(self.bounds),
             "fingerprint": self.fingerprint,
             "versions": _versions(),
+            "simd": {"requested": self.simd},
         }
 
 
@@ -362,9 +377,11 @@ def plan_job(
     resume: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     check_finite: bool = False,
+    simd: str | None = None,
 ) -> JobPlan:
     """Validate a job without writing anything. Arguments as for :func:`backward_job`."""
     storage_options = dict(storage_options or {})
+    simd = parse_word(simd if simd is not None else os.environ.get(SIMD_ENV_VAR))
     if isinstance(inputs, (str, PathLike)):
         inputs = open_inputs(str(inputs), storage_options)
     if isinstance(inputs, InputGroup):
@@ -420,10 +437,41 @@ def plan_job(
         out=out_store,
         resume=resume,
         check_finite=check_finite,
+        simd=simd,
     )
 
 
 # --------------------------------------------------------------------------- running
+
+
+def check_simd(word: str, client: Any = None) -> dict[str, str]:
+    """Refuse a ``DCONV_SIMD`` word that a process which would run the job's chunks cannot run.
+
+    With a distributed ``client``, every worker answers
+    :func:`dconv.simd.level_report` (``client.run``); without one, this process
+    resolves the word.
+
+    Returns
+    -------
+    dict
+        Worker address (``"local"`` for this process) -> the level it will run at.
+
+    Raises
+    ------
+    SimdLevelError
+        One line naming each worker that cannot run ``word``, and what it runs.
+    """
+    if client is None:
+        return {"local": resolve_level(word)}
+    reports = client.run(level_report, word)
+    refused = [
+        f"worker {address} cannot run it (it runs {', '.join(report['runs'])})"
+        for address, report in sorted(reports.items())
+        if report["level"] is None
+    ]
+    if refused:
+        raise SimdLevelError(f"{SIMD_ENV_VAR}={word}: " + "; ".join(refused) + "; no task was started.")
+    return {address: report["level"] for address, report in reports.items()}
 
 
 def prepare_output(plan: JobPlan) -> np.ndarray:
@@ -447,7 +495,8 @@ def prepare_output(plan: JobPlan) -> np.ndarray:
         except (KeyError, FileNotFoundError):  # killed while creating the layout: nothing is done
             finished = None
         if finished is not None and finished.size == n_chunks:
-            plan.out.update_provenance(status="running", resumed=_now())
+            plan.out.ensure_levels()
+            plan.out.update_provenance(status="running", resumed=_now(), simd={"requested": plan.simd})
             return finished
     plan.out.create(
         a_shape=plan.shapes["A_prev"],
@@ -491,10 +540,18 @@ def run_job(
     scheduler: str | None = None,
     progress: bool = False,
 ) -> JobResult:
-    """Run a planned job on ``client`` (a ``distributed.Client``) or a local Dask ``scheduler``."""
+    """Run a planned job on ``client`` (a ``distributed.Client``) or a local Dask ``scheduler``.
+
+    Raises
+    ------
+    SimdLevelError
+        A worker (or this process, for a local ``scheduler``) cannot run the
+        job's SIMD level; nothing is written.
+    """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    check_simd(plan.simd, client if scheduler is None else None)
     finished = prepare_output(plan)
     pending = int((~finished).sum())
     graph = plan.graph(finished=list(finished))
@@ -506,6 +563,7 @@ def run_job(
         dW = total.dW.astype(plan.compute_dtype)
         db = total.db.astype(plan.compute_dtype).reshape(1, 1, 1, -1)
         stats = dict(total.stats)
+        levels = dict(sorted(stats.pop("simd", {}).items()))
         nonfinite = {
             "dA_prev": int(stats.pop("nonfinite_dA_prev", 0)),
             "dW": int(dW.size - np.count_nonzero(np.isfinite(dW))),
@@ -513,7 +571,12 @@ def run_job(
         }
         seconds = {"compute": t2 - t1, **stats}
         plan.out.finish(
-            dW, db, finished=_now(), nonfinite=nonfinite, seconds={k: round(v, 3) for k, v in seconds.items()}
+            dW,
+            db,
+            finished=_now(),
+            nonfinite=nonfinite,
+            seconds={k: round(v, 3) for k, v in seconds.items()},
+            simd={"requested": plan.simd, "chunks": levels},
         )
     except BaseException as e:
         with contextlib.suppress(Exception):
@@ -528,6 +591,7 @@ def run_job(
         computed_chunks=pending,
         seconds=seconds,
         nonfinite=nonfinite,
+        simd=levels,
     )
 
 
@@ -548,6 +612,7 @@ def backward_job(
     resume: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     check_finite: bool = False,
+    simd: str | None = None,
     progress: bool = False,
     quiet: bool = True,
 ) -> JobResult:
@@ -586,6 +651,12 @@ def backward_job(
         fsspec options for ``inputs`` and ``out`` (never recorded).
     check_finite : bool
         Fail on NaN or Inf in the inputs instead of propagating them.
+    simd : str, optional
+        The SIMD level of the kernel's compiled loops on every worker: a
+        ``DCONV_SIMD`` word (``auto``, ``avx512``, ``avx2``, ``neon``,
+        ``baseline``, ``numpy``). Default: this process's ``DCONV_SIMD``, else
+        ``auto`` (each worker's best). A level some worker lacks is refused
+        before any task runs (:class:`~dconv.errors.SimdLevelError`).
     progress : bool
         Show a progress bar on stderr.
     quiet : bool
@@ -612,6 +683,7 @@ def backward_job(
         resume=resume,
         storage_options=storage_options,
         check_finite=check_finite,
+        simd=simd,
     )
     if client is not None or scheduler is not None:
         return run_job(plan, client=client, scheduler=scheduler, progress=progress)

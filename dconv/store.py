@@ -13,12 +13,13 @@ An **output** is a Zarr v3 group::
     _progress/dW_partial  (n_chunks, fh, fw, C_prev, C)   float64
     _progress/db_partial  (n_chunks, C)                   float64
     _progress/nonfinite   (n_chunks,)            int64, NaN/Inf count of the dA_prev block
+    _progress/level       (n_chunks,)            uint8, the SIMD level the chunk ran at (LEVEL_CODES)
 
 and a group attribute ``dconv`` with the provenance and the ``status``
 ("running", "failed" or "complete"; "complete" is written last). A chunk's
-completion is its ``done`` flag, written after its dA_prev block and its
-partials: never inferred from a chunk file, since Zarr does not write chunks
-that equal the fill value.
+completion is its ``done`` flag, written after its dA_prev block, its partials
+and its level: never inferred from a chunk file, since Zarr does not write
+chunks that equal the fill value.
 
 Every function takes a store as a local path or an fsspec URL plus
 ``storage_options``; the options are used to open the store and never written.
@@ -48,6 +49,7 @@ from zarr.storage import LocalStore
 
 from dconv.errors import InputError
 from dconv.params import check_float_dtype
+from dconv.simd import LEVELS
 
 __all__ = [
     "INPUT_ARRAYS",
@@ -62,6 +64,11 @@ __all__ = [
 INPUT_ARRAYS = ("A_prev", "dZ", "W")
 PROGRESS = "_progress"
 ATTR = "dconv"
+
+LEVEL_CODES = ("unknown", *LEVELS, "numpy")
+"""``_progress/level`` values: code ``i`` is ``LEVEL_CODES[i]``. 0, the fill value, is a chunk
+not done, or done by a dconv that did not record levels. The table is stored with the
+array (its ``codes`` attribute), and read from there."""
 
 # One name per axis, shared across arrays, so xarray sees one C_prev dimension.
 DIMENSIONS = {
@@ -506,11 +513,18 @@ class OutputStore:
         )
         progress.create_array("db_partial", shape=(n_chunks, n_out), chunks=(1, n_out), dtype="float64", fill_value=0)
         progress.create_array("nonfinite", shape=(n_chunks,), chunks=(1,), dtype="int64", fill_value=0)
+        _create_level_array(progress, n_chunks)
+
+    def ensure_levels(self) -> None:
+        """Add ``_progress/level`` to an output made before levels were recorded (on resume)."""
+        progress = self.group()[PROGRESS]
+        if "level" not in progress:
+            _create_level_array(progress, progress["done"].shape[0])
 
     def write_chunk(
-        self, index: int, start: int, dA_prev: np.ndarray, dW: np.ndarray, db: np.ndarray, nonfinite: int
+        self, index: int, start: int, dA_prev: np.ndarray, dW: np.ndarray, db: np.ndarray, nonfinite: int, level: str
     ) -> None:
-        """Write one chunk's dA_prev block and partials, then mark it done (last).
+        """Write one chunk's dA_prev block, partials and SIMD level, then mark it done (last).
 
         Parameters
         ----------
@@ -520,6 +534,8 @@ class OutputStore:
         db : ndarray, float64, shape (C,)
         nonfinite : int
             NaN/Inf count of ``dA_prev``.
+        level : str
+            The SIMD level the kernel ran at, one of :data:`LEVEL_CODES`.
         """
         group = self.group()
         # Every block is stored, zeros too: zarr's default first compares a block with the fill
@@ -529,15 +545,17 @@ class OutputStore:
         group[f"{PROGRESS}/dW_partial"][index] = dW
         group[f"{PROGRESS}/db_partial"][index] = db
         group[f"{PROGRESS}/nonfinite"][index] = nonfinite
+        group[f"{PROGRESS}/level"][index] = LEVEL_CODES.index(level)
         group[f"{PROGRESS}/done"][index] = 1
 
-    def read_partial(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """The float64 partial ``(dW, db)`` and NaN/Inf count a finished chunk wrote."""
+    def read_partial(self, index: int) -> tuple[np.ndarray, np.ndarray, int, str]:
+        """The float64 partial ``(dW, db)``, NaN/Inf count and SIMD level a finished chunk wrote."""
         group = self.group("r")
         return (
             group[f"{PROGRESS}/dW_partial"][index],
             group[f"{PROGRESS}/db_partial"][index],
             int(group[f"{PROGRESS}/nonfinite"][index]),
+            read_levels(group, index)[0],
         )
 
     def done_chunks(self) -> np.ndarray:
@@ -554,6 +572,33 @@ class OutputStore:
     def update_provenance(self, **entries: Any) -> None:
         group = self.group()
         group.attrs[ATTR] = {**group.attrs[ATTR], **entries}
+
+
+def _create_level_array(progress: zarr.Group, n_chunks: int) -> None:
+    progress.create_array(
+        "level",
+        shape=(n_chunks,),
+        chunks=(1,),
+        dtype="uint8",
+        fill_value=0,
+        compressors=None,
+        attributes={"codes": list(LEVEL_CODES)},
+    )
+
+
+def read_levels(group: zarr.Group, index: int | None = None) -> list[str]:
+    """The SIMD level each chunk of an output ran at (only chunk ``index``'s, if given).
+
+    "unknown" where none is recorded: a chunk not done, or an output written
+    before levels were recorded.
+    """
+    try:
+        array = group[f"{PROGRESS}/level"]
+    except KeyError:
+        return ["unknown"] * (group[f"{PROGRESS}/done"].shape[0] if index is None else 1)
+    codes = list(array.attrs.get("codes", LEVEL_CODES))
+    stored = array[:] if index is None else array[index : index + 1]
+    return [codes[code] if code < len(codes) else "unknown" for code in np.asarray(stored).tolist()]
 
 
 def open_output(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[zarr.Group, dict[str, Any]]:

@@ -1,21 +1,24 @@
 """What ``dconv inspect`` reports about an output group.
 
 Reads metadata, the small ``dW``/``db`` arrays and the per-chunk ``done``
-flags; never the dA_prev data, so it is cheap on any size of output.
+flags and SIMD levels; never the dA_prev data, so it is cheap on any size of output.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections import Counter
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
 
-from dconv.store import PROGRESS, open_output, public_location
+from dconv.store import PROGRESS, open_output, public_location, read_levels
 
-__all__ = ["summarize", "format_summary"]
+__all__ = ["summarize", "format_summary", "format_levels"]
 
 OUTPUT_ARRAYS = ("dA_prev", "dW", "db")
+MAX_LISTED = 50
+"""Longest list of chunks (missing ones, level runs) a summary spells out."""
 
 
 def _array_summary(array: zarr.Array) -> dict[str, Any]:
@@ -39,6 +42,34 @@ def _json_float(value: float) -> float | str:
     return value if np.isfinite(value) else str(value)
 
 
+def format_levels(counts: Mapping[str, int]) -> str:
+    """``{"avx2": 3, "numpy": 1}`` -> ``"avx2 3 chunks, numpy 1 chunk"``."""
+    return ", ".join(f"{level} {n} chunk{'s' if n != 1 else ''}" for level, n in counts.items()) or "no chunks"
+
+
+def level_runs(levels: Sequence[str], done: np.ndarray) -> list[list]:
+    """``[[first, last, level], ...]``: consecutive done chunks that ran at one level (inclusive)."""
+    runs: list[list] = []
+    for index in np.flatnonzero(done).tolist():
+        if runs and runs[-1][1] == index - 1 and runs[-1][2] == levels[index]:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index, levels[index]])
+    return runs
+
+
+def _simd_summary(group: zarr.Group, done: np.ndarray, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The SIMD level the done chunks ran at, from their per-chunk records (``_progress/level``)."""
+    levels = read_levels(group)
+    runs = level_runs(levels, done)
+    return {
+        "requested": (provenance.get("simd") or {}).get("requested"),
+        "chunks": dict(sorted(Counter(levels[i] for i in np.flatnonzero(done).tolist()).items())),
+        "runs": runs[:MAX_LISTED],
+        "runs_count": len(runs),
+    }
+
+
 def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-friendly summary of a dconv output: arrays, status, progress, provenance, norms.
 
@@ -58,10 +89,11 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
         "chunks": {
             "total": int(done.size),
             "done": int(done.sum()),
-            "missing": [int(i) for i in np.flatnonzero(~done)][:50],
+            "missing": [int(i) for i in np.flatnonzero(~done)][:MAX_LISTED],
             "missing_count": int((~done).sum()),
         },
         "arrays": {name: _array_summary(group[name]) for name in OUTPUT_ARRAYS},
+        "simd": _simd_summary(group, done, provenance),
         "provenance": provenance,
     }
     if status == "complete":
@@ -94,6 +126,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             f"    {name:8s} {str(tuple(info['shape'])):22s} {info['dtype']:8s} chunks {tuple(info['chunks'])} "
             f"dims {tuple(info['dimension_names'])} compression {ratio}"
         )
+    lines.extend(_format_simd(summary["simd"]))
     if "norms" in summary:
         norms = (f"|{k}| = {v:.6g}" if isinstance(v, float) else f"|{k}| = {v}" for k, v in summary["norms"].items())
         lines.append("  norms: " + ", ".join(norms))
@@ -105,3 +138,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if key in provenance:
             lines.append(f"    {key}: {provenance[key]}")
     return "\n".join(lines)
+
+
+def _format_simd(simd: Mapping[str, Any]) -> list[str]:
+    """``  simd: avx2 3 chunks (DCONV_SIMD=auto)``, and which chunks ran where when the levels differ."""
+    requested = f" (DCONV_SIMD={simd['requested']})" if simd.get("requested") else ""
+    lines = [f"  simd: {format_levels(simd['chunks'])}{requested}"]
+    if len(simd["chunks"]) > 1:
+        runs = ", ".join(f"{first}-{last} {level}" if last > first else f"{first} {level}"
+                         for first, last, level in simd["runs"])
+        lines.append(f"    chunks {runs}{' ...' if simd['runs_count'] > len(simd['runs']) else ''}")
+    return lines

@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded inputs, a real local Dask cluster, a real scheduler/worker cluster."""
+"""Shared fixtures: seeded inputs, a real local Dask cluster, real scheduler/worker clusters."""
 
 from __future__ import annotations
 
@@ -93,6 +93,21 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             process.wait()
 
 
+def _spawn(logs: Path, name: str, args: list[str], processes: list[subprocess.Popen]) -> subprocess.Popen:
+    """Start ``dask ARGS`` with its output in ``logs/NAME.log``; add it to ``processes``."""
+    log = open(logs / f"{name}.log", "w")
+    process = subprocess.Popen(dask_command() + args, stdout=log, stderr=subprocess.STDOUT)
+    processes.append(process)
+    return process
+
+
+def _worker_args(address: str, name: str) -> list[str]:
+    return [
+        "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
+        "--no-nanny", "--dashboard-address", "127.0.0.1:0", "--name", name,
+    ]
+
+
 @pytest.fixture(scope="session")
 def dask_cluster(tmp_path_factory):
     """A `dask scheduler` and two `dask worker` processes on 127.0.0.1; yields the address.
@@ -105,28 +120,50 @@ def dask_cluster(tmp_path_factory):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     processes: list[subprocess.Popen] = []
-
-    def spawn(name: str, args: list[str]) -> subprocess.Popen:
-        log = open(logs / f"{name}.log", "w")
-        process = subprocess.Popen(dask_command() + args, stdout=log, stderr=subprocess.STDOUT)
-        processes.append(process)
-        return process
-
     try:
-        spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"])
+        _spawn(logs, "scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"], processes)
         for i in range(2):
-            spawn(
-                f"worker-{i}",
-                [
-                    "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
-                    "--no-nanny", "--dashboard-address", "127.0.0.1:0", "--name", f"w{i}",
-                ],
-            )
+            _spawn(logs, f"worker-{i}", _worker_args(address, f"w{i}"), processes)
         with distributed.Client(address, timeout=30) as c:
             c.wait_for_workers(2, timeout=60)
         yield {"address": address, "worker_pids": [p.pid for p in processes[1:]], "processes": processes}
     finally:
         _stop(processes)
+
+
+BASELINE_ONLY_PRELOAD = '''"""`dask worker --preload`: this worker stands for a CPU that runs the baseline SIMD level only."""
+import dconv.simd
+
+dconv.simd.simd_levels = lambda: ["baseline"]
+'''
+
+
+@pytest.fixture(scope="session")
+def mixed_levels_cluster(tmp_path_factory):
+    """A `dask scheduler` with two `dask worker` processes, one of which reports that its CPU runs
+    only the baseline SIMD level (a ``--preload`` script); yields the addresses.
+
+    Yields ``{"address": scheduler, "baseline_worker": that worker's address}``.
+    """
+    distributed = pytest.importorskip("distributed")
+    logs = tmp_path_factory.mktemp("mixed-levels")
+    preload = logs / "baseline_only_cpu.py"
+    preload.write_text(BASELINE_ONLY_PRELOAD)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes: list[subprocess.Popen] = []
+    try:
+        _spawn(logs, "scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"], processes)
+        _spawn(logs, "worker-this-cpu", _worker_args(address, "this-cpu"), processes)
+        _spawn(logs, "worker-baseline", _worker_args(address, "baseline-only") + ["--preload", str(preload)], processes)
+        with distributed.Client(address, timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+            workers = c.scheduler_info()["workers"]
+        baseline = next(worker for worker, info in workers.items() if info["name"] == "baseline-only")
+        yield {"address": address, "baseline_worker": baseline}
+    finally:
+        _stop(processes[1:])  # workers first: a worker whose scheduler went first can hang on exit
+        _stop(processes[:1])
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:

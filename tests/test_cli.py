@@ -4,6 +4,7 @@ dry runs, exit codes and one-line errors, the progress bar, and a real `dask sch
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 import dconv
+from dconv import simd
 from dconv.store import open_inputs
 
 from _pipeline import assert_matches, kernel_gradients, provenance, read_inputs, read_output
@@ -25,9 +27,13 @@ PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 SMALL = ["--height", "7", "--width", "6", "--in-channels", "3", "--out-channels", "4"]
 
 
-def dconv_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+def dconv_cli(*args, cwd=None, timeout=120, env=None) -> subprocess.CompletedProcess:
+    """Run ``dconv ARGS``; ``env`` holds variables set (or, with None, removed) on top of this process's."""
+    environment = {**os.environ, **(env or {})}
+    environment = {name: value for name, value in environment.items() if value is not None}
     return subprocess.run(
-        dconv_command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+        dconv_command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        env=environment,
     )
 
 
@@ -410,10 +416,63 @@ def test_resume_on_the_command_line_overrides_a_spec_that_overwrites(make_input,
     assert both.returncode == 2 and "overwrite or resume, not both" in both.stderr
 
 
-def test_version_says_whether_the_compiled_loops_are_there():
-    import dconv.kernel
+def lacking_level() -> str:
+    """A compiled level this CPU does not run (there is always one: avx512/avx2 or neon)."""
+    return next(level for level in simd.LEVELS if level not in simd.simd_levels())
 
-    result = dconv_cli("--version")
+
+def test_version_names_the_simd_level_and_the_levels_this_machine_runs():
+    result = dconv_cli("--version", env={"DCONV_SIMD": None})
     assert result.returncode == 0, result.stderr
-    expected = "on" if dconv.kernel.COMPILED else "off (not built at install"
-    assert result.stdout.startswith(f"dconv {dconv.__version__}; compiled loops (dconv/_flatconv.c): {expected}")
+    runs = ", ".join(simd.simd_levels() + ["numpy"])
+    built = "" if simd.simd_levels() else "; the compiled loops were not built at install"
+    level = simd.resolve_level("auto")
+    assert result.stdout == f"dconv {dconv.__version__}; SIMD level {level} (DCONV_SIMD=auto; this machine runs {runs}{built})\n"
+
+
+@pytest.mark.parametrize("word", ["bogus", "lacking"])
+def test_version_reports_a_bad_dconv_simd_instead_of_failing(word):
+    word = lacking_level() if word == "lacking" else word
+    result = dconv_cli("--version", env={"DCONV_SIMD": word})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dconv {dconv.__version__}; no SIMD level: DCONV_SIMD")
+    assert word in lines[0] and "numpy" in lines[0]  # the word, and what this machine runs or accepts
+
+
+# --------------------------------------------------------------------------- DCONV_SIMD: exit 2, one line
+
+
+@pytest.mark.parametrize("command", ["backward", "run"])
+@pytest.mark.parametrize("word", ["bogus", "lacking"])
+def test_a_bad_dconv_simd_exits_2_before_any_work(make_input, tmp_path, command, word):
+    """Refused before the local cluster starts, and before `run` makes its input."""
+    word = lacking_level() if word == "lacking" else word
+    inp = make_input(m=4)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        f'[input]\npath = "{tmp_path / "made.zarr"}"\n[input.make]\nm = 4\n[output]\npath = "{tmp_path / "out.zarr"}"\n'
+    )
+    args = ["backward", inp, tmp_path / "out.zarr"] if command == "backward" else ["run", spec]
+    process = dconv_cli(*args, "--quiet", env={"DCONV_SIMD": word})
+    line = assert_one_line_error(process, 2, "DCONV_SIMD")
+    expected = "must be one of" if word == "bogus" else f"DCONV_SIMD={word}: "
+    assert expected in line and "numpy" in line  # the word, and what this machine runs or accepts
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "made.zarr").exists()
+
+
+@pytest.mark.cluster
+def test_a_level_a_worker_lacks_exits_2_naming_the_worker(mixed_levels_cluster, make_input, tmp_path):
+    better = [level for level in simd.simd_levels() if level != "baseline"]
+    if not better:
+        pytest.skip("this CPU runs no level above baseline")
+    out = tmp_path / "out.zarr"
+    process = dconv_cli(
+        "backward", make_input(m=4), out, "--scheduler", mixed_levels_cluster["address"], "--quiet",
+        env={"DCONV_SIMD": better[0]},
+    )
+    assert_one_line_error(
+        process, 2, f"DCONV_SIMD={better[0]}: worker {mixed_levels_cluster['baseline_worker']} cannot run it "
+        "(it runs baseline, numpy)"
+    )
+    assert not out.exists()

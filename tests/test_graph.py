@@ -172,6 +172,15 @@ def test_combine_partials_does_not_modify_its_inputs():
     assert first.stats == {"kernel": 1.0}
 
 
+def test_combine_partials_adds_the_simd_counts_level_by_level():
+    """Each chunk reports {level: 1}; a combine adds the counts of every level, inputs untouched."""
+    leaves = [Partial(np.zeros(1), np.zeros(1), {"simd": {level: 1}}) for level in ("avx2", "numpy", "avx2")]
+    assert combine_partials(leaves).stats["simd"] == {"avx2": 2, "numpy": 1}
+    total = tree_reduce([dask.delayed(leaf) for leaf in leaves * 5], 2, token="simd-counts").compute(scheduler="sync")
+    assert total.stats["simd"] == {"avx2": 10, "numpy": 5}
+    assert [leaf.stats for leaf in leaves] == [{"simd": {"avx2": 1}}, {"simd": {"numpy": 1}}, {"simd": {"avx2": 1}}]
+
+
 @pytest.mark.parametrize("n_leaves", [1, 2, 3, 8, 9, 27, 28, 125, 243, 1000, 4096, 4097])
 @pytest.mark.parametrize("split_every", [2, 3, 5, 8, 10, 16])
 def test_tree_depth_is_exact(n_leaves, split_every):

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,11 @@ import pytest
 import zarr
 
 import dconv
-from dconv import InputError
+from dconv import InputError, SimdLevelError, simd
 from dconv.cluster import ClusterOptions
-from dconv.job import plan_job
+from dconv.graph import backward_chunk
+from dconv.job import plan_job, prepare_output
+from dconv.store import read_levels
 
 from _pipeline import CONVS, PIPELINE_TOL, assert_matches, kernel_gradients, provenance, read_inputs, read_output, rel_err
 from conftest import free_port
@@ -395,9 +398,10 @@ def test_scheduler_arguments_are_checked(make_input, tmp_path, kwargs, match):
 
 def test_plan_writes_nothing_and_describes_the_job(make_input, tmp_path):
     inp = make_input(m=20, chunk=7, padding=1)
-    plan = plan_job(inp, tmp_path / "out.zarr", batch_chunk=6, split_every=2)
+    plan = plan_job(inp, tmp_path / "out.zarr", batch_chunk=6, split_every=2, simd="Baseline")
     text = plan.describe()
     assert "chunks  4 of up to 6 samples (m = 20), tree fan-in 2" in text
+    assert "simd    DCONV_SIMD=baseline, resolved on each worker" in text
     assert inp in text and "out.zarr" in text
     assert not (tmp_path / "out.zarr").exists()
     assert os.listdir(tmp_path) == [Path(inp).name]
@@ -500,3 +504,93 @@ def test_default_batch_chunk_is_aligned_to_the_input_chunks(make_input, tmp_path
     given = plan_job(make_input(m=400, chunk=input_chunk), tmp_path / "out.zarr", batch_chunk=input_chunk + 1)
     assert given.batch_chunk == input_chunk + 1  # a given batch_chunk is kept, with a note
     assert "not a multiple of the input's Zarr chunk" in given.describe()
+
+
+# --------------------------------------------------------------------------- SIMD level
+
+
+def stored_levels(out) -> list[str]:
+    return read_levels(zarr.open_group(str(out), mode="r"))
+
+
+@pytest.mark.cluster
+def test_dconv_simd_numpy_runs_every_chunk_in_numpy(make_input, client, tmp_path, monkeypatch):
+    """The client's DCONV_SIMD reaches workers that were started without it."""
+    monkeypatch.setenv("DCONV_SIMD", "numpy")
+    inp = make_input(m=13, chunk=5, dtype="float32", in_channels=16, out_channels=16, padding=1)
+    out = tmp_path / "out.zarr"
+    result = dconv.backward_job(inp, out, batch_chunk=4, client=client)
+    assert result.simd == {"numpy": 4}
+    assert provenance(out)["simd"] == {"requested": "numpy", "chunks": {"numpy": 4}}
+    assert stored_levels(out) == ["numpy"] * 4
+    assert_matches(read_output(out), kernel_gradients(read_inputs(inp), padding=1), "float32")
+
+
+@pytest.mark.cluster
+def test_provenance_names_the_level_of_every_chunk(make_input, client, tmp_path, monkeypatch):
+    monkeypatch.delenv("DCONV_SIMD", raising=False)
+    inp = make_input(m=20, chunk=7)
+    out = tmp_path / "out.zarr"
+    result = dconv.backward_job(inp, out, batch_chunk=3, client=client)
+    best = set(client.run(simd.resolve_level, "auto").values())  # each worker's own best level
+    levels = stored_levels(out)
+    assert len(levels) == result.n_chunks == 7
+    assert set(levels) <= best
+    assert result.simd == dict(Counter(levels)) and sum(result.simd.values()) == 7
+    assert provenance(out)["simd"] == {"requested": "auto", "chunks": result.simd}
+
+
+def test_a_resumed_job_keeps_the_level_of_the_chunks_it_does_not_rerun(make_input, tmp_path, monkeypatch):
+    """Chunk 1 ran at numpy before the job was "killed"; the resumed run (auto) keeps that record."""
+    monkeypatch.setattr(simd, "_active", None)  # in-process chunk tasks set this process's level
+    inp = make_input(m=20, chunk=7)  # chunks of 7, 7 and 6 samples
+    out = tmp_path / "out.zarr"
+    plan = plan_job(inp, out, batch_chunk=7, simd="numpy")
+    prepare_output(plan)
+    backward_chunk(plan.dz_batches[1], plan.a_batches[1], plan.W, plan.geometry, plan.out, 1, 7, simd_word="numpy")
+
+    result = dconv.backward_job(inp, out, batch_chunk=7, resume=True, simd="auto", scheduler="threads")
+    auto = simd.resolve_level("auto")
+    assert result.computed_chunks == 2
+    assert stored_levels(out) == [auto, "numpy", auto]
+    assert result.simd == dict(Counter([auto, "numpy", auto]))
+    assert provenance(out)["simd"] == {"requested": "auto", "chunks": result.simd}
+
+
+def test_an_unknown_simd_word_is_refused_while_planning(make_input, tmp_path, monkeypatch):
+    inp = make_input(m=4)
+    monkeypatch.setenv("DCONV_SIMD", "avx-512")
+    with pytest.raises(SimdLevelError, match="DCONV_SIMD must be one of .*; got 'avx-512' instead"):
+        plan_job(inp, tmp_path / "out.zarr")
+    monkeypatch.delenv("DCONV_SIMD")
+    with pytest.raises(SimdLevelError, match="got 'sse' instead"):
+        dconv.backward_job(inp, tmp_path / "out.zarr", simd="sse", scheduler="threads")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_level_this_cpu_lacks_is_refused_by_an_in_process_scheduler(make_input, tmp_path):
+    lacking = next(level for level in simd.LEVELS if level not in simd.simd_levels())
+    with pytest.raises(SimdLevelError, match=f"^DCONV_SIMD={lacking}: .*; this machine runs "):
+        dconv.backward_job(make_input(m=4), tmp_path / "out.zarr", simd=lacking, scheduler="threads")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.cluster
+def test_a_level_one_worker_lacks_is_refused_before_any_task(mixed_levels_cluster, make_input, tmp_path):
+    """One worker runs only baseline: asking for a better level names that worker and runs nothing."""
+    distributed = pytest.importorskip("distributed")
+    better = [level for level in simd.simd_levels() if level != "baseline"]
+    if not better:
+        pytest.skip("this CPU runs no level above baseline")
+    inp, out = make_input(m=12), tmp_path / "out.zarr"
+    baseline_worker = mixed_levels_cluster["baseline_worker"]
+    with distributed.Client(mixed_levels_cluster["address"], timeout=30) as client:
+        with pytest.raises(SimdLevelError) as info:
+            dconv.backward_job(inp, out, batch_chunk=4, client=client, simd=better[0])
+        assert str(info.value) == (
+            f"DCONV_SIMD={better[0]}: worker {baseline_worker} cannot run it (it runs baseline, numpy); "
+            "no task was started."
+        )
+        assert not out.exists()
+        result = dconv.backward_job(inp, out, batch_chunk=4, client=client, simd="baseline")  # both run it
+    assert result.simd == {"baseline": 3} and stored_levels(out) == ["baseline"] * 3
