@@ -26,12 +26,23 @@ typedef struct {
 
 #define NATIVE_LANES (LANES / PARTS)
 
+/* Unroll the loops over a block's accumulators fully: GCC splits acc[][] into registers only
+ * then (it kept whole blocks on the stack otherwise, even blocks of 4 accumulators). */
+#define UNROLL _Pragma("GCC unroll 16")
+
 static inline __attribute__((always_inline)) F(vec) F(load)(const T *p)
 {
     F(vec) v;
     for (int h = 0; h < PARTS; h++)
         v.part[h] = LOADU(p + h * NATIVE_LANES);
     return v;
+}
+
+/* Store one native register at a time (a whole-struct memcpy kept the struct in memory) */
+static inline __attribute__((always_inline)) void F(store)(T *p, F(vec) v)
+{
+    for (int h = 0; h < PARTS; h++)
+        memcpy(p + h * NATIVE_LANES, &v.part[h], sizeof v.part[h]);
 }
 
 static inline __attribute__((always_inline)) F(vec) F(zero)(void)
@@ -79,26 +90,26 @@ typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, i
                                            idx C, idx Cp, T *out, idx pixel)                        \
     {                                                                                               \
         F(vec) acc[NB][NV];                                                                         \
-        for (int i = 0; i < NB; i++)                                                                \
-            for (int v = 0; v < NV; v++)                                                            \
+        UNROLL for (int i = 0; i < NB; i++)                                                         \
+            UNROLL for (int v = 0; v < NV; v++)                                                     \
                 acc[i][v] = F(zero)();                                                              \
         for (idx k = 0; k < K; k++) {                                                               \
             const T *s = src - offsets[k] * C;                                                      \
             const T *w = Wt + k * C * Cp;                                                           \
             for (idx c = 0; c < C; c++) {                                                           \
                 F(vec) wv[NV];                                                                      \
-                for (int v = 0; v < NV; v++)                                                        \
+                UNROLL for (int v = 0; v < NV; v++)                                                 \
                     wv[v] = F(load)(w + c * Cp + v * LANES);                                        \
-                for (int i = 0; i < NB; i++) {                                                      \
+                UNROLL for (int i = 0; i < NB; i++) {                                               \
                     NATIVE x = SET1(s[i * C + c]);                                                  \
-                    for (int v = 0; v < NV; v++)                                                    \
+                    UNROLL for (int v = 0; v < NV; v++)                                             \
                         acc[i][v] = F(muladd_broadcast)(x, wv[v], acc[i][v]);                       \
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
-        for (int i = 0; i < NB; i++)                                                                \
-            for (int v = 0; v < NV; v++)                                                            \
-                memcpy(out + i * pixel + v * LANES, &acc[i][v], sizeof acc[i][v]);                  \
+        UNROLL for (int i = 0; i < NB; i++)                                                         \
+            UNROLL for (int v = 0; v < NV; v++)                                                     \
+                F(store)(out + i * pixel + v * LANES, acc[i][v]);                                   \
     }
 
 /* The narrow block (CP = C_prev <= NARROW, a first layer's 1-3 image channels): NB pixels x CP
@@ -111,25 +122,25 @@ typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, i
     {                                                                                               \
         (void)Cp;                                                                                   \
         F(vec) acc[NB][CP];                                                                         \
-        for (int i = 0; i < NB; i++)                                                                \
-            for (int p = 0; p < CP; p++)                                                            \
+        UNROLL for (int i = 0; i < NB; i++)                                                         \
+            UNROLL for (int p = 0; p < CP; p++)                                                     \
                 acc[i][p] = F(zero)();                                                              \
         for (idx k = 0; k < K; k++) {                                                               \
             const T *s = src - offsets[k] * C;                                                      \
             const T *w = Wc + k * CP * C;                                                           \
             for (idx c = 0; c < C; c += LANES) {                                                    \
                 F(vec) wv[CP];                                                                      \
-                for (int p = 0; p < CP; p++)                                                        \
+                UNROLL for (int p = 0; p < CP; p++)                                                 \
                     wv[p] = F(load)(w + p * C + c);                                                 \
-                for (int i = 0; i < NB; i++) {                                                      \
+                UNROLL for (int i = 0; i < NB; i++) {                                               \
                     F(vec) d = F(load)(s + i * C + c);                                              \
-                    for (int p = 0; p < CP; p++)                                                    \
+                    UNROLL for (int p = 0; p < CP; p++)                                             \
                         acc[i][p] = F(muladd)(d, wv[p], acc[i][p]);                                 \
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
-        for (int i = 0; i < NB; i++)                                                                \
-            for (int p = 0; p < CP; p++)                                                            \
+        UNROLL for (int i = 0; i < NB; i++)                                                         \
+            UNROLL for (int p = 0; p < CP; p++)                                                     \
                 out[i * pixel + p] = F(lane_sum)(acc[i][p]);                                        \
     }
 
@@ -144,8 +155,8 @@ typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, i
                                             idx n_h, idx n_w, idx Cp, idx C, double *out)           \
     {                                                                                               \
         F(vec) acc[NR][NV];                                                                         \
-        for (int r = 0; r < NR; r++)                                                                \
-            for (int v = 0; v < NV; v++)                                                            \
+        UNROLL for (int r = 0; r < NR; r++)                                                         \
+            UNROLL for (int v = 0; v < NV; v++)                                                     \
                 acc[r][v] = F(zero)();                                                              \
         idx a_step = col_step * Cp;                                                                 \
         for (idx i = 0; i < n_h; i++) {                                                             \
@@ -153,17 +164,17 @@ typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, i
             const T *gr = g + i * n_w * C;                                                          \
             for (idx j = 0; j < n_w; j++) {                                                         \
                 F(vec) dz[NV];                                                                      \
-                for (int v = 0; v < NV; v++)                                                        \
+                UNROLL for (int v = 0; v < NV; v++)                                                 \
                     dz[v] = F(load)(gr + j * C + v * LANES);                                        \
-                for (int r = 0; r < NR; r++) {                                                      \
+                UNROLL for (int r = 0; r < NR; r++) {                                               \
                     NATIVE x = SET1(ar[j * a_step + r]);                                            \
-                    for (int v = 0; v < NV; v++)                                                    \
+                    UNROLL for (int v = 0; v < NV; v++)                                             \
                         acc[r][v] = F(muladd_broadcast)(x, dz[v], acc[r][v]);                       \
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
-        for (int r = 0; r < NR; r++)                                                                \
-            for (int v = 0; v < NV; v++) {                                                          \
+        UNROLL for (int r = 0; r < NR; r++)                                                         \
+            UNROLL for (int v = 0; v < NV; v++) {                                                   \
                 T lanes[LANES];                                                                     \
                 memcpy(lanes, &acc[r][v], sizeof lanes);                                            \
                 for (int l = 0; l < LANES; l++)                                                     \
@@ -256,3 +267,4 @@ static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, id
 #undef DEFINE_WEIGHT_BLOCK
 #undef BLOCK_NAME
 #undef NATIVE_LANES
+#undef UNROLL

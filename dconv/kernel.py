@@ -43,35 +43,33 @@ In both, ``db`` is dZ summed over m, n_H, n_W in float64.
 Compiled helper
 ---------------
 ``dconv/_flatconv.c`` holds three loops in C, built at install when a C compiler
-is there (optional: without one, the NumPy code above runs).
+is there (optional: without one, the NumPy code above runs). The first two are
+compiled once per SIMD level in the one extension, and run at the level of
+:mod:`dconv.simd` (``DCONV_SIMD``); their register blocks are sized per level
+(the table in ``_flatconv.c``), their arithmetic is the same at every level.
 
-* ``input_grad`` keeps up to 12 pixels x 32 float32 (16 float64) input channels in
-  vector registers (x 16 / 8 when C_prev is an odd multiple of 16 / 8) and adds
-  every tap and channel into them before one store: no pass over memory per tap.
-  Used when C_prev is a multiple of the vector width and at most 128, or, in a
-  variant whose vectors run over C (5-8 pixels x C_prev vectors), when C_prev is
-  at most 4 (a first layer) and C a multiple of the width
-  (:func:`use_compiled_input_grad`). Other strides run it once per phase of the
-  input, each phase writing its pixels straight into dA_prev (:func:`input_grad_phases`).
-* ``column_sums`` adds float32 db in float64, in one pass over dZ.
-* ``weight_grad`` keeps up to 14 input channels x 2 vectors of output channels in
-  registers (16 x 1 vector when C is one vector wide) over one sample's pixels,
-  and adds each sample's sum into a float64 dW. It reads dZ and the padded input
-  in place, at any stride, so the im2col path skips its copy too. Below 8 input
-  channels, the taps of a kernel row count as rows of the block. Used when C is a
-  multiple of the vector width (:func:`use_compiled_weight_grad`).
+* ``input_grad`` keeps a block of neighbouring pixels x 16 float32 (8 float64)
+  input channels in vector registers (6 pixels on AVX2, 12 pixels x 2 vectors on
+  AVX-512) and adds every tap and channel into them before one store: no pass
+  over memory per tap. In a variant whose vectors run over C, it takes C_prev of
+  at most 4 (a first layer) with C a multiple of the width. Other strides run
+  it once per phase of the input, each phase writing its pixels straight into
+  dA_prev (:func:`input_grad_phases`).
+* ``weight_grad`` keeps a block of input channels x output vectors in registers
+  over about 128 output pixels of one sample, and adds each such sum into a
+  float64 dW. It reads dZ and the padded input in place, at any stride, so the
+  im2col path skips its copy too. Below 8 input channels, the taps of a kernel
+  row count as rows of the block.
+* ``column_sums`` adds float32 db in float64, in one pass over dZ (plain C).
+
+Where each runs, the other path being the GEMMs, is :data:`COMPILED_RULES`, one
+rule per level from interleaved timings of both (``bench_kernel.py --paths``):
+:func:`use_compiled_input_grad`, :func:`use_compiled_weight_grad`.
 
 Each register block is a C function of its own per size, so that its
 accumulators stay in registers; a row of pixels, or of input channels, is cut
-into near-equal blocks. Blocks of a run-time size kept their accumulators on the
-stack: on one thread, over ten layers shaped like the benchmark suite's (3x3
-stride 1 and 2, 16-128 channels, first layers) in both dtypes, the fixed sizes
-took dA_prev 12% and dW about 15% less time, the whole backward pass 12%
-(geometric means; 21-23% for the 3x3 stride-2 128-channel layer).
-
-Measured on one thread against the NumPy code, stride-1 layers of the benchmark
-suite, both dtypes, before the fixed-size blocks: dA_prev 1.3-3.6x faster, dW
-1.0-1.8x. The loops need no NumPy headers (the buffer protocol) and release the GIL.
+into near-equal blocks. The loops need no NumPy headers (the buffer protocol)
+and release the GIL.
 
 Threads
 -------

@@ -1,0 +1,94 @@
+"""The compiled loops (dconv/_flatconv.c) build without a warning: for aarch64 with Debian's cross
+compiler, whose object must hold the NEON level (fmla on vector registers), and for this host.
+Both compile the checkout's source with the flags of pyproject.toml plus -Wall -Wextra -Werror."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).resolve().parent.parent / "dconv" / "_flatconv.c"
+
+# pyproject.toml's extra-compile-args, -fPIC as for an extension module, and warnings as errors.
+# -Wno-unused-parameter: CPython's method signature leaves `self` (and METH_NOARGS's argument) unused.
+FLAGS = ["-O3", "-funroll-loops", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
+         "-fPIC"]
+
+CROSS_CC = "aarch64-linux-gnu-gcc"
+CROSS_OBJDUMP = "aarch64-linux-gnu-objdump"
+TIMEOUT = 180  # seconds per compiler run; a build takes a few seconds (aarch64) to ~20 s (x86-64)
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def compile_object(command: list[str]) -> None:
+    """Run a compiler command; fail with its output if it fails (a warning does, under -Werror)."""
+    result = run(command)
+    assert result.returncode == 0, f"{' '.join(command)}\nexit {result.returncode}\n{result.stderr}{result.stdout}"
+
+
+def python_includes(aarch64_shim: Path | None = None) -> list[str]:
+    """-I options for this interpreter's Python.h. With aarch64_shim, also for an aarch64 build.
+
+    The aarch64 build reads this host's pyconfig.h: on LP64 Linux (x86-64 as aarch64) the type
+    sizes it records are the same, and _flatconv.c uses nothing else of it. Debian's own
+    /usr/include/pythonX.Y/pyconfig.h is a wrapper that includes <TRIPLET/pythonX.Y/pyconfig.h>
+    for the target, which for aarch64 only the arm64 libpythonX.Y-dev installs; the shim gives it
+    one that includes the host's.
+    """
+    paths = sysconfig.get_paths()
+    include = paths["include"]
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        pytest.skip(f"no Python.h in {include}: this Python's headers (e.g. python3-dev) are not installed")
+    args = [f"-I{include}"]
+    if paths["platinclude"] != include:
+        args.append(f"-I{paths['platinclude']}")
+    if aarch64_shim is not None:
+        sizes = {name: sysconfig.get_config_var(name) for name in ("SIZEOF_VOID_P", "SIZEOF_LONG", "SIZEOF_SIZE_T")}
+        if set(sizes.values()) != {8}:
+            pytest.skip(f"this Python's pyconfig.h is not LP64 ({sizes}), so an aarch64 build cannot use it")
+        multiarch = sysconfig.get_config_var("MULTIARCH")
+        version_dir = os.path.basename(include)  # pythonX.Y
+        host_config = Path(os.path.dirname(include), multiarch or "-", version_dir, "pyconfig.h")
+        if multiarch and host_config.is_file():
+            shim = aarch64_shim / "aarch64-linux-gnu" / version_dir / "pyconfig.h"
+            shim.parent.mkdir(parents=True, exist_ok=True)
+            shim.write_text(f'#include "{host_config}"\n')
+            args.append(f"-I{aarch64_shim}")
+    return args
+
+
+def test_the_aarch64_build_has_no_warning_and_holds_the_neon_level(tmp_path):
+    cc, objdump = shutil.which(CROSS_CC), shutil.which(CROSS_OBJDUMP)
+    if cc is None or objdump is None:
+        pytest.skip(f"{CROSS_CC} / {CROSS_OBJDUMP} not on PATH (Debian: apt-get install gcc-aarch64-linux-gnu)")
+    probe = tmp_path / "probe.c"
+    probe.write_text("#include <stdlib.h>\nint probe(void) { return EXIT_SUCCESS; }\n")
+    if run([cc, "-c", str(probe), "-o", str(tmp_path / "probe.o")]).returncode != 0:
+        pytest.skip(f"{CROSS_CC} has no aarch64 C library headers (Debian: apt-get install libc6-dev-arm64-cross)")
+
+    obj = tmp_path / "_flatconv_aarch64.o"
+    compile_object([cc, *FLAGS, *python_includes(tmp_path / "include"), "-c", str(SOURCE), "-o", str(obj)])
+
+    disassembly = run([objdump, "-d", str(obj)])
+    assert disassembly.returncode == 0, disassembly.stderr
+    # vfmaq_f32 / vfmaq_f64: fmla on 4 float32 or 2 float64 lanes of a v register
+    f32 = len(re.findall(r"\sfmla\s+v\d+\.4s,", disassembly.stdout))
+    f64 = len(re.findall(r"\sfmla\s+v\d+\.2d,", disassembly.stdout))
+    assert f32 > 0 and f64 > 0, f"NEON multiply-adds in the aarch64 object: {f32} fmla .4s, {f64} fmla .2d"
+
+
+@pytest.mark.slow
+def test_the_host_build_has_no_warning(tmp_path):
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler (cc) on PATH")
+    compile_object([cc, *FLAGS, *python_includes(), "-c", str(SOURCE), "-o", str(tmp_path / "_flatconv.o")])
