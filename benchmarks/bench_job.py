@@ -9,9 +9,11 @@ It prints, measured side by side in one run on the same Zarr input:
 
 - kernel only: ``dconv.conv2d_backward`` over the in-memory batch, chunk by chunk,
   in one process using every core's BLAS threads (no I/O);
-- the job: ``dconv backward`` with 2 local workers, wall time of the computation
-  (cluster start-up reported apart) and its summed per-task kernel time;
-- a PyTorch loop (when torch is installed): one process reads the same Zarr chunks,
+- the job: the whole ``dconv backward`` command with 2 local workers, wall clock as a
+  user times it (imports and cluster start included), its compute time alone, and its
+  summed per-task kernel time;
+- a PyTorch loop (when torch is installed): the whole ``benchmarks/torch_loop.py``
+  command, wall clock, imports included: one process reads the same Zarr chunks,
   runs autograd's conv backward, and writes dA_prev to Zarr with the same codec;
 - peak RSS summed over every process of the job (client, scheduler, nannies and
   workers, sampled every 20 ms), at two batch sizes (``--m``, ``--memory-m``) with
@@ -38,6 +40,7 @@ import numpy as np
 import zarr
 
 import dconv
+from bench_kernel import cpu_description, cpu_info
 from dconv.store import make_inputs
 
 
@@ -63,36 +66,20 @@ def kernel_only(path: str, batch_chunk: int) -> float:
     return time.perf_counter() - start
 
 
-def torch_loop(path: str, out: str, batch_chunk: int) -> float | None:
-    """Seconds for a single-process PyTorch loop over the Zarr chunks, writing dA_prev to Zarr."""
+def torch_loop(path: str, out: str, batch_chunk: int) -> dict | None:
+    """The whole PyTorch-loop command (benchmarks/torch_loop.py): wall seconds, and its loop alone."""
     try:
-        import torch
+        import torch  # noqa: F401  (only to know whether the peer can run)
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
-    group = zarr.open_group(path, mode="r")
-    A_arr, dZ_arr = group["A_prev"], group["dZ"]
-    W = torch.from_numpy(np.ascontiguousarray(group["W"][:].transpose(3, 2, 0, 1)))
-    pad = group.attrs["hparameters"]["pad"]
+    script = Path(__file__).with_name("torch_loop.py")
     start = time.perf_counter()
-    target = zarr.open_group(out, mode="w")
-    dA_out = target.create_array(
-        "dA_prev", shape=A_arr.shape, chunks=(batch_chunk, *A_arr.shape[1:]), dtype=A_arr.dtype,
-        compressors=None,  # as dconv writes dA_prev
-    )
-    dW_total = torch.zeros_like(W, dtype=torch.float64)
-    db_total = torch.zeros(W.shape[0], dtype=torch.float64)
-    for i in range(0, A_arr.shape[0], batch_chunk):
-        A = torch.from_numpy(A_arr[i : i + batch_chunk]).permute(0, 3, 1, 2).requires_grad_(True)
-        dZ = torch.from_numpy(dZ_arr[i : i + batch_chunk]).permute(0, 3, 1, 2)
-        Wg = W.clone().requires_grad_(True)
-        b = torch.zeros(W.shape[0], dtype=W.dtype, requires_grad=True)
-        Z = torch.nn.functional.conv2d(A, Wg, b, padding=pad)
-        dA, dW, db = torch.autograd.grad(Z, (A, Wg, b), dZ)
-        dA_out[i : i + batch_chunk] = dA.permute(0, 2, 3, 1).numpy()
-        dW_total += dW.double()
-        db_total += db.double()
-    return time.perf_counter() - start
+    result = subprocess.run([sys.executable, str(script), path, out, "--batch-chunk", str(batch_chunk)],
+                            capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"torch_loop.py failed: {result.stderr}")
+    return {"wall": wall, "loop": float(result.stdout.split()[-1])}
 
 
 def run_job(path: str, out: str, batch_chunk: int, workers: int) -> dict:
@@ -144,8 +131,9 @@ def scaling(workdir: Path, batch_chunk: int, layer: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--m", type=int, default=4096, help="batch size of the speed comparison")
-    parser.add_argument("--memory-m", type=int, default=16384, help="the larger batch of the memory comparison")
+    parser.add_argument("--m", type=int, default=16384, help="batch size of the speed comparison")
+    parser.add_argument("--memory-m", type=int, default=4096,
+                        help="a second batch size: peak memory there against at --m (same batch chunk)")
     parser.add_argument("--batch-chunk", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
@@ -161,10 +149,12 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     layer = dict(height=32, width=32, in_channels=16, out_channels=32, kernel=(3, 3), padding=1, dtype=args.dtype)
     print(f"machine: {os.cpu_count()} cores; numpy {np.__version__}; dconv {dconv.__version__}")
+    print(cpu_description())
     print(f"BLAS: {blas_info()}")
     print(f"layer: 32x32x16 -> 32, 3x3, pad 1, {args.dtype}; batch_chunk {args.batch_chunk}; {args.workers} workers")
 
-    results: dict = {"m": args.m, "batch_chunk": args.batch_chunk, "workers": args.workers, "dtype": args.dtype}
+    results: dict = {"m": args.m, "batch_chunk": args.batch_chunk, "workers": args.workers, "dtype": args.dtype,
+                     "cpu": cpu_info()}
     for m in (args.m, args.memory_m):
         path = str(workdir / f"in-{m}.zarr")
         make_inputs(path, m=m, chunk=args.batch_chunk, overwrite=True, seed=1, **layer)
@@ -175,31 +165,34 @@ def main() -> None:
     for _ in range(args.repeats):
         job = run_job(path, str(workdir / f"out-{args.m}.zarr"), args.batch_chunk, args.workers)
         kernel_s = kernel_only(path, args.batch_chunk)
-        torch_s = torch_loop(path, str(workdir / "torch-out.zarr"), args.batch_chunk)
-        rounds.append({"job": job, "kernel_only": kernel_s, "torch_loop": torch_s})
-        torch_text = f", PyTorch loop {torch_s:.2f} s (job compute / torch {job['seconds']['compute'] / torch_s:.2f})" if torch_s else ""
-        print(f"round {len(rounds)}: job compute {job['seconds']['compute']:.2f} s (task kernel sum "
-              f"{job['seconds']['kernel']:.2f} s, read {job['seconds']['read']:.2f} s, write {job['seconds']['write']:.2f} s), "
-              f"kernel alone {kernel_s:.2f} s{torch_text}")
-    job = min((r["job"] for r in rounds), key=lambda j: j["seconds"]["compute"])
+        peer = torch_loop(path, str(workdir / "torch-out.zarr"), args.batch_chunk)
+        rounds.append({"job": job, "kernel_only": kernel_s, "torch_loop": peer})
+        peer_text = (f", PyTorch command {peer['wall']:.2f} s (loop {peer['loop']:.2f} s); dconv / PyTorch "
+                     f"{job['wall'] / peer['wall']:.2f} whole commands, {job['seconds']['compute'] / peer['loop']:.2f} "
+                     f"compute" if peer else "")
+        print(f"round {len(rounds)}: dconv command {job['wall']:.2f} s (compute {job['seconds']['compute']:.2f} s; task "
+              f"kernel sum {job['seconds']['kernel']:.2f} s, read {job['seconds']['read']:.2f} s, write "
+              f"{job['seconds']['write']:.2f} s), kernel alone {kernel_s:.2f} s{peer_text}", flush=True)
+    job = min((r["job"] for r in rounds), key=lambda j: j["wall"])
     kernel_s = min(r["kernel_only"] for r in rounds)
-    torch_s = min(r["torch_loop"] for r in rounds) if rounds[0]["torch_loop"] is not None else None
-    big = run_job(str(workdir / f"in-{args.memory_m}.zarr"), str(workdir / f"out-{args.memory_m}.zarr"),
-                  args.batch_chunk, args.workers)
-    print(f"m={args.memory_m}: job compute {big['seconds']['compute']:.2f} s, wall {big['wall']:.2f} s")
-    results.update({f"job_m{args.m}": job, f"job_m{args.memory_m}": big, "kernel_only": kernel_s,
-                    "torch_loop": torch_s, "rounds": rounds})
+    peer = min((r["torch_loop"] for r in rounds), key=lambda p: p["wall"]) if rounds[0]["torch_loop"] else None
+    other = run_job(str(workdir / f"in-{args.memory_m}.zarr"), str(workdir / f"out-{args.memory_m}.zarr"),
+                    args.batch_chunk, args.workers)
+    print(f"m={args.memory_m}: dconv command {other['wall']:.2f} s, compute {other['seconds']['compute']:.2f} s")
+    results.update({f"job_m{args.m}": job, f"job_m{args.memory_m}": other, "kernel_only": kernel_s,
+                    "torch_loop": peer, "rounds": rounds})
     print(f"\nbest of {args.repeats} rounds, m = {args.m}:")
-    print(f"kernel only (in memory, all cores):       {kernel_s:7.2f} s  {args.m / kernel_s:8.0f} samples/s")
-    print(f"dconv job compute (Zarr in, Zarr out):    {job['seconds']['compute']:7.2f} s  "
+    print(f"kernel only (in memory, all cores):         {kernel_s:7.2f} s  {args.m / kernel_s:8.0f} samples/s")
+    print(f"dconv job compute (Zarr in, Zarr out):      {job['seconds']['compute']:7.2f} s  "
           f"{args.m / job['seconds']['compute']:8.0f} samples/s  = {kernel_s / job['seconds']['compute']:.0%} of kernel-only")
-    print(f"dconv job wall (with cluster start):      {job['wall']:7.2f} s  = {kernel_s / job['wall']:.0%} of kernel-only")
-    if torch_s is not None:
-        print(f"PyTorch loop (Zarr in, autograd, Zarr out): {torch_s:5.2f} s  "
-              f"job compute / torch = {job['seconds']['compute'] / torch_s:.2f}, job wall / torch = {job['wall'] / torch_s:.2f}")
-    rss_small, rss_big = job["peak_rss"], results[f"job_m{args.memory_m}"]["peak_rss"]
-    print(f"peak RSS m={args.m}: {rss_small / 2**20:.0f} MiB, m={args.memory_m}: {rss_big / 2**20:.0f} MiB, "
-          f"ratio {rss_big / rss_small:.2f} for {args.memory_m / args.m:.0f}x the batch")
+    print(f"dconv backward, whole command:              {job['wall']:7.2f} s")
+    if peer is not None:
+        print(f"PyTorch loop, whole command (loop alone):   {peer['wall']:7.2f} s  ({peer['loop']:.2f} s)")
+        print(f"dconv / PyTorch: {job['wall'] / peer['wall']:.2f} as whole commands, "
+              f"{job['seconds']['compute'] / peer['loop']:.2f} compute against loop")
+    rss_m, rss_other = job["peak_rss"], other["peak_rss"]
+    print(f"peak RSS m={args.m}: {rss_m / 2**20:.0f} MiB, m={args.memory_m}: {rss_other / 2**20:.0f} MiB, "
+          f"ratio {rss_m / rss_other:.2f} for {args.m / args.memory_m:.0f}x the batch")
     if args.scaling:
         results["scaling"] = scaling(workdir, args.batch_chunk, layer)
     if args.json:

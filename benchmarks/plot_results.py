@@ -23,7 +23,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 def blas_label(kernel: dict) -> str:
     blas = next((b for b in kernel["blas"] if b.get("user_api") == "blas"), {})
-    return f"OpenBLAS {blas.get('version')} ({blas.get('architecture')}), {kernel['threads']} threads, torch {kernel['torch']}"
+    cpu = kernel.get("cpu", {})
+    where = f"{cpu.get('model', 'CPU not recorded')}, dconv level {cpu.get('level', '?')}; " if cpu else ""
+    return (f"{where}OpenBLAS {blas.get('version')} ({blas.get('architecture')}), {kernel['threads']} threads, "
+            f"torch {kernel['torch']}")
 
 
 def plot_kernel(kernel: dict, path: Path) -> None:
@@ -79,8 +82,13 @@ def main() -> None:
     kernel_json, job_json = sys.argv[1:3]
     DOCS.mkdir(exist_ok=True)
     plot_kernel(json.loads(Path(kernel_json).read_text()), DOCS / "benchmark-kernel.png")
-    plot_job(json.loads(Path(job_json).read_text()), DOCS / "benchmark-job.png")
-    print(f"wrote {DOCS / 'benchmark-kernel.png'} and {DOCS / 'benchmark-job.png'}")
+    print(f"wrote {DOCS / 'benchmark-kernel.png'}")
+    job = json.loads(Path(job_json).read_text())
+    if "scaling" in job:
+        plot_job(job, DOCS / "benchmark-job.png")
+        print(f"wrote {DOCS / 'benchmark-job.png'}")
+    else:
+        print(f"{job_json} has no scaling rows (bench_job.py --scaling): {DOCS / 'benchmark-job.png'} left as it is")
 
 
 if __name__ == "__main__":

