@@ -1,6 +1,6 @@
 """Draw the benchmark plots in docs/ from the JSON that the two benchmark scripts write.
 
-    python benchmarks/plot_results.py benchmarks/results/kernel.json benchmarks/results/job.json
+    python benchmarks/plot_results.py benchmarks/results/kernel-avx2.json benchmarks/results/job.json
 
 Writes docs/benchmark-kernel.png (dconv against PyTorch and the loops, per layer) and
 docs/benchmark-job.png (job throughput and peak memory against batch size and workers).
