@@ -162,7 +162,9 @@ def mixed_levels_cluster(tmp_path_factory):
         baseline = next(worker for worker, info in workers.items() if info["name"] == "baseline-only")
         yield {"address": address, "baseline_worker": baseline}
     finally:
-        _stop(processes[1:])  # workers first: a worker whose scheduler went first can hang on exit
+        for worker in processes[1:]:  # workers first, killed: they hold nothing (SIGTERM took 15 s each)
+            worker.kill()
+            worker.wait()
         _stop(processes[:1])
 
 
