@@ -9,14 +9,7 @@
 #define SET1 SET1_F32
 #define LOADU LOADU_F32
 #define FMADD FMADD_F32
-#include "_flatconv_loops.h"
-#undef T
-#undef LANES
-#undef PREFIX
-#undef NATIVE
-#undef SET1
-#undef LOADU
-#undef FMADD
+#include "_flatconv_loops.h" /* which undefines T, LANES, PREFIX, NATIVE, SET1, LOADU and FMADD */
 
 #define T double
 #define LANES 8
@@ -25,14 +18,7 @@
 #define SET1 SET1_F64
 #define LOADU LOADU_F64
 #define FMADD FMADD_F64
-#include "_flatconv_loops.h"
-#undef T
-#undef LANES
-#undef PREFIX
-#undef NATIVE
-#undef SET1
-#undef LOADU
-#undef FMADD
+#include "_flatconv_loops.h" /* which undefines T, LANES, PREFIX, NATIVE, SET1, LOADU and FMADD */
 
 #undef LEVEL
 #undef PARTS

@@ -268,3 +268,11 @@ static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, id
 #undef BLOCK_NAME
 #undef NATIVE_LANES
 #undef UNROLL
+/* this inclusion's parameters: the next one defines its own */
+#undef T
+#undef LANES
+#undef PREFIX
+#undef NATIVE
+#undef SET1
+#undef LOADU
+#undef FMADD
