@@ -508,7 +508,7 @@ LEVELS = dconv.simd_levels()
 def level(request, monkeypatch):
     """Run the test at one SIMD level, with the compiled loops on every layer they can take (not only
     where COMPILED_RULES says they are faster), then restore the process's own level."""
-    every = dconv.kernel.CompiledRule(*[(dconv.kernel.ANY, dconv.kernel.ANY)] * 3)
+    every = dconv.kernel.CompiledRule(*[dconv.kernel.ANY] * 3)
     monkeypatch.setitem(dconv.kernel.COMPILED_RULES, request.param, every)
     dconv.simd.set_level(request.param)
     yield request.param
@@ -717,7 +717,7 @@ FMA_LEVELS = [name for name in LEVELS if name != "baseline"]
 def test_levels_with_fma_give_the_same_bits(case_id, monkeypatch):
     """avx512, avx2 and neon sum the same terms in the same order with one rounding each: a job that
     moves between CPU types gets the same dA_prev, dW and db on the layers the loops take."""
-    every = dconv.kernel.CompiledRule(*[(dconv.kernel.ANY, dconv.kernel.ANY)] * 3)
+    every = dconv.kernel.CompiledRule(*[dconv.kernel.ANY] * 3)
     case = COMPILED_CASES[case_id]
     for dtype in DTYPES:
         a, w, _, dz = make_arrays(case, dtype, 21)
