@@ -162,7 +162,7 @@ def as_float_array(name: str, value: Any) -> np.ndarray:
 
 def pad_input(A_prev: np.ndarray, pads: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
     """Zero-pad the two spatial axes of ``A_prev`` (m, H, W, C) by ``((top, bottom), (left, right))``."""
-    if pads == (0, 0):
+    if pads == ((0, 0), (0, 0)):
         return A_prev
     (top, bottom), (left, right) = pads
     m, height, width, channels = A_prev.shape
@@ -272,7 +272,7 @@ class FlatGrid(NamedTuple):
     total : int
         Rows of the dZ buffer (``front`` + the batch + trailing zeros).
     origin : int
-        Row of the unpadded pixel ``0`` in the padded grid, ``top * cols + left``.
+        Row of the unpadded pixel ``(0, 0)`` in the padded grid, ``top * cols + left``.
     """
 
     rows: int
@@ -387,8 +387,8 @@ COMPILED_NARROW_WEIGHT = 8
 class CompiledRule(NamedTuple):
     """Where one SIMD level's compiled loops beat NumPy's GEMMs, by C_prev: the largest C_prev that takes them.
 
-    The same in float32 and float64 (measured: the two dtypes changed sides at
-    the same channel counts). Layers with C_prev of at most
+    One limit serves float32 and float64 (measured: the two dtypes changed
+    sides at the same channel counts). Layers with C_prev of at most
     :data:`COMPILED_NARROW` (dA_prev) or below :data:`COMPILED_NARROW_WEIGHT`
     (dW), the first layers, take the compiled loops at every level: GEMMs
     that narrow run far below the BLAS rate.
@@ -439,7 +439,7 @@ def use_compiled_weight_grad(dtype: np.dtype, c_prev: int, c_out: int, geometry:
     if c_prev < COMPILED_NARROW_WEIGHT:
         return True
     rule = COMPILED_RULES[level]
-    limit = rule.weight_grad if geometry.stride == 1 else rule.weight_grad_strided
+    limit = rule.weight_grad if geometry.stride == (1, 1) else rule.weight_grad_strided
     return c_prev <= limit
 
 
@@ -520,7 +520,7 @@ def input_grad_flat(
     height, width = geometry.in_hw
     rows, cols = grid.rows, grid.cols
     sample = rows * cols
-    base = grid.front + grid.origin                          # D row read by q = 0 at tap 0
+    base = grid.front + grid.origin                          # D row read by q = 0 at tap (0, 0)
     per_sample = (height - 1) * cols + width                  # first to last input pixel of a sample
     if use_compiled_input_grad(D.dtype, c_prev, c_out):
         dA_prev = np.empty((m, height, width, c_prev), dtype=D.dtype) if out is None else out
@@ -544,7 +544,7 @@ def input_grad_flat(
     return dA_prev if (rows, cols) == (height, width) else np.ascontiguousarray(dA_prev)
 
 
-def _compiled_input_grad(D, w_taps, offsets, base, sample, cols, out, size=None, first=0, step=1) -> None:
+def _compiled_input_grad(D, w_taps, offsets, base, sample, cols, out, size=None, first=(0, 0), step=(1, 1)) -> None:
     """``out[n, y0 + y * sy, x0 + x * sx] = sum_k D[base - offsets[k] + n * sample + y * cols + x] @ w_taps[k].T``
     by the compiled loop, for ``y, x`` below ``size`` (default: every pixel of ``out``).
 
@@ -671,7 +671,7 @@ def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
 
 def is_pointwise(geometry: ConvGeometry) -> bool:
     """Whether the layer is a 1x1 kernel at stride 1 with no padding (:func:`backward_pointwise`)."""
-    return geometry.kernel_hw == 1 and geometry.stride == 1 and geometry.pads == (0, 0)
+    return geometry.kernel_hw == (1, 1) and geometry.stride == (1, 1) and geometry.pads == ((0, 0), (0, 0))
 
 
 def backward_pointwise(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray):
@@ -753,7 +753,7 @@ def backward_working_set(m: int, geometry: ConvGeometry, c_prev: int, c_out: int
     n_in, n_pad, n_out = m * height * width, (m + threads) * rows * cols, m * n_h * n_w
     weights = 4 * taps * c_prev * c_out
     split = n_in * c_prev if threads > 1 else 0
-    if geometry.stride == 1:
+    if geometry.stride == (1, 1):
         elements = n_pad * c_out + 2 * n_pad * c_prev + n_in * c_prev + weights
     else:
         (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
@@ -803,9 +803,9 @@ def single_threaded(geometry: ConvGeometry, dtype: np.dtype, c_prev: int, c_out:
     if is_pointwise(geometry):      # two large GEMMs, which BLAS threads
         return False
     compiled = use_compiled_input_grad(dtype, c_prev, c_out) or use_compiled_weight_grad(dtype, c_prev, c_out, geometry)
-    if geometry.stride != 1:   # im2col's GEMMs are threaded by BLAS; the compiled loops are not
+    if geometry.stride != (1, 1):   # im2col's GEMMs are threaded by BLAS; the compiled loops are not
         return compiled
-    return compiled or geometry.kernel_hw != 1
+    return compiled or geometry.kernel_hw != (1, 1)
 
 
 def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
@@ -816,7 +816,7 @@ def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
     """
     if is_pointwise(geometry):
         result = backward_pointwise(dZ, A_prev, W)
-    elif geometry.stride == 1:
+    elif geometry.stride == (1, 1):
         result = backward_flat(dZ, A_prev, W, geometry, out)     # None: non-finite values, see its docstring
     else:
         result = None
