@@ -38,5 +38,3 @@
 #undef NARROW_PIXELS_4
 #undef WEIGHT_ROWS_2
 #undef WEIGHT_ROWS_1
-#undef INPUT_TWO
-#undef WEIGHT_TWO

@@ -10,9 +10,9 @@
  *   SET1(x), LOADU(p)      broadcast a scalar, load NATIVE from an unaligned address
  *   FMADD(a, b, c)         a * b + c: one rounding (FMA) on every level but x86-64 baseline
  *   INPUT_PIXELS_2/_1      the most pixels per input_grad block of 2 or 1 logical vectors
+ *                          (0 for _2: no 2-vector blocks, where 1-vector blocks measured faster)
  *   NARROW_PIXELS_1.._4    the most pixels per narrow input_grad block, by C_prev
- *   WEIGHT_ROWS_2/_1       the most rows per weight_grad block of 2 or 1 logical vectors
- *   INPUT_TWO, WEIGHT_TWO  whether blocks of 2 logical vectors are used where the channels allow
+ *   WEIGHT_ROWS_2/_1       the most rows per weight_grad block of 2 or 1 logical vectors (0 for _2: none)
  *
  * The block sizes follow the level's register file: 32 vector registers on AVX-512 and NEON,
  * 16 on AVX2 and SSE2. Each lane of each accumulator sums the same terms in the same order at
@@ -182,24 +182,32 @@ typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, i
             }                                                                                       \
     }
 
+#if INPUT_PIXELS_2
 REPEAT(INPUT_PIXELS_2, DEFINE_INPUT_BLOCK, 2)
+#endif
 REPEAT(INPUT_PIXELS_1, DEFINE_INPUT_BLOCK, 1)
 REPEAT(NARROW_PIXELS_1, DEFINE_NARROW_BLOCK, 1)
 REPEAT(NARROW_PIXELS_2, DEFINE_NARROW_BLOCK, 2)
 REPEAT(NARROW_PIXELS_3, DEFINE_NARROW_BLOCK, 3)
 REPEAT(NARROW_PIXELS_4, DEFINE_NARROW_BLOCK, 4)
+#if WEIGHT_ROWS_2
 REPEAT(WEIGHT_ROWS_2, DEFINE_WEIGHT_BLOCK, 2)
+#endif
 REPEAT(WEIGHT_ROWS_1, DEFINE_WEIGHT_BLOCK, 1)
 
 /* The blocks by size (entry 0 unused) */
 #define BLOCK_NAME(KIND, N) F(KIND##_##N),
+#if INPUT_PIXELS_2
 static const F(input_block) F(input_blocks_2)[] = {NULL, REPEAT(INPUT_PIXELS_2, BLOCK_NAME, input_block_2)};
+#endif
 static const F(input_block) F(input_blocks_1)[] = {NULL, REPEAT(INPUT_PIXELS_1, BLOCK_NAME, input_block_1)};
 static const F(input_block) F(narrow_blocks_1)[] = {NULL, REPEAT(NARROW_PIXELS_1, BLOCK_NAME, narrow_block_1)};
 static const F(input_block) F(narrow_blocks_2)[] = {NULL, REPEAT(NARROW_PIXELS_2, BLOCK_NAME, narrow_block_2)};
 static const F(input_block) F(narrow_blocks_3)[] = {NULL, REPEAT(NARROW_PIXELS_3, BLOCK_NAME, narrow_block_3)};
 static const F(input_block) F(narrow_blocks_4)[] = {NULL, REPEAT(NARROW_PIXELS_4, BLOCK_NAME, narrow_block_4)};
+#if WEIGHT_ROWS_2
 static const F(weight_block) F(weight_blocks_2)[] = {NULL, REPEAT(WEIGHT_ROWS_2, BLOCK_NAME, weight_block_2)};
+#endif
 static const F(weight_block) F(weight_blocks_1)[] = {NULL, REPEAT(WEIGHT_ROWS_1, BLOCK_NAME, weight_block_1)};
 
 /* input_grad over every pixel: each row of pixels cut into near-equal blocks, each block over
@@ -213,13 +221,13 @@ static void F(input_grad)(const T *D, const T *Wt, const idx *offsets, idx K, id
                                                   NARROW_PIXELS_4};
     const F(input_block) *blocks;
     idx max_pixels, channels;
-    int plan = input_plan(Cp, C, LANES);
-    if (plan == PLAN_TWO_VECTORS && !INPUT_TWO)
-        plan = PLAN_ONE_VECTOR;
-    switch (plan) {
+    switch (input_plan(Cp, C, LANES)) {
     case PLAN_TWO_VECTORS:
+#if INPUT_PIXELS_2
         blocks = F(input_blocks_2), max_pixels = INPUT_PIXELS_2, channels = 2 * LANES;
         break;
+#endif
+        /* fall through: no 2-vector blocks at this level, so two 1-vector blocks per pixel */
     case PLAN_ONE_VECTOR:
         blocks = F(input_blocks_1), max_pixels = INPUT_PIXELS_1, channels = LANES;
         break;
@@ -242,9 +250,12 @@ static void F(input_grad)(const T *D, const T *Wt, const idx *offsets, idx K, id
 static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, idx m, idx sample, idx row_step,
                            idx col_step, idx n_h, idx n_w, idx Cp, idx R, idx C, double *dW)
 {
-    int two = WEIGHT_TWO && C % (2 * LANES) == 0;
-    const F(weight_block) *blocks = two ? F(weight_blocks_2) : F(weight_blocks_1);
-    idx max_rows = two ? WEIGHT_ROWS_2 : WEIGHT_ROWS_1, width = two ? 2 * LANES : LANES;
+    const F(weight_block) *blocks = F(weight_blocks_1);
+    idx max_rows = WEIGHT_ROWS_1, width = LANES;
+#if WEIGHT_ROWS_2
+    if (C % (2 * LANES) == 0)
+        blocks = F(weight_blocks_2), max_rows = WEIGHT_ROWS_2, width = 2 * LANES;
+#endif
     idx n_blocks = (R + max_rows - 1) / max_rows;
     idx tile = n_w < WEIGHT_TILE_PIXELS ? WEIGHT_TILE_PIXELS / n_w : 1; /* output rows per tile */
     for (idx n = 0; n < m; n++)
