@@ -1,14 +1,16 @@
 """dconv: conv2d backward (dA_prev, dW, db) for batches larger than one process.
 
-Layers, bottom up:
+Layers, bottom up (docs/DESIGN.md draws them):
 
-- :mod:`dconv.params`, :mod:`dconv.kernel`: pure NumPy, one in-memory batch.
-- :mod:`dconv.simd`: the SIMD level of the kernel's compiled loops (``DCONV_SIMD``).
+- :mod:`dconv.kernel`: pure NumPy (and optional compiled loops), one in-memory batch;
+  :mod:`dconv.params` validates shapes and hyperparameters, :mod:`dconv.simd` picks
+  the SIMD level of the compiled loops (``DCONV_SIMD``).
 - :mod:`dconv.classic`: the classic ``conv_forward`` / ``conv_backward(dZ, cache)`` API.
-- :mod:`dconv.graph`: the Dask computation over batch chunks.
-- :mod:`dconv.store`: the Zarr layout of inputs and outputs.
-- :mod:`dconv.job`: ``backward_job``, which ties graph, store and cluster together.
-- :mod:`dconv.cli`: the ``dconv`` command.
+- :mod:`dconv.store`: Zarr: input groups, the output layout table, completion, ``inspect``.
+- :mod:`dconv.graph`: the Dask computation, chunk -> combine -> aggregate.
+- :mod:`dconv.options`, :mod:`dconv.plan`, :mod:`dconv.job`, :mod:`dconv.cluster`:
+  the job's options, its plan, its run, and where it runs.
+- :mod:`dconv.cli`, :mod:`dconv.spec`: the ``dconv`` command and pipeline specs.
 
 The kernel-level names import nothing but NumPy; the job-level names import
 Dask and Zarr on first use.
@@ -23,16 +25,21 @@ from dconv.classic import conv_backward, conv_forward
 from dconv.errors import InputDtypeError, InputError, SimdLevelError
 from dconv.kernel import Gradients, conv2d_backward, conv2d_forward
 from dconv.params import ConvParams
-from dconv.simd import simd_levels
+from dconv.simd import simd_levels, version_text
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClusterOptions",
     "ConvParams",
     "Gradients",
     "InputDtypeError",
     "InputError",
+    "InputRecipe",
+    "JobOptions",
+    "JobPlan",
     "JobResult",
+    "PipelineSpec",
     "SimdLevelError",
     "__version__",
     "backward_job",
@@ -40,17 +47,35 @@ __all__ = [
     "conv2d_forward",
     "conv_backward",
     "conv_forward",
+    "format_summary",
+    "load_spec",
     "make_inputs",
     "open_result",
+    "plan_job",
+    "run_job",
     "simd_levels",
+    "store_exists",
+    "summarize",
+    "version_text",
 ]
 
 # Job-level names, imported lazily so that `import dconv` stays NumPy-only.
 _LAZY = {
-    "backward_job": "dconv.job",
+    "ClusterOptions": "dconv.cluster",
+    "InputRecipe": "dconv.options",
+    "JobOptions": "dconv.options",
+    "JobPlan": "dconv.plan",
+    "plan_job": "dconv.plan",
     "JobResult": "dconv.job",
+    "backward_job": "dconv.job",
+    "run_job": "dconv.job",
+    "PipelineSpec": "dconv.spec",
+    "load_spec": "dconv.spec",
     "make_inputs": "dconv.store",
     "open_result": "dconv.store",
+    "summarize": "dconv.store",
+    "store_exists": "dconv.store",
+    "format_summary": "dconv.store",
 }
 
 
@@ -58,3 +83,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dconv' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from dconv.errors import InputError
+from dconv.options import Options, any_string, option, optional, positive_int, whole_number
 
 __all__ = ["ClusterOptions", "connect", "BLAS_THREAD_VARIABLES"]
 
@@ -33,34 +34,59 @@ def available_cores() -> int:
 
 
 @dataclass(frozen=True)
-class ClusterOptions:
+class ClusterOptions(Options):
     """How to reach workers.
 
     Attributes
     ----------
+    workers : int or None
+        Worker processes of the embedded local cluster; default one per core.
     scheduler : str or None
         Address of an existing scheduler (``tcp://host:8786``, ``tls://...``);
         None starts the embedded local cluster.
-    workers : int or None
-        Worker processes of the local cluster; default one per core.
-    connect_timeout : float
-        Seconds to wait for an existing scheduler before giving up.
     tls_ca_file, tls_cert, tls_key : str or None
         TLS material for a ``tls://`` scheduler.
+    connect_timeout : float
+        Seconds to wait for an existing scheduler before giving up.
     """
 
-    scheduler: str | None = None
-    workers: int | None = None
+    workers: int | None = option(
+        None,
+        help="worker processes of the local cluster (default: one per core)",
+        parse=optional(whole_number("workers", 1)),
+        table="cluster",
+        toml=(int,),
+        cli=positive_int,
+        metavar="N",
+        excludes="scheduler",
+    )
+    scheduler: str | None = option(
+        None,
+        help="an existing Dask scheduler, e.g. tcp://host:8786",
+        parse=optional(any_string("scheduler")),
+        table="cluster",
+        toml=(str,),
+        cli=str,
+        metavar="ADDRESS",
+        excludes="workers",
+    )
+    tls_ca_file: str | None = option(
+        None, help="CA certificate for a tls:// scheduler", parse=optional(any_string("tls_ca_file")),
+        table="cluster", toml=(str,), cli=str, metavar="PATH",
+    )
+    tls_cert: str | None = option(
+        None, help="client certificate for a tls:// scheduler", parse=optional(any_string("tls_cert")),
+        table="cluster", toml=(str,), cli=str, metavar="PATH",
+    )
+    tls_key: str | None = option(
+        None, help="client private key for a tls:// scheduler", parse=optional(any_string("tls_key")),
+        table="cluster", toml=(str,), cli=str, metavar="PATH",
+    )
     connect_timeout: float = 10.0
-    tls_ca_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.scheduler is not None and self.workers is not None:
             raise InputError("give either workers (a local cluster) or scheduler (an existing one), not both.")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise InputError(f"workers must be an int >= 1; got {self.workers!r} instead.")
 
     def security(self):
         """A ``distributed.Security`` for TLS, or None."""

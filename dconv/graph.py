@@ -1,14 +1,19 @@
-"""The Dask layer: one task per batch chunk, and a tree reduction of the partials.
+"""The Dask layer: chunk -> combine -> aggregate, as dask's own reductions are written.
 
 For a batch of ``m`` samples cut into ``n = ceil(m / batch_chunk)`` chunks::
 
-    chunk task i:  set the job's SIMD level  ->  read A_prev[i], dZ[i]  ->  kernel
-                   ->  write dA_prev[i], partials and level to Zarr
-                   returns Partial(dW_i, db_i) in float64
-    combine:       adds at most ``split_every`` partials, in chunk order
-    result:        one Partial (dW, db) after ceil(log(n, split_every)) combine levels
+    chunk      chunk_partial(dZ_i, A_prev_i, W, geometry) -> {name: value}, one per
+               BLOCK and SUM entry of the output layout (pure: arrays in, values out).
+               The chunk task wraps it: set the job's SIMD level, read its slices,
+               run it, write every value to the output store, announce progress,
+               and return the SUM values as a Partial.
+    combine    combine_partials([Partial, ...]) -> Partial: adds at most
+               ``split_every`` partials, in chunk order, over ceil(log(n, split_every))
+               levels (tree_shape).
+    aggregate  aggregate(Partial, layout) -> {name: value}: each SUM in its output
+               dtype and shape, and each FIGURE; run on the client.
 
-The chunk tasks write their dA_prev blocks themselves, so dA_prev never passes
+The chunk tasks write their blocks themselves, so ``dA_prev`` never passes
 through the client, and the inputs are read once: the stores and the reduction
 are one computation. Chunks that an interrupted run already finished are not
 recomputed: their partials are read back from the output store, and the tree
@@ -20,51 +25,86 @@ bytes.
 
 from __future__ import annotations
 
-import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import dask
 import numpy as np
+import zarr
 from dask.delayed import Delayed
 
 from dconv import simd
 from dconv.errors import InputError
 from dconv.kernel import backward_kernel
 from dconv.params import ConvGeometry
-from dconv.store import OutputStore, read_batch
+from dconv.progress import CHUNK_PREFIX, report_chunk_done
+from dconv.store import Kind, OutputLayout, OutputStore, read_batch
+from dconv.store.layout import count_nonfinite, figures
 
 __all__ = [
     "Partial",
     "ZarrSlice",
-    "batch_bounds",
-    "normalize_split_every",
+    "chunk_partial",
+    "combine_partials",
+    "aggregate",
+    "tree_shape",
     "tree_reduce",
+    "batch_bounds",
+    "batch_sources",
     "backward_graph",
     "CHUNK_PREFIX",
 ]
 
-CHUNK_PREFIX = "dconv-chunk"
 COMBINE_PREFIX = "dconv-combine"
 
 
+# --------------------------------------------------------------------------- chunk
+
+
+def chunk_partial(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> dict[str, Any]:
+    """One chunk's values: one per BLOCK and SUM entry of :data:`dconv.store.layout.OUTPUT_LAYOUT`.
+
+    Parameters
+    ----------
+    dZ : ndarray, shape (b, n_H, n_W, C)
+    A_prev : ndarray, shape (b, H, W, C_prev)
+    W : ndarray, shape (fh, fw, C_prev, C)
+        All three in the compute dtype.
+
+    Returns
+    -------
+    dict
+        ``dA_prev`` (b, H, W, C_prev) in the compute dtype; float64 ``dW``
+        (fh, fw, C_prev, C) and ``db`` (C,); ``nonfinite_dA_prev``, the count of
+        NaN and Inf in ``dA_prev``.
+    """
+    # threads=1: Dask runs the chunks in parallel, and a chunk's bits must not depend on the worker
+    grads = backward_kernel(dZ, A_prev, W, geometry, threads=1, float64_sums=True)
+    return {
+        "dA_prev": grads.dA_prev,
+        "dW": grads.dW,
+        "db": grads.db.reshape(-1),
+        "nonfinite_dA_prev": count_nonfinite(grads.dA_prev),
+    }
+
+
 class Partial(NamedTuple):
-    """The reducible part of one or more chunks' gradients.
+    """The reducible part of one or more chunks.
 
     Attributes
     ----------
-    dW : ndarray, float64, shape (fh, fw, C_prev, C)
-    db : ndarray, float64, shape (C,)
+    sums : dict
+        One value per SUM entry of the layout (float64 ``dW``, ``db``; the
+        int64 NaN/Inf count of ``dA_prev``), summed over the chunks.
     stats : dict
         Summed over the chunks: wall time of the ``read``, ``kernel`` and
-        ``write`` steps (seconds), ``nonfinite_dA_prev``, the count of NaN
-        and Inf values written to dA_prev, and ``simd``, ``{level: chunks}``,
-        the number of chunks that ran at each SIMD level.
+        ``write`` steps (seconds), and ``simd``, ``{level: chunks}``, the number
+        of chunks that ran at each SIMD level.
     """
 
-    dW: np.ndarray
-    db: np.ndarray
+    sums: dict
     stats: dict
 
 
@@ -81,30 +121,35 @@ class ZarrSlice:
         return read_batch(self.array, self.name, self.start, self.stop)
 
 
-def batch_bounds(m: int, batch_chunk: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` of the batch chunks; the last may be shorter."""
-    if not isinstance(batch_chunk, (int, np.integer)) or isinstance(batch_chunk, bool) or batch_chunk < 1:
-        raise InputError(f"batch_chunk must be an int >= 1; got {batch_chunk!r} instead.")
-    return [(start, min(start + batch_chunk, m)) for start in range(0, m, batch_chunk)]
-
-
-def normalize_split_every(split_every: Any) -> int:
-    """The fan-in of the tree reduction: an int >= 2 (dask's default is 8)."""
-    if split_every is None:
-        return 8
-    if not isinstance(split_every, (int, np.integer)) or isinstance(split_every, bool) or split_every < 2:
-        raise InputError(f"split_every must be an int >= 2; got {split_every!r} instead.")
-    return int(split_every)
-
-
-def _load(batch: Any, dtype: np.dtype) -> np.ndarray:
-    array = batch.read() if isinstance(batch, ZarrSlice) else np.asarray(batch)
+def _load(source: Any, dtype: np.dtype) -> np.ndarray:
+    array = source.read() if isinstance(source, ZarrSlice) else np.asarray(source)
     return array.astype(dtype, copy=False)
 
 
-def backward_chunk(
-    dz_batch: Any,
-    a_batch: Any,
+def _check_finite(name: str, array: np.ndarray, start: int) -> None:
+    bad = count_nonfinite(array)
+    if bad:
+        raise InputError(
+            f"{name}[{start}:{start + array.shape[0]}] holds {bad} non-finite values (--check-finite is on)."
+        )
+
+
+class StepTimes:
+    """Wall time of named steps: ``with times("read"): ...``, then ``times.seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[step] = time.perf_counter() - start
+
+
+def chunk_task(
+    dz_source: Any,
+    a_source: Any,
     W: np.ndarray,
     geometry: ConvGeometry,
     out: OutputStore,
@@ -113,50 +158,47 @@ def backward_chunk(
     check_finite: bool = False,
     simd_word: str | None = None,
 ) -> Partial:
-    """Run the kernel on one batch chunk and write its results (a chunk task).
+    """Read one batch chunk, run :func:`chunk_partial` on it, write its values (a chunk task).
 
     Parameters
     ----------
-    dz_batch, a_batch : ZarrSlice or ndarray
+    dz_source, a_source : ZarrSlice or ndarray
         ``dZ`` (b, n_H, n_W, C) and ``A_prev`` (b, H, W, C_prev) of this chunk.
     W : ndarray, shape (fh, fw, C_prev, C)
         Already in the compute dtype.
     out : OutputStore
-        Receives dA_prev[start:start + b], and the partials and SIMD level at ``index``.
+        Receives the chunk's blocks at samples ``start:start + b`` and its records at ``index``.
     simd_word : str, optional
         The job's ``DCONV_SIMD`` word, made this worker's level first
         (:func:`dconv.simd.use_level`); None keeps this process's level.
     """
     level = simd.use_level(simd_word) if simd_word is not None else simd.active_level()
-    t0 = time.perf_counter()
-    dZ, A_prev = _load(dz_batch, W.dtype), _load(a_batch, W.dtype)
-    if check_finite:
-        for name, array in (("dZ", dZ), ("A_prev", A_prev)):
-            if not np.isfinite(array).all():
-                raise InputError(
-                    f"{name}[{start}:{start + array.shape[0]}] holds {int(np.size(array) - np.isfinite(array).sum())} "
-                    "non-finite values (--check-finite is on)."
-                )
-    t1 = time.perf_counter()
-    grads = backward_kernel(dZ, A_prev, W, geometry, threads=1, float64_sums=True)  # Dask runs chunks in parallel
-    dW, db = grads.dW, grads.db.reshape(-1)
-    nonfinite = int(grads.dA_prev.size - np.count_nonzero(np.isfinite(grads.dA_prev)))
-    t2 = time.perf_counter()
-    out.write_chunk(index, start, grads.dA_prev, dW, db, nonfinite, level)
-    t3 = time.perf_counter()
-    _report_progress(out.url, index)
-    stats = {"read": t1 - t0, "kernel": t2 - t1, "write": t3 - t2, "nonfinite_dA_prev": nonfinite, "simd": {level: 1}}
-    return Partial(dW, db, stats)
+    times = StepTimes()
+    with times("read"):
+        dZ, A_prev = _load(dz_source, W.dtype), _load(a_source, W.dtype)
+        if check_finite:
+            _check_finite("dZ", dZ, start)
+            _check_finite("A_prev", A_prev, start)
+    with times("kernel"):
+        values = chunk_partial(dZ, A_prev, W, geometry)
+    with times("write"):
+        out.write_chunk(index, start, values, level)
+    report_chunk_done(out.url, index)
+    sums = {entry.name: values[entry.name] for entry in out.layout.of_kind(Kind.SUM)}
+    return Partial(sums, {**times.seconds, "simd": {level: 1}})
 
 
-def load_finished_chunk(out: OutputStore, index: int) -> Partial:
+def finished_chunk(out: OutputStore, index: int) -> Partial:
     """The partial of a chunk that an earlier, interrupted run already finished, with its recorded level."""
-    dW, db, nonfinite, level = out.read_partial(index)
-    return Partial(dW, db, {"nonfinite_dA_prev": nonfinite, "simd": {level: 1}})
+    sums, level = out.read_partial(index)
+    return Partial(sums, {"simd": {level: 1}})
+
+
+# --------------------------------------------------------------------------- combine
 
 
 def _add_stat(total: Any, value: Any) -> Any:
-    """Numbers and tuples add; mappings (``simd``'s counts) add key by key."""
+    """Numbers add; mappings (``simd``'s counts) add key by key."""
     if isinstance(value, Mapping):
         return {key: total.get(key, 0) + value.get(key, 0) for key in {**total, **value}}
     return total + value
@@ -164,58 +206,88 @@ def _add_stat(total: Any, value: Any) -> Any:
 
 def combine_partials(partials: Sequence[Partial]) -> Partial:
     """Add partials in the order given (a fixed order makes the sum reproducible)."""
-    dW = partials[0].dW.copy()
-    db = partials[0].db.copy()
+    sums = {name: np.array(value, copy=True) for name, value in partials[0].sums.items()}
     stats = dict(partials[0].stats)
     for partial in partials[1:]:
-        dW += partial.dW
-        db += partial.db
+        for name, value in partial.sums.items():
+            sums[name] += value
         for name, value in partial.stats.items():
             stats[name] = _add_stat(stats[name], value) if name in stats else value
-    return Partial(dW, db, stats)
+    return Partial(sums, stats)
 
 
-def progress_topic(url: str) -> str:
-    """The distributed event topic on which chunk tasks announce completion."""
-    return f"dconv-progress-{dask.base.tokenize(url)}"
+def tree_shape(n_leaves: int, split_every: int) -> list[list[range]]:
+    """The combine levels of a tree of fan-in ``split_every`` over ``n_leaves`` leaves.
 
-
-def _report_progress(url: str, index: int) -> None:
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):  # not on a distributed worker
-        return
-    worker.log_event(progress_topic(url), index)
-
-
-def tree_reduce(leaves: Sequence[Delayed], split_every: int, token: str) -> Delayed:
-    """Combine ``leaves`` by a tree of fan-in ``split_every``, keeping their order.
-
-    The depth is ``ceil(log(len(leaves), split_every))``; a single leaf still
-    passes through one combine task, so the result is always a fresh Partial.
+    ``levels[k][j]`` is the range of nodes of the level below (the leaves, for
+    ``k = 0``) that node ``j`` of level ``k`` adds, in order. There are
+    ``ceil(log(n_leaves, split_every))`` levels, and at least one: a single
+    leaf still passes through one combine.
     """
-    level, nodes = 0, list(leaves)
-    while len(nodes) > 1 or level == 0:
-        nodes = [
-            dask.delayed(combine_partials, pure=True)(
-                nodes[i : i + split_every], dask_key_name=(f"{COMBINE_PREFIX}-{level}-{token}", i // split_every)
-            )
-            for i in range(0, len(nodes), split_every)
-        ]
-        level += 1
-    return nodes[0]
+    levels: list[list[range]] = []
+    width = n_leaves
+    while width > 1 or not levels:
+        levels.append([range(i, min(i + split_every, width)) for i in range(0, width, split_every)])
+        width = len(levels[-1])
+    return levels
 
 
 def tree_depth(n_leaves: int, split_every: int) -> int:
-    """Number of combine levels :func:`tree_reduce` builds for ``n_leaves``."""
-    return max(1, math.ceil(math.log(n_leaves, split_every) - 1e-12)) if n_leaves > 1 else 1
+    """The number of combine levels, ``len(tree_shape(n_leaves, split_every))``."""
+    return len(tree_shape(n_leaves, split_every))
+
+
+def tree_reduce(leaves: Sequence[Delayed], split_every: int, token: str) -> Delayed:
+    """Combine ``leaves`` along :func:`tree_shape`, keeping their order; returns the root."""
+    nodes = list(leaves)
+    for depth, groups in enumerate(tree_shape(len(leaves), split_every)):
+        nodes = [
+            dask.delayed(combine_partials, pure=True)(
+                [nodes[i] for i in group], dask_key_name=(f"{COMBINE_PREFIX}-{depth}-{token}", j)
+            )
+            for j, group in enumerate(groups)
+        ]
+    return nodes[0]
+
+
+# --------------------------------------------------------------------------- aggregate
+
+
+def aggregate(total: Partial, layout: OutputLayout) -> dict[str, Any]:
+    """The finished values: each SUM entry in its output dtype and shape, then each FIGURE.
+
+    A SUM entry with no output array (a count) comes back as a Python number.
+    """
+    values: dict[str, Any] = {}
+    for entry in layout.of_kind(Kind.SUM):
+        value = total.sums[entry.name]
+        values[entry.name] = value.astype(entry.dtype).reshape(entry.shape) if entry.stored else value.item()
+    return {**values, **figures(values)}
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+def batch_bounds(m: int, batch_chunk: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` of the batch chunks; the last may be shorter."""
+    if not isinstance(batch_chunk, (int, np.integer)) or isinstance(batch_chunk, bool) or batch_chunk < 1:
+        raise InputError(f"batch_chunk must be an int >= 1; got {batch_chunk!r} instead.")
+    return [(start, min(start + batch_chunk, m)) for start in range(0, m, batch_chunk)]
+
+
+def batch_sources(array: Any, name: str, bounds: Sequence[tuple[int, int]]) -> list[Any]:
+    """One source per batch chunk: a :class:`ZarrSlice` of a Zarr array, else a Dask block of the array."""
+    if isinstance(array, zarr.Array):
+        return [ZarrSlice(array, name, start, stop) for start, stop in bounds]
+    import dask.array as da
+
+    chunks = (tuple(stop - start for start, stop in bounds), *[(n,) for n in array.shape[1:]])
+    return list(da.asarray(array).rechunk(chunks).to_delayed().reshape(-1))
 
 
 def backward_graph(
-    dz_batches: Sequence[Any],
-    a_batches: Sequence[Any],
+    dz_sources: Sequence[Any],
+    a_sources: Sequence[Any],
     W: np.ndarray,
     geometry: ConvGeometry,
     out: OutputStore,
@@ -226,14 +298,15 @@ def backward_graph(
     check_finite: bool = False,
     simd_word: str | None = None,
 ) -> Delayed:
-    """The whole job as one Dask computation that returns the reduced Partial.
+    """The whole job as one Dask computation that returns the reduced :class:`Partial`.
 
     Parameters
     ----------
-    dz_batches, a_batches : sequence of ZarrSlice or Delayed
-        One entry per batch chunk: a slice the task reads itself, or a Dask
-        block (for in-memory inputs).
+    dz_sources, a_sources : sequence of ZarrSlice or Delayed
+        One per batch chunk (:func:`batch_sources`).
     W : ndarray, shape (fh, fw, C_prev, C)
+    out : OutputStore
+        The output, with its layout.
     bounds : sequence of (start, stop)
         From :func:`batch_bounds`.
     finished : sequence of bool, optional
@@ -246,14 +319,14 @@ def backward_graph(
     W_key = dask.delayed(W, name=f"dconv-W-{token}")
     finished = finished if finished is not None else [False] * len(bounds)
     leaves = []
-    for index, ((start, _), dz_batch, a_batch, done) in enumerate(zip(bounds, dz_batches, a_batches, finished)):
+    for index, ((start, _), dz_source, a_source, done) in enumerate(zip(bounds, dz_sources, a_sources, finished)):
         key = (f"{CHUNK_PREFIX}-{token}", index)
         if done:
-            leaves.append(dask.delayed(load_finished_chunk, pure=True)(out, index, dask_key_name=key))
+            leaves.append(dask.delayed(finished_chunk, pure=True)(out, index, dask_key_name=key))
         else:
             leaves.append(
-                dask.delayed(backward_chunk, pure=True)(
-                    dz_batch, a_batch, W_key, geometry, out, index, start, check_finite, simd_word,
+                dask.delayed(chunk_task, pure=True)(
+                    dz_source, a_source, W_key, geometry, out, index, start, check_finite, simd_word,
                     dask_key_name=key,
                 )
             )

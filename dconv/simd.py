@@ -39,6 +39,7 @@ except ImportError:
 
 __all__ = [
     "LEVELS",
+    "version_text",
     "ENV_VAR",
     "simd_levels",
     "parse_word",
@@ -160,3 +161,21 @@ def level_report(requested: str | None) -> dict[str, Any]:
     except SimdLevelError as e:
         level, error = None, str(e)
     return {"runs": simd_levels() + ["numpy"], "level": level, "error": error}
+
+
+def version_text() -> str:
+    """``dconv X.Y.Z``, the SIMD level ``DCONV_SIMD`` picks here, and the levels this machine runs.
+
+    A bad ``DCONV_SIMD`` is reported in place of the level, not raised.
+    """
+    import dconv
+
+    word = os.environ.get(ENV_VAR) or "auto"
+    levels = simd_levels()
+    runs = ", ".join(levels + ["numpy"])
+    built = "" if levels else "; the compiled loops were not built at install"
+    try:
+        level = f"SIMD level {resolve_level(word)} ({ENV_VAR}={word}; this machine runs {runs}{built})"
+    except ValueError as e:
+        level = f"no SIMD level: {e}"
+    return f"dconv {dconv.__version__}; {level}"

@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 import zarr
 from dask.callbacks import Callback
-from zarr.codecs import BloscCodec
-from zarr.storage import LocalStore
 
 import dconv
 from dconv import InputError
 from dconv.job import plan_job, prepare_output, run_job
-from dconv.store import DIMENSIONS, _reads_whole_chunks, open_inputs, public_location, read_batch, store_exists
+from dconv.store import DIMENSIONS, open_inputs, public_location, store_exists
 
 from _pipeline import kernel_gradients, provenance, read_inputs, read_output
 
@@ -187,62 +185,3 @@ def test_store_exists(tmp_path):
     assert store_exists(str(tmp_path / "file"))
     assert store_exists(f"file://{tmp_path / 'file'}")
     assert not store_exists(f"file://{tmp_path / 'nothing'}")
-
-
-# --------------------------------------------------------------------------- reading whole chunks
-
-@pytest.mark.parametrize("store", ["local", "fsspec"])
-@pytest.mark.parametrize("compressors", [None, "blosc"], ids=["raw", "blosc"])
-@pytest.mark.parametrize("start, stop", [(0, 10), (4, 10), (8, 10), (0, 4), (4, 8)])
-def test_whole_chunk_reads_match_zarr(tmp_path, store, compressors, start, stop):
-    """Reads of whole chunks decode straight into the result; the last chunk is stored whole
-    but only its rows inside the array come back, and a chunk never written reads as the fill value.
-    Local chunk files are mapped; other stores (here fsspec's memory filesystem) fetch the chunks."""
-    codec = BloscCodec(cname="lz4", shuffle="shuffle", typesize=4) if compressors else None
-    url = str(tmp_path / "g.zarr") if store == "local" else f"memory://{tmp_path.name}/g.zarr"
-    array = zarr.open_group(url, mode="w").create_array(
-        "x", shape=(10, 3, 2), chunks=(4, 3, 2), dtype="float32", fill_value=-1.5, compressors=codec
-    )
-    values = np.arange(60, dtype=np.float32).reshape(10, 3, 2)
-    array[:4] = values[:4]
-    array[8:] = values[8:]  # chunk 1 (rows 4..7) is never written
-    expected = values.copy()
-    expected[4:8] = -1.5
-    assert isinstance(array.store, LocalStore) == (store == "local")
-    assert _reads_whole_chunks(array, start, stop)
-    result = read_batch(array, "x", start, stop)
-    assert result.dtype == np.float32 and result.flags.c_contiguous
-    np.testing.assert_array_equal(result, expected[start:stop])
-    np.testing.assert_array_equal(result, array[start:stop])
-
-
-def test_reads_that_cut_chunks_or_use_other_codecs_go_through_zarr(tmp_path):
-    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
-    blosc = group.create_array("b", shape=(10, 3), chunks=(4, 3), dtype="float64", compressors=BloscCodec())
-    zstd = group.create_array("z", shape=(10, 3), chunks=(4, 3), dtype="float64")  # zarr's default: Zstd
-    split = group.create_array("s", shape=(10, 3), chunks=(4, 2), dtype="float64", compressors=None)
-    assert not _reads_whole_chunks(blosc, 1, 8)
-    assert not _reads_whole_chunks(zstd, 0, 4)
-    assert not _reads_whole_chunks(split, 0, 4)
-    for array in (blosc, zstd, split):
-        array[:] = np.arange(30.0).reshape(10, 3)
-        np.testing.assert_array_equal(read_batch(array, "x", 1, 8), np.arange(30.0).reshape(10, 3)[1:8])
-
-
-@pytest.mark.parametrize("compressors", [None, "blosc"], ids=["raw", "blosc"])
-def test_whole_chunk_read_names_a_chunk_of_the_wrong_size(tmp_path, compressors):
-    """A chunk file that holds another size than the chunk's (truncated, or written for
-    another shape) is an InputError naming the chunk, never a partly filled result."""
-    codec = BloscCodec(typesize=4) if compressors else None
-    path = tmp_path / "g.zarr"
-    array = zarr.open_group(str(path), mode="w").create_array(
-        "x", shape=(8, 5), chunks=(4, 5), dtype="float32", compressors=codec
-    )
-    array[:] = np.ones((8, 5), dtype=np.float32)
-    other = zarr.open_group(str(tmp_path / "h.zarr"), mode="w").create_array(
-        "x", shape=(8, 4), chunks=(4, 4), dtype="float32", compressors=codec
-    )
-    other[:] = np.ones((8, 4), dtype=np.float32)
-    (path / "x" / "c" / "1" / "0").write_bytes((tmp_path / "h.zarr" / "x" / "c" / "1" / "0").read_bytes())
-    with pytest.raises(InputError, match=r"x chunk 1 \(along the first axis, samples 4..7\)"):
-        read_batch(array, "x", 0, 8)

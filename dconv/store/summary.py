@@ -1,7 +1,8 @@
 """What ``dconv inspect`` reports about an output group.
 
-Reads metadata, the small ``dW``/``db`` arrays and the per-chunk ``done``
-flags and SIMD levels; never the dA_prev data, so it is cheap on any size of output.
+Reads metadata, the summed arrays (``dW``, ``db``) and the per-chunk ``done``
+flags and SIMD levels; never a block array (``dA_prev``), so it is cheap on any
+size of output. Which arrays there are comes from the output layout table.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 
-from dconv.store import PROGRESS, open_output, public_location, read_levels
+from dconv.store.layout import OUTPUT_LAYOUT, Kind
+from dconv.store.locations import public_location
+from dconv.store.output import open_output, output_arrays, read_done, read_levels
 
 __all__ = ["summarize", "format_summary", "format_levels"]
 
-OUTPUT_ARRAYS = ("dA_prev", "dW", "db")
 MAX_LISTED = 50
 """Longest list of chunks (missing ones, level runs) a summary spells out."""
 
@@ -81,7 +83,7 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
     location = public_location(url)
     group, provenance = open_output(url, storage_options)
     status = provenance.pop("status", "unknown")
-    done = np.asarray(group[f"{PROGRESS}/done"][:]) == 1
+    done = read_done(group)
     summary: dict[str, Any] = {
         "location": location,
         "status": status,
@@ -92,15 +94,16 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
             "missing": [int(i) for i in np.flatnonzero(~done)][:MAX_LISTED],
             "missing_count": int((~done).sum()),
         },
-        "arrays": {name: _array_summary(group[name]) for name in OUTPUT_ARRAYS},
+        "arrays": {name: _array_summary(group[name]) for name in output_arrays(group)},
         "simd": _simd_summary(group, done, provenance),
         "provenance": provenance,
     }
     if status == "complete":
+        summed = [entry.name for entry in OUTPUT_LAYOUT if entry.kind is Kind.SUM and entry.name in summary["arrays"]]
         summary["norms"] = {
-            name: _json_float(np.linalg.norm(np.asarray(group[name][...], dtype=np.float64))) for name in ("dW", "db")
+            name: _json_float(np.linalg.norm(np.asarray(group[name][...], dtype=np.float64))) for name in summed
         }
-        summary["nonfinite"] = provenance.get("nonfinite", {})
+        summary.update({entry.name: provenance.get(entry.name, {}) for entry in OUTPUT_LAYOUT if entry.kind is Kind.FIGURE})
     return summary
 
 

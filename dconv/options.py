@@ -1,0 +1,467 @@
+"""Frozen, validated option objects, each field declared once.
+
+:class:`JobOptions` says how a backward job computes, :class:`InputRecipe` what
+``make-inputs`` writes (and :class:`dconv.cluster.ClusterOptions` where a job
+runs). The Python API, the ``dconv`` command line and pipeline specs all build
+these objects, and all three read each field's declaration here:
+
+- its default, once;
+- its validation (a ``parse`` function that normalises the value or raises
+  :class:`~dconv.errors.InputError` naming the field);
+- its spec table and the TOML types it accepts;
+- its command-line flag and help;
+- whether it is part of the job's resume identity (``identity``: the key of the
+  fingerprint a resumed job must match).
+
+Adding an option means adding one field here (and, if tasks need it, passing it
+to the chunk function).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
+
+from dask.utils import parse_bytes
+
+from dconv.errors import InputError
+from dconv.params import check_float_dtype, padding_from_flat, parse_padding, parse_pair
+from dconv.simd import ENV_VAR as SIMD_ENV_VAR
+from dconv.simd import parse_word
+
+__all__ = ["JobOptions", "InputRecipe", "Options", "option"]
+
+
+# --------------------------------------------------------------------------- command-line text
+
+
+def int_list(text: str) -> int | list[int]:
+    """``"2"`` -> 2, ``"2,1"`` -> [2, 1]."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers; got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def padding_text(text: str) -> Any:
+    """``same``, ``valid``, ``1``, ``1,2`` (h,w) or ``1,2,0,1`` (top,bottom,left,right)."""
+    if text.strip().lower() in ("same", "valid"):
+        return text.strip().lower()
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2, 4):
+        raise argparse.ArgumentTypeError(f"expected P, PH,PW, TOP,BOTTOM,LEFT,RIGHT, 'same' or 'valid'; got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def whole_number(name: str, minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if not _is_int(value) or value < minimum:
+            raise InputError(f"{name} must be an int >= {minimum}; got {value!r} instead.")
+        return int(value)
+
+    return parse
+
+
+def optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``parse``, with None passed through (an option left to a later default)."""
+    return lambda value: None if value is None else parse(value)
+
+
+def flag(name: str) -> Callable[[Any], bool]:
+    def parse(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False; got {value!r} instead.")
+        return value
+
+    return parse
+
+
+def size_in_bytes(name: str) -> Callable[[Any], int]:
+    """A size in bytes from an int or a string such as ``"512MiB"``, ``"2GB"``, ``"1e9"`` (dask.utils.parse_bytes)."""
+
+    def parse(value: Any) -> int:
+        try:
+            size = parse_bytes(value) if isinstance(value, str) else value
+        except (ValueError, TypeError):
+            size = None
+        if not _is_int(size) or size <= 0:
+            raise InputError(f"{name} must be a size such as 512MiB, 2GB or 1e9 bytes; got {value!r} instead.")
+        return int(size)
+
+    return parse
+
+
+def any_string(name: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise InputError(f"{name} must be a non-empty string; got {value!r} instead.")
+        return value
+
+    return parse
+
+
+# --------------------------------------------------------------------------- declaring fields
+
+
+def option(
+    default: Any,
+    *,
+    help: str,
+    parse: Callable[[Any], Any],
+    table: str | None,
+    toml: tuple[type, ...] = (),
+    cli: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    identity: str | None = None,
+    excludes: str | None = None,
+    required: bool = False,
+) -> Any:
+    """A dataclass field declared with everything the API, the CLI and the spec need.
+
+    Parameters
+    ----------
+    default
+        The default, here and only here.
+    help : str
+        One line for ``--help`` and the docs.
+    parse : callable
+        Value -> normalised value, or :class:`InputError` naming the field.
+    table : str or None
+        The spec table that holds the key (``"job"``, ``"conv"``, ...); None keeps it out of specs.
+    toml : tuple of type
+        The TOML value types the spec accepts.
+    cli : callable, optional
+        Flag text -> value (``argparse`` ``type``); with ``bool`` defaults the
+        flag takes no value. No flag when None and the default is not a bool.
+    identity : str, optional
+        The key of the resume identity this field feeds; None if not part of it.
+    excludes : str, optional
+        A field that giving this one on the command line clears (``resume`` clears
+        a spec's ``overwrite``).
+    required : bool
+        The default is a placeholder: the flag is required.
+    """
+    metadata = {
+        "help": help,
+        "parse": parse,
+        "table": table,
+        "toml": toml,
+        "cli": cli,
+        "metavar": metavar,
+        "identity": identity,
+        "excludes": excludes,
+        "required": required,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def suggest(key: str, known: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``known``, or ``""``."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def toml_type_name(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", str: "a string", bool: "true or false", list: "a list", dict: "a table"}
+    return " or ".join(names[t] for t in types)
+
+
+class Options:
+    """Mixin for frozen option dataclasses declared with :func:`option`."""
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            if "parse" in spec.metadata:
+                object.__setattr__(self, spec.name, spec.metadata["parse"](getattr(self, spec.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields; override."""
+
+    @classmethod
+    def build(cls, base: Options | None = None, **values: Any) -> Any:
+        """``base`` (default: all defaults) with ``values`` replaced; an unknown name is an InputError.
+
+        Giving a field clears the one it ``excludes`` unless that is given too,
+        so ``resume=True`` over a base with ``overwrite=True`` resumes.
+        """
+        known = [spec.name for spec in fields(cls)]
+        for key in values:
+            if key not in known:
+                raise InputError(f"unknown option {key!r}; known options: {', '.join(known)}.{suggest(key, known)}")
+        declared = {spec.name: spec for spec in fields(cls)}
+        for key, value in list(values.items()):
+            partner = declared[key].metadata.get("excludes")
+            if partner and value and partner not in values:
+                values[partner] = declared[partner].default
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+    @classmethod
+    def table_keys(cls, table: str) -> dict[str, dataclasses.Field]:
+        """The fields a spec table holds, by key."""
+        return {spec.name: spec for spec in fields(cls) if spec.metadata.get("table") == table}
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], where: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The values of spec table ``[where]`` that belong to this class, type-checked.
+
+        Keys in ``extra`` belong to the spec itself and are skipped; any other
+        unknown key is an InputError that suggests the closest known one.
+        """
+        declared = cls.table_keys(where)
+        known = [*extra, *declared]
+        values = {}
+        for key, value in table.items():
+            if key in extra:
+                continue
+            if key not in declared:
+                raise InputError(
+                    f"unknown key {key!r} in [{where}]; known keys: {', '.join(known)}.{suggest(key, known)}"
+                )
+            types = declared[key].metadata["toml"]
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                raise InputError(f"{where}.{key} must be {toml_type_name(types)}; got {value!r} instead.")
+            values[key] = value
+        return values
+
+    @classmethod
+    def add_arguments(cls, groups: Mapping[str | None, Any]) -> None:
+        """Add a flag per field to the argparse group of its table (``groups[table]``).
+
+        Every flag defaults to None, so that :meth:`given` tells what the command line set.
+        """
+        for spec in fields(cls):
+            if spec.metadata.get("cli") is None and not isinstance(spec.default, bool):
+                continue
+            group = groups[spec.metadata["table"]]
+            name = "--" + spec.name.replace("_", "-")
+            help_text = spec.metadata["help"]
+            if isinstance(spec.default, bool):
+                group.add_argument(name, action="store_true", default=None, help=help_text)
+            else:
+                default = f" (default {spec.default})" if spec.default is not None and "default" not in help_text else ""
+                group.add_argument(
+                    name,
+                    type=spec.metadata["cli"],
+                    metavar=spec.metadata["metavar"],
+                    help=help_text + default,
+                    required=spec.metadata["required"],
+                )
+
+    @classmethod
+    def given(cls, namespace: argparse.Namespace) -> dict[str, Any]:
+        """The fields the command line set (flags left out are None)."""
+        return {
+            spec.name: getattr(namespace, spec.name)
+            for spec in fields(cls)
+            if getattr(namespace, spec.name, None) is not None
+        }
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class JobOptions(Options):
+    """How a backward job computes. Every field has a default; see :func:`dconv.backward_job`.
+
+    Build one with ``JobOptions(batch_chunk=256)`` or :meth:`build`; values are
+    validated and normalised (``max_memory="512MiB"`` becomes bytes, ``stride=2``
+    becomes ``(2, 2)``).
+    """
+
+    stride: Any = option(
+        None,
+        help="S or SH,SW (default: the input's hparameters, else 1)",
+        parse=optional(lambda v: parse_pair("stride", v, minimum=1)),
+        table="conv",
+        toml=(int, list),
+        cli=int_list,
+        identity="params",
+    )
+    padding: Any = option(
+        None,
+        help="P, PH,PW, TOP,BOTTOM,LEFT,RIGHT, same or valid (default: the input's hparameters, else 0)",
+        parse=optional(lambda v: parse_padding(padding_from_flat(v))),
+        table="conv",
+        toml=(int, str, list),
+        cli=padding_text,
+        identity="params",
+    )
+    dilation: Any = option(
+        None,
+        help="D or DH,DW (default: the input's hparameters, else 1)",
+        parse=optional(lambda v: parse_pair("dilation", v, minimum=1)),
+        table="conv",
+        toml=(int, list),
+        cli=int_list,
+        identity="params",
+    )
+    batch_chunk: int | None = option(
+        None,
+        help="samples per task; dA_prev is chunked the same way (default 256, or the most --max-memory "
+        "allows, rounded down to whole input chunks)",
+        parse=optional(whole_number("batch_chunk", 1)),
+        table="job",
+        toml=(int,),
+        cli=positive_int,
+        metavar="N",
+        identity="batch_chunk",
+    )
+    max_memory: int | None = option(
+        None,
+        help="memory one task may use, e.g. 512MiB or 2GB: picks the largest batch chunk that fits, "
+        "or refuses a given one that does not",
+        parse=optional(size_in_bytes("max_memory")),
+        table="job",
+        toml=(int, str),
+        cli=str,
+        metavar="SIZE",
+    )
+    split_every: int = option(
+        8,
+        help="fan-in of the dW/db tree reduction",
+        parse=whole_number("split_every", 2),
+        table="job",
+        toml=(int,),
+        cli=int,
+        metavar="K",
+        identity="split_every",
+    )
+    check_finite: bool = option(
+        False, help="fail on NaN or Inf in the inputs", parse=flag("check_finite"), table="job", toml=(bool,)
+    )
+    simd: str | None = option(
+        None,
+        help=f"SIMD level of the compiled loops on every worker: auto, avx512, avx2, neon, baseline or numpy "
+        f"(default: {SIMD_ENV_VAR}, else auto)",
+        parse=optional(parse_word),
+        table="job",
+        toml=(str,),
+        cli=str,
+        metavar="LEVEL",
+    )
+    overwrite: bool = option(
+        False,
+        help="replace OUT if it exists",
+        parse=flag("overwrite"),
+        table="output",
+        toml=(bool,),
+        excludes="resume",
+    )
+    resume: bool = option(
+        False,
+        help="continue an interrupted job in OUT",
+        parse=flag("resume"),
+        table="output",
+        toml=(bool,),
+        excludes="overwrite",
+    )
+
+    def check(self) -> None:
+        if self.overwrite and self.resume:
+            raise InputError("give overwrite or resume, not both.")
+
+    @classmethod
+    def identity_keys(cls) -> list[str]:
+        """The keys of the resume identity these options feed, in declaration order."""
+        keys: list[str] = []
+        for spec in fields(cls):
+            key = spec.metadata.get("identity")
+            if key and key not in keys:
+                keys.append(key)
+        return keys
+
+
+# --------------------------------------------------------------------------- synthetic inputs
+
+
+@dataclass(frozen=True)
+class InputRecipe(Options):
+    """What :func:`dconv.make_inputs` writes: a seeded, synthetic input group.
+
+    ``A_prev`` (m, height, width, in_channels), ``dZ`` of the matching output
+    shape, ``W`` (kernel..., in_channels, out_channels), ``b``, and the
+    ``hparameters`` attribute with stride, padding and dilation.
+    """
+
+    m: int = option(
+        None, help="batch size", parse=whole_number("m", 1), table="input.make", toml=(int,), cli=positive_int,
+        required=True,
+    )
+    height: int = option(32, help="H", parse=whole_number("height", 1), table="input.make", toml=(int,), cli=positive_int)
+    width: int = option(32, help="W", parse=whole_number("width", 1), table="input.make", toml=(int,), cli=positive_int)
+    in_channels: int = option(
+        16, help="C_prev", parse=whole_number("in_channels", 1), table="input.make", toml=(int,), cli=positive_int
+    )
+    out_channels: int = option(
+        32, help="C", parse=whole_number("out_channels", 1), table="input.make", toml=(int,), cli=positive_int
+    )
+    kernel: Any = option(
+        3,
+        help="F or FH,FW",
+        parse=lambda v: parse_pair("kernel", v, minimum=1),
+        table="input.make",
+        toml=(int, list),
+        cli=int_list,
+    )
+    stride: Any = option(
+        1, help="S or SH,SW", parse=lambda v: parse_pair("stride", v, minimum=1), table="input.make",
+        toml=(int, list), cli=int_list,
+    )
+    padding: Any = option(
+        1,
+        help="P, PH,PW, TOP,BOTTOM,LEFT,RIGHT, same or valid",
+        parse=lambda v: parse_padding(padding_from_flat(v)),
+        table="input.make",
+        toml=(int, str, list),
+        cli=padding_text,
+    )
+    dilation: Any = option(
+        1, help="D or DH,DW", parse=lambda v: parse_pair("dilation", v, minimum=1), table="input.make",
+        toml=(int, list), cli=int_list,
+    )
+    dtype: str = option(
+        "float32",
+        help="float32 or float64",
+        parse=lambda v: str(check_float_dtype("dtype", v)),
+        table="input.make",
+        toml=(str,),
+        cli=str,
+    )
+    chunk: int = option(
+        256, help="Zarr chunk along m", parse=whole_number("chunk", 1), table="input.make", toml=(int,), cli=positive_int
+    )
+    seed: int = option(0, help="random seed", parse=whole_number("seed", 0), table="input.make", toml=(int,), cli=int)
+
+    def describe(self) -> str:
+        """``m=512, 32x32x16 -> 32, kernel 3, float32, chunks of 256, seed 0``."""
+        kernel = self.kernel[0] if self.kernel[0] == self.kernel[1] else f"{self.kernel[0]}x{self.kernel[1]}"
+        return (
+            f"m={self.m}, {self.height}x{self.width}x{self.in_channels} -> {self.out_channels}, kernel {kernel}, "
+            f"{self.dtype}, chunks of {self.chunk}, seed {self.seed}"
+        )

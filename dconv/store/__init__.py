@@ -1,0 +1,60 @@
+"""The Zarr layer: input groups, the output layout, per-chunk completion, provenance.
+
+- :mod:`~dconv.store.layout`: the table of every output array and figure a job writes.
+- :mod:`~dconv.store.output`: the output group: safety checks, create or resume, chunk writes, the finish.
+- :mod:`~dconv.store.inputs`: input groups: open and check, read rows, write synthetic ones.
+- :mod:`~dconv.store.summary`: what ``dconv inspect`` reports.
+- :mod:`~dconv.store.locations`: local paths and fsspec URLs.
+- :mod:`~dconv.store.fastread`: the fast chunk reader, the only user of zarr's private API.
+"""
+
+from __future__ import annotations
+
+from dconv.store.inputs import INPUT_ARRAYS, InputGroup, compressor, make_inputs, open_inputs, read_batch
+from dconv.store.layout import DIMENSIONS, OUTPUT_LAYOUT, PROGRESS, Kind, OutputEntry, OutputLayout, place_layout
+from dconv.store.locations import absolute_location, is_local, open_group, public_location, store_exists
+from dconv.store.output import (
+    ATTR,
+    LEVEL_CODES,
+    OutputStore,
+    fingerprint,
+    now,
+    open_output,
+    open_result,
+    read_done,
+    read_levels,
+)
+from dconv.store.summary import format_levels, format_summary, summarize
+
+__all__ = [
+    "ATTR",
+    "DIMENSIONS",
+    "INPUT_ARRAYS",
+    "LEVEL_CODES",
+    "OUTPUT_LAYOUT",
+    "PROGRESS",
+    "InputGroup",
+    "Kind",
+    "OutputEntry",
+    "OutputLayout",
+    "OutputStore",
+    "absolute_location",
+    "compressor",
+    "fingerprint",
+    "format_levels",
+    "format_summary",
+    "is_local",
+    "make_inputs",
+    "now",
+    "open_group",
+    "open_inputs",
+    "open_output",
+    "open_result",
+    "place_layout",
+    "public_location",
+    "read_batch",
+    "read_done",
+    "read_levels",
+    "store_exists",
+    "summarize",
+]
