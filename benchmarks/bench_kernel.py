@@ -49,8 +49,8 @@ import numpy as np
 import threadpoolctl
 
 import dconv
-import dconv.kernel
 from dconv import simd
+from dconv.kernel import dispatch
 from dconv.params import ConvParams, backward_geometry, forward_geometry
 from dconv.reference import conv2d_backward_loops
 
@@ -265,7 +265,7 @@ PAIRINGS = {"loops+loops": (True, True), "loops+GEMM": (True, False), "GEMM+loop
 def run_paths(args: argparse.Namespace) -> dict:
     """Time each layer with the compiled loops on or off for dA_prev and for dW (medians of interleaved rounds).
 
-    Shows which pairing :data:`dconv.kernel.COMPILED_RULES` picks at this level, and its time over the
+    Shows which pairing :data:`dconv.kernel.dispatch.COMPILED_RULES` picks at this level, and its time over the
     fastest pairing's: the rule must never pick one more than 1.1x the fastest.
     """
     threads = args.threads or os.cpu_count() or 1
@@ -278,7 +278,7 @@ def run_paths(args: argparse.Namespace) -> dict:
     print(f"threads: {threads}; BLAS: {blas}")
     print(f"per layer: conv2d_backward time (median of {args.rounds} interleaved rounds) with dA_prev + dW by the "
           f"compiled loops or the NumPy GEMMs; * = the rule's pick; pick/best must stay <= 1.10")
-    rule_in, rule_w = dconv.kernel.use_compiled_input_grad, dconv.kernel.use_compiled_weight_grad
+    rule_in, rule_w = dispatch.use_compiled_input_grad, dispatch.use_compiled_weight_grad
     rows = []
     for dtype in dtypes:
         for layer in suite:
@@ -290,11 +290,11 @@ def run_paths(args: argparse.Namespace) -> dict:
             try:
                 for _ in range(args.rounds):
                     for name, (loops_in, loops_w) in PAIRINGS.items():
-                        dconv.kernel.use_compiled_input_grad = lambda *a, _on=loops_in: _on and _eligible_in(*a)
-                        dconv.kernel.use_compiled_weight_grad = lambda *a, _on=loops_w: _on and _eligible_w(*a)
+                        dispatch.use_compiled_input_grad = lambda *a, _on=loops_in: _on and _eligible_in(*a)
+                        dispatch.use_compiled_weight_grad = lambda *a, _on=loops_w: _on and _eligible_w(*a)
                         samples[name].append(time_calls([call], repeats=1, target=0.03)[0])
             finally:
-                dconv.kernel.use_compiled_input_grad, dconv.kernel.use_compiled_weight_grad = rule_in, rule_w
+                dispatch.use_compiled_input_grad, dispatch.use_compiled_weight_grad = rule_in, rule_w
             medians = {name: float(np.median(values)) for name, values in samples.items()}
             pick = next(name for name, on in PAIRINGS.items() if on == picked)
             best = min(medians.values())
@@ -309,16 +309,16 @@ def run_paths(args: argparse.Namespace) -> dict:
 
 def _eligible_in(dtype, c_prev, c_out) -> bool:
     """Whether the compiled dA_prev loop can take this layer at all (every rule limit lifted)."""
-    lanes = dconv.kernel.COMPILED_LANES.get(np.dtype(dtype).itemsize)
-    if dconv.kernel.compiled_level() is None or lanes is None:
+    lanes = dispatch.COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    if dispatch.compiled_level() is None or lanes is None:
         return False
-    return c_prev % lanes == 0 or (c_prev <= dconv.kernel.COMPILED_NARROW and c_out % lanes == 0)
+    return c_prev % lanes == 0 or (c_prev <= dispatch.COMPILED_NARROW and c_out % lanes == 0)
 
 
 def _eligible_w(dtype, c_prev, c_out, geometry) -> bool:
     """Whether the compiled dW loop can take this layer at all."""
-    lanes = dconv.kernel.COMPILED_LANES.get(np.dtype(dtype).itemsize)
-    return dconv.kernel.compiled_level() is not None and lanes is not None and c_out % lanes == 0
+    lanes = dispatch.COMPILED_LANES.get(np.dtype(dtype).itemsize)
+    return dispatch.compiled_level() is not None and lanes is not None and c_out % lanes == 0
 
 
 # ----------------------------------------------------------------------------- report

@@ -145,6 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = dconv.JobOptions.build(spec.options, **dconv.JobOptions.given(args))
     cluster = dconv.ClusterOptions.build(spec.cluster, **dconv.ClusterOptions.given(args))
     storage = {**spec.storage, **dict(args.storage_options)}
+    cluster.check_simd(options.simd)  # before the input is made
     if spec.make is not None and not dconv.store_exists(spec.inputs, storage):
         if args.dry_run:
             print(f"input   {spec.inputs} does not exist yet; the run would first make it: {spec.make.describe()}")

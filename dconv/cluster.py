@@ -88,6 +88,30 @@ class ClusterOptions(Options):
         if self.scheduler is not None and self.workers is not None:
             raise InputError("give either workers (a local cluster) or scheduler (an existing one), not both.")
 
+    def check_simd(self, word: str | None) -> str:
+        """Refuse a ``DCONV_SIMD`` word before any worker starts, as far as that can be known here.
+
+        An unknown word always; a level this CPU lacks when the workers run here
+        (the embedded local cluster). An existing cluster's workers are asked
+        when the job starts (:func:`dconv.job.check_simd`). ``word`` None is this
+        process's ``DCONV_SIMD``.
+
+        Returns
+        -------
+        str
+            The word, normalised.
+
+        Raises
+        ------
+        SimdLevelError
+        """
+        from dconv import simd
+
+        word = simd.parse_word(word if word is not None else os.environ.get(simd.ENV_VAR))
+        if self.scheduler is None:
+            simd.resolve_level(word)
+        return word
+
     def security(self):
         """A ``distributed.Security`` for TLS, or None."""
         if not (self.tls_ca_file or self.tls_cert or self.tls_key):

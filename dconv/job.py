@@ -118,9 +118,7 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -
     """Open the output, compute the graph, finish the output; the status is "failed" if anything raises."""
     t0 = time.perf_counter()
     check_simd(plan.simd, client if scheduler is None else None)
-    finished = plan.out.open(
-        plan.identity(), plan.provenance(), resume=plan.options.resume, resumed={"simd": {"requested": plan.simd}}
-    )
+    finished = plan.open_output()
     pending = int((~finished).sum())
     graph = plan.graph(finished=list(finished))
     t1 = time.perf_counter()
@@ -196,8 +194,7 @@ def run_job(
     if client is not None or scheduler is not None:
         return _run(plan, client=client, scheduler=scheduler, progress=progress)
     cluster = cluster or ClusterOptions()
-    if cluster.scheduler is None:
-        resolve_level(plan.simd)  # the local workers run on this CPU: refuse before starting them
+    cluster.check_simd(plan.simd)
     with connect(cluster, quiet=quiet, debug=debug) as new_client:
         return _run(plan, client=new_client, scheduler=None, progress=progress)
 

@@ -25,6 +25,7 @@ import difflib
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
+import numpy as np
 from dask.utils import parse_bytes
 
 from dconv.errors import InputError
@@ -74,7 +75,7 @@ def positive_int(text: str) -> int:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def whole_number(name: str, minimum: int) -> Callable[[Any], int]:
@@ -328,7 +329,7 @@ class JobOptions(Options):
         parse=optional(whole_number("batch_chunk", 1)),
         table="job",
         toml=(int,),
-        cli=positive_int,
+        cli=int,
         metavar="N",
         identity="batch_chunk",
     )

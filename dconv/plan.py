@@ -135,6 +135,12 @@ class JobPlan:
             )
         return "\n".join(lines)
 
+    def open_output(self) -> np.ndarray:
+        """Create the output, or reopen it to resume (:meth:`OutputStore.open`); the mask of finished chunks."""
+        return self.out.open(
+            self.identity(), self.provenance(), resume=self.options.resume, resumed={"simd": {"requested": self.simd}}
+        )
+
     def graph(self, finished: Sequence[bool] | None = None) -> Any:
         """The job's Dask computation (:func:`dconv.graph.backward_graph`), reusing ``finished`` chunks."""
         return backward_graph(

@@ -77,10 +77,10 @@ class PipelineSpec:
     storage: dict = field(default_factory=dict)
 
 
-def _table(document: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+def _table(document: Mapping[str, Any], name: str, what: str = "a table") -> Mapping[str, Any]:
     table = document.get(name, {})
     if not isinstance(table, Mapping):
-        raise InputError(f"[{name}] must be a table; got {table!r} instead.")
+        raise InputError(f"[{name}] must be {what}; got {table!r} instead.")
     return table
 
 
@@ -126,7 +126,7 @@ def parse_spec(document: Mapping[str, Any]) -> PipelineSpec:
         make=_recipe(input_table["make"]) if "make" in input_table else None,
         options=JobOptions(**option_values),
         cluster=ClusterOptions(**ClusterOptions.from_table(_table(document, "cluster"), "cluster")),
-        storage=dict(_table(document, "storage")),
+        storage=dict(_table(document, "storage", "a table of fsspec options")),
     )
 
 

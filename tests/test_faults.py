@@ -248,17 +248,17 @@ def test_job_survives_loss_of_a_worker(big_job, tmp_path):
 
 @pytest.mark.parametrize("index", [0, 2], ids=["first-chunk", "last-short-chunk"])
 def test_chunk_task_run_twice_writes_the_same_bytes(make_input, tmp_path, index):
-    from dconv.graph import backward_chunk
-    from dconv.job import plan_job, prepare_output
+    from dconv.graph import chunk_task
+    from dconv.plan import plan_job
 
     inputs = make_input()  # m=20: chunks of 7, 7 and 6 samples
     out = tmp_path / "out.zarr"
     plan = plan_job(inputs, str(out), batch_chunk=7)
-    prepare_output(plan)
+    plan.open_output()
 
     def run(i: int):
-        return backward_chunk(
-            plan.dz_batches[i], plan.a_batches[i], plan.W, plan.geometry, plan.out, i, plan.bounds[i][0]
+        return chunk_task(
+            plan.dz_sources[i], plan.a_sources[i], plan.W, plan.geometry, plan.out, i, plan.bounds[i][0]
         )
 
     first = run(index)

@@ -19,11 +19,12 @@ from dconv.graph import (
     backward_graph,
     batch_bounds,
     combine_partials,
-    normalize_split_every,
     tree_depth,
     tree_reduce,
+    tree_shape,
 )
-from dconv.job import plan_job
+from dconv.options import JobOptions
+from dconv.plan import plan_job
 from dconv.params import ConvParams
 from dconv.store import OutputStore
 
@@ -152,29 +153,30 @@ def test_tree_with_finished_chunks_keeps_its_shape(tmp_path):
 def test_tree_reduce_adds_in_chunk_order(n_leaves, split_every):
     """combine_partials concatenates tuple-valued stats, so the final stats spell the summation order."""
     leaves = [
-        dask.delayed(Partial, pure=True)(np.full((1,), float(i)), np.full((1,), 1.0), {"order": (i,)})
+        dask.delayed(Partial, pure=True)({"dW": np.full((1,), float(i)), "db": np.full((1,), 1.0)}, {"order": (i,)})
         for i in range(n_leaves)
     ]
     total = tree_reduce(leaves, split_every, token=f"order-{n_leaves}-{split_every}").compute(scheduler="sync")
     assert total.stats["order"] == tuple(range(n_leaves))
-    assert total.dW.tolist() == [float(sum(range(n_leaves)))]
-    assert total.db.tolist() == [float(n_leaves)]
+    assert total.sums["dW"].tolist() == [float(sum(range(n_leaves)))]
+    assert total.sums["db"].tolist() == [float(n_leaves)]
 
 
 def test_combine_partials_does_not_modify_its_inputs():
-    first = Partial(np.ones((2, 2)), np.ones(2), {"kernel": 1.0})
-    second = Partial(np.full((2, 2), 2.0), np.full(2, 2.0), {"kernel": 0.5, "write": 0.25})
+    first = Partial({"dW": np.ones((2, 2)), "db": np.ones(2), "count": 3}, {"kernel": 1.0})
+    second = Partial({"dW": np.full((2, 2), 2.0), "db": np.full(2, 2.0), "count": 4}, {"kernel": 0.5, "write": 0.25})
     total = combine_partials([first, second])
-    np.testing.assert_array_equal(total.dW, np.full((2, 2), 3.0))
-    np.testing.assert_array_equal(total.db, np.full(2, 3.0))
+    np.testing.assert_array_equal(total.sums["dW"], np.full((2, 2), 3.0))
+    np.testing.assert_array_equal(total.sums["db"], np.full(2, 3.0))
+    assert total.sums["count"] == 7
     assert total.stats == {"kernel": 1.5, "write": 0.25}
-    np.testing.assert_array_equal(first.dW, np.ones((2, 2)))
-    assert first.stats == {"kernel": 1.0}
+    np.testing.assert_array_equal(first.sums["dW"], np.ones((2, 2)))
+    assert first.sums["count"] == 3 and first.stats == {"kernel": 1.0}
 
 
 def test_combine_partials_adds_the_simd_counts_level_by_level():
     """Each chunk reports {level: 1}; a combine adds the counts of every level, inputs untouched."""
-    leaves = [Partial(np.zeros(1), np.zeros(1), {"simd": {level: 1}}) for level in ("avx2", "numpy", "avx2")]
+    leaves = [Partial({"dW": np.zeros(1)}, {"simd": {level: 1}}) for level in ("avx2", "numpy", "avx2")]
     assert combine_partials(leaves).stats["simd"] == {"avx2": 2, "numpy": 1}
     total = tree_reduce([dask.delayed(leaf) for leaf in leaves * 5], 2, token="simd-counts").compute(scheduler="sync")
     assert total.stats["simd"] == {"avx2": 10, "numpy": 5}
@@ -208,16 +210,32 @@ def test_batch_bounds_rejects(batch_chunk):
         batch_bounds(10, batch_chunk)
 
 
-@pytest.mark.parametrize("value, expected", [(None, 8), (2, 2), (np.int32(5), 5), (64, 64)])
-def test_normalize_split_every(value, expected):
-    result = normalize_split_every(value)
+@pytest.mark.parametrize("value, expected", [(2, 2), (np.int32(5), 5), (64, 64)])
+def test_split_every_is_normalised_once_in_the_options(value, expected):
+    result = JobOptions(split_every=value).split_every
     assert result == expected and type(result) is int
+    assert JobOptions().split_every == 8
 
 
-@pytest.mark.parametrize("value", [1, 0, -3, 2.0, True, "8"])
-def test_normalize_split_every_rejects(value):
+@pytest.mark.parametrize("value", [1, 0, -3, 2.0, True, "8", None])
+def test_split_every_rejects(value):
     with pytest.raises(InputError, match="split_every must be an int >= 2"):
-        normalize_split_every(value)
+        JobOptions(split_every=value)
+
+
+@pytest.mark.parametrize("n_chunks, split_every", [(1, 2), (7, 2), (9, 3), (65, 8), (5, 16)])
+def test_the_graph_is_built_along_tree_shape(n_chunks, split_every, tmp_path):
+    """Every combine task adds exactly the nodes tree_shape gives it, level by level (their order: the test above)."""
+    graph = synthetic_graph(n_chunks, split_every, tmp_path)
+    chunks, combines, deps, _ = tree_structure(graph)
+    below = sorted(chunks, key=lambda key: key[1])
+    for depth, groups in enumerate(tree_shape(n_chunks, split_every)):
+        level = sorted((k for k in combines if key_name(k).startswith(f"{COMBINE_PREFIX}-{depth}-")), key=lambda k: k[1])
+        assert len(level) == len(groups)
+        for key, group in zip(level, groups):
+            assert deps[key] == {below[i] for i in group}, (depth, key)
+        below = level
+    assert below == [graph.key]
 
 
 def test_graph_keys_are_deterministic_and_depend_on_the_output(tmp_path):

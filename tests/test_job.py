@@ -19,8 +19,9 @@ import zarr
 import dconv
 from dconv import InputError, SimdLevelError, simd
 from dconv.cluster import ClusterOptions
-from dconv.graph import backward_chunk
-from dconv.job import plan_job, prepare_output
+from dconv.graph import chunk_task
+from dconv.options import JobOptions
+from dconv.plan import plan_job
 from dconv.store import read_levels
 
 from _pipeline import CONVS, PIPELINE_TOL, assert_matches, kernel_gradients, provenance, read_inputs, read_output, rel_err
@@ -455,22 +456,18 @@ def test_matches_torch_autograd_on_plain_zarr_input(client, tmp_path, stride, pa
     "text, expected",
     [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1e9", 10**9), ("10 KiB", 10 * 2**10), (4096, 4096)],
 )
-def test_parse_size(text, expected):
-    from dconv.job import parse_size
-
-    assert parse_size(text) == expected
+def test_max_memory_takes_sizes(text, expected):
+    assert JobOptions(max_memory=text).max_memory == expected
 
 
 @pytest.mark.parametrize("text", ["abc", 0, "-5MB", "3 parsecs", True])
-def test_parse_size_refuses_what_is_not_a_size(text):
-    from dconv.job import parse_size
-
+def test_max_memory_refuses_what_is_not_a_size(text):
     with pytest.raises(InputError, match="max_memory must be a size"):
-        parse_size(text)
+        JobOptions(max_memory=text)
 
 
 def test_max_memory_chooses_the_largest_chunk_that_fits(make_input, tmp_path):
-    from dconv.job import plan_job, task_memory
+    from dconv.plan import plan_job, task_memory
 
     group = zarr.open_group(make_input(m=40), mode="r")
     inp = {name: group[name][:] for name in ("A_prev", "dZ", "W")}  # in memory: no Zarr chunk to align to
@@ -493,7 +490,7 @@ def test_max_memory_chooses_the_largest_chunk_that_fits(make_input, tmp_path):
     [(7, None, 252), (64, None, 256), (300, None, 256), (7, 600_000, None)],
 )
 def test_default_batch_chunk_is_aligned_to_the_input_chunks(make_input, tmp_path, input_chunk, max_memory, expected):
-    from dconv.job import plan_job
+    from dconv.plan import plan_job
 
     plan = plan_job(make_input(m=400, chunk=input_chunk), tmp_path / "out.zarr", max_memory=max_memory)
     if expected is not None:
@@ -546,8 +543,8 @@ def test_a_resumed_job_keeps_the_level_of_the_chunks_it_does_not_rerun(make_inpu
     inp = make_input(m=20, chunk=7)  # chunks of 7, 7 and 6 samples
     out = tmp_path / "out.zarr"
     plan = plan_job(inp, out, batch_chunk=7, simd="numpy")
-    prepare_output(plan)
-    backward_chunk(plan.dz_batches[1], plan.a_batches[1], plan.W, plan.geometry, plan.out, 1, 7, simd_word="numpy")
+    plan.open_output()
+    chunk_task(plan.dz_sources[1], plan.a_sources[1], plan.W, plan.geometry, plan.out, 1, 7, simd_word="numpy")
 
     result = dconv.backward_job(inp, out, batch_chunk=7, resume=True, simd="auto", scheduler="threads")
     auto = simd.resolve_level("auto")

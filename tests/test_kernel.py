@@ -15,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dconv
+import dconv.kernel.dispatch
+import dconv.kernel.threads
 from dconv import InputDtypeError, InputError, conv2d_backward, conv2d_forward
-from dconv.kernel import MIN_SLICE_FLOPS, batch_slices
+from dconv.kernel.threads import MIN_SLICE_FLOPS, batch_slices
 from dconv.params import ConvParams, backward_geometry
 from dconv.reference import conv2d_backward_loops, conv2d_forward_loops
 
@@ -357,7 +359,7 @@ def test_batch_slices_cover_the_batch_in_order(m, threads, flops, expected):
 @pytest.mark.parametrize("case_id", ["int_pad", "same_s1", "dilation2", "pad0", "m1", "same_s2", "kernel_1x1"])
 def test_threaded_split_matches_loop_reference(case_id, threads, monkeypatch):
     """Every batch split the kernel may make, down to one sample a thread, against the oracle."""
-    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    monkeypatch.setattr(dconv.kernel.threads, "MIN_SLICE_FLOPS", 0.0)
     case = CASES[case_id]._replace(a_shape=(5, *CASES[case_id].a_shape[1:]))
     for dtype in DTYPES:
         assert_gradients_match_reference(case, dtype, seed=21, threads=threads)
@@ -380,7 +382,7 @@ def test_threaded_result_is_reproducible_and_close_to_serial():
 def test_float64_sums_keep_the_digits_the_default_rounds_off(case_id, threads, monkeypatch):
     """float64_sums (the graph layer's partials): dW and db in float64, the default's values once
     rounded to float32, and not all of them float32 numbers already (the sums kept their digits)."""
-    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    monkeypatch.setattr(dconv.kernel.threads, "MIN_SLICE_FLOPS", 0.0)
     case = COMPILED_CASES[case_id]._replace(a_shape=(4, *COMPILED_CASES[case_id].a_shape[1:]))
     a, w, _, dz = make_arrays(case, np.float32, 9)
     geometry = backward_geometry(dz.shape, a.shape, w.shape, ConvParams.parse(case.stride, case.padding, case.dilation))
@@ -409,8 +411,8 @@ def test_threaded_split_waits_for_every_slice_when_one_fails(monkeypatch):
         finished.append(dZ.shape[0])
         return out, np.zeros(W.shape), np.zeros(W.shape[3])
 
-    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
-    monkeypatch.setattr(dconv.kernel, "_backward_one", one_slice)
+    monkeypatch.setattr(dconv.kernel.threads, "MIN_SLICE_FLOPS", 0.0)
+    monkeypatch.setattr(dconv.kernel, "_backward_one", one_slice)   # backward_kernel hands it to the threads
     case = CASES["int_pad"]._replace(a_shape=(4, 6, 5, 2))
     a, w, _, dz = make_arrays(case, np.float64, 3)
     with pytest.raises(MemoryError, match="first slice"):
@@ -420,7 +422,7 @@ def test_threaded_split_waits_for_every_slice_when_one_fails(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_threaded_split_keeps_special_values_where_the_reference_puts_them(monkeypatch):
-    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    monkeypatch.setattr(dconv.kernel.threads, "MIN_SLICE_FLOPS", 0.0)
     case = CASES["int_pad"]._replace(a_shape=(4, 6, 5, 2))
     a, w, _, dz = make_arrays(case, np.float64, 3)
     a[3, 2, 2, 1] = np.inf          # in the second slice only
@@ -464,12 +466,12 @@ _PEAK_ALLOCATION = """
 import json, sys, tracemalloc
 sys.path.insert(0, {tests!r})
 import numpy as np
-import dconv.kernel
+import dconv.kernel.threads
 from _kernel_cases import Case, make_arrays
 from dconv.kernel import backward_kernel, backward_working_set
 from dconv.params import ConvParams, backward_geometry
 
-dconv.kernel.MIN_SLICE_FLOPS = 0.0
+dconv.kernel.threads.MIN_SLICE_FLOPS = 0.0
 case = {case!r}
 a, w, _, dz = make_arrays(case, np.float64, 2)
 geometry = backward_geometry(dz.shape, a.shape, w.shape, ConvParams.parse(**case.kwargs))
@@ -508,8 +510,8 @@ LEVELS = dconv.simd_levels()
 def level(request, monkeypatch):
     """Run the test at one SIMD level, with the compiled loops on every layer they can take (not only
     where COMPILED_RULES says they are faster), then restore the process's own level."""
-    every = dconv.kernel.CompiledRule(*[dconv.kernel.ANY] * 3)
-    monkeypatch.setitem(dconv.kernel.COMPILED_RULES, request.param, every)
+    every = dconv.kernel.dispatch.CompiledRule(*[dconv.kernel.dispatch.ANY] * 3)
+    monkeypatch.setitem(dconv.kernel.dispatch.COMPILED_RULES, request.param, every)
     dconv.simd.set_level(request.param)
     yield request.param
     dconv.simd.set_level(None)
@@ -544,7 +546,7 @@ def test_compiled_helper_is_built_where_it_can_be():
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not (shutil.which("cc") or shutil.which("gcc")) or not headers.exists():
         pytest.skip("no C compiler or Python headers here: the NumPy path is expected")
-    assert dconv.kernel._flatconv is not None, f"dconv._flatconv was not built; dconv is {dconv.__file__}"
+    assert dconv.kernel.dispatch._flatconv is not None, f"dconv._flatconv was not built; dconv is {dconv.__file__}"
 
 
 @needs_compiled
@@ -557,8 +559,8 @@ def test_compiled_loops_match_loop_reference(case_id, level_name):
     try:
         used = []
         for dtype in DTYPES:
-            used += [dconv.kernel.use_compiled_input_grad(dtype, case.a_shape[3], case.w_shape[3]),
-                     dconv.kernel.use_compiled_weight_grad(dtype, case.a_shape[3], case.w_shape[3], geometry)]
+            used += [dconv.kernel.dispatch.use_compiled_input_grad(dtype, case.a_shape[3], case.w_shape[3]),
+                     dconv.kernel.dispatch.use_compiled_weight_grad(dtype, case.a_shape[3], case.w_shape[3], geometry)]
             assert_gradients_match_reference(case, dtype, seed=4, threads=1)
     finally:
         dconv.simd.set_level(None)
@@ -610,7 +612,7 @@ def test_compiled_register_blocks_of_every_size(width, level):
 @pytest.mark.parametrize("case_id", ["dw_and_da", "stride2", "narrow_3"])
 def test_compiled_loops_in_threads_match_loop_reference(case_id, level, monkeypatch):
     """The compiled loops release the GIL and run slices of a batch side by side."""
-    monkeypatch.setattr(dconv.kernel, "MIN_SLICE_FLOPS", 0.0)
+    monkeypatch.setattr(dconv.kernel.threads, "MIN_SLICE_FLOPS", 0.0)
     case = COMPILED_CASES[case_id]._replace(a_shape=(5, *COMPILED_CASES[case_id].a_shape[1:]))
     for dtype in DTYPES:
         assert_gradients_match_reference(case, dtype, seed=8, threads=2)
@@ -706,7 +708,7 @@ def test_compiled_loops_refuse_a_level_they_cannot_run():
 
 
 def test_every_level_has_a_rule():
-    assert set(dconv.kernel.COMPILED_RULES) == set(dconv.simd.LEVELS)
+    assert set(dconv.kernel.dispatch.COMPILED_RULES) == set(dconv.simd.LEVELS)
 
 
 FMA_LEVELS = [name for name in LEVELS if name != "baseline"]
@@ -717,13 +719,13 @@ FMA_LEVELS = [name for name in LEVELS if name != "baseline"]
 def test_levels_with_fma_give_the_same_bits(case_id, monkeypatch):
     """avx512, avx2 and neon sum the same terms in the same order with one rounding each: a job that
     moves between CPU types gets the same dA_prev, dW and db on the layers the loops take."""
-    every = dconv.kernel.CompiledRule(*[dconv.kernel.ANY] * 3)
+    every = dconv.kernel.dispatch.CompiledRule(*[dconv.kernel.dispatch.ANY] * 3)
     case = COMPILED_CASES[case_id]
     for dtype in DTYPES:
         a, w, _, dz = make_arrays(case, dtype, 21)
         results = []
         for name in FMA_LEVELS:
-            monkeypatch.setitem(dconv.kernel.COMPILED_RULES, name, every)
+            monkeypatch.setitem(dconv.kernel.dispatch.COMPILED_RULES, name, every)
             dconv.simd.set_level(name)
             try:
                 results.append(conv2d_backward(dz, a, w, threads=1, **case.kwargs))

@@ -33,7 +33,8 @@ import zarr
 
 import dconv
 from dconv.graph import CHUNK_PREFIX, ZarrSlice
-from dconv.job import JobResult, plan_job
+from dconv.job import JobResult
+from dconv.plan import plan_job
 from dconv.store import OutputStore
 
 from conftest import dconv_command, free_port
@@ -570,7 +571,7 @@ def test_workers_read_and_write_the_store_themselves(s3_endpoint, bucket, bare_w
 
     plan = plan_job(inp, out, batch_chunk=batch_chunk, storage_options=so)
     # Each batch is a reference to a slice of the S3 array, not data.
-    for batches, name in ((plan.a_batches, "A_prev"), (plan.dz_batches, "dZ")):
+    for batches, name in ((plan.a_sources, "A_prev"), (plan.dz_sources, "dZ")):
         assert len(batches) == m // batch_chunk
         for (start, stop), batch in zip(plan.bounds, batches):
             assert isinstance(batch, ZarrSlice), type(batch)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from dconv import InputError
-from dconv.spec import ClusterSpec, ConvSpec, JobSpec, MakeSpec, PipelineSpec, load_spec, parse_spec
+from dconv.cluster import ClusterOptions
+from dconv.options import InputRecipe, JobOptions
+from dconv.spec import PipelineSpec, load_spec, parse_spec
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -57,36 +59,36 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_full_spec(tmp_path):
     spec = load_spec(write(tmp_path, FULL))
     assert isinstance(spec, PipelineSpec)
-    assert spec.input.path == "data/in.zarr"
-    assert spec.input.make == MakeSpec(m=40, kernel=[3, 2], padding=[1, 2, 0, 1], dtype="float64", chunk=7)
-    assert (spec.output.path, spec.output.overwrite, spec.output.resume) == ("out/result.zarr", True, False)
-    assert spec.conv == ConvSpec(stride=[2, 1], padding="same", dilation=2)
-    assert spec.job == JobSpec(batch_chunk=5, split_every=3, check_finite=True)
-    assert spec.cluster == ClusterSpec(scheduler="tcp://127.0.0.1:8786")
+    assert spec.inputs == "data/in.zarr"
+    assert spec.make == InputRecipe(m=40, kernel=(3, 2), padding=((1, 2), (0, 1)), dtype="float64", chunk=7)
+    assert spec.out == "out/result.zarr"
+    assert spec.options == JobOptions(
+        stride=(2, 1), padding="same", dilation=2, batch_chunk=5, split_every=3, check_finite=True, overwrite=True
+    )
+    assert spec.cluster == ClusterOptions(scheduler="tcp://127.0.0.1:8786")
     assert spec.storage == {"anon": False, "client_kwargs": {"region_name": "eu-west-1"}}
 
 
 def test_minimal_spec_defaults():
     spec = parse_spec(MINIMAL)
-    assert spec.input.make is None
-    assert spec.conv == ConvSpec(None, None, None)  # falls back to the input's hparameters
-    assert spec.job == JobSpec(batch_chunk=None, max_memory=None, split_every=8, check_finite=False)
-    assert spec.cluster == ClusterSpec()
+    assert spec.make is None
+    assert spec.options == JobOptions()  # the defaults, declared once in JobOptions
+    assert (spec.options.stride, spec.options.padding, spec.options.dilation) == (None, None, None)  # hparameters
+    assert spec.cluster == ClusterOptions()
     assert spec.storage == {}
-    assert (spec.output.overwrite, spec.output.resume) == (False, False)
 
 
 @pytest.mark.parametrize("path", sorted(PIPELINES.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_pipeline_specs_parse(path):
     spec = load_spec(path)
-    assert spec.input.path and spec.output.path
+    assert spec.inputs and spec.out
 
 
 @pytest.mark.parametrize(
     "document, message",
     [
         ({**MINIMAL, "job": {"batch_chunks": 4}}, "unknown key 'batch_chunks' in [job]; known keys: batch_chunk, "
-                                                   "max_memory, split_every, check_finite. Did you mean 'batch_chunk'?"),
+                                                   "max_memory, split_every, check_finite, simd. Did you mean 'batch_chunk'?"),
         ({**MINIMAL, "job": {"split_evry": 4}}, "Did you mean 'split_every'?"),
         ({**MINIMAL, "output": {"path": "o", "overwrit": True}}, "Did you mean 'overwrite'?"),
         ({**MINIMAL, "conv": {"strides": 2}}, "Did you mean 'stride'?"),
@@ -109,7 +111,7 @@ def test_unknown_keys_suggest_the_close_match(document, message):
 def test_unknown_key_without_a_close_match_lists_the_known_ones():
     with pytest.raises(InputError) as info:
         parse_spec({**MINIMAL, "job": {"zzz": 1}})
-    assert "known keys: batch_chunk, max_memory, split_every, check_finite" in str(info.value)
+    assert "known keys: batch_chunk, max_memory, split_every, check_finite, simd" in str(info.value)
     assert "Did you mean" not in str(info.value)
 
 
@@ -127,7 +129,7 @@ def test_unknown_key_without_a_close_match_lists_the_known_ones():
         ({**MINIMAL, "cluster": {"workers": "2"}}, "cluster.workers must be an integer"),
         ({**MINIMAL, "job": 5}, "[job] must be a table; got 5 instead."),
         ({**MINIMAL, "storage": "anon"}, "[storage] must be a table of fsspec options"),
-        ({"input": {"path": "i", "make": 3}, "output": {"path": "o"}}, "input.make must be a table"),
+        ({"input": {"path": "i", "make": 3}, "output": {"path": "o"}}, "[input.make] must be a table; got 3 instead."),
         ({"input": {"path": "i", "make": {"m": "4"}}, "output": {"path": "o"}}, "input.make.m must be an integer"),
     ],
 )
@@ -148,6 +150,24 @@ def test_wrong_types(document, message):
     ],
 )
 def test_missing_required_keys(document, message):
+    with pytest.raises(InputError) as info:
+        parse_spec(document)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ({**MINIMAL, "job": {"split_every": 1}}, "split_every must be an int >= 2; got 1 instead."),
+        ({**MINIMAL, "job": {"max_memory": "lots"}}, "max_memory must be a size such as 512MiB"),
+        ({**MINIMAL, "conv": {"padding": "full"}}, "padding must be an int, a pair"),
+        ({**MINIMAL, "cluster": {"workers": 2, "scheduler": "tcp://h:1"}}, "give either workers"),
+        ({"input": {"path": "i"}, "output": {"path": "o", "overwrite": True, "resume": True}}, "not both"),
+        ({"input": {"path": "i", "make": {"m": 0}}, "output": {"path": "o"}}, "m must be an int >= 1; got 0"),
+    ],
+)
+def test_values_are_validated_by_the_options_objects(document, message):
+    """The spec checks types; each value is then checked by the same options object the CLI and API build."""
     with pytest.raises(InputError) as info:
         parse_spec(document)
     assert message in str(info.value)
@@ -192,4 +212,4 @@ def test_a_spec_is_data_not_code(tmp_path):
         [output]
         path = "out.zarr"
     """))
-    assert spec.input.path == "__import__('os').system('false')"
+    assert spec.inputs == "__import__('os').system('false')"

@@ -10,7 +10,8 @@ from dask.callbacks import Callback
 
 import dconv
 from dconv import InputError
-from dconv.job import plan_job, prepare_output, run_job
+from dconv.job import run_job
+from dconv.plan import plan_job
 from dconv.store import DIMENSIONS, open_inputs, public_location, store_exists
 
 from _pipeline import kernel_gradients, provenance, read_inputs, read_output
@@ -98,7 +99,7 @@ def test_complete_is_the_last_write(make_input, tmp_path):
 def test_open_result_refuses_an_unfinished_output(make_input, tmp_path):
     inp = make_input(m=6)
     out = tmp_path / "out.zarr"
-    prepare_output(plan_job(inp, out, batch_chunk=2))
+    plan_job(inp, out, batch_chunk=2).open_output()
     with pytest.raises(InputError, match="status 'running'"):
         dconv.open_result(str(out))
     group = dconv.open_result(str(out), allow_incomplete=True)

@@ -11,9 +11,9 @@ import zarr
 
 import dconv
 from dconv import InputError, simd
-from dconv.graph import backward_chunk
-from dconv.job import plan_job, prepare_output
-from dconv.summary import format_levels, format_summary, level_runs, summarize
+from dconv.graph import chunk_task
+from dconv.plan import plan_job
+from dconv.store.summary import format_levels, format_summary, level_runs, summarize
 
 from _pipeline import read_output
 
@@ -73,7 +73,7 @@ def test_summary_of_an_output_that_never_ran(make_input, tmp_path, m, batch_chun
     """Layout created, no chunk done: incomplete, every chunk missing (the list is capped at 50)."""
     inp = make_input(m=m, chunk=7, height=4, width=4)
     out = tmp_path / "out.zarr"
-    prepare_output(plan_job(inp, out, batch_chunk=batch_chunk))
+    plan_job(inp, out, batch_chunk=batch_chunk).open_output()
     summary = summarize(str(out))
     n_chunks = -(-m // batch_chunk)
     assert (summary["status"], summary["complete"]) == ("running", False)
@@ -91,7 +91,7 @@ def test_summary_reports_the_failure_reason(make_input, tmp_path):
     inp = make_input(m=4)
     out = tmp_path / "out.zarr"
     plan = plan_job(inp, out, batch_chunk=2)
-    prepare_output(plan)
+    plan.open_output()
     plan.out.update_provenance(status="failed", reason="RuntimeError: boom")
     summary = summarize(str(out))
     assert summary["status"] == "failed" and not summary["complete"]
@@ -115,8 +115,8 @@ def test_summary_of_a_job_resumed_at_another_level(make_input, tmp_path, monkeyp
     monkeypatch.setattr(simd, "_active", None)  # in-process chunk tasks set this process's level
     inp, out = make_input(m=20, chunk=7), tmp_path / "out.zarr"  # chunks of 7, 7 and 6 samples
     plan = plan_job(inp, out, batch_chunk=7, simd="numpy")
-    prepare_output(plan)
-    backward_chunk(plan.dz_batches[1], plan.a_batches[1], plan.W, plan.geometry, plan.out, 1, 7, simd_word="numpy")
+    plan.open_output()
+    chunk_task(plan.dz_sources[1], plan.a_sources[1], plan.W, plan.geometry, plan.out, 1, 7, simd_word="numpy")
     killed = summarize(str(out))
     assert killed["simd"] == {"requested": "numpy", "chunks": {"numpy": 1}, "runs": [[1, 1, "numpy"]], "runs_count": 1}
     assert "  simd: numpy 1 chunk (DCONV_SIMD=numpy)" in format_summary(killed).splitlines()
