@@ -38,6 +38,7 @@ from dask.delayed import Delayed
 from dconv import simd
 from dconv.errors import InputError
 from dconv.kernel import backward_kernel
+from dconv.options import JobOptions
 from dconv.params import ConvGeometry
 from dconv.progress import CHUNK_PREFIX, report_chunk_done
 from dconv.store import Kind, OutputLayout, OutputStore, read_batch
@@ -63,7 +64,9 @@ COMBINE_PREFIX = "dconv-combine"
 # --------------------------------------------------------------------------- chunk
 
 
-def chunk_partial(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry) -> dict[str, Any]:
+def chunk_partial(
+    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, options: JobOptions
+) -> dict[str, Any]:
     """One chunk's values: one per BLOCK and SUM entry of :data:`dconv.store.layout.OUTPUT_LAYOUT`.
 
     Parameters
@@ -72,6 +75,9 @@ def chunk_partial(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
     A_prev : ndarray, shape (b, H, W, C_prev)
     W : ndarray, shape (fh, fw, C_prev, C)
         All three in the compute dtype.
+    geometry : ConvGeometry
+    options : JobOptions
+        The job's options, for whatever of them shapes a chunk's values.
 
     Returns
     -------
@@ -155,8 +161,7 @@ def chunk_task(
     out: OutputStore,
     index: int,
     start: int,
-    check_finite: bool = False,
-    simd_word: str | None = None,
+    options: JobOptions,
 ) -> Partial:
     """Read one batch chunk, run :func:`chunk_partial` on it, write its values (a chunk task).
 
@@ -168,19 +173,20 @@ def chunk_task(
         Already in the compute dtype.
     out : OutputStore
         Receives the chunk's blocks at samples ``start:start + b`` and its records at ``index``.
-    simd_word : str, optional
-        The job's ``DCONV_SIMD`` word, made this worker's level first
-        (:func:`dconv.simd.use_level`); None keeps this process's level.
+    options : JobOptions
+        The job's options. ``options.simd``, the job's ``DCONV_SIMD`` word, is
+        made this worker's level first (:func:`dconv.simd.use_level`); None
+        keeps this process's level. ``check_finite`` refuses NaN and Inf inputs.
     """
-    level = simd.use_level(simd_word) if simd_word is not None else simd.active_level()
+    level = simd.use_level(options.simd) if options.simd is not None else simd.active_level()
     times = StepTimes()
     with times("read"):
         dZ, A_prev = _load(dz_source, W.dtype), _load(a_source, W.dtype)
-        if check_finite:
+        if options.check_finite:
             _check_finite("dZ", dZ, start)
             _check_finite("A_prev", A_prev, start)
     with times("kernel"):
-        values = chunk_partial(dZ, A_prev, W, geometry)
+        values = chunk_partial(dZ, A_prev, W, geometry, options)
     with times("write"):
         out.write_chunk(index, start, values, level)
     report_chunk_done(out.url, index)
@@ -292,11 +298,8 @@ def backward_graph(
     geometry: ConvGeometry,
     out: OutputStore,
     bounds: Sequence[tuple[int, int]],
-    *,
-    split_every: int,
+    options: JobOptions,
     finished: Sequence[bool] | None = None,
-    check_finite: bool = False,
-    simd_word: str | None = None,
 ) -> Delayed:
     """The whole job as one Dask computation that returns the reduced :class:`Partial`.
 
@@ -309,13 +312,13 @@ def backward_graph(
         The output, with its layout.
     bounds : sequence of (start, stop)
         From :func:`batch_bounds`.
+    options : JobOptions
+        The job's options: ``split_every`` shapes the tree, and every chunk task
+        gets them (see :func:`chunk_task`).
     finished : sequence of bool, optional
         Chunks an earlier run finished; their partials are read back instead.
-    simd_word : str, optional
-        The job's ``DCONV_SIMD`` word, which each chunk task makes its
-        worker's level; None keeps each worker's own.
     """
-    token = dask.base.tokenize(out.url, geometry, bounds, split_every, W, simd_word)
+    token = dask.base.tokenize(out.url, geometry, bounds, options, W)
     W_key = dask.delayed(W, name=f"dconv-W-{token}")
     finished = finished if finished is not None else [False] * len(bounds)
     leaves = []
@@ -326,8 +329,7 @@ def backward_graph(
         else:
             leaves.append(
                 dask.delayed(chunk_task, pure=True)(
-                    dz_source, a_source, W_key, geometry, out, index, start, check_finite, simd_word,
-                    dask_key_name=key,
+                    dz_source, a_source, W_key, geometry, out, index, start, options, dask_key_name=key
                 )
             )
-    return tree_reduce(leaves, split_every, token)
+    return tree_reduce(leaves, options.split_every, token)

@@ -18,7 +18,7 @@ import numpy as np
 from dask.utils import format_bytes
 
 from dconv.errors import InputError
-from dconv.graph import backward_graph, batch_bounds, batch_sources
+from dconv.graph import Partial, backward_graph, batch_bounds, batch_sources, chunk_task
 from dconv.kernel import backward_working_set
 from dconv.options import JobOptions
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, result_dtype
@@ -39,7 +39,8 @@ class JobPlan:
     Attributes
     ----------
     options : JobOptions
-        As given; the fields below are what they resolved to.
+        As given, with ``simd`` set to the job's ``DCONV_SIMD`` word (checked, not
+        resolved: each worker resolves it); the fields below are what the rest resolved to.
     params : ConvParams
         Stride, padding and dilation: the options, else the input's ``hparameters``.
     geometry : ConvGeometry
@@ -60,8 +61,6 @@ class JobPlan:
         Where the input came from, without credentials.
     input_chunk : int or None
         The inputs' Zarr chunk along m (None for in-memory arrays).
-    simd : str
-        The job's ``DCONV_SIMD`` word, checked but not resolved: each worker resolves it.
     """
 
     options: JobOptions
@@ -78,11 +77,15 @@ class JobPlan:
     out: OutputStore
     input_location: str
     input_chunk: int | None
-    simd: str
 
     @property
     def m(self) -> int:
         return self.shapes["A_prev"][0]
+
+    @property
+    def simd(self) -> str:
+        """The job's ``DCONV_SIMD`` word."""
+        return self.options.simd
 
     def identity(self) -> dict[str, Any]:
         """What must match for ``resume`` to continue this job's output (JSON-friendly).
@@ -150,10 +153,15 @@ class JobPlan:
             self.geometry,
             self.out,
             self.bounds,
-            split_every=self.options.split_every,
+            self.options,
             finished=finished,
-            check_finite=self.options.check_finite,
-            simd_word=self.simd,
+        )
+
+    def run_chunk(self, index: int) -> Partial:
+        """Run chunk ``index``'s task here, as a worker would: read, compute, write (the output must be open)."""
+        start = self.bounds[index][0]
+        return chunk_task(
+            self.dz_sources[index], self.a_sources[index], self.W, self.geometry, self.out, index, start, self.options
         )
 
 
@@ -281,7 +289,7 @@ def plan_job(
     """
     options = JobOptions.build(options, **values)
     storage_options = dict(storage_options or {})
-    simd = parse_word(options.simd if options.simd is not None else os.environ.get(SIMD_ENV_VAR))
+    options = JobOptions.build(options, simd=parse_word(options.simd or os.environ.get(SIMD_ENV_VAR)))
     inputs = job_inputs(inputs, storage_options)
     params = resolve_params(options, inputs.hparameters)
     shapes = {name: tuple(int(n) for n in array.shape) for name, array in inputs.arrays.items()}
@@ -308,5 +316,4 @@ def plan_job(
         out=out_store,
         input_location=inputs.location,
         input_chunk=inputs.chunk_along_m,
-        simd=simd,
     )

@@ -76,7 +76,7 @@ def synthetic_graph(n_chunks: int, split_every: int, tmp_path):
         geometry,
         OutputStore(str(tmp_path / "never-written.zarr")),
         bounds,
-        split_every=split_every,
+        JobOptions(split_every=split_every),
     )
 
 
@@ -137,7 +137,7 @@ def test_tree_with_finished_chunks_keeps_its_shape(tmp_path):
     def build(done):
         return backward_graph(
             [None] * 11, [None] * 11, np.zeros((2, 2, 1, 1)), geometry, out, batch_bounds(11, 1),
-            split_every=3, finished=done,
+            JobOptions(split_every=3), finished=done,
         )
 
     resumed, fresh = build(finished), build(None)

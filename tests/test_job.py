@@ -19,7 +19,6 @@ import zarr
 import dconv
 from dconv import InputError, SimdLevelError, simd
 from dconv.cluster import ClusterOptions
-from dconv.graph import chunk_task
 from dconv.options import JobOptions
 from dconv.plan import plan_job
 from dconv.store import read_levels
@@ -544,7 +543,7 @@ def test_a_resumed_job_keeps_the_level_of_the_chunks_it_does_not_rerun(make_inpu
     out = tmp_path / "out.zarr"
     plan = plan_job(inp, out, batch_chunk=7, simd="numpy")
     plan.open_output()
-    chunk_task(plan.dz_sources[1], plan.a_sources[1], plan.W, plan.geometry, plan.out, 1, 7, simd_word="numpy")
+    plan.run_chunk(1)
 
     result = dconv.backward_job(inp, out, batch_chunk=7, resume=True, simd="auto", scheduler="threads")
     auto = simd.resolve_level("auto")

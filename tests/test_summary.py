@@ -11,7 +11,6 @@ import zarr
 
 import dconv
 from dconv import InputError, simd
-from dconv.graph import chunk_task
 from dconv.plan import plan_job
 from dconv.store.summary import format_levels, format_summary, level_runs, summarize
 
@@ -116,7 +115,7 @@ def test_summary_of_a_job_resumed_at_another_level(make_input, tmp_path, monkeyp
     inp, out = make_input(m=20, chunk=7), tmp_path / "out.zarr"  # chunks of 7, 7 and 6 samples
     plan = plan_job(inp, out, batch_chunk=7, simd="numpy")
     plan.open_output()
-    chunk_task(plan.dz_sources[1], plan.a_sources[1], plan.W, plan.geometry, plan.out, 1, 7, simd_word="numpy")
+    plan.run_chunk(1)
     killed = summarize(str(out))
     assert killed["simd"] == {"requested": "numpy", "chunks": {"numpy": 1}, "runs": [[1, 1, "numpy"]], "runs_count": 1}
     assert "  simd: numpy 1 chunk (DCONV_SIMD=numpy)" in format_summary(killed).splitlines()
