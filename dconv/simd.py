@@ -40,6 +40,7 @@ except ImportError:
 __all__ = [
     "LEVELS",
     "version_text",
+    "missing_loops_reason",
     "ENV_VAR",
     "simd_levels",
     "parse_word",
@@ -173,9 +174,28 @@ def version_text() -> str:
     word = os.environ.get(ENV_VAR) or "auto"
     levels = simd_levels()
     runs = ", ".join(levels + ["numpy"])
-    built = "" if levels else "; the compiled loops were not built at install"
+    built = "" if levels else f"; {missing_loops_reason()}"
     try:
         level = f"SIMD level {resolve_level(word)} ({ENV_VAR}={word}; this machine runs {runs}{built})"
     except ValueError as e:
         level = f"no SIMD level: {e}"
     return f"dconv {dconv.__version__}; {level}"
+
+
+def missing_loops_reason() -> str:
+    """Why the compiled loops are absent, and what to do: a source checkout shadowing the
+    installed package, or an install without a C compiler."""
+    from importlib import metadata
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    try:
+        installed = Path(metadata.distribution("dconv").locate_file("dconv/__init__.py"))
+    except metadata.PackageNotFoundError:
+        installed = None
+    if (here / "_flatconv.c").is_file() and installed is not None and installed.is_file() and installed.resolve().parent != here:
+        return (
+            f"the compiled loops are not in {here}: Python imported dconv from this source checkout, not the "
+            f"installed package ({installed.parent}); run from another directory, or with python -P"
+        )
+    return "the compiled loops were not built at install (no C compiler?); reinstall with one to get them"

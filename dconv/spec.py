@@ -35,6 +35,7 @@ Relative paths are relative to the directory dconv runs in. Example::
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from typing import Any, Mapping
 from dconv.cluster import ClusterOptions
 from dconv.errors import InputError
 from dconv.options import InputRecipe, JobOptions, suggest
+from dconv.store.locations import is_local
 
 __all__ = ["PipelineSpec", "load_spec", "parse_spec"]
 
@@ -67,6 +69,8 @@ class PipelineSpec:
         ``[cluster]``.
     storage : dict
         ``[storage]``: fsspec options for both stores.
+    source : str or None
+        The spec file it was read from.
     """
 
     inputs: str
@@ -75,6 +79,28 @@ class PipelineSpec:
     options: JobOptions = field(default_factory=JobOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     storage: dict = field(default_factory=dict)
+    source: str | None = None
+
+    def check_input(self) -> None:
+        """Refuse a local input path that does not exist and that the spec does not make,
+        saying where it was looked for.
+
+        Relative paths are relative to the directory dconv runs in, not to the spec
+        file: the message names both, since a spec run from elsewhere is the usual cause.
+
+        Raises
+        ------
+        InputError
+        """
+        if self.make is not None or not is_local(self.inputs) or Path(self.inputs).exists():
+            return
+        where = "the file system" if Path(self.inputs).is_absolute() else f"the directory dconv runs in, {Path.cwd()}"
+        spec = f" of spec {self.source!r}" if self.source else ""
+        folder = f" (the spec is in {Path(self.source).resolve().parent})" if self.source else ""
+        raise InputError(
+            f"[input] path {self.inputs!r}{spec} does not exist: it was resolved against {where}{folder}; "
+            "run dconv from the directory the path is relative to, or make the path absolute."
+        )
 
 
 def _table(document: Mapping[str, Any], name: str, what: str = "a table") -> Mapping[str, Any]:
@@ -148,4 +174,4 @@ def load_spec(path: str | Path) -> PipelineSpec:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"spec file {str(path)!r} is not valid TOML: {e}") from e
-    return parse_spec(document)
+    return dataclasses.replace(parse_spec(document), source=str(path))

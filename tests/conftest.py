@@ -22,6 +22,26 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ["PYTHONSAFEPATH"] = "1"
 
 
+def _test_the_installed_dconv() -> None:
+    """``python -m pytest`` puts the checkout first on sys.path, and there ``import dconv`` finds
+    the source tree, which has no compiled module, before the installed package. Test the
+    installed package, as ``.venv/bin/pytest`` does: drop the checkout from sys.path when a
+    (non-editable) install of dconv lives elsewhere."""
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        installed = Path(metadata.distribution("dconv").locate_file("dconv/__init__.py"))
+    except metadata.PackageNotFoundError:
+        return
+    if not installed.is_file() or installed.resolve().parent == root / "dconv":
+        return  # not installed, or installed editable from this checkout: the checkout is the package
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+
+
+_test_the_installed_dconv()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -93,3 +93,47 @@ def test_the_host_build_has_no_warning(tmp_path):
         pytest.skip("no C compiler (cc) on PATH")
     flags = ["-O1" if flag == "-O3" else flag for flag in FLAGS]
     compile_object([cc, *flags, *python_includes(), "-c", str(SOURCE), "-o", str(tmp_path / "_flatconv.o")])
+
+
+# --------------------------------------------------------------------------- the checkout and the install
+
+ROOT = SOURCE.parent.parent
+
+
+def _checkout_shadows_an_install() -> bool:
+    """A non-editable install lives elsewhere, and the checkout holds no compiled module."""
+    from importlib import metadata
+
+    try:
+        installed = Path(metadata.distribution("dconv").locate_file("dconv/__init__.py"))
+    except metadata.PackageNotFoundError:
+        return False
+    built_here = any((ROOT / "dconv").glob("_flatconv*.so")) or any((ROOT / "dconv").glob("_flatconv*.pyd"))
+    return installed.is_file() and installed.resolve().parent != ROOT / "dconv" and not built_here
+
+
+def _from_the_checkout(*args: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` run in the checkout as a user runs it there (the checkout first on sys.path)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    return subprocess.run([os.sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_version_in_the_checkout_says_what_happened():
+    """`python -m dconv --version` in a clone (no compiled module in the tree) says the checkout shadows
+    the installed package and what to do, never that the loops were not built."""
+    result = _from_the_checkout("-m", "dconv", "--version")
+    assert result.returncode == 0, result.stderr
+    if _checkout_shadows_an_install():
+        assert "imported dconv from this source checkout" in result.stdout and "python -P" in result.stdout
+        assert "not built at install" not in result.stdout
+    else:  # an editable install: the checkout is the package
+        assert "source checkout" not in result.stdout
+
+
+def test_python_m_pytest_in_the_checkout_tests_the_installed_package():
+    """`python -m pytest` from the clone's root passes the tests that need the compiled module."""
+    result = _from_the_checkout(
+        "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernel.py", "-k", "compiled_helper_is_built"
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout or "1 skipped" in result.stdout, result.stdout[-2000:]

@@ -44,3 +44,17 @@ def test_connect_to_nothing_fails_within_the_timeout():
         with connect(ClusterOptions(scheduler=address, connect_timeout=0.5), quiet=True):
             pass
     assert time.monotonic() - start < 8
+
+
+@pytest.mark.cluster
+def test_the_dashboard_link_serves_the_dashboard():
+    """The link dconv prints answers with the dashboard itself, not distributed's "Dask needs bokeh" page."""
+    from urllib.request import urlopen
+
+    with connect(ClusterOptions(workers=1), quiet=True) as client:
+        link = client.dashboard_link
+        assert link.startswith("http://127.0.0.1:"), link
+        with urlopen(link, timeout=30) as response:
+            page = response.read().decode("utf-8", "replace")
+            assert response.status == 200
+    assert "Dask needs bokeh" not in page and "<html" in page.lower(), page[:300]

@@ -213,3 +213,25 @@ def test_a_spec_is_data_not_code(tmp_path):
         path = "out.zarr"
     """))
     assert spec.inputs == "__import__('os').system('false')"
+
+
+def test_a_missing_relative_input_path_names_the_spec_and_the_directory(tmp_path, monkeypatch):
+    """Relative paths resolve against the directory dconv runs in; run from elsewhere, the error says so."""
+    (tmp_path / "project").mkdir()
+    spec = write(tmp_path / "project", """
+        [input]
+        path = "data/sample.zarr"
+        [output]
+        path = "out.zarr"
+    """)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_spec(spec)  # loading checks the spec itself, not the stores it names
+    with pytest.raises(InputError) as info:
+        loaded.check_input()
+    message = str(info.value)
+    assert "[input] path 'data/sample.zarr' of spec" in message and str(spec) in message
+    assert f"resolved against the directory dconv runs in, {tmp_path / 'elsewhere'}" in message
+    assert f"the spec is in {tmp_path / 'project'}" in message
+    (tmp_path / "elsewhere" / "data" / "sample.zarr").mkdir(parents=True)
+    load_spec(spec).check_input()  # found from the right directory: no error
