@@ -68,8 +68,14 @@ def plot_job(job: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size m")
         ax.legend()
+    headline = job.get(f"job_m{job['m']}")
+    if headline:  # the README table's figure, from the same run
+        left.plot([job["m"]], [job["m"] / headline["seconds"]["compute"]], "k*", markersize=12,
+                  label=f"headline: {job['workers']} workers, best of the speed rounds")
+        left.legend()
     left.set_ylabel("samples / s (job compute)")
     right.set_ylabel("peak RSS, all job processes (MiB)")
+    left.set_ylim(bottom=0)
     right.set_ylim(bottom=0)
     fig.suptitle(
         f"dconv backward on Zarr, 32x32x16->32 3x3 {job['dtype']}, batch_chunk {job['batch_chunk']}", fontsize=10

@@ -22,7 +22,7 @@ from importlib import import_module
 from typing import Any
 
 from dconv.classic import conv_backward, conv_forward
-from dconv.errors import InputDtypeError, InputError, SimdLevelError
+from dconv.errors import InputDtypeError, InputError, JobInterrupted, SimdLevelError, SpecError
 from dconv.kernel import Gradients, conv2d_backward, conv2d_forward
 from dconv.params import ConvParams
 from dconv.simd import simd_levels, version_text
@@ -36,26 +36,32 @@ __all__ = [
     "InputDtypeError",
     "InputError",
     "InputRecipe",
+    "InputWriter",
+    "JobInterrupted",
     "JobOptions",
     "JobPlan",
     "JobResult",
     "PipelineSpec",
     "SimdLevelError",
+    "SpecError",
     "__version__",
     "backward_job",
     "conv2d_backward",
     "conv2d_forward",
     "conv_backward",
     "conv_forward",
+    "describe_job",
     "format_summary",
     "load_spec",
     "make_inputs",
     "open_result",
     "plan_job",
+    "plan_recipe",
     "run_job",
     "simd_levels",
     "store_exists",
     "summarize",
+    "torch_conv_params",
     "version_text",
 ]
 
@@ -66,6 +72,8 @@ _LAZY = {
     "JobOptions": "dconv.options",
     "JobPlan": "dconv.plan",
     "plan_job": "dconv.plan",
+    "plan_recipe": "dconv.plan",
+    "describe_job": "dconv.job",
     "JobResult": "dconv.job",
     "backward_job": "dconv.job",
     "run_job": "dconv.job",
@@ -75,6 +83,8 @@ _LAZY = {
     "open_result": "dconv.store",
     "summarize": "dconv.store",
     "store_exists": "dconv.store",
+    "InputWriter": "dconv.store",
+    "torch_conv_params": "dconv.store",
     "format_summary": "dconv.store",
 }
 

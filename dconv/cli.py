@@ -5,14 +5,20 @@ The job's flags are generated from :class:`dconv.JobOptions` and
 so each option's default, validation and help live in one place.
 
 Exit codes: 0 success; 1 a failure while running; 2 bad input or usage (a bad
-``DCONV_SIMD`` too); 3 ``inspect`` found an output that is not complete.
+``DCONV_SIMD`` too); 3 ``inspect`` found an output that is not complete; 130
+stopped by Ctrl-C (SIGINT) and 143 by SIGTERM, 128 + the signal's number as a
+shell reports it (a job's output is then marked "interrupted", and the one line
+on stderr, like ``inspect``, gives the command that resumes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import re
+import signal
 import sys
 import traceback
 from typing import Any, Callable, Sequence
@@ -100,20 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     backward.set_defaults(handler=cmd_backward)
 
     run = commands.add_parser("run", help="run a pipeline spec (TOML); options override the spec")
-    run.add_argument("spec", metavar="SPEC.toml")
+    run.add_argument("spec", metavar="SPEC.toml", help="the pipeline spec; relative paths in it are relative to "
+                     "the directory dconv runs in")
     _add_job_options(run)
     _add_common(run)
     run.set_defaults(handler=cmd_run)
 
     make = commands.add_parser("make-inputs", help="write a synthetic, seeded input group")
-    make.add_argument("out", metavar="OUT")
+    make.add_argument("out", metavar="OUT", help="the input group to write (path or fsspec URL)")
     dconv.InputRecipe.add_arguments({"input.make": make})
     make.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_common(make)
     make.set_defaults(handler=cmd_make_inputs)
 
     inspect = commands.add_parser("inspect", help="summarise an output group (exit 3 if incomplete)")
-    inspect.add_argument("out", metavar="OUT")
+    inspect.add_argument("out", metavar="OUT", help="a dconv output group (path or fsspec URL)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     _add_common(inspect)
     inspect.set_defaults(handler=cmd_inspect)
@@ -126,9 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_job(inputs: str, out: str, options: Any, cluster: Any, storage: dict, args: argparse.Namespace) -> int:
     plan = dconv.plan_job(inputs, out, options, storage_options=storage)
     if args.dry_run:
-        print(plan.describe())
+        print(as_flags(dconv.describe_job(plan, cluster)))
         return EXIT_OK
-    result = dconv.run_job(plan, cluster=cluster, progress=not args.quiet, quiet=args.quiet, debug=args.debug)
+    result = dconv.run_job(
+        plan,
+        cluster=cluster,
+        progress=not args.quiet,
+        quiet=args.quiet,
+        debug=args.debug,
+        say=lambda line: print(as_flags(line), file=sys.stderr),
+    )
     print(result.describe())
     return EXIT_OK
 
@@ -142,13 +156,15 @@ def cmd_backward(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """A spec, with the options given on the command line over it."""
     spec = dconv.load_spec(args.spec)
+    spec.check_input()
     options = dconv.JobOptions.build(spec.options, **dconv.JobOptions.given(args))
     cluster = dconv.ClusterOptions.build(spec.cluster, **dconv.ClusterOptions.given(args))
     storage = {**spec.storage, **dict(args.storage_options)}
     cluster.check_simd(options.simd)  # before the input is made
     if spec.make is not None and not dconv.store_exists(spec.inputs, storage):
         if args.dry_run:
-            print(f"input   {spec.inputs} does not exist yet; the run would first make it: {spec.make.describe()}")
+            plan = dconv.plan_recipe(spec.make, spec.inputs, spec.out, options, storage_options=storage)
+            print(as_flags(dconv.describe_job(plan, cluster)))
             return EXIT_OK
         if not args.quiet:
             print(f"dconv: making synthetic input {spec.inputs} ({spec.make.describe()})", file=sys.stderr)
@@ -172,11 +188,55 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
-def _fail(message: str, code: int, debug: bool) -> int:
+def as_flags(message: str) -> str:
+    """A library message in the command line's words: the options it names become flags.
+
+    The library names an option as its Python keyword: ``overwrite=True``, or a
+    name with an underscore such as ``batch_chunk``. Here those read
+    ``--overwrite`` and ``--batch-chunk``. Names inside paths are left alone.
+    """
+    for options in (dconv.JobOptions, dconv.ClusterOptions, dconv.InputRecipe):
+        for name in (spec.name for spec in dataclasses.fields(options)):
+            flag = "--" + name.replace("_", "-")
+            edge = r"(?<![\w./\-'\"])", r"(?![\w/\-'\"]|\.\w)"
+            message = re.sub(edge[0] + name + r"=True" + edge[1], flag, message)
+            if "_" in name:
+                message = re.sub(edge[0] + name + edge[1], flag, message)
+    return message
+
+
+def _fail(message: str, code: int, debug: bool, label: str = "error: ") -> int:
     if debug:
         traceback.print_exc()
-    print(f"dconv: error: {message}", file=sys.stderr)
+    print(f"dconv: {label}{message}", file=sys.stderr)
     return code
+
+
+def _interruption(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind ``error``, if any: ``error`` itself, or one it was raised while handling.
+
+    A :class:`dconv.errors.JobInterrupted` (which says how far the job got) before a plain
+    KeyboardInterrupt: a second Ctrl-C while the cluster shuts down reports the first, which
+    the job recorded; an error in that shutdown, or an import that Ctrl-C broke, reports the Ctrl-C.
+    """
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    interrupts = [e for e in chain if isinstance(e, KeyboardInterrupt)]
+    return next((e for e in interrupts if getattr(e, "out", None) is not None), interrupts[-1] if interrupts else None)
+
+
+def _interrupted(error: KeyboardInterrupt, debug: bool) -> int:
+    """One line for Ctrl-C or SIGTERM, with how far the job got and how to resume it; 128 + the signal's number."""
+    name = getattr(error, "signal", "SIGINT")
+    message = f"by {name}"
+    if getattr(error, "out", None) is not None:
+        done = "?" if error.done is None else error.done  # None: the output could not be read
+        message += f" with {done} of {error.total} chunks of {error.out} done"
+        if error.resume_command:
+            message += f"; resume with: {error.resume_command}"
+    return _fail(message, 128 + int(signal.Signals[name]), debug, label="interrupted ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,9 +250,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (dconv.InputError, FileExistsError) as e:
+    except dconv.SpecError as e:  # names the spec's keys
         return _fail(str(e), EXIT_USAGE, args.debug)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_FAILED, args.debug)
+    except (dconv.InputError, FileExistsError) as e:
+        return _fail(as_flags(str(e)), EXIT_USAGE, args.debug)
+    except BrokenPipeError:  # `dconv inspect OUT | head`: the reader left; say nothing more
+        sys.stderr.close()
+        return EXIT_OK
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM too while a job runs
+        return _interrupted(_interruption(e), args.debug)
     except Exception as e:  # a failure while running: one line unless --debug
+        interruption = _interruption(e)
+        if interruption is not None:
+            return _interrupted(interruption, args.debug)
         return _fail(f"{type(e).__name__}: {e}", EXIT_FAILED, args.debug)

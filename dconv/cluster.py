@@ -5,6 +5,14 @@ one single-threaded worker process per core, and BLAS threads set so that
 workers x threads x BLAS threads = cores. ``--scheduler ADDRESS`` connects to
 a cluster someone else started (``dask scheduler`` / ``dask worker``,
 dask-jobqueue, dask-kubernetes, ...); its workers keep their own settings.
+
+The embedded cluster's worker processes never receive SIGINT or SIGTERM (they
+start with both blocked: :func:`withheld_from_new_processes`). They share the
+terminal's process group, so Ctrl-C reaches them as well as the client, and a
+batch scheduler's SIGTERM reaches every process of the job; the client alone
+handles them (:mod:`dconv.job`: the output is marked "interrupted") and then
+stops the workers. A worker whose client is gone exits by itself (distributed
+watches the parent process).
 """
 
 from __future__ import annotations
@@ -13,16 +21,21 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
 from dconv.errors import InputError
 from dconv.options import Options, any_string, option, optional, positive_int, whole_number
 
-__all__ = ["ClusterOptions", "connect", "BLAS_THREAD_VARIABLES"]
+__all__ = ["ClusterOptions", "connect", "BLAS_THREAD_VARIABLES", "WORKER_BLOCKED_SIGNALS"]
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+WORKER_BLOCKED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals the embedded cluster's worker processes never receive: the client handles them."""
 
 
 def available_cores() -> int:
@@ -119,20 +132,54 @@ class ClusterOptions(Options):
         from distributed.security import Security
 
         options = {name: getattr(self, name) for name in ("tls_ca_file", "tls_cert", "tls_key")}
-        missing = [f"--{name.replace('_', '-')}" for name, path in options.items() if path is None]
+        missing = [name for name, path in options.items() if path is None]
         if missing:
-            raise InputError(
-                f"TLS needs --tls-ca-file, --tls-cert and --tls-key together; missing {', '.join(missing)}."
-            )
+            raise InputError(f"TLS needs tls_ca_file, tls_cert and tls_key together; missing {', '.join(missing)}.")
         for name, path in options.items():
             if not os.path.isfile(path):
-                raise InputError(f"--{name.replace('_', '-')} must name a readable file; got {path!r} instead.")
+                raise InputError(f"{name} must name a readable file; got {path!r} instead.")
         return Security(
             tls_ca_file=self.tls_ca_file,
             tls_client_cert=self.tls_cert,
             tls_client_key=self.tls_key,
             require_encryption=True,
         )
+
+
+@contextlib.contextmanager
+def withheld_from_new_processes(signals: tuple[int, ...] = WORKER_BLOCKED_SIGNALS) -> Iterator[None]:
+    """Keep ``signals`` from the threads and processes started in the body, for good; from this one, until its end.
+
+    The body runs with ``signals`` blocked in this thread. A thread inherits
+    the mask of the thread that starts it, and a process the mask of the thread
+    that forks it, across ``exec``; neither Python nor distributed unblocks
+    them. So a LocalCluster made here (its IO loop thread, which starts the
+    worker processes, and restarts them later) gets workers that never receive
+    these signals. This process does not lose one: a signal that arrives
+    meanwhile is noted, not acted on, and raised again at the end, where this
+    thread's own handler runs (KeyboardInterrupt, for SIGINT). Ctrl-C while
+    the workers start therefore stops the job once they are up. Only the main
+    thread can set handlers; from any other thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    # multiprocessing's resource tracker unblocks SIGINT and SIGTERM in the thread that starts it (it blocks them
+    # around its own start, then unblocks them): start it now, before they are blocked, or the IO loop would.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    received: list[int] = []
+    handlers = {number: signal.signal(number, lambda signum, frame: received.append(signum)) for number in signals}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that waited, blocked, is noted here
+        for number, handler in handlers.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if received:
+            signal.raise_signal(received[0])
 
 
 def local_cluster_layout(workers: int | None) -> tuple[int, int]:
@@ -149,7 +196,8 @@ def connect(
     """A ``distributed.Client`` on the cluster ``options`` name, closed on exit.
 
     The embedded cluster's own logs are silenced (a failed task reaches the
-    caller as its exception) unless ``debug``.
+    caller as its exception) unless ``debug``; its workers never receive
+    SIGINT or SIGTERM (:func:`withheld_from_new_processes`).
 
     Raises
     ------
@@ -161,16 +209,21 @@ def connect(
     if options.scheduler is None:
         n_workers, blas_threads = local_cluster_layout(options.workers)
         env = {name: str(blas_threads) for name in BLAS_THREAD_VARIABLES}
-        with distributed.LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            worker_dashboard_address="127.0.0.1:0",
-            silence_logs=logging.DEBUG if debug else logging.CRITICAL,
-            env=env,
-        ) as cluster, distributed.Client(cluster) as client:
+        with contextlib.ExitStack() as stack:
+            with withheld_from_new_processes():  # a Ctrl-C meanwhile is raised here, and the cluster closed
+                cluster = stack.enter_context(
+                    distributed.LocalCluster(
+                        n_workers=n_workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        host="127.0.0.1",
+                        dashboard_address="127.0.0.1:0",
+                        worker_dashboard_address="127.0.0.1:0",
+                        silence_logs=logging.DEBUG if debug else logging.CRITICAL,
+                        env=env,
+                    )
+                )
+            client = stack.enter_context(distributed.Client(cluster))
             client.run(importlib.import_module, "dconv.graph")  # workers import dconv and zarr now, in parallel
             if not quiet:
                 print(
@@ -184,7 +237,7 @@ def connect(
     security = options.security()
     if options.scheduler.startswith("tls://") and security is None:
         raise InputError(
-            f"scheduler {options.scheduler!r} uses TLS; give --tls-ca-file, --tls-cert and --tls-key."
+            f"scheduler {options.scheduler!r} uses TLS; give tls_ca_file, tls_cert and tls_key."
         )
     try:
         client = distributed.Client(options.scheduler, timeout=options.connect_timeout, security=security)

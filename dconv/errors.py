@@ -4,16 +4,26 @@ Every error that is the caller's fault derives from :class:`InputError` (a
 ``ValueError``) or :class:`InputDtypeError` (a ``TypeError``), so plain
 ``except ValueError`` / ``except TypeError`` keep working. The CLI maps both to
 exit code 2; anything else raised while a job runs (I/O, a lost cluster) keeps
-its own type and maps to exit code 1.
+its own type and maps to exit code 1. A job stopped by Ctrl-C or SIGTERM raises
+:class:`JobInterrupted`, a ``KeyboardInterrupt`` (so ``except Exception`` lets it
+through), which the CLI maps to 128 + the signal's number: 130 and 143.
 """
 
 from __future__ import annotations
 
-__all__ = ["InputError", "InputDtypeError", "SimdLevelError"]
+import signal as _signal
+
+__all__ = ["InputError", "SpecError", "InputDtypeError", "SimdLevelError", "JobInterrupted"]
 
 
 class InputError(ValueError):
     """An input array, parameter, store or option is invalid."""
+
+
+class SpecError(InputError):
+    """A pipeline spec is invalid. Its message names the spec's TOML keys, which the CLI
+    leaves as they are (other errors name options as Python keywords, ``overwrite=True``,
+    which the CLI prints as flags, ``--overwrite``)."""
 
 
 class InputDtypeError(InputError, TypeError):
@@ -22,3 +32,45 @@ class InputDtypeError(InputError, TypeError):
 
 class SimdLevelError(InputError):
     """``DCONV_SIMD`` is an unknown word, or names a level this machine (or a worker) cannot run."""
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """A job stopped by a signal: SIGINT (Ctrl-C) or SIGTERM (a batch scheduler's time limit, ``kill``).
+
+    If the job had opened its output, the output has status "interrupted" (with
+    the signal and the time in its provenance), and a run of the same job with
+    ``resume=True`` (``--resume``) computes only the chunks that are missing.
+
+    Attributes
+    ----------
+    signal : str
+        ``"SIGINT"`` or ``"SIGTERM"``.
+    out : str or None
+        The output (without credentials), if the job had opened it.
+    done, total : int or None
+        Chunks finished, and chunks in the job.
+    resume_command : str or None
+        The ``dconv backward ... --resume`` command line that continues the job
+        (None for in-memory inputs).
+    """
+
+    def __init__(
+        self,
+        signal: str = "SIGINT",
+        *,
+        out: str | None = None,
+        done: int | None = None,
+        total: int | None = None,
+        resume_command: str | None = None,
+    ) -> None:
+        self.signal, self.out, self.done, self.total, self.resume_command = signal, out, done, total, resume_command
+        message = f"interrupted by {signal}"
+        if out is not None:
+            count = "?" if done is None else done  # None: the output could not be read
+            message += f" with {count} of {total} chunks of {out!r} done; run it again with resume=True to finish it"
+        super().__init__(message)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process it stopped: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + int(_signal.Signals[self.signal])

@@ -136,7 +136,7 @@ def _check_finite(name: str, array: np.ndarray, start: int) -> None:
     bad = count_nonfinite(array)
     if bad:
         raise InputError(
-            f"{name}[{start}:{start + array.shape[0]}] holds {bad} non-finite values (--check-finite is on)."
+            f"{name}[{start}:{start + array.shape[0]}] holds {bad} non-finite values (check_finite=True)."
         )
 
 

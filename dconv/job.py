@@ -5,20 +5,28 @@ A job has two phases. :func:`dconv.plan.plan_job` reads only metadata (and
 byte of output is written. :func:`run_job` checks that every worker runs the
 job's SIMD level (:func:`check_simd`), creates or resumes the output, computes
 the graph in one pass, and marks the output "complete" last.
+
+A job stopped by Ctrl-C (SIGINT) or SIGTERM marks its output "interrupted", with
+the signal and the time, and raises :class:`~dconv.errors.JobInterrupted`;
+any other error marks it "failed", with the reason. Resuming an output that is
+already complete returns its stored result at once, without a cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from dconv.cluster import ClusterOptions, connect
-from dconv.errors import InputError, SimdLevelError
+from dconv.cluster import ClusterOptions, available_cores, connect, local_cluster_layout
+from dconv.errors import InputError, JobInterrupted, SimdLevelError
 from dconv.graph import aggregate
 from dconv.options import JobOptions
 from dconv.plan import JobPlan, plan_job
@@ -26,8 +34,9 @@ from dconv.progress import compute_with_progress
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import level_report, resolve_level
 from dconv.store import InputGroup, format_levels, now
+from dconv.store.summary import resume_command
 
-__all__ = ["backward_job", "run_job", "check_simd", "JobResult", "LOCAL_SCHEDULERS"]
+__all__ = ["backward_job", "run_job", "describe_job", "check_simd", "JobResult", "LOCAL_SCHEDULERS"]
 
 LOCAL_SCHEDULERS = ("threads", "synchronous")
 
@@ -55,6 +64,9 @@ class JobResult:
     simd : dict
         ``{level: chunks}``: how many of the job's chunks ran at each SIMD
         level (chunks an earlier run finished count at the level they ran at).
+    already_complete : bool
+        The job was resumed on an output that was already complete: the values
+        were read back from it, and nothing ran.
     """
 
     values: dict
@@ -63,6 +75,7 @@ class JobResult:
     computed_chunks: int
     seconds: dict = field(default_factory=dict)
     simd: dict = field(default_factory=dict)
+    already_complete: bool = False
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("values", {})
@@ -77,6 +90,11 @@ class JobResult:
             for name, value in self.values.items()
             if isinstance(value, np.ndarray)
         )
+        if self.already_complete:
+            return (
+                f"dconv: {self.out} is already complete, nothing to do ({self.computed_chunks} of {self.n_chunks} "
+                f"chunks computed); {norms}; SIMD {format_levels(self.simd)}"
+            )
         return (
             f"dconv: wrote {self.out}: {self.computed_chunks} of {self.n_chunks} chunks computed in "
             f"{self.seconds['total']:.2f} s (kernel {self.seconds.get('kernel', 0.0):.2f} s summed over tasks); "
@@ -115,15 +133,21 @@ def check_simd(word: str, client: Any = None) -> dict[str, str]:
 
 
 def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -> JobResult:
-    """Open the output, compute the graph, finish the output; the status is "failed" if anything raises."""
+    """Open the output, compute the graph, finish the output.
+
+    The status is "interrupted" if Ctrl-C or SIGTERM stops it (then
+    :class:`JobInterrupted` is raised), "failed" if anything else raises.
+    """
     t0 = time.perf_counter()
     check_simd(plan.simd, client if scheduler is None else None)
     finished = plan.open_output()
-    pending = int((~finished).sum())
-    graph = plan.graph(finished=list(finished))
-    t1 = time.perf_counter()
     try:
-        total = compute_with_progress(graph, plan.out.url, pending, client=client, scheduler=scheduler, show=progress)
+        pending = int((~finished).sum())
+        graph = plan.graph(finished=list(finished))
+        t1 = time.perf_counter()
+        total = compute_with_progress(
+            graph, plan.out.url, pending, client=client, scheduler=scheduler, show=progress and pending > 0
+        )
         t2 = time.perf_counter()
         values = aggregate(total, plan.out.layout)
         stats = dict(total.stats)
@@ -135,6 +159,8 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -
             seconds={k: round(v, 3) for k, v in seconds.items()},
             simd={"requested": plan.simd, "chunks": levels},
         )
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (JobInterrupted, raised by _signals_interrupt)
+        raise _interrupted(plan, getattr(e, "signal", "SIGINT")) from e
     except BaseException as e:
         with contextlib.suppress(Exception):
             plan.out.mark_failed(e)
@@ -150,6 +176,63 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -
     )
 
 
+def _interrupted(plan: JobPlan, signal_name: str) -> JobInterrupted:
+    """Mark the output "interrupted" by ``signal_name``; the :class:`JobInterrupted` that says how far it got."""
+    done = None
+    with contextlib.suppress(Exception):  # the job stops either way; the store may be what failed
+        plan.out.mark_interrupted(signal_name)
+        done = int(plan.out.done_chunks().sum())
+    command = resume_command(plan.out.location, {**plan.identity(), "simd": {"requested": plan.simd}})
+    return JobInterrupted(
+        signal_name, out=plan.out.location, done=done, total=len(plan.bounds), resume_command=command
+    )
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While a job runs, SIGTERM stops it as Ctrl-C does: it raises :class:`JobInterrupted` in the main thread.
+
+    Only where SIGTERM still has its default action (which ends the process
+    without a word, leaving the output "running"), and only in the main thread,
+    the only one that can set a handler; the default comes back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise JobInterrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _already_complete(plan: JobPlan) -> JobResult | None:
+    """With ``resume``, an output of this very job that is already complete: its stored result; else None."""
+    if not plan.options.resume:
+        return None
+    t0 = time.perf_counter()
+    stored = plan.out.provenance()
+    if not stored or stored.get("status") != "complete" or stored.get("fingerprint") != plan.fingerprint:
+        return None  # nothing there, unfinished, or another job's (opening it says what differs)
+    return JobResult(
+        values=plan.out.read_values(),
+        out=plan.out.location,
+        n_chunks=len(plan.bounds),
+        computed_chunks=0,
+        seconds={"total": time.perf_counter() - t0},
+        simd=dict((stored.get("simd") or {}).get("chunks") or {}),
+        already_complete=True,
+    )
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def run_job(
     plan: JobPlan,
     *,
@@ -159,6 +242,7 @@ def run_job(
     progress: bool = False,
     quiet: bool = True,
     debug: bool = False,
+    say: Callable[[str], None] = _to_stderr,
 ) -> JobResult:
     """Run a planned job (:func:`dconv.plan_job`).
 
@@ -178,6 +262,16 @@ def run_job(
         Do not print the cluster's dashboard link.
     debug : bool
         Show the embedded cluster's logs.
+    say : callable
+        Where the plan line and the warnings go, one line each (default: stderr);
+        the warnings are said even when ``quiet``.
+
+    Returns
+    -------
+    JobResult
+        With ``plan.options.resume`` and an output of this job that is already
+        complete: its stored values, read back at once (no cluster starts;
+        ``already_complete`` is True, ``computed_chunks`` 0).
 
     Raises
     ------
@@ -186,17 +280,63 @@ def run_job(
     SimdLevelError
         A worker (or this process, for a local scheduler or cluster) cannot run
         the job's SIMD level; nothing is written.
+    JobInterrupted
+        Ctrl-C (SIGINT) or, run from the main thread, SIGTERM stopped the job;
+        its output, if opened, is marked "interrupted".
     """
     if scheduler is not None and scheduler not in LOCAL_SCHEDULERS:
         raise InputError(f"scheduler must be one of {LOCAL_SCHEDULERS}; got {scheduler!r} instead.")
     if scheduler is not None and client is not None:
         raise InputError("give either client or scheduler, not both.")
-    if client is not None or scheduler is not None:
-        return _run(plan, client=client, scheduler=scheduler, progress=progress)
+    stored = _already_complete(plan)
+    if stored is not None:
+        return stored
+    with _signals_interrupt():
+        if scheduler is not None:
+            threads = 1 if scheduler == "synchronous" else available_cores()
+            _announce(plan, 1, threads, available_cores(), quiet, say)
+            return _run(plan, client=None, scheduler=scheduler, progress=progress)
+        if client is not None:
+            _announce(plan, *_workers_of(client), None, quiet, say)
+            return _run(plan, client=client, scheduler=None, progress=progress)
+        cluster = cluster or ClusterOptions()
+        cluster.check_simd(plan.simd)
+        if cluster.scheduler is None:  # the embedded cluster: its layout is known before it starts
+            _announce(plan, local_cluster_layout(cluster.workers)[0], 1, available_cores(), quiet, say)
+        with connect(cluster, quiet=quiet, debug=debug) as new_client:
+            if cluster.scheduler is not None:
+                _announce(plan, *_workers_of(new_client), None, quiet, say)
+            return _run(plan, client=new_client, scheduler=None, progress=progress)
+
+
+def _workers_of(client: Any) -> tuple[int, int]:
+    """``(workers, threads per worker)`` of a distributed client's cluster (the most threads any worker has)."""
+    workers = list(client.scheduler_info().get("workers", {}).values())
+    return len(workers), max((worker.get("nthreads", 1) for worker in workers), default=1)
+
+
+def _announce(
+    plan: JobPlan, n_workers: int, threads: int, cores: int | None, quiet: bool, say: Callable[[str], None]
+) -> None:
+    """The plan in one line (unless ``quiet``), then its warnings, one line each (always)."""
+    if not quiet:
+        say(plan.announce(n_workers, threads))
+    for line in plan.warnings(n_workers, threads, cores):
+        say(line)
+
+
+
+def describe_job(plan: JobPlan, cluster: ClusterOptions | None = None) -> str:
+    """What ``--dry-run`` prints: :meth:`JobPlan.describe`, then the plan line and the warnings
+    for the embedded local cluster ``cluster`` describes (for an existing cluster, whose
+    workers are not known before it is reached, the warnings about the plan alone)."""
     cluster = cluster or ClusterOptions()
-    cluster.check_simd(plan.simd)
-    with connect(cluster, quiet=quiet, debug=debug) as new_client:
-        return _run(plan, client=new_client, scheduler=None, progress=progress)
+    if cluster.scheduler is None:
+        n_workers, threads, cores = local_cluster_layout(cluster.workers)[0], 1, available_cores()
+        lines = [plan.announce(n_workers, threads), *plan.warnings(n_workers, threads, cores)]
+    else:
+        lines = plan.warnings(1, 1, None)
+    return "\n".join([plan.describe(), *lines])
 
 
 def backward_job(

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from dask.utils import parse_bytes
 
-from dconv.errors import InputError
+from dconv.errors import InputError, SpecError
 from dconv.params import check_float_dtype, padding_from_flat, parse_padding, parse_pair
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
@@ -240,12 +240,12 @@ class Options:
             if key in extra:
                 continue
             if key not in declared:
-                raise InputError(
+                raise SpecError(
                     f"unknown key {key!r} in [{where}]; known keys: {', '.join(known)}.{suggest(key, known)}"
                 )
             types = declared[key].metadata["toml"]
             if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-                raise InputError(f"{where}.{key} must be {toml_type_name(types)}; got {value!r} instead.")
+                raise SpecError(f"{where}.{key} must be {toml_type_name(types)}; got {value!r} instead.")
             values[key] = value
         return values
 
@@ -324,8 +324,8 @@ class JobOptions(Options):
     )
     batch_chunk: int | None = option(
         None,
-        help="samples per task; dA_prev is chunked the same way (default 256, or the most --max-memory "
-        "allows, rounded down to whole input chunks)",
+        help="samples per task, used as given; dA_prev is chunked the same way (default: 256, or the most "
+        "--max-memory allows; either rounded down to whole input chunks where one fits)",
         parse=optional(whole_number("batch_chunk", 1)),
         table="job",
         toml=(int,),
@@ -385,7 +385,7 @@ class JobOptions(Options):
 
     def check(self) -> None:
         if self.overwrite and self.resume:
-            raise InputError("give overwrite or resume, not both.")
+            raise InputError("give overwrite=True or resume=True, not both.")
 
     @classmethod
     def identity_keys(cls) -> list[str]:

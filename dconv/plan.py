@@ -9,25 +9,42 @@ output and checks that it may be written. Anything wrong raises
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import zarr
 from dask.utils import format_bytes
 
 from dconv.errors import InputError
 from dconv.graph import Partial, backward_graph, batch_bounds, batch_sources, chunk_task
 from dconv.kernel import backward_working_set
-from dconv.options import JobOptions
-from dconv.params import ConvGeometry, ConvParams, backward_geometry, result_dtype
+from dconv.options import InputRecipe, JobOptions
+from dconv.params import ConvGeometry, ConvParams, backward_geometry, output_shape, result_dtype
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
 from dconv.store import InputGroup, OutputStore, absolute_location, fingerprint, place_layout
-from dconv.store.inputs import job_inputs, read_whole
+from dconv.store.fastread import FAST_READ_ENV
+from dconv.store.inputs import compressor, job_inputs, read_whole
+from dconv.store.layout import DIMENSIONS, PROGRESS, Kind
+from dconv.store.locations import public_location
 
-__all__ = ["JobPlan", "plan_job", "task_memory", "choose_batch_chunk", "DEFAULT_BATCH_CHUNK"]
+__all__ = [
+    "JobPlan",
+    "plan_job",
+    "plan_recipe",
+    "task_memory",
+    "read_memory",
+    "choose_batch_chunk",
+    "DEFAULT_BATCH_CHUNK",
+    "SMALL_TASK_FLOPS",
+    "SMALL_TASK_PIXELS",
+    "TASK_SECONDS",
+]
 
 DEFAULT_BATCH_CHUNK = 256
 
@@ -60,7 +77,13 @@ class JobPlan:
     input_location : str
         Where the input came from, without credentials.
     input_chunk : int or None
-        The inputs' Zarr chunk along m (None for in-memory arrays).
+        The inputs' Zarr chunk along m, the larger of ``A_prev``'s and ``dZ``'s
+        (None for in-memory arrays).
+    input_chunks : dict
+        The Zarr chunk along m of each of ``A_prev`` and ``dZ`` read from Zarr.
+    input_recipe : InputRecipe or None
+        Set by :func:`plan_recipe`: the input does not exist yet and this recipe
+        would make it; such a plan describes the job but cannot run it.
     """
 
     options: JobOptions
@@ -77,6 +100,8 @@ class JobPlan:
     out: OutputStore
     input_location: str
     input_chunk: int | None
+    input_chunks: dict[str, int] = field(default_factory=dict)
+    input_recipe: InputRecipe | None = None
 
     @property
     def m(self) -> int:
@@ -116,30 +141,157 @@ class JobPlan:
         }
 
     def task_memory(self) -> int:
-        """Bytes one chunk task holds at its peak (an upper bound; see :func:`task_memory`)."""
-        return task_memory(min(self.batch_chunk, self.m), self.shapes, self.geometry, self.compute_dtype)
+        """Bytes one chunk task holds at its peak (an upper bound; see :func:`task_memory`).
+
+        Input chunks that a task cuts count whole (:func:`read_memory`).
+        """
+        size = min(self.batch_chunk, self.m)
+        return task_memory(size, self.shapes, self.geometry, self.compute_dtype, self.input_chunks, self.dtypes)
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes the job reads and writes, uncompressed.
+
+        Returns
+        -------
+        dict
+            ``input`` (``A_prev``, ``dZ`` and ``W``; Zarr inputs are stored
+            compressed, random data shrinks little), then the output: ``dA_prev``
+            (stored uncompressed: its size on disk) and every other output array
+            by name, and ``_progress``, the per-chunk records (partials, done
+            flags, SIMD levels; one small file per chunk in each).
+        """
+        layout = self.out.layout
+        def nbytes(shape: Sequence[int], dtype: Any) -> int:
+            return math.prod(shape) * np.dtype(dtype).itemsize
+
+        found = {"input": sum(nbytes(shape, self.dtypes[name]) for name, shape in self.shapes.items())}
+        found.update({entry.name: nbytes(entry.shape, entry.dtype) for entry in layout.arrays})
+        records = sum(nbytes(entry.partial_shape, entry.partial_dtype) for entry in layout.of_kind(Kind.SUM))
+        found[PROGRESS] = layout.n_chunks * (records + 2)  # + the done flag and the SIMD level, 1 byte each
+        return found
 
     def describe(self) -> str:
-        """A few lines for ``--dry-run``: what would run, and its per-task memory."""
+        """A few lines for ``--dry-run``: what would run, its per-task memory, and what it reads and writes."""
+        n_tasks = len(self.bounds)
+        disk = self.disk_bytes()
+        blocks = [entry.name for entry in self.out.layout.of_kind(Kind.BLOCK)]
+        sums = [name for name in disk if name not in ("input", PROGRESS, *blocks)]
+        if self.input_recipe is None:
+            source = f"input   {self.input_location}"
+        else:
+            source = (
+                f"input   {self.input_location} does not exist yet; the run would first make it: "
+                f"{self.input_recipe.describe()}"
+            )
         lines = [
-            f"input   {self.input_location}",
+            source,
             f"output  {self.out.location}" + (" (resume)" if self.options.resume else ""),
             "shapes  " + ", ".join(f"{k} {v}" for k, v in self.shapes.items()) + f" ({self.compute_dtype})",
             f"conv    {self.params.describe()}, pads {self.geometry.pads}",
-            f"chunks  {len(self.bounds)} of up to {self.batch_chunk} samples (m = {self.m}), "
+            f"chunks  {n_tasks} of up to {_count(self.batch_chunk, 'sample')} (m = {self.m}), "
             f"tree fan-in {self.options.split_every}",
-            f"memory  at most about {format_bytes(self.task_memory())} per running task",
+            f"memory  at most about {format_bytes(self.task_memory())} per running task"
+            + (f" (max_memory {format_bytes(self.options.max_memory)})" if self.options.max_memory else ""),
+            f"disk    input {format_bytes(disk['input'])} (uncompressed); output "
+            f"{format_bytes(sum(disk.values()) - disk['input'])}: "
+            + ", ".join(f"{name} {format_bytes(disk[name])} (uncompressed)" for name in blocks)
+            + f", {' and '.join(sums)} {format_bytes(sum(disk[name] for name in sums))}"
+            + f", {PROGRESS} {format_bytes(disk[PROGRESS])}",
             f"simd    {SIMD_ENV_VAR}={self.simd}, resolved on each worker",
         ]
-        if self.input_chunk and self.batch_chunk % self.input_chunk and self.batch_chunk < self.m:
-            lines.append(
-                f"note    batch_chunk {self.batch_chunk} is not a multiple of the input's Zarr chunk "
-                f"{self.input_chunk} along m: tasks decode the input chunks they straddle more than once"
-            )
         return "\n".join(lines)
 
+    def announce(self, n_workers: int, threads_per_worker: int = 1) -> str:
+        """The plan in one line, printed before a job starts.
+
+        ``dconv: 16 tasks of 256 samples (m = 4096), at most 136.6 MiB each; 2 workers x 1 thread``
+
+        Parameters
+        ----------
+        n_workers, threads_per_worker : int
+            Where the tasks run: tasks run ``n_workers * threads_per_worker`` at a time.
+        """
+        n_tasks, size = len(self.bounds), min(self.batch_chunk, self.m)
+        samples = _count(size, "sample") if n_tasks == 1 or self.m % size == 0 else f"up to {_count(size, 'sample')}"
+        budget = f" (max_memory {format_bytes(self.options.max_memory)})" if self.options.max_memory else ""
+        return (
+            f"dconv: {_count(n_tasks, 'task')} of {samples} (m = {self.m}), at most "
+            f"{format_bytes(self.task_memory())} each{budget}; "
+            f"{_count(n_workers, 'worker')} x {_count(threads_per_worker, 'thread')}"
+        )
+
+    def warnings(self, n_workers: int, threads_per_worker: int = 1, cores: int | None = None) -> list[str]:
+        """What in this plan wastes time or memory: one line each, each starting ``dconv: warning: ``.
+
+        - tasks cut the input's Zarr chunks along m (:meth:`straddle_warning`);
+        - tasks so small that their fixed cost dominates (:func:`small_task`),
+          when it adds up to 2 s or more over the job;
+        - fewer tasks than ``n_workers * threads_per_worker``: some sit idle;
+        - more ``n_workers * threads_per_worker`` than ``cores`` (None: not
+          known, e.g. a remote cluster): tasks compete for cores.
+        """
+        found = []
+        straddle = self.straddle_warning()
+        if straddle:
+            found.append(straddle)
+        size = min(self.batch_chunk, self.m)
+        slots, n_tasks = n_workers * threads_per_worker, len(self.bounds)
+        small = small_task(size, self.shapes, self.geometry)
+        overhead = n_tasks * TASK_SECONDS / slots
+        if small is not None and overhead >= 2:  # a tiny job's few tasks cost too little to mention
+            flops, pixels, enough = small
+            found.append(
+                f"dconv: warning: tasks of {_count(size, 'sample')} are small ({flops / 1e6:.3g} MFLOP, "
+                f"{_count(pixels, 'pixel')} each): their fixed cost, about {TASK_SECONDS * 1e3:.0f} ms a task "
+                f"({overhead:.0f} s in all), dominates below {SMALL_TASK_FLOPS / 1e9:g} GFLOP or "
+                f"{SMALL_TASK_PIXELS} pixels a task; use batch_chunk >= {min(enough, -(-self.m // slots))}"
+            )
+        if n_tasks < slots:
+            idle = slots - n_tasks
+            advice = f"use batch_chunk <= {-(-self.m // slots)}" if self.m >= slots else "use fewer workers"
+            found.append(
+                f"dconv: warning: {_count(n_tasks, 'task')} for {_count(n_workers, 'worker')} x "
+                f"{_count(threads_per_worker, 'thread')}: {idle} of {slots} will sit idle; {advice}"
+            )
+        if cores is not None and slots > cores:
+            found.append(
+                f"dconv: warning: {_count(n_workers, 'worker')} x {_count(threads_per_worker, 'thread')} run {slots} "
+                f"tasks at once on {_count(cores, 'core')}: they compete for the cores (workers x threads x BLAS "
+                f"threads should be the cores); use {_count(cores, 'worker')} x 1 thread"
+            )
+        return found
+
+    def straddle_warning(self) -> str | None:
+        """The warning that tasks cut the input's Zarr chunks along m, or None if they read whole chunks."""
+        cut = [chunk for chunk in self.input_chunks.values() if straddles(self.batch_chunk, self.m, chunk)]
+        if not cut:
+            return None
+        chunk, size = max(cut), min(self.batch_chunk, self.m)
+        starts = np.asarray([start for start, _ in self.bounds], dtype=np.int64)
+        stops = np.asarray([stop for _, stop in self.bounds], dtype=np.int64)
+        decodes = int(((stops - 1) // chunk - starts // chunk + 1).sum()) / -(-self.m // chunk)
+        extra = self.task_memory() - task_memory(size, self.shapes, self.geometry, self.compute_dtype)
+        held = f" (+{format_bytes(extra)} per task, in its bound)" if extra > 0 else ""
+        return (
+            f"dconv: warning: batch_chunk {self.batch_chunk} is not a multiple of the input's Zarr chunk {chunk} "
+            f"along m: tasks decode each input chunk {f'{decodes:.1f}'.removesuffix('.0')} times and hold the "
+            f"chunks they cut whole{held}; use a multiple of {chunk}"
+            + ("" if small_task(size, self.shapes, self.geometry) else f", or input chunks of {size} (or a divisor)")
+        )
+
     def open_output(self) -> np.ndarray:
-        """Create the output, or reopen it to resume (:meth:`OutputStore.open`); the mask of finished chunks."""
+        """Create the output, or reopen it to resume (:meth:`OutputStore.open`); the mask of finished chunks.
+
+        Raises
+        ------
+        InputError
+            The plan comes from :func:`plan_recipe`: its input does not exist yet.
+        """
+        if self.input_recipe is not None:
+            raise InputError(
+                f"the input {self.input_location} does not exist yet (the plan comes from its recipe); "
+                "make it first (dconv.make_inputs), then plan the job with plan_job."
+            )
         return self.out.open(
             self.identity(), self.provenance(), resume=self.options.resume, resumed={"simd": {"requested": self.simd}}
         )
@@ -165,6 +317,11 @@ class JobPlan:
         )
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _versions() -> dict[str, str]:
     import dask
     import zarr
@@ -177,17 +334,164 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- memory and the batch chunk
 
 
-def task_memory(batch: int, shapes: Mapping[str, Sequence[int]], geometry: ConvGeometry, dtype: Any) -> int:
+def task_memory(
+    batch: int,
+    shapes: Mapping[str, Sequence[int]],
+    geometry: ConvGeometry,
+    dtype: Any,
+    input_chunks: Mapping[str, int] | None = None,
+    dtypes: Mapping[str, Any] | None = None,
+) -> int:
     """Bytes one chunk task of ``batch`` samples holds at its peak (an upper bound).
 
     Its ``A_prev`` and ``dZ`` blocks, ``itemsize * b * (H*W*C_prev + n_H*n_W*C)``,
-    plus the kernel's working set, :func:`dconv.kernel.backward_working_set`.
+    plus the larger of two phases that follow each other:
+
+    - computing: the kernel's working set, :func:`dconv.kernel.backward_working_set`;
+    - reading: what the read of one input array holds besides the blocks,
+      :func:`read_memory` (Zarr inputs only: the input chunks a read that cuts
+      them holds whole, and the array as stored while it is cast to ``dtype``).
+
+    Parameters
+    ----------
+    batch : int
+        Samples per task.
+    shapes : mapping
+        ``A_prev`` (m, H, W, C_prev) and ``dZ`` (m, n_H, n_W, C).
+    geometry : ConvGeometry
+    dtype : dtype
+        The compute dtype.
+    input_chunks : mapping, optional
+        The Zarr chunk along m of each input array read from Zarr (``A_prev``,
+        ``dZ``); arrays not named are in memory.
+    dtypes : mapping, optional
+        The stored dtype of each input array; default ``dtype``.
     """
-    _, height, width, c_prev = shapes["A_prev"]
+    m, height, width, c_prev = shapes["A_prev"]
     _, n_h, n_w, c_out = shapes["dZ"]
     itemsize = np.dtype(dtype).itemsize
     blocks = itemsize * batch * (height * width * c_prev + n_h * n_w * c_out)
-    return blocks + backward_working_set(batch, geometry, c_prev, c_out, itemsize)
+    working = backward_working_set(batch, geometry, c_prev, c_out, itemsize)
+    reading = 0
+    for name, chunk in (input_chunks or {}).items():
+        stored = np.dtype((dtypes or {}).get(name, dtype)).itemsize
+        sample_bytes = stored * math.prod(shapes[name][1:])
+        cast = batch * sample_bytes if stored != itemsize else 0  # the block as stored, until astype is done
+        reading = max(reading, read_memory(batch, m, chunk, sample_bytes) + cast)
+    return blocks + max(working, reading)
+
+
+def read_memory(batch: int, m: int, chunk: int, sample_bytes: int, fast_reader: bool | None = None) -> int:
+    """Bytes a task of ``batch`` samples holds, besides its block, while it reads one Zarr input array.
+
+    Tasks read samples ``[i*batch, (i+1)*batch)``. A read of whole input chunks
+    (``batch`` a multiple of ``chunk``, or one task for all ``m``) goes through
+    dconv's fast reader, which decodes each chunk straight into the block:
+    nothing more. A read that cuts an input chunk goes through zarr's public
+    read, which, for every chunk the read touches (up to zarr's
+    ``async.concurrency`` at once, 10 by default), holds the chunk's encoded
+    bytes and the decoded chunk before it copies the rows it needs: up to
+    ``2 * chunk * sample_bytes`` per chunk (Blosc never grows data by more than
+    16 bytes, and random floats shrink only 6 %). The worst task touches
+    ``ceil((chunk - g + batch) / chunk)`` chunks, ``g = gcd(batch, chunk)``: one
+    when ``batch`` divides ``chunk``, else up to ``ceil(batch / chunk) + 1``.
+
+    Measured (AMD EPYC Zen 3; m = 2048 of 32x32x16 -> 32, float32, 256
+    samples per task; tracemalloc's peak of a task run in process): input
+    chunks of 256, 102.2 MiB against a bound of 136.6 MiB; chunks of 1024,
+    279.8 MiB against 304.0 MiB (the bound without this term, 136.6 MiB, was
+    2.05x too low): reading dZ alone held its 32 MiB block, 120 MiB of encoded
+    bytes and a 128 MiB decoded chunk. The process's RSS rose by 278.8 MiB in
+    the first task's dZ read, and by up to 344 MiB in later ones: glibc keeps
+    freed heap between tasks (293 MiB with ``MALLOC_MMAP_THRESHOLD_=1048576``).
+
+    Parameters
+    ----------
+    batch : int
+        Samples per task.
+    m : int
+        Samples in the array.
+    chunk : int
+        The array's Zarr chunk along m.
+    sample_bytes : int
+        Bytes of one sample as stored.
+    fast_reader : bool, optional
+        Whether whole chunks are read by the fast reader; default: unless
+        ``DCONV_FAST_READ=0`` (then every read goes through zarr).
+    """
+    if fast_reader is None:
+        fast_reader = os.environ.get(FAST_READ_ENV, "").strip() != "0"
+    whole = batch % chunk == 0 or batch >= m
+    if whole and fast_reader:
+        return 0
+    touched = -(-min(batch, m) // chunk) if whole else -(-(chunk - math.gcd(batch, chunk) + batch) // chunk)
+    in_flight = min(touched, -(-m // chunk), int(zarr.config.get("async.concurrency") or touched))
+    return in_flight * 2 * chunk * sample_bytes
+
+
+SMALL_TASK_FLOPS = 2e9
+"""A task with fewer FLOPs than this and fewer pixels than :data:`SMALL_TASK_PIXELS` is too small.
+
+Every task has a fixed cost: measured at 60-80 ms of wall time per task, most of
+it the output's per-chunk writes (40-65 ms per task however small its block).
+A task's own work runs at about 15 GFLOP/s where channels are many, and about
+1 µs per input pixel where they are few (the vector lanes go unfilled), so it
+outweighs the fixed cost twice over (time per sample within 1.5x of what it
+tends to) from about 2 GFLOP or 131,072 pixels per task.
+
+Measured with ``dconv backward`` on 2 local workers (AMD EPYC Zen 3, 2 cores,
+shared: load 3-6; input chunks equal to the batch chunk; fastest of 2-5
+interleaved runs, seconds after the cluster is up):
+
+============================  ======================================================
+layer, m                      batch chunk: seconds
+============================  ======================================================
+32x32x16 -> 32, 4,096         1: 127, 2: 100, 4: 57.5, 8: 30.3, 16: 19.0, 32: 12.0,
+                              64: 4.67, 128: 3.27, 256: 2.88, 512: 5.01
+8x8x4 -> 4, 65,536            64: 42.8, 256: 11.6, 1,024: 6.42, 4,096: 2.83, 16,384: 2.15
+16x16x64 -> 64, 4,096         16: 20.9, 32: 13.8, 64: 10.2, 128: 6.54, 256: 6.40, 512: 3.56
+============================  ======================================================
+
+The rule warns below 106, 2,048 and 53 samples per task for these layers; time
+per sample crosses 1.5x the best near 80, 2,100 and 64 (the third layer's 512
+gains on kernel speed, not overhead).
+"""
+
+TASK_SECONDS = 0.07
+"""The fixed cost of a task, in seconds of wall time (see :data:`SMALL_TASK_FLOPS`)."""
+
+SMALL_TASK_PIXELS = 2**17
+"""See :data:`SMALL_TASK_FLOPS`: pixels of ``A_prev`` per task, ``b * H * W``."""
+
+
+def task_work(batch: int, shapes: Mapping[str, Sequence[int]], geometry: ConvGeometry) -> tuple[int, int]:
+    """``(FLOPs, pixels)`` of one task of ``batch`` samples.
+
+    FLOPs: the multiply-adds of ``dW`` and ``dA_prev``, ``4 * b * n_H * n_W *
+    fh * fw * C_prev * C``. Pixels: those of its ``A_prev`` block, ``b * H * W``.
+    """
+    _, height, width, c_prev = shapes["A_prev"]
+    _, n_h, n_w, c_out = shapes["dZ"]
+    fh, fw = geometry.kernel_hw
+    return 4 * batch * n_h * n_w * fh * fw * c_prev * c_out, batch * height * width
+
+
+def small_task(batch: int, shapes: Mapping[str, Sequence[int]], geometry: ConvGeometry) -> tuple[int, int, int] | None:
+    """``(FLOPs, pixels, enough)`` if tasks of ``batch`` samples are too small, else None.
+
+    Too small: fewer than :data:`SMALL_TASK_FLOPS` FLOPs and fewer than
+    :data:`SMALL_TASK_PIXELS` pixels (:func:`task_work`); the fixed cost of a
+    task then makes up more than a third of its time. ``enough`` is the fewest
+    samples per task that are not too small.
+    """
+    flops, pixels = task_work(batch, shapes, geometry)
+    if flops >= SMALL_TASK_FLOPS or pixels >= SMALL_TASK_PIXELS:
+        return None
+    one_flops, one_pixels = task_work(1, shapes, geometry)
+    enough = math.ceil(SMALL_TASK_PIXELS / one_pixels)
+    if one_flops:
+        enough = min(enough, math.ceil(SMALL_TASK_FLOPS / one_flops))
+    return flops, pixels, enough
 
 
 def aligned(batch_chunk: int, input_chunk: int | None) -> int:
@@ -201,18 +505,47 @@ def aligned(batch_chunk: int, input_chunk: int | None) -> int:
     return batch_chunk - batch_chunk % input_chunk
 
 
+def straddles(batch_chunk: int, m: int, input_chunk: int | None) -> bool:
+    """Whether tasks of ``batch_chunk`` samples cut input chunks of ``input_chunk`` samples (and decode them again)."""
+    return input_chunk is not None and batch_chunk < m and batch_chunk % input_chunk != 0
+
+
+def _candidates(most: int, m: int, chunk: int | None) -> Iterator[int]:
+    """Batch chunks of at most ``most`` samples worth trying, best first.
+
+    All of ``m`` in one task; else multiples of ``chunk`` (whole input chunks),
+    largest first; else divisors of ``chunk`` (each task within one input
+    chunk). Without a Zarr chunk, ``most`` itself.
+    """
+    if most >= m:
+        yield m
+    elif chunk is None:
+        yield most
+    else:
+        yield from range(most - most % chunk, 0, -chunk)
+        yield from (d for d in range(min(most, chunk - 1), 0, -1) if chunk % d == 0)
+
+
 def choose_batch_chunk(
     options: JobOptions,
     shapes: Mapping[str, Sequence[int]],
     geometry: ConvGeometry,
     dtype: Any,
-    input_chunk: int | None = None,
+    input_chunks: Mapping[str, int] | None = None,
+    dtypes: Mapping[str, Any] | None = None,
 ) -> int:
     """The samples per task: ``options.batch_chunk`` if given, else the default or what ``max_memory`` allows.
 
-    The default is 256, and with ``max_memory`` the largest chunk whose task
-    fits; either is then aligned to ``input_chunk`` (see :func:`aligned`). A
-    given ``batch_chunk`` is used as it is, once checked against ``max_memory``.
+    The default is 256, aligned to the input's Zarr chunk along m (see
+    :func:`aligned`). With ``max_memory``, the largest chunk whose task fits
+    (:func:`task_memory`, input chunks counted): all of m, else a multiple of
+    the input chunk, else a divisor of it. A given ``batch_chunk`` is used as it
+    is, once checked against ``max_memory``.
+
+    Parameters
+    ----------
+    input_chunks, dtypes : mapping, optional
+        As for :func:`task_memory`.
 
     Raises
     ------
@@ -220,27 +553,41 @@ def choose_batch_chunk(
         ``batch_chunk`` needs more than ``max_memory`` per task, or not even one sample fits.
     """
     batch_chunk, budget = options.batch_chunk, options.max_memory
+    chunk = max(input_chunks.values()) if input_chunks else None
     if budget is None:
-        return aligned(DEFAULT_BATCH_CHUNK, input_chunk) if batch_chunk is None else batch_chunk
+        return aligned(DEFAULT_BATCH_CHUNK, chunk) if batch_chunk is None else batch_chunk
+
+    def need(batch: int) -> int:
+        return task_memory(batch, shapes, geometry, dtype, input_chunks, dtypes)
+
+    if batch_chunk is not None and need(batch_chunk) <= budget:
+        return batch_chunk
     m = shapes["A_prev"][0]
-    low, high = 0, m  # the largest b in [1, m] with task_memory(b) <= budget, by bisection
+    low, high = 0, m  # the largest b in [1, m] whose task fits without counting input chunks, by bisection
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if task_memory(middle, shapes, geometry, dtype) <= budget else (low, middle - 1)
-    if low == 0:
+    fits = next((b for b in _candidates(low, m, chunk) if need(b) <= budget), None) if low else None
+    held = (
+        f" (a task that cuts the input's Zarr chunks of {chunk} samples holds them whole while it reads)"
+        if chunk is not None and need(1) > task_memory(1, shapes, geometry, dtype)
+        else ""
+    )
+    if batch_chunk is not None:
+        asked = (
+            f"batch_chunk {batch_chunk} needs about {format_bytes(need(batch_chunk))} per task, "
+            f"more than max_memory {format_bytes(budget)}"
+        )
+        if fits is None:
+            raise InputError(f"{asked}; not even 1 sample fits: it needs about {format_bytes(need(1))}{held}.")
+        advice = f"batch_chunk <= {fits}" if chunk is None else f"batch_chunk {fits} (it fits)"
+        raise InputError(f"{asked}; use {advice}, or leave it out to have it chosen.")
+    if fits is None:
         raise InputError(
-            f"one sample needs about {format_bytes(task_memory(1, shapes, geometry, dtype))} per task, "
+            f"one sample needs about {format_bytes(need(1))} per task{held}, "
             f"more than max_memory {format_bytes(budget)}."
         )
-    if batch_chunk is None:
-        return aligned(low, input_chunk)
-    needed = task_memory(batch_chunk, shapes, geometry, dtype)
-    if needed > budget:
-        raise InputError(
-            f"batch_chunk {batch_chunk} needs about {format_bytes(needed)} per task, more than max_memory "
-            f"{format_bytes(budget)}; use batch_chunk <= {low}, or leave it out to have it chosen."
-        )
-    return batch_chunk
+    return fits
 
 
 # --------------------------------------------------------------------------- planning
@@ -295,7 +642,10 @@ def plan_job(
     shapes = {name: tuple(int(n) for n in array.shape) for name, array in inputs.arrays.items()}
     geometry = backward_geometry(shapes["dZ"], shapes["A_prev"], shapes["W"], params)
     compute_dtype = result_dtype(*(np.dtype(array.dtype) for array in inputs.arrays.values()))
-    batch_chunk = choose_batch_chunk(options, shapes, geometry, compute_dtype, inputs.chunk_along_m)
+    dtypes = {name: str(np.dtype(array.dtype)) for name, array in inputs.arrays.items()}
+    streamed = {name: inputs.arrays[name] for name in ("A_prev", "dZ")}
+    input_chunks = {name: int(array.chunks[0]) for name, array in streamed.items() if isinstance(array, zarr.Array)}
+    batch_chunk = choose_batch_chunk(options, shapes, geometry, compute_dtype, input_chunks, dtypes)
     bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
 
     layout = place_layout(shapes, compute_dtype, batch_chunk)
@@ -306,7 +656,7 @@ def plan_job(
         params=params,
         geometry=geometry,
         shapes=shapes,
-        dtypes={name: str(np.dtype(array.dtype)) for name, array in inputs.arrays.items()},
+        dtypes=dtypes,
         compute_dtype=compute_dtype,
         batch_chunk=int(batch_chunk),
         bounds=bounds,
@@ -316,4 +666,60 @@ def plan_job(
         out=out_store,
         input_location=inputs.location,
         input_chunk=inputs.chunk_along_m,
+        input_chunks=input_chunks,
     )
+
+
+def plan_recipe(
+    recipe: InputRecipe,
+    inputs: str | PathLike,
+    out: str | PathLike,
+    options: JobOptions | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    **values: Any,
+) -> JobPlan:
+    """Plan a job whose input does not exist yet: the group ``recipe`` would write at ``inputs``.
+
+    The plan is :func:`plan_job`'s for an input of the recipe's shapes, dtype,
+    Zarr chunks and ``hparameters``, so its memory bound, disk figures and
+    warnings are those of the real run. Nothing is written and nothing is
+    generated: the arrays are Zarr metadata in memory. Such a plan describes
+    the job (:meth:`JobPlan.describe` names ``inputs`` and the recipe) but cannot
+    run it: make the input (:func:`dconv.make_inputs`), then :func:`plan_job`.
+
+    Parameters
+    ----------
+    recipe : InputRecipe
+        What :func:`dconv.make_inputs` would write.
+    inputs : str or path
+        Where it would write it.
+    out, options, storage_options, values
+        As for :func:`plan_job`.
+
+    Raises
+    ------
+    InputError
+        The recipe's layer has no valid output shape, or :func:`plan_job` refuses the job.
+    """
+    recipe = InputRecipe.build(recipe)
+    params = ConvParams.parse(recipe.stride, recipe.padding, recipe.dilation)
+    a_shape = (recipe.m, recipe.height, recipe.width, recipe.in_channels)
+    w_shape = (*recipe.kernel, recipe.in_channels, recipe.out_channels)
+    shapes = {"A_prev": a_shape, "dZ": output_shape(a_shape, w_shape, params), "W": w_shape}
+    store = zarr.storage.MemoryStore()
+    arrays = {
+        name: zarr.create_array(
+            store,
+            name=name,
+            shape=shape,
+            chunks=shape if name == "W" else (min(recipe.chunk, recipe.m), *shape[1:]),
+            dtype=recipe.dtype,
+            compressors=compressor(np.dtype(recipe.dtype)),
+            dimension_names=DIMENSIONS[name],
+        )
+        for name, shape in shapes.items()
+    }
+    group = InputGroup(**arrays, b=None, hparameters=params.to_hparameters(), location=public_location(str(inputs)))
+    plan = plan_job(group, out, options, storage_options=storage_options, **values)
+    return dataclasses.replace(plan, input_recipe=recipe)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dconv.cluster import ClusterOptions
-from dconv.errors import InputError
+from dconv.errors import InputError, SpecError
 from dconv.options import InputRecipe, JobOptions, suggest
 from dconv.store.locations import is_local
 
@@ -97,7 +97,7 @@ class PipelineSpec:
         where = "the file system" if Path(self.inputs).is_absolute() else f"the directory dconv runs in, {Path.cwd()}"
         spec = f" of spec {self.source!r}" if self.source else ""
         folder = f" (the spec is in {Path(self.source).resolve().parent})" if self.source else ""
-        raise InputError(
+        raise SpecError(
             f"[input] path {self.inputs!r}{spec} does not exist: it was resolved against {where}{folder}; "
             "run dconv from the directory the path is relative to, or make the path absolute."
         )
@@ -106,24 +106,24 @@ class PipelineSpec:
 def _table(document: Mapping[str, Any], name: str, what: str = "a table") -> Mapping[str, Any]:
     table = document.get(name, {})
     if not isinstance(table, Mapping):
-        raise InputError(f"[{name}] must be {what}; got {table!r} instead.")
+        raise SpecError(f"[{name}] must be {what}; got {table!r} instead.")
     return table
 
 
 def _path(table: Mapping[str, Any], where: str) -> str:
     if "path" not in table:
-        raise InputError(f"[{where}] is missing 'path'.")
+        raise SpecError(f"[{where}] is missing 'path'.")
     if not isinstance(table["path"], str):
-        raise InputError(f"{where}.path must be a string; got {table['path']!r} instead.")
+        raise SpecError(f"{where}.path must be a string; got {table['path']!r} instead.")
     return table["path"]
 
 
 def _recipe(table: Any) -> InputRecipe:
     if not isinstance(table, Mapping):
-        raise InputError(f"[input.make] must be a table; got {table!r} instead.")
+        raise SpecError(f"[input.make] must be a table; got {table!r} instead.")
     values = InputRecipe.from_table(table, "input.make")
     if "m" not in values:
-        raise InputError("[input.make] is missing 'm'.")
+        raise SpecError("[input.make] is missing 'm'.")
     return InputRecipe(**values)
 
 
@@ -131,14 +131,14 @@ def parse_spec(document: Mapping[str, Any]) -> PipelineSpec:
     """Validate a parsed TOML document into a :class:`PipelineSpec`."""
     for key in document:
         if key not in TABLES:
-            raise InputError(f"unknown table [{key}] in spec; known tables: {', '.join(TABLES)}.{suggest(key, list(TABLES))}")
+            raise SpecError(f"unknown table [{key}] in spec; known tables: {', '.join(TABLES)}.{suggest(key, list(TABLES))}")
     missing = [name for name in ("input", "output") if name not in document]
     if missing:
-        raise InputError(f"spec is missing the table(s) {', '.join(f'[{m}]' for m in missing)}.")
+        raise SpecError(f"spec is missing the table(s) {', '.join(f'[{m}]' for m in missing)}.")
     input_table, output_table = _table(document, "input"), _table(document, "output")
     unknown = [key for key in input_table if key not in ("path", "make")]
     if unknown:
-        raise InputError(
+        raise SpecError(
             f"unknown key {unknown[0]!r} in [input]; known keys: path, make.{suggest(unknown[0], ['path', 'make'])}"
         )
     option_values = {
@@ -146,14 +146,19 @@ def parse_spec(document: Mapping[str, Any]) -> PipelineSpec:
         **JobOptions.from_table(_table(document, "job"), "job"),
         **JobOptions.from_table(output_table, "output", extra=("path",)),
     }
-    return PipelineSpec(
-        inputs=_path(input_table, "input"),
-        out=_path(output_table, "output"),
-        make=_recipe(input_table["make"]) if "make" in input_table else None,
-        options=JobOptions(**option_values),
-        cluster=ClusterOptions(**ClusterOptions.from_table(_table(document, "cluster"), "cluster")),
-        storage=dict(_table(document, "storage", "a table of fsspec options")),
-    )
+    try:
+        return PipelineSpec(
+            inputs=_path(input_table, "input"),
+            out=_path(output_table, "output"),
+            make=_recipe(input_table["make"]) if "make" in input_table else None,
+            options=JobOptions(**option_values),
+            cluster=ClusterOptions(**ClusterOptions.from_table(_table(document, "cluster"), "cluster")),
+            storage=dict(_table(document, "storage", "a table of fsspec options")),
+        )
+    except SpecError:
+        raise
+    except InputError as e:  # a value the options objects refuse: still about the spec's keys
+        raise SpecError(str(e)) from e
 
 
 def load_spec(path: str | Path) -> PipelineSpec:
@@ -169,9 +174,9 @@ def load_spec(path: str | Path) -> PipelineSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read spec file {str(path)!r}: {e}") from e
+        raise SpecError(f"cannot read spec file {str(path)!r}: {e}") from e
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise InputError(f"spec file {str(path)!r} is not valid TOML: {e}") from e
+        raise SpecError(f"spec file {str(path)!r} is not valid TOML: {e}") from e
     return dataclasses.replace(parse_spec(document), source=str(path))

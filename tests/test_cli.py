@@ -51,7 +51,8 @@ def assert_one_line_error(process: subprocess.CompletedProcess, code: int, *frag
 
 
 def progress_bar_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("dconv:") and "%|" in line]
+    """The progress lines: stderr is a pipe here, so plain ``dconv: 3 of 3 chunks, ...`` lines, not a tqdm bar."""
+    return [line for line in stderr.splitlines() if re.match(r"dconv: \d+ of \d+ chunks, ", line)]
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -205,10 +206,10 @@ def test_run_spec_with_command_line_override(tmp_path):
     expected = kernel_gradients(read_inputs(inp), padding=((1, 0), (2, 1)), dilation=2)
     assert_matches(read_output(out), expected, "float32")
     assert dconv.open_result(str(out))["dA_prev"].chunks[0] == 6
-    # without --quiet the progress bar goes to stderr, and only there; it ends at 3/3
+    # without --quiet the progress goes to stderr, and only there: plain lines (stderr is not a terminal)
     bar = progress_bar_lines(process.stderr)
-    assert bar and "3/3" in bar[-1], process.stderr
-    assert "%|" not in process.stdout
+    assert bar and bar[-1].startswith("dconv: 3 of 3 chunks, "), process.stderr
+    assert "\r" not in process.stderr and "chunks/s" not in process.stdout
     assert "dashboard" in process.stderr
 
 
@@ -283,17 +284,36 @@ def test_dry_run_of_a_spec_that_would_make_its_input(tmp_path):
 # --------------------------------------------------------------------------- errors: exit 2, one line
 
 
+def test_errors_name_options_as_keywords_in_python_and_as_flags_on_the_command_line(make_input, tmp_path):
+    """The same refusal: `overwrite=True` for a Python caller, `--overwrite` for a command-line user."""
+    inp = make_input(m=4)
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    (out / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"dconv": {}}}')
+    with pytest.raises(dconv.InputError, match=r"pass overwrite=True to replace it or resume=True to continue it"):
+        dconv.plan_job(inp, out)
+    with pytest.raises(dconv.InputError, match=r"batch_chunk 64 needs about .* more than max_memory"):
+        dconv.plan_job(inp, tmp_path / "other.zarr", batch_chunk=64, max_memory="1KiB")
+    line = assert_one_line_error(dconv_cli("backward", inp, out, "--quiet"), 2, "pass --overwrite to replace it")
+    assert "--resume to continue it" in line and "=True" not in line
+    line = assert_one_line_error(
+        dconv_cli("backward", inp, tmp_path / "other.zarr", "--batch-chunk", "64", "--max-memory", "1KiB"), 2,
+        "--batch-chunk 64 needs about",
+    )
+    assert "more than --max-memory" in line and "batch_chunk" not in line
+
+
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (["--batch-chunk", "0"], "batch_chunk must be an int >= 1; got 0 instead."),
-        (["--split-every", "1"], "split_every must be an int >= 2; got 1 instead."),
+        (["--batch-chunk", "0"], "--batch-chunk must be an int >= 1; got 0 instead."),
+        (["--split-every", "1"], "--split-every must be an int >= 2; got 1 instead."),
         (["--stride", "0"], "stride must be >= 1"),
         (["--dilation", "1,0"], "dilation must be >= 1"),
         (["--stride", "3"], "dZ has shape"),  # valid value, but not for this input's dZ
-        (["--overwrite", "--resume"], "give overwrite or resume, not both."),
+        (["--overwrite", "--resume"], "give --overwrite or --resume, not both."),
         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "give either workers (a local cluster) or scheduler"),
-        (["--max-memory", "lots"], "max_memory must be a size such as 512MiB"),
+        (["--max-memory", "lots"], "--max-memory must be a size such as 512MiB"),
         (["--simd", "avx3"], "DCONV_SIMD must be one of"),
     ],
 )
@@ -358,7 +378,7 @@ def test_backward_on_a_dask_scheduler_cluster(dask_cluster, make_input, tmp_path
     assert process.returncode == 0, process.stderr
     assert f"dconv: scheduler {address}, dashboard" in process.stderr
     bar = progress_bar_lines(process.stderr)
-    assert bar and "7/7" in bar[-1], process.stderr
+    assert bar and bar[-1].startswith("dconv: 7 of 7 chunks, "), process.stderr
     assert process.stdout.startswith(f"dconv: wrote {out}: 7 of 7 chunks computed")
     expected = kernel_gradients(read_inputs(inp), stride=(1, 2), padding=((2, 0), (0, 1)))
     assert_matches(read_output(out), expected, "float64")
@@ -415,7 +435,7 @@ def test_resume_on_the_command_line_overrides_a_spec_that_overwrites(make_input,
     assert resumed.returncode == 0, resumed.stderr
     assert "0 of 3 chunks computed" in resumed.stdout
     both = dconv_cli("run", spec, "--quiet", "--resume", "--overwrite")
-    assert both.returncode == 2 and "overwrite or resume, not both" in both.stderr
+    assert both.returncode == 2 and "give --overwrite or --resume, not both" in both.stderr
 
 
 def lacking_level() -> str:
@@ -427,7 +447,7 @@ def test_version_names_the_simd_level_and_the_levels_this_machine_runs():
     result = dconv_cli("--version", env={"DCONV_SIMD": None})
     assert result.returncode == 0, result.stderr
     runs = ", ".join(simd.simd_levels() + ["numpy"])
-    built = "" if simd.simd_levels() else "; the compiled loops were not built at install"
+    built = "" if simd.simd_levels() else f"; {simd.missing_loops_reason()}"
     level = simd.resolve_level("auto")
     assert result.stdout == f"dconv {dconv.__version__}; SIMD level {level} (DCONV_SIMD=auto; this machine runs {runs}{built})\n"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -11,8 +13,17 @@ import zarr
 
 import dconv
 from dconv import InputError, simd
+from dconv.cli import build_parser
 from dconv.plan import plan_job
-from dconv.store.summary import format_levels, format_summary, level_runs, summarize
+from dconv.store.summary import (
+    chunk_ranges,
+    format_levels,
+    format_ranges,
+    format_summary,
+    level_runs,
+    resume_command,
+    summarize,
+)
 
 from _pipeline import read_output
 
@@ -32,6 +43,7 @@ def test_summary_of_a_complete_output(complete_output):
     assert summary["location"] == str(out)
     assert (summary["status"], summary["complete"]) == ("complete", True)
     assert summary["chunks"] == {"total": 4, "done": 4, "missing": [], "missing_count": 0}
+    assert summary["resume_command"] is None
     arrays = summary["arrays"]
     assert arrays["dA_prev"]["shape"] == [10, 8, 8, 3] and arrays["dA_prev"]["chunks"] == [3, 8, 8, 3]
     assert arrays["dA_prev"]["dimension_names"] == ["m", "H", "W", "C_prev"]
@@ -57,7 +69,7 @@ def test_format_summary_of_a_complete_output(complete_output):
     lines = text.splitlines()
     assert lines[0] == f"{out}: complete"
     assert lines[1] == "  4 of 4 batch chunks done"
-    assert "INCOMPLETE" not in text
+    assert "INCOMPLETE" not in text and "resume" not in text
     assert any(line.strip().startswith("dA_prev") and "(10, 8, 8, 3)" in line and "chunks (3, 8, 8, 3)" in line
                and "dims ('m', 'H', 'W', 'C_prev')" in line for line in lines)
     assert "  norms: |dW| = " in text and "non-finite values: dA_prev 0, dW 0, db 0" in text
@@ -67,23 +79,128 @@ def test_format_summary_of_a_complete_output(complete_output):
     assert not any(line.startswith("    chunks ") for line in lines)  # one level: no per-chunk list
 
 
-@pytest.mark.parametrize("m, batch_chunk, shown_more", [(6, 2, False), (60, 1, True)])
-def test_summary_of_an_output_that_never_ran(make_input, tmp_path, m, batch_chunk, shown_more):
-    """Layout created, no chunk done: incomplete, every chunk missing (the list is capped at 50)."""
+@pytest.mark.parametrize("m, batch_chunk", [(6, 2), (60, 1)])
+def test_summary_of_an_output_that_never_ran(make_input, tmp_path, m, batch_chunk):
+    """Layout created, no chunk done: incomplete, every chunk missing, as one range; status "running"."""
     inp = make_input(m=m, chunk=7, height=4, width=4)
     out = tmp_path / "out.zarr"
     plan_job(inp, out, batch_chunk=batch_chunk).open_output()
     summary = summarize(str(out))
     n_chunks = -(-m // batch_chunk)
     assert (summary["status"], summary["complete"]) == ("running", False)
-    assert summary["chunks"]["missing"] == list(range(min(n_chunks, 50)))
+    assert summary["chunks"]["missing"] == [[0, n_chunks - 1]]
     assert summary["chunks"]["missing_count"] == n_chunks and summary["chunks"]["done"] == 0
     assert "norms" not in summary
     assert summary["simd"]["chunks"] == {} and summary["simd"]["runs_count"] == 0
     text = format_summary(summary)
     assert "  simd: no chunks (DCONV_SIMD=" in text
-    assert f"INCOMPLETE: 0 of {n_chunks} batch chunks done, {n_chunks} missing" in text
-    assert text.splitlines()[1].endswith(" ...)") == shown_more
+    assert f"INCOMPLETE: 0 of {n_chunks} batch chunks done, {n_chunks} missing (0-{n_chunks - 1})" in text
+    # a "running" output may have a live job: the resume command comes with that proviso
+    command = f"dconv backward {inp} {out} --resume --batch-chunk {batch_chunk} --split-every 8"
+    assert f"  if no job is writing it any more, resume with: {command} --stride 1 --padding 1 --dilation 1" in text
+
+
+def test_missing_chunks_are_listed_as_at_most_50_ranges(make_input, tmp_path):
+    """Every other chunk of 120 done: 60 one-chunk gaps, of which the first 50 are listed, then "..."."""
+    inp = make_input(m=120, chunk=8, height=4, width=4)
+    out = tmp_path / "out.zarr"
+    plan_job(inp, out, batch_chunk=1).open_output()
+    zarr.open_array(str(out / "_progress" / "done"), mode="r+")[::2] = 1  # as if chunks 0, 2, ... had run
+    summary = summarize(str(out))
+    assert summary["chunks"]["missing"] == [[i, i] for i in range(1, 101, 2)]
+    assert summary["chunks"]["missing_count"] == 60 and summary["chunks"]["done"] == 60
+    line = format_summary(summary).splitlines()[1]
+    listed = ", ".join(map(str, range(1, 101, 2)))
+    assert line == f"  INCOMPLETE: 60 of 120 batch chunks done, 60 missing ({listed} ...)"
+
+
+@pytest.mark.parametrize(
+    "mask, ranges, text",
+    [
+        ([], [], ""),
+        ([0, 0], [], ""),
+        ([1], [[0, 0]], "0"),
+        ([1, 1], [[0, 1]], "0, 1"),
+        ([1, 1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1], [[0, 3], [7, 7], [9, 11]], "0-3, 7, 9-11"),
+        ([0, 1, 1, 0, 1, 1, 1], [[1, 2], [4, 6]], "1, 2, 4-6"),
+    ],
+)
+def test_chunk_ranges_and_format_ranges(mask, ranges, text):
+    assert chunk_ranges(np.array(mask, dtype=bool)) == ranges
+    assert format_ranges(ranges) == text
+
+
+# the input's hparameters (what make_inputs writes) and the flags the resume command must carry
+CONV_FORMS = [
+    pytest.param(dict(stride=1, padding=1, dilation=1), "--stride 1 --padding 1 --dilation 1", id="defaults"),
+    pytest.param(dict(stride=[2, 1], padding=[1, 2, 0, 1], dilation=2), "--stride 2,1 --padding 1,2,0,1 --dilation 2",
+                 id="asymmetric"),
+    pytest.param(dict(stride=2, padding=[2, 1], dilation=[1, 2]), "--stride 2 --padding 2,1 --dilation 1,2",
+                 id="pairs"),
+    pytest.param(dict(stride=2, padding="same", dilation=1), "--stride 2 --padding same --dilation 1", id="same"),
+]
+
+
+@pytest.mark.parametrize("conv, flags", CONV_FORMS)
+def test_the_resume_command_resumes_the_job(make_input, tmp_path, monkeypatch, conv, flags):
+    """The command inspect prints, parsed by the CLI's own parser, plans a job of the same fingerprint,
+    which finishes the output. The job took its conv parameters from the input's hparameters; the
+    command states them, in the CLI's text forms."""
+    monkeypatch.setattr(simd, "_active", None)  # in-process chunk tasks set this process's level
+    inp, out = make_input(m=9, chunk=3, height=9, width=9, kernel=3, **conv), tmp_path / "out dir" / "out.zarr"
+    plan = plan_job(inp, out, batch_chunk=3, split_every=2, simd="numpy")
+    plan.open_output()
+    plan.run_chunk(1)
+    plan.out.mark_interrupted("SIGTERM")
+
+    summary = summarize(str(out))
+    command = summary["resume_command"]
+    assert command == shlex.join(["dconv", "backward", inp, str(out), "--resume"]) + (
+        f" --batch-chunk 3 --split-every 2 {flags} --simd numpy"
+    )
+    assert summary["chunks"]["missing"] == [[0, 0], [2, 2]]
+    lines = format_summary(summary).splitlines()
+    assert lines[1] == "  INCOMPLETE: 1 of 3 batch chunks done, 2 missing (0, 2)"
+    assert lines[2].startswith("  interrupted by SIGTERM at ")
+    datetime.fromisoformat(lines[2].rsplit(" ", 1)[1])
+    assert lines[3] == f"  resume with: {command}"
+
+    words = shlex.split(command)
+    assert words[:2] == ["dconv", "backward"]
+    args = build_parser().parse_args(words[1:])
+    resumed = plan_job(args.inputs, args.out, dconv.JobOptions.build(None, **dconv.JobOptions.given(args)))
+    assert resumed.fingerprint == plan.fingerprint == summary["provenance"]["fingerprint"]
+    result = dconv.run_job(resumed, scheduler="threads")
+    assert result.computed_chunks == 2 and summarize(str(out))["complete"]
+
+
+def test_no_resume_command_for_in_memory_inputs(rng, tmp_path):
+    arrays = {"A_prev": rng.standard_normal((4, 5, 5, 2)), "dZ": rng.standard_normal((4, 3, 3, 3)),
+              "W": rng.standard_normal((3, 3, 2, 3))}
+    out = tmp_path / "out.zarr"
+    plan_job(arrays, out, batch_chunk=2).open_output()
+    summary = summarize(str(out))
+    assert summary["resume_command"] is None
+    assert "  resume: run the job again on the same arrays with resume=True" in format_summary(summary).splitlines()
+    assert resume_command(str(out), {"input": "/x.zarr"}) is None  # no identity recorded: no command
+
+
+def test_no_compression_ratio_until_the_output_is_complete(make_input, tmp_path, monkeypatch):
+    """An unfinished dA_prev has chunks not yet written; they would count as compressed away."""
+    monkeypatch.setattr(simd, "_active", None)
+    inp, out = make_input(m=64, chunk=16, in_channels=16), tmp_path / "out.zarr"  # dA_prev 512 KiB
+    plan = plan_job(inp, out, batch_chunk=16)
+    plan.open_output()
+    plan.run_chunk(0)
+    summary = summarize(str(out))
+    assert [info["compression_ratio"] for info in summary["arrays"].values()] == [None, None, None]
+    assert json.loads(json.dumps(summary))["arrays"]["dA_prev"]["compression_ratio"] is None
+    dA_prev_line = next(line for line in format_summary(summary).splitlines() if line.strip().startswith("dA_prev"))
+    assert dA_prev_line.endswith("compression n/a")
+
+    dconv.backward_job(inp, out, batch_chunk=16, resume=True, scheduler="threads")
+    ratio = summarize(str(out))["arrays"]["dA_prev"]["compression_ratio"]
+    assert ratio == pytest.approx(1.0, abs=0.01)  # stored uncompressed: every chunk written, no ratio to speak of
 
 
 def test_summary_reports_the_failure_reason(make_input, tmp_path):
@@ -94,7 +211,11 @@ def test_summary_reports_the_failure_reason(make_input, tmp_path):
     plan.out.update_provenance(status="failed", reason="RuntimeError: boom")
     summary = summarize(str(out))
     assert summary["status"] == "failed" and not summary["complete"]
-    assert "  reason: RuntimeError: boom" in format_summary(summary).splitlines()
+    lines = format_summary(summary).splitlines()
+    assert "  reason: RuntimeError: boom" in lines
+    assert f"  resume with: {summary['resume_command']}" in lines
+    plan.out.mark_failed(RuntimeError())  # no message: no dangling colon
+    assert summarize(str(out))["provenance"]["reason"] == "RuntimeError"
 
 
 @pytest.mark.parametrize("kind", ["missing", "plain_group"])

@@ -3,6 +3,7 @@
 - :mod:`~dconv.store.layout`: the table of every output array and figure a job writes.
 - :mod:`~dconv.store.output`: the output group: safety checks, create or resume, chunk writes, the finish.
 - :mod:`~dconv.store.inputs`: input groups: open and check, read rows, write synthetic ones.
+- :mod:`~dconv.store.writer`: input groups written a batch at a time (``InputWriter``), e.g. from PyTorch.
 - :mod:`~dconv.store.summary`: what ``dconv inspect`` reports.
 - :mod:`~dconv.store.locations`: local paths and fsspec URLs.
 - :mod:`~dconv.store.fastread`: the fast chunk reader, the only user of zarr's private API.
@@ -25,6 +26,7 @@ from dconv.store.output import (
     read_levels,
 )
 from dconv.store.summary import format_levels, format_summary, summarize
+from dconv.store.writer import InputWriter, torch_conv_params
 
 __all__ = [
     "ATTR",
@@ -34,6 +36,7 @@ __all__ = [
     "OUTPUT_LAYOUT",
     "PROGRESS",
     "InputGroup",
+    "InputWriter",
     "Kind",
     "OutputEntry",
     "OutputLayout",
@@ -57,4 +60,5 @@ __all__ = [
     "read_levels",
     "store_exists",
     "summarize",
+    "torch_conv_params",
 ]

@@ -278,7 +278,7 @@ def make_inputs(
     w_shape = (*recipe.kernel, recipe.in_channels, recipe.out_channels)
     z_shape = output_shape(a_shape, w_shape, params)
     rng = np.random.default_rng(recipe.seed)
-    group = _create_group(url, overwrite, storage_options)
+    group = create_input_group(url, overwrite, storage_options)
     group.attrs["hparameters"] = params.to_hparameters()
     shapes = {"A_prev": a_shape, "dZ": z_shape, "W": w_shape, "b": (1, 1, 1, recipe.out_channels)}
     arrays = {
@@ -302,9 +302,10 @@ def make_inputs(
     return url
 
 
-def _create_group(url: str, overwrite: bool, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+def create_input_group(url: str, overwrite: bool, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    """A new, empty input group at ``url``; an existing one is refused unless ``overwrite``."""
     if not overwrite and store_exists(url, storage_options):
-        raise InputError(f"{public_location(url)!r} already exists; pass overwrite to replace it.")
+        raise InputError(f"{public_location(url)!r} already exists; pass overwrite=True to replace it.")
     return open_group(url, "w", storage_options)
 
 

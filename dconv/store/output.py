@@ -12,7 +12,7 @@ An output is a Zarr v3 group laid out by :data:`dconv.store.layout.OUTPUT_LAYOUT
     _progress/done        (n_chunks,)      uint8, 1 once chunk i is durable
 
 and a group attribute ``dconv`` with the provenance and the ``status``
-("running", "failed" or "complete"; "complete" is written last). A chunk's
+("running", "failed", "interrupted" or "complete"; "complete" is written last). A chunk's
 completion is its ``done`` flag, written after its blocks, its records and its
 level: never inferred from a chunk file, since Zarr does not write chunks that
 equal the fill value.
@@ -110,12 +110,12 @@ class OutputStore:
         """
         _check_apart_from_input(self.url, input_location)
         if overwrite and resume:
-            raise InputError("give overwrite or resume, not both.")
+            raise InputError("give overwrite=True or resume=True, not both.")
         if not store_exists(self.url, self.storage_options):
             return
         if not overwrite and not resume:
             raise InputError(
-                f"out {self.location!r} already exists; pass --overwrite to replace it or --resume to continue it."
+                f"out {self.location!r} already exists; pass overwrite=True to replace it or resume=True to continue it."
             )
         if self.provenance() is None and not _is_empty_dir(self.url):
             raise InputError(
@@ -173,7 +173,7 @@ class OutputStore:
             raise InputError(
                 f"cannot resume {self.location!r}: it was made by another job ("
                 + ("; ".join(differences) or "its fingerprint differs")
-                + "). Use --overwrite to start again."
+                + "). Use overwrite=True to start again."
             )
         try:
             finished = self.done_chunks()
@@ -273,7 +273,28 @@ class OutputStore:
 
     def mark_failed(self, error: BaseException) -> None:
         """Record ``status: "failed"`` and the error that stopped the job."""
-        self.update_provenance(status="failed", reason=f"{type(error).__name__}: {error}"[:2000], failed=now())
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        self.update_provenance(status="failed", reason=reason[:2000], failed=now())
+
+    def mark_interrupted(self, signal: str) -> None:
+        """Record ``status: "interrupted"``, the signal that stopped the job (``"SIGINT"``, ``"SIGTERM"``) and when."""
+        self.update_provenance(status="interrupted", signal=signal, interrupted=now())
+
+    def read_values(self) -> dict[str, Any]:
+        """The finished values of a complete output, as the job that finished it returned them.
+
+        Each stored SUM entry's array, each unstored one's per-chunk records
+        summed in chunk order (a count), and each FIGURE from the provenance.
+        """
+        group = self.group("r")
+        values: dict[str, Any] = {}
+        for entry in self.layout.of_kind(Kind.SUM):
+            if entry.stored:
+                values[entry.name] = np.asarray(group[entry.name][...])
+            else:
+                values[entry.name] = np.asarray(group[entry.record][:]).sum(axis=0).item()
+        stored = group.attrs[ATTR]
+        return {**values, **{entry.name: stored.get(entry.name) for entry in self.layout.of_kind(Kind.FIGURE)}}
 
 
 def _check_apart_from_input(out: str, input_location: str | None) -> None:

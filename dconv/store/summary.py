@@ -2,11 +2,14 @@
 
 Reads metadata, the summed arrays (``dW``, ``db``) and the per-chunk ``done``
 flags and SIMD levels; never a block array (``dA_prev``), so it is cheap on any
-size of output. Which arrays there are comes from the output layout table.
+size of output. Which arrays there are comes from the output layout table. For
+an output that is not complete it names the missing chunks, as ranges, and the
+command that resumes its job (:func:`resume_command`).
 """
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
@@ -14,16 +17,18 @@ import numpy as np
 import zarr
 
 from dconv.store.layout import OUTPUT_LAYOUT, Kind
-from dconv.store.locations import public_location
+from dconv.store.locations import is_local, public_location
 from dconv.store.output import open_output, output_arrays, read_done, read_levels
 
-__all__ = ["summarize", "format_summary", "format_levels"]
+__all__ = ["summarize", "format_summary", "format_levels", "format_ranges", "chunk_ranges", "resume_command"]
 
 MAX_LISTED = 50
-"""Longest list of chunks (missing ones, level runs) a summary spells out."""
+"""Longest list of chunk ranges (missing ones, level runs) a summary spells out."""
 
 
-def _array_summary(array: zarr.Array) -> dict[str, Any]:
+def _array_summary(array: zarr.Array, complete: bool) -> dict[str, Any]:
+    """Shape, dtype, chunks, dimension names, codecs, stored bytes; the compression ratio only of a complete output
+    (an unfinished one has chunks not written yet, which would count as compressed away)."""
     stored = array.nbytes_stored()
     compressors = [type(c).__name__ for c in getattr(array, "compressors", ())]
     return {
@@ -34,7 +39,7 @@ def _array_summary(array: zarr.Array) -> dict[str, Any]:
         "compressors": compressors,
         "stored_bytes": int(stored),
         # stored bytes include the zarr.json document: no meaningful ratio for tiny arrays
-        "compression_ratio": round(array.nbytes / stored, 3) if stored and array.nbytes >= 2**16 else None,
+        "compression_ratio": round(array.nbytes / stored, 3) if complete and stored and array.nbytes >= 2**16 else None,
     }
 
 
@@ -47,6 +52,74 @@ def _json_float(value: float) -> float | str:
 def format_levels(counts: Mapping[str, int]) -> str:
     """``{"avx2": 3, "numpy": 1}`` -> ``"avx2 3 chunks, numpy 1 chunk"``."""
     return ", ".join(f"{level} {n} chunk{'s' if n != 1 else ''}" for level, n in counts.items()) or "no chunks"
+
+
+def chunk_ranges(mask: np.ndarray) -> list[list[int]]:
+    """``[[first, last], ...]``: the runs of consecutive True entries of ``mask`` (inclusive), in order."""
+    indices = np.flatnonzero(mask)
+    if indices.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) > 1)
+    firsts = np.concatenate(([indices[0]], indices[breaks + 1]))
+    lasts = np.concatenate((indices[breaks], [indices[-1]]))
+    return [[int(first), int(last)] for first, last in zip(firsts, lasts)]
+
+
+def format_ranges(ranges: Sequence[Sequence[int]]) -> str:
+    """``[[0, 3], [7, 7], [9, 10]]`` -> ``"0-3, 7, 9, 10"``: a run of three or more as ``first-last``."""
+    parts = []
+    for first, last in ranges:
+        parts.append(f"{first}-{last}" if last - first >= 2 else ", ".join(map(str, range(first, last + 1))))
+    return ", ".join(parts)
+
+
+def _flag_text(value: Sequence[int]) -> str:
+    """A stride or dilation ``[h, w]`` as the CLI takes it: ``"2"``, or ``"2,1"`` where the axes differ."""
+    return str(value[0]) if value[0] == value[1] else f"{value[0]},{value[1]}"
+
+
+def _padding_text(padding: Any) -> str:
+    """Recorded padding (``"same"`` or ``[[top, bottom], [left, right]]``) as the CLI takes it.
+
+    ``same``; ``1`` or ``1,2`` (h,w) where top equals bottom and left equals right; else ``0,1,0,1``.
+    """
+    if isinstance(padding, str):
+        return padding
+    (top, bottom), (left, right) = padding
+    if top == bottom and left == right:
+        return _flag_text([top, left])
+    return f"{top},{bottom},{left},{right}"
+
+
+def resume_command(location: str, provenance: Mapping[str, Any]) -> str | None:
+    """The ``dconv backward ... --resume`` command line that continues the job of the output at ``location``.
+
+    Built from the provenance: the input, and the identity a resumed job must
+    match, in the CLI's text forms (``--batch-chunk``, ``--split-every``,
+    ``--stride``, ``--padding``, ``--dilation``); ``--simd`` too when the job
+    asked for a level other than auto, so that the chunks still to run use the
+    same arithmetic. Storage options are never recorded: a job on fsspec URLs
+    needs its ``--storage-option`` flags added.
+
+    Returns
+    -------
+    str or None
+        None for a job on in-memory arrays (nothing to name on a command line),
+        or a provenance without the identity.
+    """
+    source, params = provenance.get("input"), provenance.get("params")
+    if not isinstance(source, str) or source.startswith("<") or not isinstance(params, Mapping):
+        return None
+    if provenance.get("batch_chunk") is None or provenance.get("split_every") is None:
+        return None
+    words = ["dconv", "backward", source, location, "--resume"]
+    words += ["--batch-chunk", str(provenance["batch_chunk"]), "--split-every", str(provenance["split_every"])]
+    words += ["--stride", _flag_text(params["stride"]), "--padding", _padding_text(params["padding"])]
+    words += ["--dilation", _flag_text(params["dilation"])]
+    requested = (provenance.get("simd") or {}).get("requested")
+    if requested not in (None, "auto"):
+        words += ["--simd", requested]
+    return shlex.join(words)
 
 
 def level_runs(levels: Sequence[str], done: np.ndarray) -> list[list]:
@@ -75,6 +148,12 @@ def _simd_summary(group: zarr.Group, done: np.ndarray, provenance: Mapping[str, 
 def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-friendly summary of a dconv output: arrays, status, progress, provenance, norms.
 
+    ``chunks["missing"]`` lists the missing chunks as ``[first, last]`` ranges
+    (at most :data:`MAX_LISTED`); ``resume_command`` is the command line that
+    continues an output that is not complete (None once it is, or for a job on
+    in-memory arrays); ``compression_ratio`` is None for every array of an
+    output that is not complete.
+
     Raises
     ------
     InputError
@@ -83,19 +162,21 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
     location = public_location(url)
     group, provenance = open_output(url, storage_options)
     status = provenance.pop("status", "unknown")
+    complete = status == "complete"
     done = read_done(group)
     summary: dict[str, Any] = {
         "location": location,
         "status": status,
-        "complete": status == "complete",
+        "complete": complete,
         "chunks": {
             "total": int(done.size),
             "done": int(done.sum()),
-            "missing": [int(i) for i in np.flatnonzero(~done)][:MAX_LISTED],
+            "missing": chunk_ranges(~done)[:MAX_LISTED],
             "missing_count": int((~done).sum()),
         },
-        "arrays": {name: _array_summary(group[name]) for name in output_arrays(group)},
+        "arrays": {name: _array_summary(group[name], complete) for name in output_arrays(group)},
         "simd": _simd_summary(group, done, provenance),
+        "resume_command": None if complete else resume_command(location, provenance),
         "provenance": provenance,
     }
     if status == "complete":
@@ -109,17 +190,21 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The human-readable form of :func:`summarize`'s result."""
-    chunks = summary["chunks"]
-    lines = [f"{summary['location']}: {summary['status']}"]
+    chunks, provenance, status = summary["chunks"], summary["provenance"], summary["status"]
+    lines = [f"{summary['location']}: {status}"]
     if not summary["complete"]:
-        missing = ", ".join(map(str, chunks["missing"]))
-        more = " ..." if chunks["missing_count"] > len(chunks["missing"]) else ""
+        listed = sum(last - first + 1 for first, last in chunks["missing"])
+        more = " ..." if chunks["missing_count"] > listed else ""
         lines.append(
             f"  INCOMPLETE: {chunks['done']} of {chunks['total']} batch chunks done, "
-            f"{chunks['missing_count']} missing ({missing}{more})"
+            f"{chunks['missing_count']} missing ({format_ranges(chunks['missing'])}{more})"
         )
-        if "reason" in summary["provenance"]:
-            lines.append(f"  reason: {summary['provenance']['reason']}")
+        if status == "interrupted":
+            signal, when = provenance.get("signal", "a signal"), provenance.get("interrupted", "?")
+            lines.append(f"  interrupted by {signal} at {when}")
+        elif "reason" in provenance:
+            lines.append(f"  reason: {provenance['reason']}")
+        lines.append(_format_resume(summary))
     else:
         lines.append(f"  {chunks['done']} of {chunks['total']} batch chunks done")
     lines.append("  arrays:")
@@ -135,12 +220,24 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append("  norms: " + ", ".join(norms))
         nonfinite = summary.get("nonfinite") or {}
         lines.append("  non-finite values: " + ", ".join(f"{k} {v}" for k, v in nonfinite.items()))
-    provenance = summary["provenance"]
     lines.append("  provenance:")
-    for key in ("input", "params", "shapes", "dtypes", "batch_chunk", "split_every", "versions", "started", "finished", "seconds"):
+    for key in ("input", "params", "shapes", "dtypes", "batch_chunk", "split_every", "versions", "started", "resumed",
+                "finished", "seconds"):
         if key in provenance:
             lines.append(f"    {key}: {provenance[key]}")
     return "\n".join(lines)
+
+
+def _format_resume(summary: Mapping[str, Any]) -> str:
+    """``  resume with: dconv backward ... --resume ...``, with what to watch for."""
+    command = summary["resume_command"]
+    if command is None:
+        return "  resume: run the job again on the same arrays with resume=True"
+    if not all(is_local(where) for where in (summary["location"], summary["provenance"]["input"])):
+        command += "  (add the job's --storage-option flags)"
+    if summary["status"] == "running":  # a live job, or one killed too hard to record anything
+        return f"  if no job is writing it any more, resume with: {command}"
+    return f"  resume with: {command}"
 
 
 def _format_simd(simd: Mapping[str, Any]) -> list[str]:
