@@ -227,7 +227,8 @@ def connect(
             client.run(importlib.import_module, "dconv.graph")  # workers import dconv and zarr now, in parallel
             if not quiet:
                 print(
-                    f"dconv: local cluster, {n_workers} workers x 1 thread x {blas_threads} BLAS threads; "
+                    f"dconv: local cluster, {n_workers} worker{'s' if n_workers != 1 else ''} x 1 thread x "
+                    f"{blas_threads} BLAS thread{'s' if blas_threads != 1 else ''}; "
                     f"dashboard {client.dashboard_link}",
                     file=sys.stderr,
                 )

@@ -293,10 +293,12 @@ def run_job(
         return stored
     with _signals_interrupt():
         if scheduler is not None:
+            check_simd(plan.simd)
             threads = 1 if scheduler == "synchronous" else available_cores()
             _announce(plan, 1, threads, available_cores(), quiet, say)
             return _run(plan, client=None, scheduler=scheduler, progress=progress)
         if client is not None:
+            check_simd(plan.simd, client)  # refused before anything is said
             _announce(plan, *_workers_of(client), None, quiet, say)
             return _run(plan, client=client, scheduler=None, progress=progress)
         cluster = cluster or ClusterOptions()
@@ -305,6 +307,7 @@ def run_job(
             _announce(plan, local_cluster_layout(cluster.workers)[0], 1, available_cores(), quiet, say)
         with connect(cluster, quiet=quiet, debug=debug) as new_client:
             if cluster.scheduler is not None:
+                check_simd(plan.simd, new_client)  # refused before anything is said
                 _announce(plan, *_workers_of(new_client), None, quiet, say)
             return _run(plan, client=new_client, scheduler=None, progress=progress)
 

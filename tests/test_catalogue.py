@@ -534,7 +534,8 @@ def check_usage_error(result, needles: list[str]) -> str:
     """Exit 2, one stderr line matching every needle, no traceback; returns the line."""
     assert result.returncode == 2, describe(result)
     assert "Traceback" not in result.stderr, describe(result)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # the plan's warnings (one line each, "dconv: warning: ...") may come first: the error is one line
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("dconv: warning: ")]
     assert len(lines) == 1, f"stderr should be one line:\n{describe(result)}"
     for needle in needles:
         assert re.search(needle, lines[0], re.IGNORECASE), f"{needle!r} not in the message:\n{describe(result)}"
