@@ -189,13 +189,12 @@ def missing_loops_reason() -> str:
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    try:
-        installed = Path(metadata.distribution("dconv").locate_file("dconv/__init__.py"))
-    except metadata.PackageNotFoundError:
-        installed = None
-    if (here / "_flatconv.c").is_file() and installed is not None and installed.is_file() and installed.resolve().parent != here:
+    # a checkout's own dconv.egg-info (from pip's build) is a distribution too: look past it
+    installed = [Path(dist.locate_file("dconv/__init__.py")).resolve() for dist in metadata.distributions(name="dconv")]
+    elsewhere = [path.parent for path in installed if path.is_file() and path.parent != here]
+    if (here / "_flatconv.c").is_file() and elsewhere:
         return (
             f"the compiled loops are not in {here}: Python imported dconv from this source checkout, not the "
-            f"installed package ({installed.parent}); run from another directory, or with python -P"
+            f"installed package ({elsewhere[0]}); run from another directory, or with python -P"
         )
     return "the compiled loops were not built at install (no C compiler?); reinstall with one to get them"

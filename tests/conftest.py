@@ -30,11 +30,11 @@ def _test_the_installed_dconv() -> None:
     from importlib import metadata
 
     root = Path(__file__).resolve().parent.parent
-    try:
-        installed = Path(metadata.distribution("dconv").locate_file("dconv/__init__.py"))
-    except metadata.PackageNotFoundError:
-        return
-    if not installed.is_file() or installed.resolve().parent == root / "dconv":
+    # the checkout's own dconv.egg-info (from pip's build) is a distribution too: look past it
+    installed = [
+        Path(dist.locate_file("dconv/__init__.py")).resolve() for dist in metadata.distributions(name="dconv")
+    ]
+    if not any(path.is_file() and path.parent != root / "dconv" for path in installed):
         return  # not installed, or installed editable from this checkout: the checkout is the package
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
 

@@ -104,12 +104,9 @@ def _checkout_shadows_an_install() -> bool:
     """A non-editable install lives elsewhere, and the checkout holds no compiled module."""
     from importlib import metadata
 
-    try:
-        installed = Path(metadata.distribution("dconv").locate_file("dconv/__init__.py"))
-    except metadata.PackageNotFoundError:
-        return False
+    installed = [Path(dist.locate_file("dconv/__init__.py")).resolve() for dist in metadata.distributions(name="dconv")]
     built_here = any((ROOT / "dconv").glob("_flatconv*.so")) or any((ROOT / "dconv").glob("_flatconv*.pyd"))
-    return installed.is_file() and installed.resolve().parent != ROOT / "dconv" and not built_here
+    return any(path.is_file() and path.parent != ROOT / "dconv" for path in installed) and not built_here
 
 
 def _from_the_checkout(*args: str) -> subprocess.CompletedProcess:
