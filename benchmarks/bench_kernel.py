@@ -7,6 +7,7 @@ removed, so that OpenBLAS picks its native kernel::
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --quick
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --dtype float32 --json out.json
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --paths   # loops vs GEMMs, per layer
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernel.py --stats   # statistics, no dA_prev
 
 The SIMD level of dconv's compiled loops is ``DCONV_SIMD`` (or ``--level``). To
 hold the others to the same instruction set, set their variables on the command
@@ -307,6 +308,69 @@ def run_paths(args: argparse.Namespace) -> dict:
     return dict(mode="paths", cpu=cpu_info(), level=level, threads=threads, blas=blas_info(), rounds=args.rounds, rows=rows)
 
 
+# ----------------------------------------------------------------------------- statistics
+
+
+STATS_SUITE = [
+    Layer("32x32x16->32 3x3 s1", 256, (32, 32), 16, 32, (3, 3), 1, 1),
+    Layer("16x16x64->128 3x3 s2", 256, (16, 16), 64, 128, (3, 3), 2, 1),
+    Layer("8x8x128->128 1x1", 256, (8, 8), 128, 128, (1, 1), 1, 0),
+]
+"""The three layers of issue 16, at a batch of 256 (one chunk of a job)."""
+
+STATS_VARIANTS = {"full": (False, True), "stats": (True, True), "no dA_prev": (False, False),
+                  "stats, no dA_prev": (True, False)}
+"""name -> (stats, dA_prev) of backward_kernel."""
+
+
+def thread_seconds(call) -> float:
+    """The CPU time of the calling thread over one ``call()``: on a shared machine, the time other processes
+    take from the core is not counted (their pressure on caches and memory still is)."""
+    time.sleep(REST)
+    start = time.thread_time()
+    call()
+    return time.thread_time() - start
+
+
+def run_stats(args: argparse.Namespace) -> dict:
+    """Kernel time of a job's chunk task, ``backward_kernel(..., threads=1, float64_sums=True)``, with the
+    per-sample statistics and without dA_prev against the full pass: the four variants interleaved,
+    ``args.rounds`` rounds, the calling thread's CPU time (everything runs on it: BLAS on 1 thread),
+    medians and minima."""
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+    dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+    print(cpu_description())
+    print(f"kernel = dconv.kernel.backward_kernel(dZ, A_prev, W, geometry, threads=1, float64_sums=True, stats=.., "
+          f"dA_prev=..), BLAS on 1 thread; thread CPU time over {args.rounds} interleaved rounds; median (min)")
+    rows = []
+    for dtype in dtypes:
+        for layer in STATS_SUITE:
+            dZ, A_prev, W = make_arrays(layer, dtype)
+            geometry = backward_geometry(dZ.shape, A_prev.shape, W.shape, layer.params())
+            calls = {
+                name: (lambda s=stats, d=dA_prev: dconv.kernel.backward_kernel(
+                    dZ, A_prev, W, geometry, threads=1, float64_sums=True, stats=s, dA_prev=d))
+                for name, (stats, dA_prev) in STATS_VARIANTS.items()
+            }
+            samples = {name: [] for name in calls}
+            for call in calls.values():
+                call()                                            # warm up
+            for _ in range(args.rounds):
+                for name, call in calls.items():
+                    samples[name].append(thread_seconds(call))
+            medians = {name: float(np.median(values)) for name, values in samples.items()}
+            minima = {name: float(np.min(values)) for name, values in samples.items()}
+            ratios = {"stats/full": medians["stats"] / medians["full"],
+                      "full/no dA_prev": medians["full"] / medians["no dA_prev"],
+                      "stats, no dA_prev/no dA_prev": medians["stats, no dA_prev"] / medians["no dA_prev"]}
+            rows.append(dict(layer=layer.name, shape=layer.describe(), dtype=dtype.name, level=simd.active_level(),
+                             medians=medians, minima=minima, ratios=ratios))
+            cells = "  ".join(f"{name} {fmt_time(medians[name])} ({fmt_time(minima[name])})" for name in calls)
+            print(f"{layer.name:22s} {dtype.name:7s} {cells}", flush=True)
+            print(f"{'':22s} {'':7s} " + "  ".join(f"{name} {value:.2f}x" for name, value in ratios.items()), flush=True)
+    return dict(mode="stats", cpu=cpu_info(), level=simd.active_level(), blas=blas_info(), rounds=args.rounds, rows=rows)
+
+
 def _eligible_in(dtype, c_prev, c_out) -> bool:
     """Whether the compiled dA_prev loop can take this layer at all (every rule limit lifted)."""
     lanes = dispatch.COMPILED_LANES.get(np.dtype(dtype).itemsize)
@@ -487,11 +551,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", action="store_true",
                         help="instead: time the compiled loops and the GEMMs for dA_prev and dW of each layer, "
                              "all four pairings, and show the one the rule picks (COMPILED_RULES)")
-    parser.add_argument("--rounds", type=int, default=7, help="--paths: interleaved rounds (median counts)")
+    parser.add_argument("--stats", action="store_true",
+                        help="instead: kernel time (threads=1) with the per-sample statistics and without dA_prev "
+                             "against the full pass, on the three layers of issue 16 at m = 256")
+    parser.add_argument("--rounds", type=int, default=7, help="--paths, --stats: interleaved rounds (median counts)")
     args = parser.parse_args(argv)
     if args.level:
         simd.set_level(args.level)
-    results = run_paths(args) if args.paths else run(args)
+    results = run_paths(args) if args.paths else run_stats(args) if args.stats else run(args)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -23,7 +23,7 @@ from typing import Any
 
 from dconv.classic import conv_backward, conv_forward
 from dconv.errors import InputDtypeError, InputError, JobInterrupted, SimdLevelError, SpecError
-from dconv.kernel import Gradients, conv2d_backward, conv2d_forward
+from dconv.kernel import Gradients, GradientStats, GradientsWithStats, conv2d_backward, conv2d_forward
 from dconv.params import ConvParams
 from dconv.simd import simd_levels, version_text
 
@@ -33,6 +33,8 @@ __all__ = [
     "ClusterOptions",
     "ConvParams",
     "Gradients",
+    "GradientStats",
+    "GradientsWithStats",
     "InputDtypeError",
     "InputError",
     "InputRecipe",

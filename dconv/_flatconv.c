@@ -21,6 +21,9 @@
  *   A register block holds input channels x output vectors, over one sample's pixels at a
  *   time; each sample's sum is added into a float64 dW. For a narrow C_prev the caller merges
  *   the taps of each kernel row into the rows of a block (their values lie side by side in P).
+ *   With the per-sample statistics, the same sums also build each sample's own float64 dW_n
+ *   (one sample's at a time), whose squares go into dW_sq and whose squared norm into norm2[n];
+ *   dW gets the same additions in the same order with or without them, and may be left out.
  *
  * Both are compiled once per SIMD level in this one file (_flatconv_loops.h, included under
  * each level's target pragma) and chosen per call by name; levels() says which this CPU runs:
@@ -75,6 +78,27 @@ static int input_plan(idx Cp, idx C, idx lanes)
     if (Cp <= NARROW && C % lanes == 0)
         return PLAN_NARROW;
     return PLAN_NONE;
+}
+
+/* weight_grad's statistics, after sample n: dW_sq += dW_n * dW_n elementwise, and the sum of those
+ * squares, added in element order into 8 accumulators, then those in order. Plain C, called at
+ * every level: the same bits wherever dW_n has them. */
+static double sample_squares(const double *dW_n, idx size, double *dW_sq)
+{
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    idx e = 0;
+    for (; e + 8 <= size; e += 8)
+        for (int l = 0; l < 8; l++) {
+            double square = dW_n[e + l] * dW_n[e + l];
+            dW_sq[e + l] += square;
+            acc[l] += square;
+        }
+    for (; e < size; e++) {
+        double square = dW_n[e] * dW_n[e];
+        dW_sq[e] += square;
+        acc[0] += square;
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 /* REPEAT(N, M, args): M(args, 1) M(args, 2) ... M(args, N), N a literal or a macro. */
@@ -232,9 +256,9 @@ typedef struct {
     void (*f64_input_grad)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
                            idx, double *, out_layout);
     void (*f32_weight_grad)(const float *, const float *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx, idx,
-                            idx, double *);
+                            idx, double *, double *, double *, double *);
     void (*f64_weight_grad)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
-                            idx, idx, double *);
+                            idx, idx, double *, double *, double *, double *);
 } simd_level;
 
 #define LEVEL_ENTRY(NAME, RUNS)                                                                     \
@@ -404,52 +428,78 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
 static PyObject *weight_grad(PyObject *self, PyObject *args)
 {
     const char *level_name;
-    PyObject *P_obj, *G_obj, *off_obj, *out_obj;
+    PyObject *P_obj, *G_obj, *off_obj, *out_obj, *sq_obj = Py_None, *norm_obj = Py_None;
     idx p_rows, m, sample, row_step, col_step, n_h, n_w, Cp, R, C;
-    if (!PyArg_ParseTuple(args, "sOOOnnnnnnnnnnO", &level_name, &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample,
-                          &row_step, &col_step, &n_h, &n_w, &Cp, &R, &C, &out_obj))
+    if (!PyArg_ParseTuple(args, "sOOOnnnnnnnnnnO|OO", &level_name, &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample,
+                          &row_step, &col_step, &n_h, &n_w, &Cp, &R, &C, &out_obj, &sq_obj, &norm_obj))
         return NULL;
     const simd_level *level = find_level(level_name);
     if (level == NULL)
         return NULL;
     if (Cp < 1 || R < 1)
         return PyErr_Format(PyExc_ValueError, "weight_grad: C_prev %zd and rows %zd must be >= 1", Cp, R);
-    Py_buffer v[4]; /* offsets, P, dZ, out */
-    if (get_buffer(off_obj, &v[0], 0, 'n', 1, "offsets") < 0)
+    int stats = sq_obj != Py_None || norm_obj != Py_None;
+    if (stats && (sq_obj == Py_None || norm_obj == Py_None))
+        return PyErr_Format(PyExc_ValueError, "weight_grad: dW_sq and norm2 must be given together");
+    if (!stats && out_obj == Py_None)
+        return PyErr_Format(PyExc_ValueError, "weight_grad: out may be None only with dW_sq and norm2");
+    Py_buffer v[6]; /* offsets, P, dZ, out, dW_sq, norm2 */
+    int held = 0;
+    if (get_buffer(off_obj, &v[held], 0, 'n', 1, "offsets") < 0)
         return NULL;
+    held++;
     idx K = v[0].len / (Py_ssize_t)sizeof(idx);
     const idx *offsets = v[0].buf;
-    if (get_buffer(P_obj, &v[1], 0, 0, p_rows * Cp, "P") < 0) {
-        release(v, 1);
-        return NULL;
-    }
+    if (get_buffer(P_obj, &v[held], 0, 0, p_rows * Cp, "P") < 0)
+        goto fail;
+    held++;
     char type = item_type(&v[1]);
-    if (get_buffer(G_obj, &v[2], 0, type, m * n_h * n_w * C, "dZ") < 0) {
-        release(v, 2);
-        return NULL;
+    if (get_buffer(G_obj, &v[held], 0, type, m * n_h * n_w * C, "dZ") < 0)
+        goto fail;
+    held++;
+    double *out = NULL, *dW_sq = NULL, *norm2 = NULL;
+    if (out_obj != Py_None) {
+        if (get_buffer(out_obj, &v[held], 1, 'd', K * R * C, "out") < 0)
+            goto fail;
+        out = v[held++].buf;
     }
-    if (get_buffer(out_obj, &v[3], 1, 'd', K * R * C, "out") < 0) {
-        release(v, 3);
-        return NULL;
+    if (stats) {
+        if (get_buffer(sq_obj, &v[held], 1, 'd', K * R * C, "dW_sq") < 0)
+            goto fail;
+        dW_sq = v[held++].buf;
+        if (get_buffer(norm_obj, &v[held], 1, 'd', m, "norm2") < 0)
+            goto fail;
+        norm2 = v[held++].buf;
     }
     idx last = (m - 1) * sample + (n_h - 1) * row_step + (n_w - 1) * col_step; /* the last output pixel's row */
     /* the last element read: R values from the last output pixel's pixel of the last tap */
     int fits = m > 0 && n_h > 0 && n_w > 0 && offsets[0] >= 0 && (last + offsets[K - 1]) * Cp + R <= p_rows * Cp;
     int lanes_ok = C % (type == 'f' ? 16 : 8) == 0;
+    double *sample_dW = NULL; /* one sample's dW at a time, for the statistics */
+    if (fits && lanes_ok && stats && (sample_dW = PyMem_RawMalloc((size_t)(K * R * C) * sizeof(double))) == NULL) {
+        release(v, held);
+        return PyErr_NoMemory();
+    }
     if (fits && lanes_ok) {
         Py_BEGIN_ALLOW_THREADS
         if (type == 'f')
-            level->f32_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, v[3].buf);
+            level->f32_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C,
+                                   out, sample_dW, dW_sq, norm2);
         else
-            level->f64_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, v[3].buf);
+            level->f64_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C,
+                                   out, sample_dW, dW_sq, norm2);
         Py_END_ALLOW_THREADS
     }
-    release(v, 4);
+    PyMem_RawFree(sample_dW);
+    release(v, held);
     if (!fits)
         return PyErr_Format(PyExc_ValueError, "weight_grad: the output pixels do not fit the %zd rows of P", p_rows);
     if (!lanes_ok)
         return PyErr_Format(PyExc_ValueError, "weight_grad: C %zd is not a multiple of the vector width", C);
     Py_RETURN_NONE;
+fail:
+    release(v, held);
+    return NULL;
 }
 
 static PyObject *column_sums(PyObject *self, PyObject *args)
@@ -500,9 +550,12 @@ static PyMethodDef methods[] = {
      "dA_prev of a stride-1 convolution into out, shape (m, H, W, C_prev). Wt has shape (K, C, C_prev),\n"
      "or (K, C_prev, C) when C_prev is narrow (at most 4 and not a multiple of the vector width)."},
     {"weight_grad", weight_grad, METH_VARARGS,
-     "weight_grad(level, P, dZ, offsets, p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, rows, C, out)\n\n"
+     "weight_grad(level, P, dZ, offsets, p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, rows, C, out\n"
+     "            [, dW_sq, norm2])\n\n"
      "Add dW into out, float64, shape (K, C_prev, C). Output pixel (n, i, j) reads row\n"
-     "n*sample + i*row_step + j*col_step + offsets[k] of the padded input P and dZ[n, i, j]."},
+     "n*sample + i*row_step + j*col_step + offsets[k] of the padded input P and dZ[n, i, j].\n"
+     "With dW_sq (float64, shaped like out) and norm2 (float64, (m,)): also add each sample's dW_n * dW_n\n"
+     "into dW_sq and write |dW_n|^2 to norm2[n]; out may then be None (the statistics only)."},
     {"column_sums", column_sums, METH_VARARGS,
      "column_sums(x, rows, C, out)\n\nAdd the column sums of float32 x (rows, C) into float64 out (C,)."},
     {NULL, NULL, 0, NULL},

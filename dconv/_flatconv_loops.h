@@ -81,6 +81,7 @@ static inline __attribute__((always_inline)) T F(lane_sum)(F(vec) v)
 
 typedef void (*F(input_block))(const T *, const T *, const idx *, idx, idx, idx, T *, idx);
 typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, idx, double *);
+typedef void (*F(sample_block))(const T *, const T *, idx, idx, idx, idx, idx, idx, double *, double *, int);
 
 /* A register block of input_grad: NB neighbouring pixels x NV vectors of input channels. src is
  * D's row of the block's first pixel; Wt (K, C, Cp) and out start at the block's first input
@@ -144,16 +145,17 @@ typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, i
                 out[i * pixel + p] = F(lane_sum)(acc[i][p]);                                        \
     }
 
-/* A register block of weight_grad: NR rows x NV vectors of outputs, summed over one sample's
- * output pixels and added to out (float64, at the block's first row and output). Output pixel
- * (i, j) reads P at a + (i*row_step + j*col_step) * Cp (the tap's pixel of the padded input; the
- * steps carry the stride) and dZ at g + (i*n_w + j) * C. A row is an input channel, or, where the
- * caller merges the taps of a kernel row (a narrow C_prev), a (tap, channel) pair: rows past
- * C_prev then read the next pixels' channels. */
-#define DEFINE_WEIGHT_BLOCK(NV, NR)                                                                 \
-    static void F(weight_block_##NV##_##NR)(const T *a, const T *g, idx row_step, idx col_step,     \
-                                            idx n_h, idx n_w, idx Cp, idx C, double *out)           \
-    {                                                                                               \
+/* A register block of weight_grad: NR rows x NV vectors of outputs, summed over one tile of a
+ * sample's output pixels and added to out (float64, at the block's first row and output). Output
+ * pixel (i, j) reads P at a + (i*row_step + j*col_step) * Cp (the tap's pixel of the padded input;
+ * the steps carry the stride) and dZ at g + (i*n_w + j) * C. A row is an input channel, or, where
+ * the caller merges the taps of a kernel row (a narrow C_prev), a (tap, channel) pair: rows past
+ * C_prev then read the next pixels' channels.
+ * Its twin, sample_block, sums the same way for the statistics: it adds into out only when out
+ * is not NULL, and also puts the float64 sums into this sample's own dW, sample: written on the
+ * sample's first tile (first = 1), added on the others. Two functions, so that the block without
+ * the statistics runs the very instructions it ran before they existed. */
+#define WEIGHT_BLOCK_SUMS(NV, NR)                                                                   \
         F(vec) acc[NR][NV];                                                                         \
         UNROLL for (int r = 0; r < NR; r++)                                                         \
             UNROLL for (int v = 0; v < NV; v++)                                                     \
@@ -172,13 +174,39 @@ typedef void (*F(weight_block))(const T *, const T *, idx, idx, idx, idx, idx, i
                         acc[r][v] = F(muladd_broadcast)(x, dz[v], acc[r][v]);                       \
                 }                                                                                   \
             }                                                                                       \
-        }                                                                                           \
+        }
+
+#define DEFINE_WEIGHT_BLOCK(NV, NR)                                                                 \
+    static void F(weight_block_##NV##_##NR)(const T *a, const T *g, idx row_step, idx col_step,     \
+                                            idx n_h, idx n_w, idx Cp, idx C, double *out)           \
+    {                                                                                               \
+        WEIGHT_BLOCK_SUMS(NV, NR)                                                                   \
         UNROLL for (int r = 0; r < NR; r++)                                                         \
             UNROLL for (int v = 0; v < NV; v++) {                                                   \
                 T lanes[LANES];                                                                     \
                 memcpy(lanes, &acc[r][v], sizeof lanes);                                            \
                 for (int l = 0; l < LANES; l++)                                                     \
                     out[r * C + v * LANES + l] += lanes[l];                                         \
+            }                                                                                       \
+    }                                                                                               \
+    static void F(sample_block_##NV##_##NR)(const T *a, const T *g, idx row_step, idx col_step,     \
+                                            idx n_h, idx n_w, idx Cp, idx C, double *out,           \
+                                            double *sample, int first)                              \
+    {                                                                                               \
+        WEIGHT_BLOCK_SUMS(NV, NR)                                                                   \
+        UNROLL for (int r = 0; r < NR; r++)                                                         \
+            UNROLL for (int v = 0; v < NV; v++) {                                                   \
+                T lanes[LANES];                                                                     \
+                memcpy(lanes, &acc[r][v], sizeof lanes);                                            \
+                if (out)                                                                            \
+                    for (int l = 0; l < LANES; l++)                                                 \
+                        out[r * C + v * LANES + l] += lanes[l];                                     \
+                if (first)                                                                          \
+                    for (int l = 0; l < LANES; l++)                                                 \
+                        sample[r * C + v * LANES + l] = lanes[l];                                   \
+                else                                                                                \
+                    for (int l = 0; l < LANES; l++)                                                 \
+                        sample[r * C + v * LANES + l] += lanes[l];                                  \
             }                                                                                       \
     }
 
@@ -207,8 +235,10 @@ static const F(input_block) F(narrow_blocks_3)[] = {NULL, REPEAT(NARROW_PIXELS_3
 static const F(input_block) F(narrow_blocks_4)[] = {NULL, REPEAT(NARROW_PIXELS_4, BLOCK_NAME, narrow_block_4)};
 #if WEIGHT_ROWS_2
 static const F(weight_block) F(weight_blocks_2)[] = {NULL, REPEAT(WEIGHT_ROWS_2, BLOCK_NAME, weight_block_2)};
+static const F(sample_block) F(sample_blocks_2)[] = {NULL, REPEAT(WEIGHT_ROWS_2, BLOCK_NAME, sample_block_2)};
 #endif
 static const F(weight_block) F(weight_blocks_1)[] = {NULL, REPEAT(WEIGHT_ROWS_1, BLOCK_NAME, weight_block_1)};
+static const F(sample_block) F(sample_blocks_1)[] = {NULL, REPEAT(WEIGHT_ROWS_1, BLOCK_NAME, sample_block_1)};
 
 /* input_grad over every pixel: each row of pixels cut into near-equal blocks, each block over
  * every group of input channels. The caller has checked input_plan(Cp, C, LANES). */
@@ -246,19 +276,24 @@ static void F(input_grad)(const T *D, const T *Wt, const idx *offsets, idx K, id
             }
 }
 
-/* weight_grad: each sample's dW, block by block, added into the float64 dW. C a multiple of LANES. */
+/* weight_grad: each sample's dW, block by block, added into the float64 dW (if not NULL). C a
+ * multiple of LANES. With the statistics (sample_dW not NULL: scratch of K*R*C doubles), each
+ * sample's dW is also summed on its own into sample_dW, and then sample_squares adds its squares
+ * into dW_sq and their sum into norm2[n]: dW gets the same additions in the same order either way. */
 static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, idx m, idx sample, idx row_step,
-                           idx col_step, idx n_h, idx n_w, idx Cp, idx R, idx C, double *dW)
+                           idx col_step, idx n_h, idx n_w, idx Cp, idx R, idx C, double *dW, double *sample_dW,
+                           double *dW_sq, double *norm2)
 {
     const F(weight_block) *blocks = F(weight_blocks_1);
+    const F(sample_block) *sample_blocks = F(sample_blocks_1);
     idx max_rows = WEIGHT_ROWS_1, width = LANES;
 #if WEIGHT_ROWS_2
     if (C % (2 * LANES) == 0)
-        blocks = F(weight_blocks_2), max_rows = WEIGHT_ROWS_2, width = 2 * LANES;
+        blocks = F(weight_blocks_2), sample_blocks = F(sample_blocks_2), max_rows = WEIGHT_ROWS_2, width = 2 * LANES;
 #endif
     idx n_blocks = (R + max_rows - 1) / max_rows;
     idx tile = n_w < WEIGHT_TILE_PIXELS ? WEIGHT_TILE_PIXELS / n_w : 1; /* output rows per tile */
-    for (idx n = 0; n < m; n++)
+    for (idx n = 0; n < m; n++) {
         for (idx i0 = 0; i0 < n_h; i0 += tile) {
             idx tile_h = n_h - i0 < tile ? n_h - i0 : tile;
             const T *a = P + (n * sample + i0 * row_step) * Cp;
@@ -266,16 +301,26 @@ static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, id
             for (idx k = 0; k < K; k++)
                 for (idx b = 0, c0 = 0, rows; b < n_blocks; b++, c0 += rows) {
                     rows = (R - c0) / (n_blocks - b);
-                    for (idx p0 = 0; p0 < C; p0 += width)
-                        blocks[rows](a + offsets[k] * Cp + c0, g + p0, row_step, col_step, tile_h, n_w, Cp, C,
-                                     dW + (k * R + c0) * C + p0);
+                    for (idx p0 = 0; p0 < C; p0 += width) {
+                        idx at = (k * R + c0) * C + p0;
+                        if (sample_dW)
+                            sample_blocks[rows](a + offsets[k] * Cp + c0, g + p0, row_step, col_step, tile_h, n_w,
+                                                Cp, C, dW ? dW + at : NULL, sample_dW + at, i0 == 0);
+                        else
+                            blocks[rows](a + offsets[k] * Cp + c0, g + p0, row_step, col_step, tile_h, n_w, Cp, C,
+                                         dW + at);
+                    }
                 }
         }
+        if (sample_dW)
+            norm2[n] = sample_squares(sample_dW, K * R * C, dW_sq);
+    }
 }
 
 #undef DEFINE_INPUT_BLOCK
 #undef DEFINE_NARROW_BLOCK
 #undef DEFINE_WEIGHT_BLOCK
+#undef WEIGHT_BLOCK_SUMS
 #undef BLOCK_NAME
 #undef NATIVE_LANES
 #undef UNROLL

@@ -162,9 +162,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     storage = {**spec.storage, **dict(args.storage_options)}
     cluster.check_simd(options.simd)  # before the input is made
     if spec.make is not None and not dconv.store_exists(spec.inputs, storage):
+        plan = dconv.plan_recipe(spec.make, spec.inputs, spec.out, options, storage_options=storage)
+        described = dconv.describe_job(plan, cluster)  # refuses what the job would, before the input is made
         if args.dry_run:
-            plan = dconv.plan_recipe(spec.make, spec.inputs, spec.out, options, storage_options=storage)
-            print(as_flags(dconv.describe_job(plan, cluster)))
+            print(as_flags(described))
             return EXIT_OK
         if not args.quiet:
             print(f"dconv: making synthetic input {spec.inputs} ({spec.make.describe()})", file=sys.stderr)

@@ -2,9 +2,16 @@
 
 The embedded default is a ``distributed.LocalCluster`` bound to 127.0.0.1 with
 one single-threaded worker process per core, and BLAS threads set so that
-workers x threads x BLAS threads = cores. ``--scheduler ADDRESS`` connects to
-a cluster someone else started (``dask scheduler`` / ``dask worker``,
-dask-jobqueue, dask-kubernetes, ...); its workers keep their own settings.
+workers x threads x BLAS threads = cores. Each worker's memory limit comes from
+the job's plan (:func:`dconv.plan.worker_memory`), and a plan whose workers would
+need more memory than the machine has is refused before the cluster starts
+(:func:`check_machine_memory`).
+
+``--scheduler ADDRESS`` connects to a cluster someone else started (``dask
+scheduler`` / ``dask worker``, dask-jobqueue, dask-kubernetes, ...), and
+``--scheduler-file PATH`` to one that wrote its address to a file, Dask's HPC
+convention (``dask scheduler --scheduler-file``, dask-mpi, dask-jobqueue); its
+workers keep their own settings.
 
 The embedded cluster's worker processes never receive SIGINT or SIGTERM (they
 start with both blocked: :func:`withheld_from_new_processes`). They share the
@@ -19,23 +26,38 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from dconv.errors import InputError
 from dconv.options import Options, any_string, option, optional, positive_int, whole_number
 
-__all__ = ["ClusterOptions", "connect", "BLAS_THREAD_VARIABLES", "WORKER_BLOCKED_SIGNALS"]
+if TYPE_CHECKING:
+    from dconv.plan import WorkerMemory
+
+__all__ = [
+    "ClusterOptions",
+    "connect",
+    "check_machine_memory",
+    "machine_memory",
+    "BLAS_THREAD_VARIABLES",
+    "WORKER_BLOCKED_SIGNALS",
+]
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 WORKER_BLOCKED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Signals the embedded cluster's worker processes never receive: the client handles them."""
+
+PLACEMENTS = ("workers", "scheduler", "scheduler_file")
+"""The fields that say where a job runs; at most one is given."""
 
 
 def available_cores() -> int:
@@ -54,18 +76,29 @@ class ClusterOptions(Options):
     ----------
     workers : int or None
         Worker processes of the embedded local cluster; default one per core.
+        Each gets the memory limit of the job's plan (:meth:`dconv.plan.JobPlan.worker_memory`).
     scheduler : str or None
-        Address of an existing scheduler (``tcp://host:8786``, ``tls://...``);
-        None starts the embedded local cluster.
+        Address of an existing scheduler (``tcp://host:8786``, ``tls://...``).
+    scheduler_file : str or None
+        The JSON file an existing scheduler wrote its address to
+        (``dask scheduler --scheduler-file PATH``); a relative path is relative
+        to the directory dconv runs in, as every path of a spec.
     tls_ca_file, tls_cert, tls_key : str or None
         TLS material for a ``tls://`` scheduler.
     connect_timeout : float
-        Seconds to wait for an existing scheduler before giving up.
+        Seconds to wait for an existing scheduler (and for its scheduler file
+        to appear) before giving up.
+
+    With neither ``scheduler`` nor ``scheduler_file``, the job starts the
+    embedded local cluster. Giving one of ``workers``, ``scheduler`` and
+    ``scheduler_file`` to :meth:`build` clears the others (a spec's
+    ``workers = 2`` under ``--scheduler-file PATH``).
     """
 
     workers: int | None = option(
         None,
-        help="worker processes of the local cluster (default: one per core)",
+        help="worker processes of the local cluster (default: one per core), each with the memory limit "
+        "--dry-run prints",
         parse=optional(whole_number("workers", 1)),
         table="cluster",
         toml=(int,),
@@ -83,6 +116,16 @@ class ClusterOptions(Options):
         metavar="ADDRESS",
         excludes="workers",
     )
+    scheduler_file: str | None = option(
+        None,
+        help="the scheduler file of an existing Dask cluster (dask scheduler --scheduler-file PATH, dask-mpi, "
+        "dask-jobqueue)",
+        parse=optional(any_string("scheduler_file")),
+        table="cluster",
+        toml=(str,),
+        cli=str,
+        metavar="PATH",
+    )
     tls_ca_file: str | None = option(
         None, help="CA certificate for a tls:// scheduler", parse=optional(any_string("tls_ca_file")),
         table="cluster", toml=(str,), cli=str, metavar="PATH",
@@ -98,8 +141,25 @@ class ClusterOptions(Options):
     connect_timeout: float = 10.0
 
     def check(self) -> None:
-        if self.scheduler is not None and self.workers is not None:
-            raise InputError("give either workers (a local cluster) or scheduler (an existing one), not both.")
+        given = [name for name in PLACEMENTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise InputError(
+                "give either workers (a local cluster) or scheduler or scheduler_file (an existing one), "
+                f"only one; got {' and '.join(given)}."
+            )
+
+    @classmethod
+    def build(cls, base: Options | None = None, **values: Any) -> ClusterOptions:
+        """:meth:`Options.build`; giving one of ``workers``, ``scheduler`` and ``scheduler_file``
+        clears the others that are not given."""
+        if any(values.get(name) is not None for name in PLACEMENTS):
+            values = {**dict.fromkeys(PLACEMENTS), **values}
+        return super().build(base, **values)
+
+    @property
+    def embedded(self) -> bool:
+        """The job starts the embedded local cluster (neither ``scheduler`` nor ``scheduler_file`` is given)."""
+        return self.scheduler is None and self.scheduler_file is None
 
     def check_simd(self, word: str | None) -> str:
         """Refuse a ``DCONV_SIMD`` word before any worker starts, as far as that can be known here.
@@ -121,7 +181,7 @@ class ClusterOptions(Options):
         from dconv import simd
 
         word = simd.parse_word(word if word is not None else os.environ.get(simd.ENV_VAR))
-        if self.scheduler is None:
+        if self.embedded:
             simd.resolve_level(word)
         return word
 
@@ -189,11 +249,64 @@ def local_cluster_layout(workers: int | None) -> tuple[int, int]:
     return n_workers, max(1, cores // n_workers)
 
 
+def machine_memory() -> int:
+    """Bytes of memory this machine gives its processes: the total, or a lower cgroup or RSS limit.
+
+    ``distributed.system.memory_limit()``: the least of ``psutil``'s total, the
+    cgroup limits (v1 ``memory.limit_in_bytes``, v2 ``memory.max``, ...) and
+    ``RLIMIT_RSS``.
+    """
+    from distributed.system import memory_limit
+
+    return memory_limit()
+
+
+def check_machine_memory(n_workers: int, memory: WorkerMemory) -> None:
+    """Refuse ``n_workers`` workers whose memory limits add up to more than :func:`machine_memory`.
+
+    Parameters
+    ----------
+    n_workers : int
+    memory : dconv.plan.WorkerMemory
+        Each worker's limit (``memory.limit``, bytes) and how it was reached (``memory.describe()``).
+
+    Raises
+    ------
+    InputError
+        One line: the workers, the limit and its parts, their sum and the machine's memory.
+    """
+    from dask.utils import format_bytes
+
+    available = machine_memory()
+    if n_workers * memory.limit <= available:
+        return
+    fits = available // memory.limit
+    advice = f"{fits} worker{'s' if fits != 1 else ''} fit: use fewer workers, or " if fits >= 1 else "use "
+    raise InputError(
+        f"{n_workers} worker{'s' if n_workers != 1 else ''} x memory limit {memory.describe()} = "
+        f"{format_bytes(n_workers * memory.limit)}, "
+        f"more than this machine's {format_bytes(available)}; {advice}a smaller batch_chunk or max_memory."
+    )
+
+
 @contextlib.contextmanager
 def connect(
-    options: ClusterOptions, *, quiet: bool = False, debug: bool = False
+    options: ClusterOptions, *, memory_limit: int | None = None, quiet: bool = False, debug: bool = False
 ) -> Iterator["distributed.Client"]:  # noqa: F821
     """A ``distributed.Client`` on the cluster ``options`` name, closed on exit.
+
+    Parameters
+    ----------
+    options : ClusterOptions
+    memory_limit : int, optional
+        Bytes: each embedded worker's ``memory_limit`` (:meth:`dconv.plan.JobPlan.worker_memory`,
+        ``limit = (task bound + baseline + headroom) / pause fraction``). Default: Dask's
+        ("auto", the machine's memory shared among the workers). An existing
+        cluster's workers keep their own.
+    quiet : bool
+        Do not print the cluster line and the dashboard link.
+    debug : bool
+        Show the embedded cluster's logs.
 
     The embedded cluster's own logs are silenced (a failed task reaches the
     caller as its exception) unless ``debug``; its workers never receive
@@ -202,53 +315,120 @@ def connect(
     Raises
     ------
     InputError
-        No scheduler answers at ``options.scheduler`` within ``connect_timeout``.
+        No scheduler answers at ``options.scheduler``, or at the address in
+        ``options.scheduler_file``, within ``connect_timeout``; the scheduler
+        file does not appear within that time, or cannot be read.
     """
+    if options.embedded:
+        with _local_client(options, memory_limit, quiet, debug) as client:
+            yield client
+    else:
+        with _existing_client(options, quiet) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def _local_client(
+    options: ClusterOptions, memory_limit: int | None, quiet: bool, debug: bool
+) -> Iterator["distributed.Client"]:  # noqa: F821
+    """A client on a new embedded cluster: one single-threaded worker process per core (or ``options.workers``)."""
+    import distributed
+    from dask.utils import format_bytes
+
+    n_workers, blas_threads = local_cluster_layout(options.workers)
+    env = {name: str(blas_threads) for name in BLAS_THREAD_VARIABLES}
+    with contextlib.ExitStack() as stack:
+        with withheld_from_new_processes():  # a Ctrl-C meanwhile is raised here, and the cluster closed
+            cluster = stack.enter_context(
+                distributed.LocalCluster(
+                    n_workers=n_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",
+                    worker_dashboard_address="127.0.0.1:0",
+                    silence_logs=logging.DEBUG if debug else logging.CRITICAL,
+                    env=env,
+                    memory_limit="auto" if memory_limit is None else memory_limit,
+                )
+            )
+        client = stack.enter_context(distributed.Client(cluster))
+        client.run(importlib.import_module, "dconv.graph")  # workers import dconv and zarr now, in parallel
+        if not quiet:
+            limit = "" if memory_limit is None else f", memory limit {format_bytes(memory_limit)} each"
+            print(
+                f"dconv: local cluster, {n_workers} worker{'s' if n_workers != 1 else ''} x 1 thread x "
+                f"{blas_threads} BLAS thread{'s' if blas_threads != 1 else ''}{limit}; "
+                f"dashboard {client.dashboard_link}",
+                file=sys.stderr,
+            )
+        yield client
+
+
+@contextlib.contextmanager
+def _existing_client(options: ClusterOptions, quiet: bool) -> Iterator["distributed.Client"]:  # noqa: F821
+    """A client on the cluster at ``options.scheduler``, or at the address in ``options.scheduler_file``."""
     import distributed
 
-    if options.scheduler is None:
-        n_workers, blas_threads = local_cluster_layout(options.workers)
-        env = {name: str(blas_threads) for name in BLAS_THREAD_VARIABLES}
-        with contextlib.ExitStack() as stack:
-            with withheld_from_new_processes():  # a Ctrl-C meanwhile is raised here, and the cluster closed
-                cluster = stack.enter_context(
-                    distributed.LocalCluster(
-                        n_workers=n_workers,
-                        threads_per_worker=1,
-                        processes=True,
-                        host="127.0.0.1",
-                        dashboard_address="127.0.0.1:0",
-                        worker_dashboard_address="127.0.0.1:0",
-                        silence_logs=logging.DEBUG if debug else logging.CRITICAL,
-                        env=env,
-                    )
-                )
-            client = stack.enter_context(distributed.Client(cluster))
-            client.run(importlib.import_module, "dconv.graph")  # workers import dconv and zarr now, in parallel
-            if not quiet:
-                print(
-                    f"dconv: local cluster, {n_workers} worker{'s' if n_workers != 1 else ''} x 1 thread x "
-                    f"{blas_threads} BLAS thread{'s' if blas_threads != 1 else ''}; "
-                    f"dashboard {client.dashboard_link}",
-                    file=sys.stderr,
-                )
-            yield client
-        return
-
     security = options.security()
-    if options.scheduler.startswith("tls://") and security is None:
-        raise InputError(
-            f"scheduler {options.scheduler!r} uses TLS; give tls_ca_file, tls_cert and tls_key."
-        )
+    if options.scheduler is not None:
+        address, where, reach = options.scheduler, f"at {options.scheduler!r}", {"address": options.scheduler}
+    else:
+        address = read_scheduler_file(options.scheduler_file, options.connect_timeout)
+        where = f"at {address!r} (from scheduler_file {options.scheduler_file!r})"
+        reach = {"scheduler_file": options.scheduler_file}
+    if address.startswith("tls://") and security is None:
+        raise InputError(f"scheduler {address!r} uses TLS; give tls_ca_file, tls_cert and tls_key.")
     try:
-        client = distributed.Client(options.scheduler, timeout=options.connect_timeout, security=security)
+        client = distributed.Client(**reach, timeout=options.connect_timeout, security=security)
     except TimeoutError as e:
-        raise InputError(
-            f"no Dask scheduler answered at {options.scheduler!r} within {options.connect_timeout:g} s."
-        ) from e
+        raise InputError(f"no Dask scheduler answered {where} within {options.connect_timeout:g} s.") from e
     except OSError as e:
-        raise InputError(f"could not connect to a Dask scheduler at {options.scheduler!r}: {e}") from e
+        raise InputError(f"could not connect to a Dask scheduler {where}: {e}") from e
     with client:
         if not quiet:
-            print(f"dconv: scheduler {options.scheduler}, dashboard {client.dashboard_link}", file=sys.stderr)
+            source = "" if options.scheduler is not None else f" (from {options.scheduler_file})"
+            print(f"dconv: scheduler {address}{source}, dashboard {client.dashboard_link}", file=sys.stderr)
         yield client
+
+
+SCHEDULER_FILE = 'a Dask scheduler file (JSON with an "address", as dask scheduler --scheduler-file writes)'
+
+
+def read_scheduler_file(path: str, timeout: float) -> str:
+    """The scheduler address in a Dask scheduler file, waiting up to ``timeout`` seconds for it to be written.
+
+    A scheduler writes its file as it starts, so a job started right after it
+    may look first (distributed itself would wait for the file without limit).
+    A relative ``path`` is relative to the directory dconv runs in.
+
+    Raises
+    ------
+    InputError
+        The file does not appear, or hold an address, within ``timeout``; or it cannot be read.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        address = _address_in(path)
+        if address is not None:
+            return address
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    shown = repr(path) if os.path.isabs(path) else f"{path!r} (in {os.getcwd()})"
+    if not os.path.exists(path):
+        raise InputError(f"scheduler_file must name {SCHEDULER_FILE}; {shown} did not appear within {timeout:g} s.")
+    raise InputError(f"scheduler_file must name {SCHEDULER_FILE}; {shown} holds no address.")
+
+
+def _address_in(path: str) -> str | None:
+    """The ``address`` in scheduler file ``path``; None if it does not exist yet or is not (yet) complete JSON with one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"scheduler_file must name {SCHEDULER_FILE}; cannot read {path!r}: {e}") from e
+    address = document.get("address") if isinstance(document, dict) else None
+    return address if isinstance(address, str) and address else None

@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from dconv.cluster import ClusterOptions, available_cores, connect, local_cluster_layout
+from dconv.cluster import ClusterOptions, available_cores, check_machine_memory, connect, local_cluster_layout
 from dconv.errors import InputError, JobInterrupted, SimdLevelError
-from dconv.graph import aggregate
+from dconv.graph import aggregate, level_counts
 from dconv.options import JobOptions
 from dconv.plan import JobPlan, plan_job
 from dconv.progress import compute_with_progress
@@ -143,18 +143,18 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -
     finished = plan.open_output()
     try:
         pending = int((~finished).sum())
-        graph = plan.graph(finished=list(finished))
+        graph = plan.graph(stored=plan.out.frontier() if pending < finished.size else None)
         t1 = time.perf_counter()
         total = compute_with_progress(
             graph, plan.out.url, pending, client=client, scheduler=scheduler, show=progress and pending > 0
         )
         t2 = time.perf_counter()
         values = aggregate(total, plan.out.layout)
-        stats = dict(total.stats)
-        levels = dict(sorted(stats.pop("simd", {}).items()))
-        seconds = {"compute": t2 - t1, **stats}
+        levels = level_counts(total.levels)
+        seconds = {"compute": t2 - t1, **total.stats}
         plan.out.finish(
             values,
+            keep_partials=plan.options.keep_partials,
             finished=now(),
             seconds={k: round(v, 3) for k, v in seconds.items()},
             simd={"requested": plan.simd, "chunks": levels},
@@ -255,7 +255,8 @@ def run_job(
         Run in this process on a local Dask scheduler instead of a cluster.
     cluster : ClusterOptions, optional
         With neither ``client`` nor ``scheduler``: which cluster to start or
-        reach. Default: the embedded local cluster.
+        reach. Default: the embedded local cluster, whose workers each get the
+        plan's memory limit (:meth:`JobPlan.worker_memory`).
     progress : bool
         Show a progress bar on stderr.
     quiet : bool
@@ -276,7 +277,10 @@ def run_job(
     Raises
     ------
     InputError
-        ``scheduler`` is not a local scheduler, or is given with ``client``.
+        ``scheduler`` is not a local scheduler, or is given with ``client``; or
+        the embedded cluster's workers would need more memory together than the
+        machine has (:func:`dconv.cluster.check_machine_memory`), refused before
+        it starts.
     SimdLevelError
         A worker (or this process, for a local scheduler or cluster) cannot run
         the job's SIMD level; nothing is written.
@@ -303,10 +307,14 @@ def run_job(
             return _run(plan, client=client, scheduler=None, progress=progress)
         cluster = cluster or ClusterOptions()
         cluster.check_simd(plan.simd)
-        if cluster.scheduler is None:  # the embedded cluster: its layout is known before it starts
-            _announce(plan, local_cluster_layout(cluster.workers)[0], 1, available_cores(), quiet, say)
-        with connect(cluster, quiet=quiet, debug=debug) as new_client:
-            if cluster.scheduler is not None:
+        memory_limit = None
+        if cluster.embedded:  # its layout and memory are known before it starts
+            n_workers, memory = local_cluster_layout(cluster.workers)[0], plan.worker_memory()
+            check_machine_memory(n_workers, memory)
+            memory_limit = memory.limit
+            _announce(plan, n_workers, 1, available_cores(), quiet, say)
+        with connect(cluster, memory_limit=memory_limit, quiet=quiet, debug=debug) as new_client:
+            if not cluster.embedded:
                 check_simd(plan.simd, new_client)  # refused before anything is said
                 _announce(plan, *_workers_of(new_client), None, quiet, say)
             return _run(plan, client=new_client, scheduler=None, progress=progress)
@@ -330,15 +338,29 @@ def _announce(
 
 
 def describe_job(plan: JobPlan, cluster: ClusterOptions | None = None) -> str:
-    """What ``--dry-run`` prints: :meth:`JobPlan.describe`, then the plan line and the warnings
-    for the embedded local cluster ``cluster`` describes (for an existing cluster, whose
-    workers are not known before it is reached, the warnings about the plan alone)."""
+    """What ``--dry-run`` prints: :meth:`JobPlan.describe`, the workers' memory limit
+    (:meth:`JobPlan.worker_memory`) and what to give a remote cluster's workers, then the plan
+    line and the warnings for the embedded local cluster ``cluster`` describes (for an
+    existing cluster, whose workers are not known before it is reached, the warnings about
+    the plan alone).
+
+    Raises
+    ------
+    InputError
+        For the embedded cluster: its workers' memory limits add up to more than the
+        machine's memory (:func:`dconv.cluster.check_machine_memory`), as :func:`run_job`
+        would refuse them.
+    """
     cluster = cluster or ClusterOptions()
-    if cluster.scheduler is None:
+    memory = plan.worker_memory()
+    advice = f"give each worker --nthreads 1 --memory-limit {memory.flag}"
+    if cluster.embedded:
         n_workers, threads, cores = local_cluster_layout(cluster.workers)[0], 1, available_cores()
-        lines = [plan.announce(n_workers, threads), *plan.warnings(n_workers, threads, cores)]
+        check_machine_memory(n_workers, memory)
+        workers = f"workers {n_workers} x memory limit {memory.describe()}; on another cluster, {advice}"
+        lines = [workers, plan.announce(n_workers, threads), *plan.warnings(n_workers, threads, cores)]
     else:
-        lines = plan.warnings(1, 1, None)
+        lines = [f"workers {advice} ({memory.formula()})", *plan.warnings(1, 1, None)]
     return "\n".join([plan.describe(), *lines])
 
 

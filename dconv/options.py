@@ -382,6 +382,14 @@ class JobOptions(Options):
         toml=(bool,),
         excludes="overwrite",
     )
+    keep_partials: bool = option(
+        False,
+        help="keep every chunk's dW/db partial in OUT/_progress/tree after the job (for auditing; "
+        "by default a complete output keeps only the sums)",
+        parse=flag("keep_partials"),
+        table="output",
+        toml=(bool,),
+    )
 
     def check(self) -> None:
         if self.overwrite and self.resume:

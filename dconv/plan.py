@@ -21,7 +21,18 @@ import zarr
 from dask.utils import format_bytes
 
 from dconv.errors import InputError
-from dconv.graph import Partial, backward_graph, batch_bounds, batch_sources, chunk_task
+from dconv.graph import (
+    WAVE_CHUNKS,
+    DaskBatches,
+    JobContext,
+    JobGraph,
+    Partial,
+    ZarrBatches,
+    backward_graph,
+    batch_bounds,
+    batch_sources,
+    chunk_task,
+)
 from dconv.kernel import backward_working_set
 from dconv.options import InputRecipe, JobOptions
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, output_shape, result_dtype
@@ -32,6 +43,7 @@ from dconv.store.fastread import FAST_READ_ENV
 from dconv.store.inputs import compressor, job_inputs, read_whole
 from dconv.store.layout import DIMENSIONS, PROGRESS, Kind
 from dconv.store.locations import public_location
+from dconv.store.records import tree_height, tree_nodes
 
 __all__ = [
     "JobPlan",
@@ -39,6 +51,8 @@ __all__ = [
     "plan_recipe",
     "task_memory",
     "read_memory",
+    "worker_memory",
+    "WorkerMemory",
     "choose_batch_chunk",
     "DEFAULT_BATCH_CHUNK",
     "SMALL_TASK_FLOPS",
@@ -68,8 +82,9 @@ class JobPlan:
         Samples per task.
     bounds : list of (start, stop)
         The batch chunks.
-    dz_sources, a_sources : sequence
-        One per chunk: a Zarr slice the task reads, or a Dask block.
+    dz_sources, a_sources : ZarrBatches or DaskBatches
+        ``dZ`` and ``A_prev`` by batch chunk: a Zarr array each task reads its
+        samples of, or a Dask array chunked along ``bounds``.
     W : ndarray, shape (fh, fw, C_prev, C)
         In the compute dtype.
     out : OutputStore
@@ -94,8 +109,8 @@ class JobPlan:
     compute_dtype: np.dtype
     batch_chunk: int
     bounds: Sequence[tuple[int, int]]
-    dz_sources: Sequence[Any]
-    a_sources: Sequence[Any]
+    dz_sources: ZarrBatches | DaskBatches
+    a_sources: ZarrBatches | DaskBatches
     W: np.ndarray
     out: OutputStore
     input_location: str
@@ -148,6 +163,10 @@ class JobPlan:
         size = min(self.batch_chunk, self.m)
         return task_memory(size, self.shapes, self.geometry, self.compute_dtype, self.input_chunks, self.dtypes)
 
+    def worker_memory(self) -> WorkerMemory:
+        """The memory limit a worker of one thread needs for this job's tasks (:func:`worker_memory`)."""
+        return worker_memory(self.task_memory())
+
     def disk_bytes(self) -> dict[str, int]:
         """Bytes the job reads and writes, uncompressed.
 
@@ -157,8 +176,10 @@ class JobPlan:
             ``input`` (``A_prev``, ``dZ`` and ``W``; Zarr inputs are stored
             compressed, random data shrinks little), then the output: ``dA_prev``
             (stored uncompressed: its size on disk) and every other output array
-            by name, and ``_progress``, the per-chunk records (partials, done
-            flags, SIMD levels; one small file per chunk in each).
+            by name, and ``_progress``: the records of the reduction tree's nodes
+            at their most while the job runs (about split_every x tree depth of
+            them; every node's with ``keep_partials``), and one byte per chunk
+            for the SIMD levels a complete output keeps.
         """
         layout = self.out.layout
         def nbytes(shape: Sequence[int], dtype: Any) -> int:
@@ -166,8 +187,11 @@ class JobPlan:
 
         found = {"input": sum(nbytes(shape, self.dtypes[name]) for name, shape in self.shapes.items())}
         found.update({entry.name: nbytes(entry.shape, entry.dtype) for entry in layout.arrays})
-        records = sum(nbytes(entry.partial_shape, entry.partial_dtype) for entry in layout.of_kind(Kind.SUM))
-        found[PROGRESS] = layout.n_chunks * (records + 2)  # + the done flag and the SIMD level, 1 byte each
+        record = sum(nbytes(entry.partial_shape, entry.partial_dtype) for entry in layout.of_kind(Kind.SUM))
+        nodes = tree_nodes(layout.n_chunks, layout.split_every)
+        if not self.options.keep_partials:  # a combine's record replaces its children's
+            nodes = min(nodes, layout.split_every * tree_height(layout.n_chunks, layout.split_every))
+        found[PROGRESS] = nodes * record + layout.n_chunks
         return found
 
     def describe(self) -> str:
@@ -296,8 +320,16 @@ class JobPlan:
             self.identity(), self.provenance(), resume=self.options.resume, resumed={"simd": {"requested": self.simd}}
         )
 
-    def graph(self, finished: Sequence[bool] | None = None) -> Any:
-        """The job's Dask computation (:func:`dconv.graph.backward_graph`), reusing ``finished`` chunks."""
+    def graph(self, stored: Sequence[tuple[int, int]] | None = None, wave_chunks: int = WAVE_CHUNKS) -> JobGraph:
+        """The job's reduction tree (:func:`dconv.graph.backward_graph`), reading the ``stored`` nodes back.
+
+        Parameters
+        ----------
+        stored : sequence of (depth, index), optional
+            The frontier an earlier run left (:meth:`OutputStore.frontier`).
+        wave_chunks : int
+            At most this many chunks per wave.
+        """
         return backward_graph(
             self.dz_sources,
             self.a_sources,
@@ -306,15 +338,18 @@ class JobPlan:
             self.out,
             self.bounds,
             self.options,
-            finished=finished,
+            stored=stored,
+            wave_chunks=wave_chunks,
         )
 
     def run_chunk(self, index: int) -> Partial:
         """Run chunk ``index``'s task here, as a worker would: read, compute, write (the output must be open)."""
-        start = self.bounds[index][0]
-        return chunk_task(
-            self.dz_sources[index], self.a_sources[index], self.W, self.geometry, self.out, index, start, self.options
-        )
+        start, stop = self.bounds[index]
+        sources = (self.dz_sources, self.a_sources)
+        dZ, A_prev = (source.block(index) if isinstance(source, DaskBatches) else None for source in sources)
+        zarr_sources = (source if isinstance(source, ZarrBatches) else None for source in sources)
+        context = JobContext(self.W, self.geometry, self.out, self.options, *zarr_sources)
+        return chunk_task(context, index, start, stop, dZ, A_prev)
 
 
 def _count(n: int, noun: str) -> str:
@@ -427,6 +462,103 @@ def read_memory(batch: int, m: int, chunk: int, sample_bytes: int, fast_reader: 
     touched = -(-min(batch, m) // chunk) if whole else -(-(chunk - math.gcd(batch, chunk) + batch) // chunk)
     in_flight = min(touched, -(-m // chunk), int(zarr.config.get("async.concurrency") or touched))
     return in_flight * 2 * chunk * sample_bytes
+
+
+WORKER_BASELINE = 96 * 2**20
+"""Bytes a dconv worker process holds before its first task: its Python, Dask, NumPy, Zarr and dconv.
+
+Measured: the RSS of each worker of the embedded cluster (a ``distributed``
+nanny's worker process, 1 thread) after ``client.run(importlib.import_module,
+"dconv.graph")`` was 88.5-88.7 MiB in 6 workers of 3 clusters, and 91.5-91.9
+MiB after a job; AMD EPYC Zen 3, 2 cores, Linux, Python 3.11, distributed
+2026.8.0, zarr 3.1.6, numpy 2.4.
+"""
+
+WORKER_HEADROOM = (64 * 2**20, 0.25)
+"""``(fixed bytes, fraction of the task bound)`` a worker keeps beyond its baseline and one task.
+
+For what the bound leaves out: Dask's state and messages, the results a worker
+holds until the tree reduction takes them, and heap the allocator keeps after a
+task. Measured (same machine as :data:`WORKER_BASELINE`, 2 workers, m = 2048 of
+32x32x16 -> 32, float32, input chunks of 256): peak RSS 194 MiB for tasks of 256
+samples (bound 136.6 MiB) and 295 MiB for 512 (bound 272.9 MiB), baseline
+included; a read that cuts input chunks rose to 1.13x its bound
+(:func:`read_memory`).
+"""
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """The memory limit a worker running one task at a time needs (:func:`worker_memory`).
+
+    Attributes
+    ----------
+    task, baseline, headroom : int
+        Bytes: the task bound, the process baseline and the headroom.
+    pause : float
+        Dask's pause fraction (``distributed.worker.memory.pause``): a worker
+        stops starting tasks when its process memory passes ``pause * limit``.
+    """
+
+    task: int
+    baseline: int
+    headroom: int
+    pause: float
+
+    @property
+    def limit(self) -> int:
+        """Bytes: ``ceil((task + baseline + headroom) / pause)``."""
+        return math.ceil((self.task + self.baseline + self.headroom) / self.pause)
+
+    @property
+    def flag(self) -> str:
+        """The limit as ``dask worker --memory-limit`` takes it, whole MiB rounded up: ``413MiB``."""
+        return f"{-(-self.limit // 2**20)}MiB"
+
+    def formula(self) -> str:
+        """``task bound 136.6 MiB + baseline 96.00 MiB + headroom 98.15 MiB, / 0.8 pause``."""
+        return (
+            f"task bound {format_bytes(self.task)} + baseline {format_bytes(self.baseline)} + headroom "
+            f"{format_bytes(self.headroom)}, / {self.pause:g} pause"
+        )
+
+    def describe(self) -> str:
+        """``412.3 MiB (task bound 136.6 MiB + baseline 96.00 MiB + headroom 98.15 MiB, / 0.8 pause)``."""
+        return f"{format_bytes(self.limit)} ({self.formula()})"
+
+
+def worker_memory(task_bytes: int, pause: float | None = None) -> WorkerMemory:
+    """The memory limit of a worker that runs tasks of ``task_bytes`` one at a time.
+
+    ``limit = (task + baseline + headroom) / pause``, with ``baseline``
+    :data:`WORKER_BASELINE`, ``headroom = 64 MiB + task / 4``
+    (:data:`WORKER_HEADROOM`) and ``pause`` Dask's pause fraction, so that a
+    worker's peak stays below the point where it pauses (0.8 of the limit by
+    default; it is restarted at ``distributed.worker.memory.terminate``, 0.95).
+
+    Parameters
+    ----------
+    task_bytes : int
+        The task bound (:meth:`JobPlan.task_memory`).
+    pause : float, optional
+        Default: ``distributed.worker.memory.pause`` from dask.config; where that
+        is off, ``terminate``; where both are off, 1.
+    """
+    fixed, fraction = WORKER_HEADROOM
+    pause = pause_fraction() if pause is None else pause
+    return WorkerMemory(task_bytes, WORKER_BASELINE, fixed + math.ceil(fraction * task_bytes), pause)
+
+
+def pause_fraction() -> float:
+    """Dask's ``distributed.worker.memory.pause``; where it is off, ``terminate``; where both are off, 1."""
+    import dask.config
+    import distributed.config  # noqa: F401  (distributed's defaults join dask.config when it is imported)
+
+    for key in ("pause", "terminate"):
+        fraction = dask.config.get(f"distributed.worker.memory.{key}", None)
+        if fraction:
+            return float(fraction)
+    return 1.0
 
 
 SMALL_TASK_FLOPS = 2e9
@@ -648,7 +780,7 @@ def plan_job(
     batch_chunk = choose_batch_chunk(options, shapes, geometry, compute_dtype, input_chunks, dtypes)
     bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
 
-    layout = place_layout(shapes, compute_dtype, batch_chunk)
+    layout = place_layout(shapes, compute_dtype, batch_chunk, options.split_every)
     out_store = OutputStore(absolute_location(out), storage_options, layout)
     out_store.check_target(inputs.zarr_location, overwrite=options.overwrite, resume=options.resume)
     return JobPlan(

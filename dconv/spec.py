@@ -6,7 +6,8 @@ The keys of ``[conv]``, ``[job]``, ``[output]``, ``[input.make]`` and
 ``[cluster]`` are the fields of :class:`~dconv.options.JobOptions`,
 :class:`~dconv.options.InputRecipe` and :class:`~dconv.cluster.ClusterOptions`
 that declare that table, with their defaults and validation.
-Relative paths are relative to the directory dconv runs in. Example::
+Relative paths (``[input] path``, ``[output] path``, ``[cluster] scheduler_file``)
+are relative to the directory dconv runs in. Example::
 
     [input]
     path = "data/sample.zarr"        # local path or fsspec URL
@@ -27,7 +28,8 @@ Relative paths are relative to the directory dconv runs in. Example::
     split_every = 8
 
     [cluster]                        # optional: default is the embedded local cluster
-    workers = 2                      # or: scheduler = "tcp://127.0.0.1:8786"
+    workers = 2                      # or: scheduler = "tcp://127.0.0.1:8786",
+                                     # or: scheduler_file = "scheduler.json"
 
     [storage]                        # optional fsspec options, e.g. for s3://
     anon = false

@@ -71,9 +71,11 @@ def provenance_of(out: Any) -> dict:
 
 
 def done_flags(out: Any) -> np.ndarray | None:
-    """The ``_progress/done`` flags as a bool array, or None while the layout does not exist yet."""
+    """Which chunks are done (from the output's records), or None while the output does not exist yet."""
+    from dconv.store import OutputStore
+
     try:
-        return np.asarray(zarr.open_array(str(Path(out) / "_progress" / "done"), mode="r")[:]) == 1
+        return OutputStore(str(out)).done_chunks()
     except Exception:
         return None
 

@@ -1,6 +1,7 @@
 """The bad-input catalogue: every way a user can hand dconv something wrong, through the CLI.
 
-Each case runs ``dconv`` in a subprocess and asserts that it
+Each case runs ``dconv`` as a process of its own (forked from one that has imported dconv:
+conftest's ``forked_dconv``) and asserts that it
 
 - exits with code 2 (bad input or usage),
 - prints exactly one line on stderr, which names the problem and the offending value,
@@ -10,10 +11,14 @@ Each case runs ``dconv`` in a subprocess and asserts that it
 
 Also here: NaN/Inf inputs propagate by default and ``inspect --json`` counts them;
 ``--check-finite`` turns them into a fast exit 2.
+
+Jobs that reach the workers run on the session's `dask scheduler` cluster (``--scheduler``), except
+one, on the embedded local cluster, whose workers must stay silent on stderr.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -28,18 +33,15 @@ import pytest
 import zarr
 
 import dconv
-from _fault_helpers import (
-    describe,
-    done_flags,
-    inspect_json,
-    read_arrays,
-    run_cli,
-    snapshot,
-    status_of,
-)
+from _fault_helpers import describe, done_flags, read_arrays, snapshot, status_of
 from conftest import free_port
 
 JOB = ["--workers", "1", "--quiet"]  # every backward run: small local cluster, no progress bar
+
+
+def on_cluster(address: str) -> list[str]:
+    """A backward run's options on the session's cluster at ``address``: no cluster to start, no progress bar."""
+    return ["--scheduler", address, "--quiet"]
 
 
 @dataclass
@@ -51,14 +53,16 @@ class Case:
     out: Path | None = None  # the job's OUT, if any: must not end up "complete"
     protect: list[Path] = field(default_factory=list)  # stores that must be left untouched
     timeout: float = 60
+    slow: bool = False  # reaches a cluster or waits for one: started first, to overlap with the rest
 
 
 class Context:
-    """What a case builder gets: a scratch directory and the seeded-input factory."""
+    """What a case builder gets: a scratch directory, the seeded-input factory and the session's cluster."""
 
-    def __init__(self, tmp_path: Path, make_input: Callable[..., str]) -> None:
+    def __init__(self, tmp_path: Path, make_input: Callable[..., str], scheduler: Callable[[], str]) -> None:
         self.tmp = tmp_path
         self.make_input = make_input
+        self.scheduler = scheduler  # the address of the session's `dask scheduler`, started on first call
         self.out = tmp_path / "out.zarr"
 
     def good(self, **kwargs: Any) -> Path:
@@ -67,6 +71,9 @@ class Context:
 
     def backward(self, inputs: Path, *extra: Any, out: Path | None = None) -> list[Any]:
         return ["backward", inputs, out or self.out, *JOB, *extra]
+
+    def backward_on_cluster(self, inputs: Path, *extra: Any) -> list[Any]:
+        return ["backward", inputs, self.out, *on_cluster(self.scheduler()), *extra]
 
     def replace_array(self, inputs: Path, name: str, *, shape=None, dtype=None, fill: bool = True) -> None:
         """Replace ``name`` in ``inputs`` by a plain-zarr array of another shape and/or dtype."""
@@ -246,25 +253,29 @@ def _(c: Context) -> Case:
 CHUNK_1 = r"chunks? (index )?\(?1(\.\.1)?\b(?!\.\.)|c/1/0/0/0|\(1, 0, 0, 0\)"
 
 
-def _chunk_case(name: str, array: str, damage: str, batch_chunk: int, key: str, pattern: str) -> None:
+def _chunk_case(name: str, array: str, damage: str, batch_chunk: int, key: str, pattern: str, local: bool) -> None:
+    """``local``: on the embedded cluster (its workers must print nothing); else on the session's cluster."""
+
     @case(name)
     def _(c: Context) -> Case:
         inputs = c.good()  # chunks of 7 samples: chunk 1 is samples 7..13
         path = inputs / array / "c" / Path(*key.split("/"))
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 16)
+        run = c.backward if local else c.backward_on_cluster
         return Case(
-            c.backward(inputs, "--batch-chunk", batch_chunk),
+            run(inputs, "--batch-chunk", batch_chunk),
             [rf"\b{array}\b", pattern, r"corrupt|truncated|cannot (read|decode)"],
             out=c.out,
             protect=[inputs],
+            slow=True,
         )
 
 
-_chunk_case("chunk-A_prev-corrupt", "A_prev", "corrupt", 7, "1/0/0/0", CHUNK_1)
-_chunk_case("chunk-A_prev-truncated", "A_prev", "truncated", 7, "1/0/0/0", CHUNK_1)
-_chunk_case("chunk-A_prev-corrupt-unaligned-batch", "A_prev", "corrupt", 10, "1/0/0/0", CHUNK_1)
-_chunk_case("chunk-W-corrupt", "W", "corrupt", 7, "0/0/0/0", r"chunk")
+_chunk_case("chunk-A_prev-corrupt", "A_prev", "corrupt", 7, "1/0/0/0", CHUNK_1, local=True)
+_chunk_case("chunk-A_prev-truncated", "A_prev", "truncated", 7, "1/0/0/0", CHUNK_1, local=False)
+_chunk_case("chunk-A_prev-corrupt-unaligned-batch", "A_prev", "corrupt", 10, "1/0/0/0", CHUNK_1, local=False)
+_chunk_case("chunk-W-corrupt", "W", "corrupt", 7, "0/0/0/0", r"chunk", local=False)
 
 
 # --------------------------------------------------------------------------- hyperparameters and job options
@@ -309,10 +320,12 @@ def _(c: Context) -> Case:
 
 @case("scheduler-nothing-listens")
 def _(c: Context) -> Case:
+    """Exit 2 after the default 10 s connect timeout; OUT is not created (protected while absent)."""
     inputs = c.good()
     address = f"tcp://127.0.0.1:{free_port()}"
     args = ["backward", inputs, c.out, "--quiet", "--scheduler", address]
-    return Case(args, [lit(address), r"scheduler"], out=c.out, protect=[inputs], timeout=45)
+    needles = [r"^dconv: error: ", rf"Dask scheduler.* at '{lit(address)}'", r"scheduler"]
+    return Case(args, needles, out=c.out, protect=[inputs, c.out], timeout=40, slow=True)
 
 
 # --------------------------------------------------------------------------- spec files
@@ -456,18 +469,20 @@ def _(c: Context) -> Case:
 def _(c: Context) -> Case:
     first, other = c.good(seed=1), c.good(seed=2)  # same shapes, other data and location
     c.complete_output(first, c.out, batch_chunk=7)
-    return Case(
-        c.backward(other, "--batch-chunk", "7", "--resume"),
+    return Case(  # on the session's cluster: dconv refuses only once the cluster is up
+        c.backward_on_cluster(other, "--batch-chunk", "7", "--resume"),
         [r"resume", lit(other)],
         protect=[first, other, c.out],
+        slow=True,
     )
 
 
 # --------------------------------------------------------------------------- the test
 #
-# The cases are independent subprocesses, so they run concurrently (a few at a time) in
+# The cases are independent processes, so they run concurrently (a few at a time) in
 # one module-scoped fixture; each parametrized test then checks its own case. Only the
-# cases selected for this session are built and run.
+# cases selected for this session are built and run (and the session's cluster started
+# only if one of them uses it).
 
 CONCURRENCY = 4
 
@@ -498,17 +513,21 @@ def _factory(root: Path) -> Callable[..., str]:
 
 
 @pytest.fixture(scope="module")
-def catalogue(request, tmp_path_factory) -> dict[str, Outcome]:
+def catalogue(request, tmp_path_factory, forked_dconv) -> dict[str, Outcome]:
     selected = [
         item.callspec.params["name"]
         for item in request.session.items
         if getattr(item, "originalname", None) == "test_bad_input_is_refused" and item.module is request.module
     ]
     outcomes: dict[str, Outcome] = {}
+
+    def scheduler() -> str:
+        return request.getfixturevalue("dask_cluster")["address"]
+
     for name in selected:
         root = tmp_path_factory.mktemp(name)
         try:
-            bad = CASES[name](Context(root, _factory(root)))
+            bad = CASES[name](Context(root, _factory(root), scheduler))
         except Exception as e:  # a broken setup fails its own case only
             outcomes[name] = Outcome(None, {}, root, error=e)
             continue
@@ -518,22 +537,23 @@ def catalogue(request, tmp_path_factory) -> dict[str, Outcome]:
         outcome = outcomes[name]
         t0 = time.monotonic()
         try:
-            outcome.result = run_cli(outcome.case.args, cwd=outcome.cwd, timeout=outcome.case.timeout)
+            outcome.result = forked_dconv.run(outcome.case.args, cwd=outcome.cwd, timeout=outcome.case.timeout)
         except BaseException as e:  # a timeout: reported by the case's test
             outcome.error = e
         outcome.elapsed = time.monotonic() - t0
 
-    # the slowest cases first, so that they overlap with the rest
-    order = sorted(outcomes, key=lambda n: -(outcomes[n].case.timeout if outcomes[n].case else 0))
+    # the slow cases first, so that they overlap with the rest
+    order = sorted(outcomes, key=lambda n: not (outcomes[n].case and outcomes[n].case.slow))
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(run, [name for name in order if outcomes[name].case is not None]))
     return outcomes
 
 
 def check_usage_error(result, needles: list[str]) -> str:
-    """Exit 2, one stderr line matching every needle, no traceback; returns the line."""
+    """Exit 2, one stderr line matching every needle, no traceback, nothing on stdout; returns the line."""
     assert result.returncode == 2, describe(result)
     assert "Traceback" not in result.stderr, describe(result)
+    assert result.stdout == "", describe(result)
     # the plan's warnings (one line each, "dconv: warning: ...") may come first: the error is one line
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("dconv: warning: ")]
     assert len(lines) == 1, f"stderr should be one line:\n{describe(result)}"
@@ -590,11 +610,19 @@ def _nonfinite(array: np.ndarray) -> int:
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
-def test_nonfinite_inputs_propagate_and_are_counted(make_input, tmp_path):
+def inspect_json(forked_dconv, out: Any) -> tuple[int, dict]:
+    result = forked_dconv.run(["inspect", out, "--json"])
+    assert "Traceback" not in result.stderr, describe(result)
+    return result.returncode, json.loads(result.stdout)
+
+
+@pytest.mark.cluster
+def test_nonfinite_inputs_propagate_and_are_counted(forked_dconv, dask_cluster, make_input, tmp_path):
     inputs = make_input()
     arrays = _plant_nonfinite(inputs)
     out = tmp_path / "out.zarr"
-    result = run_cli(["backward", inputs, out, *JOB, "--batch-chunk", "5"], cwd=tmp_path)
+    job = ["backward", inputs, out, *on_cluster(dask_cluster["address"]), "--batch-chunk", "5"]
+    result = forked_dconv.run(job, cwd=tmp_path)
     assert result.returncode == 0, describe(result)
 
     with np.errstate(invalid="ignore", over="ignore"):
@@ -608,13 +636,14 @@ def test_nonfinite_inputs_propagate_and_are_counted(make_input, tmp_path):
         finite = np.isfinite(getattr(expected, name))
         np.testing.assert_allclose(stored[name][finite], getattr(expected, name)[finite], rtol=1e-10, atol=1e-12)
 
-    code, summary = inspect_json(out)
+    code, summary = inspect_json(forked_dconv, out)
     assert code == 0
     assert summary["status"] == "complete"
     assert summary["nonfinite"] == counts
 
 
-def test_check_finite_fails_fast(make_input, tmp_path):
+@pytest.mark.cluster
+def test_check_finite_fails_fast(forked_dconv, dask_cluster, make_input, tmp_path):
     inputs = make_input(m=40)
     group = zarr.open_group(inputs, mode="r+")
     dz = np.asarray(group["dZ"][...])
@@ -622,7 +651,8 @@ def test_check_finite_fails_fast(make_input, tmp_path):
     group["dZ"][...] = dz
     before = snapshot(inputs)
     out = tmp_path / "out.zarr"
-    result = run_cli(["backward", inputs, out, *JOB, "--batch-chunk", "1", "--check-finite"], cwd=tmp_path)
+    job = ["backward", inputs, out, *on_cluster(dask_cluster["address"]), "--batch-chunk", "1", "--check-finite"]
+    result = forked_dconv.run(job, cwd=tmp_path)
     try:
         check_usage_error(result, [r"\bdZ\b", r"non-?finite|nan", r"\b2\b"])
     finally:

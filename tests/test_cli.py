@@ -1,5 +1,10 @@
-"""The `dconv` command, run as a subprocess: make-inputs, backward, inspect, run SPEC.toml,
-dry runs, exit codes and one-line errors, the progress bar, and a real `dask scheduler` cluster."""
+"""The `dconv` command, each run a process of its own: make-inputs, backward, inspect, run SPEC.toml,
+dry runs, exit codes and one-line errors, the progress bar, and a real `dask scheduler` cluster.
+
+Most runs are forked from a process that has imported dconv (``cli``: conftest's ``forked_dconv``),
+which saves the import of each run; the backward job on the embedded local cluster and ``--version``
+run in a fresh interpreter (``dconv_cli``). Jobs that are not about the embedded cluster run on the
+session's `dask scheduler` cluster (``--scheduler``), which starts no cluster of their own."""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import re
 import shutil
 import subprocess
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from dconv import simd
 from dconv.store import open_inputs
 
 from _pipeline import assert_matches, kernel_gradients, provenance, read_inputs, read_output
-from conftest import dconv_command, free_port
+from conftest import dconv_command
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 SMALL = ["--height", "7", "--width", "6", "--in-channels", "3", "--out-channels", "4"]
@@ -35,6 +39,16 @@ def dconv_cli(*args, cwd=None, timeout=120, env=None) -> subprocess.CompletedPro
         dconv_command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
         env=environment,
     )
+
+
+@pytest.fixture(scope="module")
+def cli(forked_dconv):
+    """``cli(*ARGS, cwd=None, timeout=120, env=None)``: as :func:`dconv_cli`, forked (env: DCONV_SIMD only)."""
+
+    def run(*args, cwd=None, timeout=120, env=None) -> subprocess.CompletedProcess:
+        return forked_dconv.run(args, cwd=cwd, env=env, timeout=timeout)
+
+    return run
 
 
 def assert_one_line_error(process: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
@@ -60,11 +74,12 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def cli_job(tmp_path_factory):
-    """make-inputs, then backward on 2 local workers, both through the CLI (run once for the module)."""
+def cli_job(tmp_path_factory, cli):
+    """make-inputs, then backward on 2 local workers (the embedded cluster, in a fresh interpreter), both
+    through the CLI (run once for the module)."""
     root = tmp_path_factory.mktemp("cli")
     inp, out = root / "in.zarr", root / "out.zarr"
-    made = dconv_cli(
+    made = cli(
         "make-inputs", inp, "--m", 23, *SMALL, "--kernel", "3,2", "--stride", 2, "--padding", "same",
         "--dtype", "float64", "--chunk", 7, "--seed", 11,
     )
@@ -108,9 +123,9 @@ def test_backward_on_two_local_workers(cli_job):
 
 
 @pytest.mark.cluster
-def test_inspect_human(cli_job):
+def test_inspect_human(cli, cli_job):
     out = cli_job["out"]
-    process = dconv_cli("inspect", out)
+    process = cli("inspect", out)
     assert process.returncode == 0, process.stderr
     lines = process.stdout.splitlines()
     assert lines[0] == f"{out}: complete"
@@ -120,9 +135,9 @@ def test_inspect_human(cli_job):
 
 
 @pytest.mark.cluster
-def test_inspect_json(cli_job):
+def test_inspect_json(cli, cli_job):
     out = cli_job["out"]
-    process = dconv_cli("inspect", out, "--json")
+    process = cli("inspect", out, "--json")
     assert process.returncode == 0, process.stderr
     summary = json.loads(process.stdout)
     assert summary["complete"] is True and summary["status"] == "complete"
@@ -132,7 +147,7 @@ def test_inspect_json(cli_job):
     assert summary["norms"]["dW"] == pytest.approx(float(np.linalg.norm(dW)), rel=1e-12)
 
 
-def test_inspect_json_is_strict_json_when_gradients_are_not_finite(tmp_path):
+def test_inspect_json_is_strict_json_when_gradients_are_not_finite(cli, tmp_path):
     """A NaN in A_prev makes dW NaN; `inspect --json` must still print JSON (RFC 8259 has no NaN)."""
     rng = np.random.default_rng(13)
     a_prev = rng.standard_normal((4, 5, 5, 2))
@@ -145,30 +160,32 @@ def test_inspect_json_is_strict_json_when_gradients_are_not_finite(tmp_path):
     def reject(constant):
         raise ValueError(f"not JSON: {constant}")
 
-    process = dconv_cli("inspect", out, "--json")
+    process = cli("inspect", out, "--json")
     assert process.returncode == 0, process.stderr
     summary = json.loads(process.stdout, parse_constant=reject)
     assert summary["nonfinite"]["dW"] == result.nonfinite["dW"]
 
 
-def test_inspect_of_an_unfinished_output_exits_3(make_input, tmp_path):
+def test_inspect_of_an_unfinished_output_exits_3(cli, make_input, tmp_path):
     from dconv.plan import plan_job
 
     out = tmp_path / "out.zarr"
     plan_job(make_input(m=4), out, batch_chunk=2).open_output()
-    process = dconv_cli("inspect", out)
+    process = cli("inspect", out)
     assert process.returncode == 3
     assert "INCOMPLETE: 0 of 2 batch chunks done, 2 missing (0, 1)" in process.stdout
-    assert json.loads(dconv_cli("inspect", out, "--json").stdout)["complete"] is False
+    assert json.loads(cli("inspect", out, "--json").stdout)["complete"] is False
 
 
 # --------------------------------------------------------------------------- run SPEC.toml
 
 
 @pytest.mark.cluster
-def test_run_spec_with_command_line_override(tmp_path):
-    """Relative paths from the working directory; --batch-chunk overrides [job]; the rest comes from the spec."""
-    (tmp_path / "spec.toml").write_text(textwrap.dedent("""
+def test_run_spec_with_command_line_override(cli, dask_cluster, tmp_path):
+    """Relative paths from the working directory; --batch-chunk overrides [job]; the rest comes from the spec
+    (on the session's cluster: its workers run in another directory)."""
+    address = dask_cluster["address"]
+    (tmp_path / "spec.toml").write_text(textwrap.dedent(f"""
         [input]
         path = "data/in.zarr"
 
@@ -193,9 +210,9 @@ def test_run_spec_with_command_line_override(tmp_path):
         split_every = 3
 
         [cluster]
-        workers = 2
+        scheduler = "{address}"
     """))
-    process = dconv_cli("run", "spec.toml", "--batch-chunk", 6, cwd=tmp_path)
+    process = cli("run", "spec.toml", "--batch-chunk", 6, cwd=tmp_path)
     assert process.returncode == 0, process.stderr
     inp, out = tmp_path / "data" / "in.zarr", tmp_path / "results" / "out.zarr"
     assert "dconv: making synthetic input data/in.zarr (m=17, 6x6x2 -> 3, kernel 2x3" in process.stderr
@@ -210,14 +227,14 @@ def test_run_spec_with_command_line_override(tmp_path):
     bar = progress_bar_lines(process.stderr)
     assert bar and bar[-1].startswith("dconv: 3 of 3 chunks, "), process.stderr
     assert "\r" not in process.stderr and "chunks/s" not in process.stdout
-    assert "dashboard" in process.stderr
+    assert f"dconv: scheduler {address}, dashboard" in process.stderr
 
 
-def test_dry_run_writes_nothing(make_input, tmp_path):
+def test_dry_run_writes_nothing(cli, make_input, tmp_path):
     inp = make_input(m=20, chunk=7, padding=1)
     before = snapshot(Path(inp))
     out = tmp_path / "out.zarr"
-    process = dconv_cli("backward", inp, out, "--dry-run", "--batch-chunk", 6, "--split-every", 2)
+    process = cli("backward", inp, out, "--dry-run", "--batch-chunk", 6, "--split-every", 2)
     assert process.returncode == 0, process.stderr
     assert f"input   {inp}" in process.stdout
     assert f"output  {out}" in process.stdout
@@ -228,12 +245,12 @@ def test_dry_run_writes_nothing(make_input, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [Path(inp).name]
 
 
-def test_dry_run_with_overwrite_leaves_an_existing_output_alone(make_input, tmp_path):
+def test_dry_run_with_overwrite_leaves_an_existing_output_alone(cli, make_input, tmp_path):
     inp = make_input(m=6, padding=1)
     out = tmp_path / "out.zarr"
     dconv.backward_job(inp, out, batch_chunk=4, scheduler="threads")
     before = snapshot(out)
-    process = dconv_cli("backward", inp, out, "--dry-run", "--overwrite", "--batch-chunk", 2)
+    process = cli("backward", inp, out, "--dry-run", "--overwrite", "--batch-chunk", 2)
     assert process.returncode == 0, process.stderr
     assert "chunks  3 of up to 2 samples (m = 6)" in process.stdout
     assert snapshot(out) == before
@@ -250,7 +267,7 @@ def test_dry_run_with_overwrite_leaves_an_existing_output_alone(make_input, tmp_
         (["--workers", "2"], ["chunks  3 of up to 4 samples"]),  # overrides the spec's scheduler: nothing to reach
     ],
 )
-def test_command_line_options_override_the_spec(make_input, tmp_path, options, expected):
+def test_command_line_options_override_the_spec(cli, make_input, tmp_path, options, expected):
     """Seen through --dry-run: the plan uses the spec, except where an option says otherwise."""
     inp = make_input(m=10, padding=1)
     (tmp_path / "spec.toml").write_text(textwrap.dedent(f"""
@@ -266,16 +283,16 @@ def test_command_line_options_override_the_spec(make_input, tmp_path, options, e
         [cluster]
         scheduler = "tcp://127.0.0.1:1"
     """))
-    process = dconv_cli("run", "spec.toml", "--dry-run", *options, cwd=tmp_path)
+    process = cli("run", "spec.toml", "--dry-run", *options, cwd=tmp_path)
     assert process.returncode == 0, process.stderr
     for fragment in expected:
         assert fragment in process.stdout, (fragment, process.stdout)
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_dry_run_of_a_spec_that_would_make_its_input(tmp_path):
+def test_dry_run_of_a_spec_that_would_make_its_input(cli, tmp_path):
     """The shipped large-batch spec (24 GiB of input) in an empty directory: a plan, no bytes written."""
-    process = dconv_cli("run", PIPELINES / "large-batch.toml", "--dry-run", cwd=tmp_path)
+    process = cli("run", PIPELINES / "large-batch.toml", "--dry-run", cwd=tmp_path)
     assert process.returncode == 0, process.stderr
     assert "out/large-batch-input.zarr does not exist yet" in process.stdout
     assert list(tmp_path.iterdir()) == []
@@ -284,7 +301,7 @@ def test_dry_run_of_a_spec_that_would_make_its_input(tmp_path):
 # --------------------------------------------------------------------------- errors: exit 2, one line
 
 
-def test_errors_name_options_as_keywords_in_python_and_as_flags_on_the_command_line(make_input, tmp_path):
+def test_errors_name_options_as_keywords_in_python_and_as_flags_on_the_command_line(cli, make_input, tmp_path):
     """The same refusal: `overwrite=True` for a Python caller, `--overwrite` for a command-line user."""
     inp = make_input(m=4)
     out = tmp_path / "out.zarr"
@@ -294,10 +311,10 @@ def test_errors_name_options_as_keywords_in_python_and_as_flags_on_the_command_l
         dconv.plan_job(inp, out)
     with pytest.raises(dconv.InputError, match=r"batch_chunk 64 needs about .* more than max_memory"):
         dconv.plan_job(inp, tmp_path / "other.zarr", batch_chunk=64, max_memory="1KiB")
-    line = assert_one_line_error(dconv_cli("backward", inp, out, "--quiet"), 2, "pass --overwrite to replace it")
+    line = assert_one_line_error(cli("backward", inp, out, "--quiet"), 2, "pass --overwrite to replace it")
     assert "--resume to continue it" in line and "=True" not in line
     line = assert_one_line_error(
-        dconv_cli("backward", inp, tmp_path / "other.zarr", "--batch-chunk", "64", "--max-memory", "1KiB"), 2,
+        cli("backward", inp, tmp_path / "other.zarr", "--batch-chunk", "64", "--max-memory", "1KiB"), 2,
         "--batch-chunk 64 needs about",
     )
     assert "more than --max-memory" in line and "batch_chunk" not in line
@@ -317,10 +334,10 @@ def test_errors_name_options_as_keywords_in_python_and_as_flags_on_the_command_l
         (["--simd", "avx3"], "DCONV_SIMD must be one of"),
     ],
 )
-def test_bad_option_value_is_a_one_line_usage_error(make_input, tmp_path, options, fragment):
+def test_bad_option_value_is_a_one_line_usage_error(cli, make_input, tmp_path, options, fragment):
     inp = make_input(m=4, padding=1)
     out = tmp_path / "out.zarr"
-    assert_one_line_error(dconv_cli("backward", inp, out, "--quiet", *options), 2, fragment)
+    assert_one_line_error(cli("backward", inp, out, "--quiet", *options), 2, fragment)
     assert not out.exists()
 
 
@@ -333,9 +350,9 @@ def test_bad_option_value_is_a_one_line_usage_error(make_input, tmp_path, option
         (["--stride", "x"], "argument --stride: expected an integer or comma-separated integers"),
     ],
 )
-def test_unparsable_option_is_a_usage_error(make_input, tmp_path, options, fragment):
+def test_unparsable_option_is_a_usage_error(cli, make_input, tmp_path, options, fragment):
     inp = make_input(m=4)
-    process = dconv_cli("backward", inp, tmp_path / "out.zarr", *options)
+    process = cli("backward", inp, tmp_path / "out.zarr", *options)
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
     lines = process.stderr.strip().splitlines()
@@ -344,37 +361,37 @@ def test_unparsable_option_is_a_usage_error(make_input, tmp_path, options, fragm
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_existing_out_is_refused_and_untouched(make_input, tmp_path):
+def test_existing_out_is_refused_and_untouched(cli, make_input, tmp_path):
     inp = make_input(m=6, padding=1)
     out = tmp_path / "out.zarr"
     dconv.backward_job(inp, out, batch_chunk=4, scheduler="threads")
     before = snapshot(out)
-    process = dconv_cli("backward", inp, out, "--quiet", "--batch-chunk", 2)
+    process = cli("backward", inp, out, "--quiet", "--batch-chunk", 2)
     assert_one_line_error(process, 2, f"out '{out}' already exists; pass --overwrite to replace it")
     assert snapshot(out) == before
 
 
-def test_bad_spec_is_a_one_line_usage_error(tmp_path):
+def test_bad_spec_is_a_one_line_usage_error(cli, tmp_path):
     (tmp_path / "spec.toml").write_text('[input]\npath = "in.zarr"\n[output]\npath = "o.zarr"\n[job]\nbatch_chunks = 4\n')
-    assert_one_line_error(dconv_cli("run", "spec.toml", cwd=tmp_path), 2, "Did you mean 'batch_chunk'?")
-    assert_one_line_error(dconv_cli("run", "missing.toml", cwd=tmp_path), 2, "cannot read spec file")
+    assert_one_line_error(cli("run", "spec.toml", cwd=tmp_path), 2, "Did you mean 'batch_chunk'?")
+    assert_one_line_error(cli("run", "missing.toml", cwd=tmp_path), 2, "cannot read spec file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
 
 
-def test_inspect_of_a_non_output_is_a_usage_error(tmp_path):
-    assert_one_line_error(dconv_cli("inspect", tmp_path / "nothing.zarr"), 2, "does not exist")
+def test_inspect_of_a_non_output_is_a_usage_error(cli, tmp_path):
+    assert_one_line_error(cli("inspect", tmp_path / "nothing.zarr"), 2, "does not exist")
 
 
 # --------------------------------------------------------------------------- existing Dask clusters
 
 
 @pytest.mark.cluster
-def test_backward_on_a_dask_scheduler_cluster(dask_cluster, make_input, tmp_path):
+def test_backward_on_a_dask_scheduler_cluster(cli, dask_cluster, make_input, tmp_path):
     """`dask scheduler` + 2 `dask worker` processes; the CLI connects with --scheduler ADDRESS."""
     address = dask_cluster["address"]
     inp = make_input(m=19, chunk=4, dtype="float64", kernel=(2, 3), stride=(1, 2), padding=((2, 0), (0, 1)))
     out = tmp_path / "out.zarr"
-    process = dconv_cli("backward", inp, out, "--scheduler", address, "--batch-chunk", 3, "--split-every", 2)
+    process = cli("backward", inp, out, "--scheduler", address, "--batch-chunk", 3, "--split-every", 2)
     assert process.returncode == 0, process.stderr
     assert f"dconv: scheduler {address}, dashboard" in process.stderr
     bar = progress_bar_lines(process.stderr)
@@ -387,14 +404,14 @@ def test_backward_on_a_dask_scheduler_cluster(dask_cluster, make_input, tmp_path
 
 
 @pytest.mark.cluster
-def test_relative_paths_on_a_dask_scheduler_cluster(dask_cluster, tmp_path):
+def test_relative_paths_on_a_dask_scheduler_cluster(cli, dask_cluster, tmp_path):
     """`dconv backward in.zarr out.zarr --scheduler ...` from a directory the workers were not started in."""
     name = f"rel-{uuid.uuid4().hex}"
-    made = dconv_cli("make-inputs", f"{name}-in.zarr", "--m", 7, *SMALL, "--padding", 1, "--dtype", "float64",
+    made = cli("make-inputs", f"{name}-in.zarr", "--m", 7, *SMALL, "--padding", 1, "--dtype", "float64",
                      "--chunk", 3, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     try:
-        process = dconv_cli("backward", f"{name}-in.zarr", f"{name}-out.zarr", "--scheduler", dask_cluster["address"],
+        process = cli("backward", f"{name}-in.zarr", f"{name}-out.zarr", "--scheduler", dask_cluster["address"],
                             "--quiet", "--batch-chunk", 2, cwd=tmp_path)
         assert process.returncode == 0, process.stderr
         expected = kernel_gradients(read_inputs(tmp_path / f"{name}-in.zarr"), padding=1)
@@ -406,35 +423,25 @@ def test_relative_paths_on_a_dask_scheduler_cluster(dask_cluster, tmp_path):
         assert not stray.exists()
 
 
+# An unknown scheduler address (exit 2 after the 10 s connect timeout, nothing written) is
+# test_catalogue.py's "scheduler-nothing-listens": it waits there alongside the other cases.
+
+
 @pytest.mark.cluster
-def test_unknown_scheduler_address_exits_2(make_input, tmp_path):
-    """Nothing listens there: exit 2 after the default 10 s connect timeout, nothing written."""
-    inp = make_input(m=4)
-    out = tmp_path / "out.zarr"
-    address = f"tcp://127.0.0.1:{free_port()}"
-    start = time.monotonic()
-    process = dconv_cli("backward", inp, out, "--scheduler", address, "--quiet", timeout=60)
-    elapsed = time.monotonic() - start
-    line = assert_one_line_error(process, 2, "Dask scheduler")
-    assert re.search(f"Dask scheduler.* at '{address}'", line), line
-    assert elapsed < 40, elapsed
-    assert not out.exists()
-
-
-def test_resume_on_the_command_line_overrides_a_spec_that_overwrites(make_input, tmp_path):
+def test_resume_on_the_command_line_overrides_a_spec_that_overwrites(cli, dask_cluster, make_input, tmp_path):
     """quickstart.toml says overwrite = true; `dconv run SPEC --resume` continues instead of refusing."""
     inp, out = make_input(m=12), tmp_path / "out.zarr"
     spec = tmp_path / "spec.toml"
     spec.write_text(
         f'[input]\npath = "{inp}"\n[output]\npath = "{out}"\noverwrite = true\n'
-        "[job]\nbatch_chunk = 4\n[cluster]\nworkers = 1\n"
+        f'[job]\nbatch_chunk = 4\n[cluster]\nscheduler = "{dask_cluster["address"]}"\n'
     )
-    first = dconv_cli("run", spec, "--quiet")
+    first = cli("run", spec, "--quiet")
     assert first.returncode == 0, first.stderr
-    resumed = dconv_cli("run", spec, "--quiet", "--resume")
+    resumed = cli("run", spec, "--quiet", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "0 of 3 chunks computed" in resumed.stdout
-    both = dconv_cli("run", spec, "--quiet", "--resume", "--overwrite")
+    both = cli("run", spec, "--quiet", "--resume", "--overwrite")
     assert both.returncode == 2 and "give --overwrite or --resume, not both" in both.stderr
 
 
@@ -453,9 +460,9 @@ def test_version_names_the_simd_level_and_the_levels_this_machine_runs():
 
 
 @pytest.mark.parametrize("word", ["bogus", "lacking"])
-def test_version_reports_a_bad_dconv_simd_instead_of_failing(word):
+def test_version_reports_a_bad_dconv_simd_instead_of_failing(cli, word):
     word = lacking_level() if word == "lacking" else word
-    result = dconv_cli("--version", env={"DCONV_SIMD": word})
+    result = cli("--version", env={"DCONV_SIMD": word})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"dconv {dconv.__version__}; no SIMD level: DCONV_SIMD")
@@ -467,7 +474,7 @@ def test_version_reports_a_bad_dconv_simd_instead_of_failing(word):
 
 @pytest.mark.parametrize("command", ["backward", "run"])
 @pytest.mark.parametrize("word", ["bogus", "lacking"])
-def test_a_bad_dconv_simd_exits_2_before_any_work(make_input, tmp_path, command, word):
+def test_a_bad_dconv_simd_exits_2_before_any_work(cli, make_input, tmp_path, command, word):
     """Refused before the local cluster starts, and before `run` makes its input."""
     word = lacking_level() if word == "lacking" else word
     inp = make_input(m=4)
@@ -476,7 +483,7 @@ def test_a_bad_dconv_simd_exits_2_before_any_work(make_input, tmp_path, command,
         f'[input]\npath = "{tmp_path / "made.zarr"}"\n[input.make]\nm = 4\n[output]\npath = "{tmp_path / "out.zarr"}"\n'
     )
     args = ["backward", inp, tmp_path / "out.zarr"] if command == "backward" else ["run", spec]
-    process = dconv_cli(*args, "--quiet", env={"DCONV_SIMD": word})
+    process = cli(*args, "--quiet", env={"DCONV_SIMD": word})
     line = assert_one_line_error(process, 2, "DCONV_SIMD")
     expected = "must be one of" if word == "bogus" else f"DCONV_SIMD={word}: "
     assert expected in line and "numpy" in line  # the word, and what this machine runs or accepts
@@ -484,12 +491,12 @@ def test_a_bad_dconv_simd_exits_2_before_any_work(make_input, tmp_path, command,
 
 
 @pytest.mark.cluster
-def test_a_level_a_worker_lacks_exits_2_naming_the_worker(mixed_levels_cluster, make_input, tmp_path):
+def test_a_level_a_worker_lacks_exits_2_naming_the_worker(cli, mixed_levels_cluster, make_input, tmp_path):
     better = [level for level in simd.simd_levels() if level != "baseline"]
     if not better:
         pytest.skip("this CPU runs no level above baseline")
     out = tmp_path / "out.zarr"
-    process = dconv_cli(
+    process = cli(
         "backward", make_input(m=4), out, "--scheduler", mixed_levels_cluster["address"], "--quiet",
         env={"DCONV_SIMD": better[0]},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -18,9 +19,37 @@ def test_workers_must_be_a_positive_int(workers):
         ClusterOptions(workers=workers)
 
 
-def test_workers_and_scheduler_exclude_each_other():
-    with pytest.raises(InputError, match="either workers .* or scheduler"):
-        ClusterOptions(workers=2, scheduler="tcp://127.0.0.1:8786")
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"workers": 2, "scheduler": "tcp://127.0.0.1:8786"},
+        {"workers": 2, "scheduler_file": "scheduler.json"},
+        {"scheduler": "tcp://127.0.0.1:8786", "scheduler_file": "scheduler.json"},
+    ],
+)
+def test_workers_scheduler_and_scheduler_file_exclude_each_other(given):
+    with pytest.raises(InputError, match=f"either workers .* or scheduler .*; got {' and '.join(given)}"):
+        ClusterOptions(**given)
+
+
+@pytest.mark.parametrize(
+    "base, given",
+    [
+        (ClusterOptions(workers=2), {"scheduler_file": "scheduler.json"}),
+        (ClusterOptions(scheduler="tcp://127.0.0.1:8786"), {"scheduler_file": "scheduler.json"}),
+        (ClusterOptions(scheduler_file="scheduler.json"), {"workers": 2}),
+        (ClusterOptions(scheduler_file="scheduler.json"), {"scheduler": "tcp://127.0.0.1:8786"}),
+    ],
+)
+def test_giving_where_a_job_runs_replaces_where_the_base_said(base, given):
+    """A spec's `workers = 2` under `--scheduler-file F`: F wins, as any of the three over any other."""
+    assert ClusterOptions.build(base, **given) == ClusterOptions(**given)
+
+
+def test_only_no_scheduler_means_the_embedded_cluster():
+    assert ClusterOptions().embedded and ClusterOptions(workers=3).embedded
+    assert not ClusterOptions(scheduler="tcp://127.0.0.1:8786").embedded
+    assert not ClusterOptions(scheduler_file="scheduler.json").embedded
 
 
 def test_layout_uses_every_core_once():
@@ -46,12 +75,68 @@ def test_connect_to_nothing_fails_within_the_timeout():
     assert time.monotonic() - start < 8
 
 
+def reach(path, timeout=0.3, **tls):
+    with connect(ClusterOptions(scheduler_file=str(path), connect_timeout=timeout, **tls), quiet=True):
+        pass
+
+
+def test_a_missing_scheduler_file_is_waited_for_then_named(tmp_path, monkeypatch):
+    """A scheduler writes its file as it starts: dconv waits connect_timeout for it, then names it and where it looked."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=rf"scheduler_file must name a Dask scheduler file .*; 'nothing.json' "
+                       rf"\(in {tmp_path}\) did not appear within 0.3 s\."):
+        reach("nothing.json")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"type": "Scheduler"}', "holds no address"),
+        ("{not json", "holds no address"),
+        ('["tcp://127.0.0.1:1"]', "holds no address"),
+    ],
+)
+def test_a_scheduler_file_without_an_address_is_refused(tmp_path, text, message):
+    path = tmp_path / "scheduler.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=f"scheduler_file must name a Dask scheduler file .*'{path}' {message}"):
+        reach(path)
+
+
+def test_an_unreadable_scheduler_file_is_refused_at_once(tmp_path):
+    """A directory, say: no waiting, the reason in one line."""
+    start = time.monotonic()
+    with pytest.raises(InputError, match=f"scheduler_file must name .*; cannot read '{tmp_path}': "):
+        reach(tmp_path, timeout=30)
+    assert time.monotonic() - start < 10
+
+
+def test_a_scheduler_file_of_a_scheduler_that_is_gone(tmp_path):
+    """The file is there, nothing listens at its address: one line naming both, within the timeout."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"type": "Scheduler", "address": address}))
+    with pytest.raises(InputError, match=rf"Dask scheduler.* at '{address}' \(from scheduler_file '{path}'\)"):
+        reach(path, timeout=0.5)
+
+
+def test_a_tls_address_in_a_scheduler_file_needs_tls_material(tmp_path):
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    with pytest.raises(InputError, match="scheduler 'tls://127.0.0.1:1' uses TLS; give tls_ca_file"):
+        reach(path)
+
+
 @pytest.mark.cluster
-def test_the_dashboard_link_serves_the_dashboard():
-    """The link dconv prints answers with the dashboard itself, not distributed's "Dask needs bokeh" page."""
+def test_the_embedded_cluster_serves_its_dashboard_and_sets_the_memory_limit():
+    """The link dconv prints answers with the dashboard itself, not distributed's "Dask needs bokeh" page;
+    each worker's memory_limit is the one given (the plan's, in a job)."""
     from urllib.request import urlopen
 
-    with connect(ClusterOptions(workers=1), quiet=True) as client:
+    limit = 300 * 2**20 + 12345
+    with connect(ClusterOptions(workers=1), memory_limit=limit, quiet=True) as client:
+        workers = client.scheduler_info()["workers"].values()
+        assert [worker["memory_limit"] for worker in workers] == [limit]
         link = client.dashboard_link
         assert link.startswith("http://127.0.0.1:"), link
         with urlopen(link, timeout=30) as response:

@@ -1,10 +1,12 @@
-"""dconv.graph: batch chunking, the shape of the dW/db reduction tree, and the order of its sums.
+"""dconv.graph: batch chunking, the shape of the dW/db reduction tree, the order of its sums, its waves.
 
 The tree is checked on the graph itself, as dask's tests/test_reductions.py::test_tree_reduce_depth
 does: walk ``__dask_graph__()`` and count dependencies, never trust the key names for the structure.
 """
 
 from __future__ import annotations
+
+import pickle
 
 import dask
 import numpy as np
@@ -15,18 +17,22 @@ from dconv import InputError
 from dconv.graph import (
     CHUNK_PREFIX,
     COMBINE_PREFIX,
+    JobContext,
     Partial,
     backward_graph,
     batch_bounds,
     combine_partials,
+    level_counts,
     tree_depth,
     tree_reduce,
     tree_shape,
+    wave_depth,
 )
 from dconv.options import JobOptions
 from dconv.plan import plan_job
 from dconv.params import ConvParams
 from dconv.store import OutputStore
+from dconv.store.output import LEVEL_CODES
 
 from _pipeline import read_inputs
 
@@ -43,10 +49,15 @@ def key_name(key) -> str:
     return str(key[0] if isinstance(key, tuple) else key)
 
 
+def is_tree_key(key) -> bool:
+    return key_name(key).startswith((CHUNK_PREFIX, COMBINE_PREFIX))
+
+
 def tree_structure(graph):
-    """(chunk keys, combine keys, dependencies of every key, dependents of every key)."""
+    """(chunk keys, combine keys, dependencies of every key, dependents of every key), over the tree's
+    keys only: every task also depends on the shared context, and a chunk on its Dask blocks if any."""
     dsk = dict(graph.__dask_graph__())
-    deps = {key: set(get_dependencies(dsk, key)) for key in dsk}
+    deps = {key: {dep for dep in get_dependencies(dsk, key) if is_tree_key(dep)} for key in dsk}
     dependents = {key: set() for key in dsk}
     for key, its_deps in deps.items():
         for dep in its_deps:
@@ -65,18 +76,22 @@ def combine_depth(key, deps, combines) -> set[int]:
 
 
 def synthetic_graph(n_chunks: int, split_every: int, tmp_path):
-    """backward_graph over n_chunks chunks of one sample each; built, never computed."""
+    """backward_graph over n_chunks chunks of one sample each, as one Dask graph; built, never computed."""
+    return synthetic_job(n_chunks, split_every, tmp_path).to_delayed()
+
+
+def synthetic_job(n_chunks: int, split_every: int, tmp_path, stored=None, wave_chunks: int = 4096):
     geometry = ConvParams.parse(1, 0, 1).resolve((3, 3), (2, 2))
-    bounds = batch_bounds(n_chunks, 1)
-    placeholders = [None] * n_chunks
     return backward_graph(
-        placeholders,
-        placeholders,
+        None,
+        None,
         np.zeros((2, 2, 1, 1)),
         geometry,
         OutputStore(str(tmp_path / "never-written.zarr")),
-        bounds,
+        batch_bounds(n_chunks, 1),
         JobOptions(split_every=split_every),
+        stored=stored,
+        wave_chunks=wave_chunks,
     )
 
 
@@ -121,32 +136,89 @@ def test_tree_of_a_planned_job(make_input, tmp_path, m, batch_chunk, split_every
 
         inp = {name: da.from_array(array, chunks=(3, 5, 4, 2)) for name, array in read_inputs(inp).items()}
     plan = plan_job(inp, tmp_path / "out.zarr", padding=1, batch_chunk=batch_chunk, split_every=split_every)
-    graph = plan.graph()
+    graph = plan.graph().to_delayed()
     n_chunks = -(-m // batch_chunk)
     assert len(plan.bounds) == n_chunks
     assert_tree(graph, n_chunks, split_every)
     assert not (tmp_path / "out.zarr").exists(), "planning and building the graph must write nothing"
 
 
-def test_tree_with_finished_chunks_keeps_its_shape(tmp_path):
-    """Chunks an earlier run finished become loader tasks under the same keys; the tree is unchanged."""
-    geometry = ConvParams.parse().resolve((3, 3), (2, 2))
-    out = OutputStore(str(tmp_path / "o.zarr"))
-    finished = [i % 3 == 0 for i in range(11)]
+@pytest.mark.parametrize(
+    "n_chunks, split_every, stored",
+    [(11, 3, [(1, 0), (0, 4), (0, 9)]), (27, 3, [(2, 1)]), (40, 2, [(3, 0), (2, 3), (1, 9), (0, 39)]), (5, 8, [(1, 0)])],
+)
+def test_a_stored_frontier_replaces_the_subtrees_under_it(tmp_path, n_chunks, split_every, stored):
+    """A stored node is one task, under its own key, that reads its record back (it depends on the
+    context alone); what it covers is gone from the graph, and every other task is unchanged."""
+    fresh = dict(synthetic_graph(n_chunks, split_every, tmp_path).__dask_graph__())
+    job = synthetic_job(n_chunks, split_every, tmp_path, stored=stored)
+    resumed = dict(job.to_delayed().__dask_graph__())
+    below = set()
+    for depth, index in stored:
+        for d in range(depth):
+            width = split_every ** (depth - d)
+            below |= {job.key((d, i)) for i in range(index * width, (index + 1) * width)}
+    assert set(resumed) == set(fresh) - below
+    for key, task in resumed.items():
+        if key in {job.key(node) for node in stored}:
+            assert task.func.__name__ == "stored_node" and task.dependencies == {job.context_key}
+        elif is_tree_key(key):
+            assert task.func is fresh[key].func, key
+    chunks = n_chunks - sum(len(range(i * split_every**d, min((i + 1) * split_every**d, n_chunks))) for d, i in stored)
+    assert job.chunks_to_compute() == chunks
 
-    def build(done):
-        return backward_graph(
-            [None] * 11, [None] * 11, np.zeros((2, 2, 1, 1)), geometry, out, batch_bounds(11, 1),
-            JobOptions(split_every=3), finished=done,
-        )
 
-    resumed, fresh = build(finished), build(None)
-    assert set(dict(resumed.__dask_graph__())) == set(dict(fresh.__dask_graph__()))
-    assert_tree(resumed, 11, 3)
-    chunks, _, deps, _ = tree_structure(resumed)
-    for key in chunks:
-        # a loader reads its partial back from the store: it needs neither W nor input blocks
-        assert (len(deps[key]) == 0) == finished[key[1]], (key, deps[key])
+@pytest.mark.parametrize("stored", [[], [(1, 0), (0, 4), (2, 1), (0, 40)]])
+@pytest.mark.parametrize("wave_chunks, depth", [(1, 1), (3, 1), (9, 2), (26, 2), (27, 3), (81, 4), (4096, 4)])
+def test_waves_cover_the_tree_once(tmp_path, stored, wave_chunks, depth):
+    """The waves (subtrees at the wave depth, in chunk order) and the combines above them are exactly the
+    tree's tasks, each once; every combine above the waves adds at most split_every children."""
+    n_chunks, split_every = 41, 3
+    job = synthetic_job(n_chunks, split_every, tmp_path, stored=stored, wave_chunks=wave_chunks)
+    assert job.wave_depth == depth
+    whole = dict(job.to_delayed().__dask_graph__())
+    waves, combines = job.above_waves()
+    assert all(node[0] == depth for node in waves) or waves == [job.root]
+    assert [index for _, index in waves] == sorted(index for _, index in waves)
+    keys = [key for node in waves for key in job.subtree(node)]
+    keys += [job.key(node) for node in combines] + [job.key(node) for node in stored if node[0] >= depth]
+    assert len(keys) == len(set(keys)) and set(keys) | {job.context_key} == set(whole)
+    for node, children in combines.items():
+        assert 1 <= len(children) <= split_every and children == job.children(node)
+
+
+@pytest.mark.parametrize(
+    "n_chunks, split_every, nbytes, expected",
+    [(10**6, 8, 8, 2), (10**6, 2, 8, 8), (10**6, 3, 8, 5), (10**6, 16, 8, 2), (10**6, 8, 18_900_000, 1),
+     (10**6, 2, 18_900_000, 5), (100, 8, 8, 2), (1, 8, 8, 1), (8, 8, 8, 1)],
+)
+def test_wave_depth(n_chunks, split_every, nbytes, expected):
+    """As many chunks as WAVE_CHUNKS (256) allow, fewer when their partials pass 1 GiB; at most the tree."""
+    assert wave_depth(n_chunks, split_every, nbytes) == expected
+
+
+def test_chunk_tasks_carry_only_small_arguments(make_input, tmp_path):
+    """W, the geometry, the output and the options are one shared key, fetched once per worker; a chunk
+    task is its index and samples. Measured: 3006 pickled bytes a task before, when each task carried them."""
+    inp = make_input(m=64, chunk=1, height=8, width=8, in_channels=4, out_channels=4)
+    plan = plan_job(inp, tmp_path / "out.zarr", batch_chunk=1)
+    job = plan.graph()
+    dsk = dict(job.to_delayed().__dask_graph__())
+    chunks = [task for key, task in dsk.items() if key_name(key).startswith(CHUNK_PREFIX)]
+    assert len(chunks) == 64
+    for task in chunks:
+        assert task.dependencies == {job.context_key}
+        assert len(pickle.dumps(task)) < 400, len(pickle.dumps(task))
+    assert isinstance(dsk[job.context_key].value, JobContext)
+    assert len(pickle.dumps(dsk[job.context_key])) > 1000  # the zarr arrays and the output: once
+
+
+def test_batch_bounds_hold_two_numbers_whatever_the_chunks():
+    bounds = batch_bounds(10**9, 3)
+    assert len(bounds) == 333_333_334 and bounds[-1] == (999_999_999, 10**9) and bounds[1] == (3, 6)
+    assert bounds[2:4] == [(6, 9), (9, 12)] and len(pickle.dumps(bounds)) < 200
+    with pytest.raises(IndexError, match="chunk index must be in"):
+        bounds[333_333_334]
 
 
 @pytest.mark.parametrize("n_leaves, split_every", [(1, 2), (5, 2), (13, 3), (30, 4), (100, 8)])
@@ -174,13 +246,15 @@ def test_combine_partials_does_not_modify_its_inputs():
     assert first.sums["count"] == 3 and first.stats == {"kernel": 1.0}
 
 
-def test_combine_partials_adds_the_simd_counts_level_by_level():
-    """Each chunk reports {level: 1}; a combine adds the counts of every level, inputs untouched."""
-    leaves = [Partial({"dW": np.zeros(1)}, {"simd": {level: 1}}) for level in ("avx2", "numpy", "avx2")]
-    assert combine_partials(leaves).stats["simd"] == {"avx2": 2, "numpy": 1}
+def test_combine_partials_concatenates_the_level_codes():
+    """Each chunk carries its level code; a combine concatenates them in chunk order, inputs untouched."""
+    codes = {name: np.array([LEVEL_CODES.index(name)], dtype=np.uint8) for name in ("avx2", "numpy")}
+    leaves = [Partial({"dW": np.zeros(1)}, {}, codes[level]) for level in ("avx2", "numpy", "avx2")]
+    assert level_counts(combine_partials(leaves).levels) == {"avx2": 2, "numpy": 1}
     total = tree_reduce([dask.delayed(leaf) for leaf in leaves * 5], 2, token="simd-counts").compute(scheduler="sync")
-    assert total.stats["simd"] == {"avx2": 10, "numpy": 5}
-    assert [leaf.stats for leaf in leaves] == [{"simd": {"avx2": 1}}, {"simd": {"numpy": 1}}, {"simd": {"avx2": 1}}]
+    assert total.levels.tolist() == [LEVEL_CODES.index(level) for level in ("avx2", "numpy", "avx2") * 5]
+    assert level_counts(total.levels) == {"avx2": 10, "numpy": 5}
+    assert [leaf.levels.tolist() for leaf in leaves] == [codes["avx2"].tolist(), codes["numpy"].tolist(), codes["avx2"].tolist()]
 
 
 @pytest.mark.parametrize("n_leaves", [1, 2, 3, 8, 9, 27, 28, 125, 243, 1000, 4096, 4097])

@@ -4,6 +4,9 @@ The signal goes to the job's whole process group, as a terminal's Ctrl-C does
 (and a batch scheduler's SIGTERM reaches every process of the job): the
 embedded cluster's workers must stay silent and leave the client to record the
 interruption. The resumed job must give the bits of an uninterrupted run.
+
+The interrupted jobs run in a fresh interpreter, as a user starts them; ``inspect`` and the
+resumed job run forked from a process that has imported dconv (conftest's ``forked_dconv``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from _fault_helpers import (
     kill_group,
     live_group_members,
     provenance_of,
-    run_cli,
 )
 from conftest import dconv_command, free_port, wait_until
 from dconv import simd
@@ -74,7 +76,7 @@ def missing_text(flags: np.ndarray) -> str:
     ids=["SIGINT", "SIGTERM"],
 )
 def test_a_signal_stops_the_job_in_one_line_and_its_resume_command_finishes_it(
-    job, tmp_path, signum, workers, quiet, resume
+    job, forked_dconv, tmp_path, signum, workers, quiet, resume
 ):
     """SIGINT with --quiet: stderr is the one line. SIGTERM with the cluster's line and progress on stderr: the
     last line, and nothing that is not dconv's. The resume command does not depend on the signal: run once."""
@@ -124,7 +126,7 @@ def test_a_signal_stops_the_job_in_one_line_and_its_resume_command_finishes_it(
     assert "reason" not in provenance
 
     # inspect: exit 3, the missing chunks as ranges, the signal, the command that resumes the job
-    inspected = run_cli(["inspect", out])
+    inspected = forked_dconv.run(["inspect", out])
     assert inspected.returncode == 3, describe(inspected)
     text = inspected.stdout
     assert f"  INCOMPLETE: {flags.sum()} of {N_CHUNKS} batch chunks done, {N_CHUNKS - flags.sum()} missing " \
@@ -139,7 +141,7 @@ def test_a_signal_stops_the_job_in_one_line_and_its_resume_command_finishes_it(
     # the command, as printed, resumes the job: only the missing chunks run, and the bits are the uninterrupted run's
     words = shlex.split(command)
     assert words[:2] == ["dconv", "backward"]
-    resumed = subprocess.run(dconv_command() + words[1:], capture_output=True, text=True, timeout=TIMEOUT)
+    resumed = forked_dconv.run(words[1:], timeout=TIMEOUT)
     assert resumed.returncode == 0, describe(resumed)
     assert chunks_computed(resumed.stdout) == (N_CHUNKS - flags.sum(), N_CHUNKS)
     assert provenance_of(out)["status"] == "complete"
@@ -154,10 +156,10 @@ def complete_output(make_input, tmp_path):
     return inputs, out, result
 
 
-def test_resume_of_a_complete_output_says_so_and_starts_no_cluster(complete_output):
+def test_resume_of_a_complete_output_says_so_and_starts_no_cluster(forked_dconv, complete_output):
     inputs, out, result = complete_output
     before = provenance_of(out)
-    run = run_cli(["backward", inputs, out, "--resume", "--batch-chunk", 4, "--split-every", 2])
+    run = forked_dconv.run(["backward", inputs, out, "--resume", "--batch-chunk", 4, "--split-every", 2])
     assert run.returncode == 0, describe(run)
     assert run.stderr == "", describe(run)  # no cluster line, no dashboard, no progress
     assert run.stdout.count("\n") == 1 and run.stdout.startswith(f"dconv: {out} is already complete, nothing to do")

@@ -21,7 +21,7 @@ from dconv import InputError, SimdLevelError, simd
 from dconv.cluster import ClusterOptions
 from dconv.options import JobOptions
 from dconv.plan import plan_job
-from dconv.store import read_levels
+from dconv.store import OutputStore
 
 from _pipeline import CONVS, PIPELINE_TOL, assert_matches, kernel_gradients, provenance, read_inputs, read_output, rel_err
 from conftest import free_port
@@ -292,7 +292,7 @@ def test_refuses_to_overwrite_then_overwrite_replaces(make_input, client, tmp_pa
     assert_matches(replaced, kernel_gradients(read_inputs(second), padding=1), "float64")
     assert provenance(out)["input"] == second
     assert provenance(out)["n_chunks"] == 2
-    assert dconv.open_result(str(out))["_progress/done"].shape == (2,)
+    assert dconv.open_result(str(out))["_progress/level"].shape == (2,)
     # nothing of the first run is left: the same files as the same job written afresh
     dconv.backward_job(second, tmp_path / "fresh.zarr", batch_chunk=3, client=client)
     assert set(snapshot(out)) == set(snapshot(tmp_path / "fresh.zarr"))
@@ -507,7 +507,7 @@ def test_default_batch_chunk_is_aligned_to_the_input_chunks(make_input, tmp_path
 
 
 def stored_levels(out) -> list[str]:
-    return read_levels(zarr.open_group(str(out), mode="r"))
+    return OutputStore(str(out)).progress().levels
 
 
 @pytest.mark.cluster

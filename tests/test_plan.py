@@ -72,7 +72,9 @@ def test_describe_speaks_singular_and_gives_disk_figures(make_input, tmp_path):
     disk = plan.disk_bytes()
     assert disk["input"] == 8 * 20 * (8 * 8 * 3 + 8 * 8 * 4) + 8 * 3 * 3 * 3 * 4  # A_prev, dZ, W, float64
     assert disk["dA_prev"] == 8 * 20 * 8 * 8 * 3
-    assert disk["_progress"] == 20 * (8 * 3 * 3 * 3 * 4 + 8 * 4 + 8 + 2)  # dW, db partials, NaN count, done, level
+    # at most split_every x depth records (dW, db partials, NaN count) of a 20-chunk tree of fan-in 8
+    # (depth 2) while running, and one level byte per chunk after
+    assert disk["_progress"] == 8 * 2 * (8 * 3 * 3 * 3 * 4 + 8 * 4 + 8) + 20
     output = sum(disk.values()) - disk["input"]
     assert f"disk    input {format_bytes(disk['input'])} (uncompressed); output {format_bytes(output)}: " in text
     assert f"dA_prev {format_bytes(disk['dA_prev'])} (uncompressed)" in text

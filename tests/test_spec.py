@@ -69,6 +69,20 @@ def test_full_spec(tmp_path):
     assert spec.storage == {"anon": False, "client_kwargs": {"region_name": "eu-west-1"}}
 
 
+def test_a_scheduler_file_is_kept_as_written(tmp_path):
+    """`[cluster] scheduler_file`: a relative path stays relative, to the directory dconv runs in, as `[input] path`."""
+    spec = load_spec(write(tmp_path, """
+        [input]
+        path = "in.zarr"
+        [output]
+        path = "out.zarr"
+        [cluster]
+        scheduler_file = "run/scheduler.json"
+    """))
+    assert spec.cluster == ClusterOptions(scheduler_file="run/scheduler.json")
+    assert not spec.cluster.embedded
+
+
 def test_minimal_spec_defaults():
     spec = parse_spec(MINIMAL)
     assert spec.make is None
@@ -162,6 +176,9 @@ def test_missing_required_keys(document, message):
         ({**MINIMAL, "job": {"max_memory": "lots"}}, "max_memory must be a size such as 512MiB"),
         ({**MINIMAL, "conv": {"padding": "full"}}, "padding must be an int, a pair"),
         ({**MINIMAL, "cluster": {"workers": 2, "scheduler": "tcp://h:1"}}, "give either workers"),
+        ({**MINIMAL, "cluster": {"scheduler": "tcp://h:1", "scheduler_file": "s.json"}},
+         "only one; got scheduler and scheduler_file"),
+        ({**MINIMAL, "cluster": {"scheduler_file": ""}}, "scheduler_file must be a non-empty string; got ''"),
         ({"input": {"path": "i"}, "output": {"path": "o", "overwrite": True, "resume": True}}, "not both"),
         ({"input": {"path": "i", "make": {"m": 0}}, "output": {"path": "o"}}, "m must be an int >= 1; got 0"),
     ],

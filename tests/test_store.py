@@ -12,7 +12,7 @@ import dconv
 from dconv import InputError
 from dconv.job import run_job
 from dconv.plan import plan_job
-from dconv.store import DIMENSIONS, open_inputs, public_location, store_exists
+from dconv.store import DIMENSIONS, LEVEL_CODES, OutputStore, open_inputs, public_location, store_exists
 
 from _pipeline import kernel_gradients, provenance, read_inputs, read_output
 
@@ -39,13 +39,37 @@ def test_output_layout(finished_job):
         array = group[name]
         assert (array.shape, array.chunks, array.dtype) == (shape, chunks, np.dtype("float32")), name
         assert tuple(array.metadata.dimension_names) == DIMENSIONS[name]
-    assert group["_progress/done"][:].tolist() == [1, 1, 1]
-    partials = group["_progress/dW_partial"][:]
-    assert partials.shape == (3, 3, 2, 3, 4) and partials.dtype == np.float64
-    # the partials add up (in float64) to the reduced dW
-    np.testing.assert_allclose(partials.sum(axis=0).astype(np.float32), group["dW"][...], rtol=1e-6)
-    np.testing.assert_allclose(group["_progress/db_partial"][:].sum(axis=0), group["db"][...].ravel(), rtol=1e-6)
-    assert group["_progress/nonfinite"][:].tolist() == [0, 0, 0]
+    # a complete output's bookkeeping: the chunks' SIMD levels in one array, and no records
+    assert group["_progress/level"][:].tolist() == [LEVEL_CODES.index(_level())] * 3
+    assert group["_progress/level"].nchunks == 1
+    assert not (out / "_progress" / "tree").exists()
+    bookkeeping = [path for path in (out / "_progress").rglob("*") if path.is_file()]
+    assert len(bookkeeping) == 3, bookkeeping  # _progress/zarr.json, level/zarr.json, level/c/0
+
+
+def _level():
+    from dconv import simd
+
+    return simd.active_level()
+
+
+def test_keep_partials_keeps_the_records(make_input, tmp_path):
+    """keep_partials=True leaves the tree's records; the chunks' partials add up (in float64) to dW and db."""
+    inp = make_input(m=11, chunk=5, dtype="float32", height=7, width=6, kernel=(3, 2), stride=2, padding="same")
+    out = tmp_path / "out.zarr"
+    dconv.backward_job(inp, out, batch_chunk=4, split_every=2, scheduler="threads", keep_partials=True)
+    records = OutputStore(str(out)).records
+    stored = records.list()
+    assert (2, 0) in stored  # the root of a 3-chunk tree of fan-in 2
+    leaves = [records.read((0, index))[0] for index in range(3) if (0, index) in stored]
+    root, levels = records.read((2, 0))
+    assert levels.tolist() == [LEVEL_CODES.index(_level())] * 3
+    group = zarr.open_group(str(out), mode="r")
+    np.testing.assert_allclose(root["dW"].astype(np.float32), group["dW"][...], rtol=1e-6)
+    np.testing.assert_allclose(root["db"], group["db"][...].ravel(), rtol=1e-6)
+    assert int(root["nonfinite_dA_prev"]) == 0
+    if len(leaves) == 3:  # combines that keep partials keep their children too
+        np.testing.assert_array_equal(sum(leaf["dW"] for leaf in leaves), root["dW"])
 
 
 def test_every_dA_prev_block_is_stored_zeros_included(make_input, tmp_path):
@@ -102,8 +126,8 @@ def test_open_result_refuses_an_unfinished_output(make_input, tmp_path):
     plan_job(inp, out, batch_chunk=2).open_output()
     with pytest.raises(InputError, match="status 'running'"):
         dconv.open_result(str(out))
-    group = dconv.open_result(str(out), allow_incomplete=True)
-    assert group["_progress/done"][:].tolist() == [0, 0, 0]
+    dconv.open_result(str(out), allow_incomplete=True)
+    assert OutputStore(str(out)).done_chunks().tolist() == [False, False, False]
 
 
 @pytest.mark.parametrize("make", ["missing", "plain_group"])

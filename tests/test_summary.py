@@ -15,6 +15,7 @@ import dconv
 from dconv import InputError, simd
 from dconv.cli import build_parser
 from dconv.plan import plan_job
+from dconv.store import LEVEL_CODES
 from dconv.store.summary import (
     chunk_ranges,
     format_levels,
@@ -104,8 +105,10 @@ def test_missing_chunks_are_listed_as_at_most_50_ranges(make_input, tmp_path):
     """Every other chunk of 120 done: 60 one-chunk gaps, of which the first 50 are listed, then "..."."""
     inp = make_input(m=120, chunk=8, height=4, width=4)
     out = tmp_path / "out.zarr"
-    plan_job(inp, out, batch_chunk=1).open_output()
-    zarr.open_array(str(out / "_progress" / "done"), mode="r+")[::2] = 1  # as if chunks 0, 2, ... had run
+    plan = plan_job(inp, out, batch_chunk=1)
+    plan.open_output()
+    for index in range(0, 120, 2):  # chunks 0, 2, ... run, as a worker runs them
+        plan.run_chunk(index)
     summary = summarize(str(out))
     assert summary["chunks"]["missing"] == [[i, i] for i in range(1, 101, 2)]
     assert summary["chunks"]["missing_count"] == 60 and summary["chunks"]["done"] == 60
@@ -258,3 +261,38 @@ def test_level_runs_and_format_levels():
     assert level_runs(levels, np.zeros(7, dtype=bool)) == []
     assert format_levels({"avx2": 3, "numpy": 1}) == "avx2 3 chunks, numpy 1 chunk"
     assert format_levels({}) == "no chunks"
+
+
+def _as_written_before_records(out, done, status):
+    """Rewrite a finished output's bookkeeping as dconv wrote it before the tree records:
+    ``_progress/done``, ``level`` and ``nonfinite``, one Zarr chunk per batch chunk."""
+    group = zarr.open_group(str(out), mode="r+")
+    n_chunks = len(done)
+    codes = group["_progress/level"][:]
+    del group["_progress/level"]
+    progress = group["_progress"]
+    for name, values in (("done", np.asarray(done, dtype="uint8")), ("level", codes * np.asarray(done, dtype="uint8"))):
+        progress.create_array(name, shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, overwrite=True)[...] = values
+    progress["level"].attrs["codes"] = list(LEVEL_CODES)
+    progress.create_array("nonfinite", shape=(n_chunks,), chunks=(1,), dtype="int64", fill_value=0, overwrite=True)
+    provenance = dict(group.attrs["dconv"])
+    provenance.pop("sums", None)
+    group.attrs["dconv"] = {**provenance, "status": status}
+
+
+def test_outputs_written_before_the_records_are_still_read(make_input, tmp_path):
+    inp = make_input(m=6, chunk=2, height=4, width=4)
+    out = tmp_path / "out.zarr"
+    first = dconv.backward_job(inp, out, batch_chunk=2, scheduler="threads")
+    _as_written_before_records(out, [1, 1, 1], "complete")
+    summary = summarize(str(out))
+    assert summary["chunks"]["done"] == 3 and summary["complete"]
+    again = dconv.backward_job(inp, out, batch_chunk=2, scheduler="threads", resume=True)
+    assert again.already_complete and again.nonfinite == first.nonfinite
+    np.testing.assert_array_equal(again.dW, first.dW)
+
+    _as_written_before_records(out, [1, 0, 1], "interrupted")
+    summary = summarize(str(out))
+    assert (summary["chunks"]["done"], summary["chunks"]["missing"]) == (2, [[1, 1]])
+    with pytest.raises(InputError, match="written by an earlier dconv.*overwrite=True"):
+        dconv.backward_job(inp, out, batch_chunk=2, scheduler="threads", resume=True)

@@ -10,7 +10,7 @@ Shapes (NHWC activations, HWIO weights, cross-correlation, zero padding)::
 
 Modules::
 
-    __init__   the public API (conv2d_forward, conv2d_backward, Gradients) and
+    __init__   the public API (conv2d_forward, conv2d_backward, Gradients, GradientsWithStats) and
                backward_kernel, which picks the path of a layer
     flat       stride 1: flat implicit GEMM on the zero-padded, flattened batch
     strided    the 1x1 pointwise GEMMs; im2col/col2im for any stride; dA_prev per phase
@@ -18,6 +18,7 @@ Modules::
     dispatch   the compiled loops (dconv._flatconv): where they run (COMPILED_RULES), and wrappers
     threads    the batch cut into slices, each on a thread of its own with a single-threaded BLAS
     memory     backward_working_set: the bound on what one backward_kernel call allocates
+    stats      the per-sample statistics (GradientStats): |g_i|^2, sum_i dW_i^2, sum_i db_i^2
 
 The backward pass is GEMMs plus data movement. :func:`backward_kernel` takes,
 per layer: two GEMMs for a 1x1 kernel at stride 1 with no padding
@@ -25,7 +26,9 @@ per layer: two GEMMs for a 1x1 kernel at stride 1 with no padding
 stride-1 layers (:func:`~dconv.kernel.flat.backward_flat`), or im2col when W or
 dW holds NaN or inf; im2col for other strides
 (:func:`~dconv.kernel.strided.backward_im2col`). db is dZ summed over m, n_H,
-n_W in float64 (:func:`bias_grad`).
+n_W in float64 (:func:`bias_grad`). With ``stats=True`` every path also gives
+the per-sample statistics (:mod:`dconv.kernel.stats`), dW and db keeping their
+bits; with ``dA_prev=False`` the input-gradient half is skipped.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dconv.kernel import dispatch
 from dconv.kernel.flat import backward_flat
 from dconv.kernel.layout import pad_input
 from dconv.kernel.memory import backward_working_set
+from dconv.kernel.stats import GradientStats, gradient_stats, new_weight_stats
 from dconv.kernel.strided import backward_im2col, backward_pointwise, im2col, is_pointwise
 from dconv.kernel.threads import backward_threads, batch_slices, blas_threads, single_threaded
 from dconv.params import (
@@ -67,7 +71,9 @@ from dconv.kernel.dispatch import (  # noqa: F401
 from dconv.kernel.threads import MIN_SLICE_FLOPS  # noqa: F401
 
 __all__ = [
+    "GradientStats",
     "Gradients",
+    "GradientsWithStats",
     "as_float_array",
     "backward_kernel",
     "backward_working_set",
@@ -89,6 +95,24 @@ class Gradients(NamedTuple):
     dA_prev: np.ndarray
     dW: np.ndarray
     db: np.ndarray
+
+
+class GradientsWithStats(NamedTuple):
+    """:class:`Gradients` and the per-sample statistics of the same batch: what ``stats=True`` returns.
+
+    Attributes
+    ----------
+    dA_prev : ndarray, shape (m, H, W, C_prev), or None when dA_prev was skipped
+    dW : ndarray, shape (fh, fw, C_prev, C)
+    db : ndarray, shape (1, 1, 1, C)
+    stats : GradientStats
+        ``sample_grad_norm2`` (m,), ``dW_sq`` (fh, fw, C_prev, C), ``db_sq`` (1, 1, 1, C), float64.
+    """
+
+    dA_prev: np.ndarray | None
+    dW: np.ndarray
+    db: np.ndarray
+    stats: GradientStats
 
 
 def as_float_array(name: str, value: Any) -> np.ndarray:
@@ -116,23 +140,31 @@ def bias_grad(dZ: np.ndarray) -> np.ndarray:
     return rows.sum(axis=0, dtype=np.float64)
 
 
-def _backward_one(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
-    """``(dA_prev, dW, db)`` of one batch on the calling thread; db in float64, shape (C,), and dW in
+def _backward_one(
+    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None, stats: bool = False,
+    input_grad: bool = True,
+):
+    """``(dA_prev, dW, db, stats)`` of one batch on the calling thread; db in float64, shape (C,), and dW in
     float64 where the compiled loop summed it.
 
-    dA_prev is ``out`` when given (C-contiguous, shaped like A_prev): the compiled loops write it there.
+    dA_prev is ``out`` when given (C-contiguous, shaped like A_prev): the compiled loops write it there;
+    None without ``input_grad``. ``stats`` is a :class:`GradientStats` with ``stats=True``, else None.
     """
+    weight_stats = new_weight_stats(dZ.shape[0], W.shape) if stats else None
     if is_pointwise(geometry):
-        result = backward_pointwise(dZ, A_prev, W)
+        result = backward_pointwise(dZ, A_prev, W, weight_stats, input_grad)
     elif geometry.stride == (1, 1):
-        result = backward_flat(dZ, A_prev, W, geometry, out)     # None: non-finite values, see its docstring
+        result = backward_flat(dZ, A_prev, W, geometry, out, weight_stats, input_grad)  # None: non-finite values
     else:
         result = None
-    dA_prev, dW = result if result is not None else backward_im2col(dZ, A_prev, W, geometry, out)
-    if out is not None and dA_prev is not out:
+    if result is None:
+        weight_stats = new_weight_stats(dZ.shape[0], W.shape) if stats else None   # the flat path may have begun it
+        result = backward_im2col(dZ, A_prev, W, geometry, out, weight_stats, input_grad)
+    dA_prev, dW = result
+    if out is not None and dA_prev is not None and dA_prev is not out:
         out[...] = dA_prev
         dA_prev = out
-    return dA_prev, dW, bias_grad(dZ)
+    return dA_prev, dW, bias_grad(dZ), (gradient_stats(weight_stats, dZ) if stats else None)
 
 
 def backward_kernel(
@@ -142,7 +174,10 @@ def backward_kernel(
     geometry: ConvGeometry,
     threads: int = 1,
     float64_sums: bool = False,
-) -> Gradients:
+    *,
+    stats: bool = False,
+    dA_prev: bool = True,
+) -> Gradients | GradientsWithStats:
     """The backward pass on already-validated arrays of one dtype.
 
     The graph layer calls this once per batch chunk, with ``threads=1``. Use
@@ -168,10 +203,17 @@ def backward_kernel(
         (the compiled dW loop, db, the slices' total), not rounded to the
         dtype of the inputs. The graph layer adds the chunks' partials in
         float64 this way.
+    stats : bool
+        Also compute the per-sample statistics (:class:`GradientStats`,
+        :mod:`dconv.kernel.stats`) and return a :class:`GradientsWithStats`.
+        ``dW`` and ``db`` are the same bit for bit with or without them.
+    dA_prev : bool
+        False: skip the input gradient; ``dA_prev`` is None, ``dW`` and ``db``
+        are the same bit for bit.
 
     Returns
     -------
-    Gradients
+    Gradients, or GradientsWithStats with ``stats``
         C-contiguous ``dA_prev``, ``dW``, ``db`` in the dtype of the inputs
         (``dW`` and ``db`` in float64 with ``float64_sums``). For a given
         ``threads`` and shapes the result is the same bit for bit on every
@@ -182,13 +224,15 @@ def backward_kernel(
     fh, fw, c_prev, c_out = W.shape
     flops = 4.0 * dZ.shape[0] * n_h * n_w * fh * fw * c_prev * c_out
     slices = batch_slices(dZ.shape[0], threads if single_threaded(geometry, dZ.dtype, c_prev, c_out) else 1, flops)
+    options = {} if not stats and dA_prev else {"stats": bool(stats), "input_grad": bool(dA_prev)}
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate silently, as IEEE says
         if len(slices) == 1:
-            dA_prev, dW, db = _backward_one(dZ, A_prev, W, geometry)
+            dA, dW, db, sample_stats = _backward_one(dZ, A_prev, W, geometry, **options)
         else:
-            dA_prev, dW, db = backward_threads(_backward_one, dZ, A_prev, W, geometry, slices)
+            dA, dW, db, sample_stats = backward_threads(_backward_one, dZ, A_prev, W, geometry, slices, **options)
     sums = np.float64 if float64_sums else dZ.dtype
-    return Gradients(dA_prev, dW.astype(sums, copy=False), db.astype(sums, copy=False).reshape(1, 1, 1, c_out))
+    grads = Gradients(dA, dW.astype(sums, copy=False), db.astype(sums, copy=False).reshape(1, 1, 1, c_out))
+    return GradientsWithStats(*grads, sample_stats) if stats else grads
 
 
 def conv2d_forward(
@@ -247,7 +291,8 @@ def conv2d_backward(
     padding: Any = 0,
     dilation: Any = 1,
     threads: int | None = None,
-) -> Gradients:
+    stats: bool = False,
+) -> Gradients | GradientsWithStats:
     """Gradients of :func:`conv2d_forward` with respect to ``A_prev``, ``W`` and ``b``.
 
     Parameters
@@ -264,6 +309,16 @@ def conv2d_backward(
         Run up to this many slices of the batch in parallel. Default: as many
         threads as NumPy's BLAS may use (``OPENBLAS_NUM_THREADS`` and the like
         set it). Pass 1 when you already run several calls in parallel.
+    stats : bool
+        Also return the per-sample gradient statistics, with ``g_i`` the
+        gradient ``(dW_i, db_i)`` from sample ``i`` alone (per-example
+        gradients when dZ comes from a summed loss and nothing couples the
+        samples in the forward pass): a :class:`GradientStats` of
+        ``sample_grad_norm2`` (m,) ``= |dW_i|^2 + |db_i|^2``, ``dW_sq``
+        (fh, fw, C_prev, C) ``= sum_i dW_i * dW_i`` and ``db_sq`` (1, 1, 1, C)
+        ``= sum_i db_i * db_i``, all float64. dA_prev, dW and db do not change.
+        With dZ from a loss averaged over ``M`` samples, each statistic is
+        ``1 / M**2`` times that of the per-example gradients.
 
     Returns
     -------
@@ -271,7 +326,8 @@ def conv2d_backward(
         ``(dA_prev, dW, db)`` with shapes ``(m, H, W, C_prev)``,
         ``(fh, fw, C_prev, C)`` and ``(1, 1, 1, C)``. All three have the
         promoted dtype of the inputs: float32 if every input is float32,
-        float64 otherwise.
+        float64 otherwise. With ``stats=True``, a :class:`GradientsWithStats`:
+        ``(dA_prev, dW, db, stats)``.
 
     Raises
     ------
@@ -290,10 +346,13 @@ def conv2d_backward(
         threads = blas_threads()
     elif isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise InputError(f"threads must be a positive int or None; got {threads!r} instead.")
+    if not isinstance(stats, (bool, np.bool_)):
+        raise InputError(f"stats must be True or False; got {stats!r} instead.")
     return backward_kernel(
         dZ.astype(dtype, copy=False),
         A_prev.astype(dtype, copy=False),
         W.astype(dtype, copy=False),
         geometry,
         threads=int(threads),
+        stats=bool(stats),
     )

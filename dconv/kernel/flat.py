@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from dconv.kernel import dispatch
 from dconv.kernel.layout import FlatGrid, flat_grid, pad_input, pad_into
+from dconv.kernel.stats import WeightStats, add_sample_squares
 from dconv.params import ConvGeometry
 
 
@@ -75,17 +76,46 @@ def row_groups(matrix: np.ndarray, first_row: int, n_groups: int, step: int, n_r
     return as_strided(matrix[first_row:], shape=(n_groups, n_rows, matrix.shape[1]), strides=(step * row, row, item))
 
 
-def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape) -> np.ndarray:
+def tap_products(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape, first: int, n_groups: int, size: int):
+    """``products[g] = sum over the samples of group g of their dW``, for ``n_groups`` groups of ``size`` samples from ``first``.
+
+    One ``np.matmul`` of every (group, tap) GEMM ``P[shift_k : shift_k + L].T @ D[front : front + L]``
+    on strided views, no copy.
+
+    Returns
+    -------
+    ndarray, shape (n_groups, fh, fw, C_prev, C), in the dtype of ``P``
+    """
+    fh, fw, c_prev, c_out = w_shape
+    (dh, dw), (n_h, n_w), cols = geometry.dilation, geometry.out_hw, grid.cols
+    sample = grid.rows * cols
+    per_sample = (n_h - 1) * cols + n_w                          # first to last output pixel of a sample
+    n_rows = (size - 1) * sample + per_sample
+    grads = row_groups(D, grid.front + first * sample, n_groups, size * sample, n_rows)     # (g, L, C)
+    rows = row_groups(P, first * sample, n_groups, size * sample, n_rows)                   # (g, L, C_prev)
+    row, item = rows.strides[1:]
+    taps = as_strided(                                        # (g, kh, kw, C_prev, L): each tap's rows, transposed
+        rows,
+        shape=(n_groups, fh, fw, c_prev, n_rows),
+        strides=(rows.strides[0], dh * cols * row, dw * row, item, row),
+        writeable=False,
+    )
+    return np.matmul(taps, grads[:, None, None])              # "gkpl,glc->gkpc"
+
+
+def weight_grad_flat(
+    P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: ConvGeometry, w_shape, stats: WeightStats | None = None
+) -> np.ndarray:
     """dW of a stride-1 convolution from the flat grids: small GEMMs per sample (or group of samples) and tap.
 
     ``dW[k] = P[shift_k : shift_k + L].T @ D[front : front + L]`` summed over
     the rows ``L`` of every output pixel. One ``np.matmul`` runs this GEMM
-    for every (group, tap) on strided views, no copy, and the partial sums
-    are then added. A group is one sample, or as many as keep the partial
-    sums (``taps * C_prev * C`` per group) within the memory of the padded
-    input. Per sample, the rows stay in cache from one tap to the next, and
-    a GEMM under about 100**3 multiply-adds runs on OpenBLAS's small-matrix
-    kernels.
+    for every (group, tap) on strided views, no copy (:func:`tap_products`),
+    and the partial sums are then added. A group is one sample, or as many as
+    keep the partial sums (``taps * C_prev * C`` per group) within the memory
+    of the padded input. Per sample, the rows stay in cache from one tap to
+    the next, and a GEMM under about 100**3 multiply-adds runs on OpenBLAS's
+    small-matrix kernels.
 
     Parameters
     ----------
@@ -95,30 +125,30 @@ def weight_grad_flat(P: np.ndarray, D: np.ndarray, grid: FlatGrid, geometry: Con
         From :func:`embed_grad`.
     w_shape : tuple of int
         ``(fh, fw, C_prev, C)``.
+    stats : WeightStats, optional
+        Filled from the per-sample partial sums where a group is one sample; where groups hold
+        several samples, from per-sample GEMMs run for it, :data:`dconv.kernel.stats.BLOCK_BYTES`
+        of them at a time. dW is the same either way.
 
     Returns
     -------
     ndarray, shape (fh, fw, C_prev, C)
     """
     fh, fw, c_prev, c_out = w_shape
-    (dh, dw), (n_h, n_w), cols = geometry.dilation, geometry.out_hw, grid.cols
-    sample = grid.rows * cols
+    sample = grid.rows * grid.cols
     m = P.shape[0] // sample
-    per_sample = (n_h - 1) * cols + n_w                          # first to last output pixel of a sample
     per_group = min(m, -(-fh * fw * c_out // sample))               # ceil(taps * C / sample)
     dW = np.zeros((fh, fw, c_prev, c_out), dtype=P.dtype)
     for first, n_groups, size in sample_groups(m, per_group):
-        n_rows = (size - 1) * sample + per_sample
-        grads = row_groups(D, grid.front + first * sample, n_groups, size * sample, n_rows)     # (g, L, C)
-        rows = row_groups(P, first * sample, n_groups, size * sample, n_rows)                   # (g, L, C_prev)
-        row, item = rows.strides[1:]
-        taps = as_strided(                                        # (g, kh, kw, C_prev, L): each tap's rows, transposed
-            rows,
-            shape=(n_groups, fh, fw, c_prev, n_rows),
-            strides=(rows.strides[0], dh * cols * row, dw * row, item, row),
-            writeable=False,
-        )
-        dW += np.matmul(taps, grads[:, None, None]).sum(axis=0)   # "gkpl,glc->kpc"
+        products = tap_products(P, D, grid, geometry, w_shape, first, n_groups, size)
+        dW += products.sum(axis=0)
+        if stats is not None and per_group == 1:
+            add_sample_squares(products, stats, first)
+        del products
+    if stats is not None and per_group > 1:
+        step = max(1, m // per_group)                             # as many products as the groups held
+        for first in range(0, m, step):
+            add_sample_squares(tap_products(P, D, grid, geometry, w_shape, first, min(step, m - first), 1), stats, first)
     return dW
 
 
@@ -175,12 +205,16 @@ def input_grad_flat(
     return dA_prev if (rows, cols) == (height, width) else np.ascontiguousarray(dA_prev)
 
 
-def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
+def backward_flat(
+    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None,
+    stats: WeightStats | None = None, input_grad: bool = True,
+):
     """``(dA_prev, dW)`` of a stride-1 convolution on the flat grids, or None; dA_prev into ``out`` if given.
 
     None means the result would differ from the reference in where NaN and
     inf land (the wrap-around rows multiply zeros by non-finite values): the
-    caller then uses the im2col path.
+    caller then uses the im2col path. The check on W holds without dA_prev
+    too, so that dW takes the same path, and gets the same bits, either way.
 
     Parameters
     ----------
@@ -188,21 +222,26 @@ def backward_flat(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: C
     A_prev : ndarray, shape (m, H, W, C_prev)
     W : ndarray, shape (fh, fw, C_prev, C)
     out : ndarray, shape (m, H, W, C_prev), C-contiguous, optional
+    stats : WeightStats, optional
+        Filled with the per-sample statistics of dW (:mod:`dconv.kernel.stats`).
+    input_grad : bool
+        False: skip dA_prev (returned as None).
 
     Returns
     -------
-    dA_prev : ndarray, shape (m, H, W, C_prev), C-contiguous
+    dA_prev : ndarray, shape (m, H, W, C_prev), C-contiguous; None without ``input_grad``
     dW : ndarray, shape (fh, fw, C_prev, C), float64 where the compiled loop summed it
     """
     if not np.isfinite(W).all():
         return None
     m, c_out = A_prev.shape[0], W.shape[3]
     grid = flat_grid(m, geometry)
-    D = embed_grad(dZ, grid)
-    if dispatch.use_compiled_weight_grad(dZ.dtype, A_prev.shape[3], c_out, geometry):
-        dW = dispatch.weight_grad_compiled(embed_input(A_prev, geometry), dZ, grid, geometry, W.shape)
+    compiled_weight = dispatch.use_compiled_weight_grad(dZ.dtype, A_prev.shape[3], c_out, geometry)
+    D = embed_grad(dZ, grid) if input_grad or not compiled_weight else None
+    if compiled_weight:
+        dW = dispatch.weight_grad_compiled(embed_input(A_prev, geometry), dZ, grid, geometry, W.shape, stats)
     else:
-        dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape)
+        dW = weight_grad_flat(embed_input(A_prev, geometry), D, grid, geometry, W.shape, stats)
     if not np.isfinite(dW).all():
         return None
-    return input_grad_flat(D, W, grid, geometry, m, out), dW
+    return (input_grad_flat(D, W, grid, geometry, m, out) if input_grad else None), dW

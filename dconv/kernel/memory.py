@@ -20,17 +20,32 @@ extra rows at most: the extra sample in ``N_pad`` covers them.) A call split
 across ``t`` threads needs ``m + t`` in place of ``m + 1`` in ``N_pad``, and
 ``itemsize * N_in * C_prev`` more for the slices' dA_prev (the compiled loops
 write it in place; the bound keeps the term for the NumPy paths, which copy).
+
+With the per-sample statistics (``stats=True``, :mod:`dconv.kernel.stats`), add::
+
+    t * (8 * 4 * K * C_prev * C + 2 * BLOCK_BYTES) + 8 * (2 * m * C + 6 * m)
+
+per thread the statistics' ``dW_sq``, one sample's float64 dW (the compiled loop's
+scratch), and the per-sample products and their float64 squares (at most
+:data:`~dconv.kernel.stats.BLOCK_BYTES` each, or one sample's); for the batch, each
+sample's float64 ``db_i`` and its squares, and the norms. (The stride-1 NumPy path's
+grouped layers redo the per-sample products after the grouped ones are freed, in
+the same room.) Without dA_prev the bound still holds: less is allocated.
 """
 
 from __future__ import annotations
 
+from dconv.kernel.stats import BLOCK_BYTES
 from dconv.params import ConvGeometry
 
 
-def backward_working_set(m: int, geometry: ConvGeometry, c_prev: int, c_out: int, itemsize: int, threads: int = 1) -> int:
+def backward_working_set(
+    m: int, geometry: ConvGeometry, c_prev: int, c_out: int, itemsize: int, threads: int = 1, stats: bool = False
+) -> int:
     """Upper bound, in bytes, of what one :func:`dconv.kernel.backward_kernel` call allocates (outputs included, inputs not).
 
-    See the module docstring for the formula. ``itemsize`` is 4 for float32, 8 for float64.
+    See the module docstring for the formula. ``itemsize`` is 4 for float32, 8 for float64;
+    ``stats``: the call computes the per-sample statistics.
     """
     (height, width), (rows, cols) = geometry.in_hw, geometry.padded_hw
     (n_h, n_w), (fh, fw) = geometry.out_hw, geometry.kernel_hw
@@ -45,4 +60,5 @@ def backward_working_set(m: int, geometry: ConvGeometry, c_prev: int, c_out: int
         grid = ((fh - 1) * dh // sh + max(n_h, -(-rows // sh))) * ((fw - 1) * dw // sw + max(n_w, -(-cols // sw)))
         dA_work = max(n_out * taps * c_prev, (m + threads) * grid * c_out)   # col2im, or the phases' dZ grid
         elements = 2 * n_pad * c_prev + dA_work + n_in * c_prev + weights
-    return itemsize * (elements + split)
+    extra = threads * (8 * 4 * taps * c_prev * c_out + 2 * BLOCK_BYTES) + 8 * (2 * m * c_out + 6 * m) if stats else 0
+    return itemsize * (elements + split) + extra

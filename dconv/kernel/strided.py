@@ -20,6 +20,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from dconv.kernel import dispatch
 from dconv.kernel.layout import flat_grid, pad_input, pad_into, unpad
+from dconv.kernel.stats import WeightStats, add_sample_products
 from dconv.params import ConvGeometry
 
 
@@ -92,24 +93,39 @@ def is_pointwise(geometry: ConvGeometry) -> bool:
     return geometry.kernel_hw == (1, 1) and geometry.stride == (1, 1) and geometry.pads == ((0, 0), (0, 0))
 
 
-def backward_pointwise(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray):
+def backward_pointwise(
+    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, stats: WeightStats | None = None, input_grad: bool = True
+):
     """``(dA_prev, dW)`` of a 1x1 convolution at stride 1 with no padding: two GEMMs over every pixel.
 
     With ``L = m * H * W`` pixel rows, ``dW = A_prev.T @ dZ`` ("lp,lc->pc") and
     ``dA_prev = dZ @ W.T`` ("lc,pc->lp"): two large GEMMs, which BLAS threads
-    itself, in place of the flat path's per-sample ones.
+    itself, in place of the flat path's per-sample ones. The statistics
+    (``stats``) come from the compiled loop run for them alone
+    (:func:`dconv.kernel.dispatch.weight_stats_compiled`), or one GEMM per
+    sample (:func:`dconv.kernel.stats.add_sample_products`); without
+    ``input_grad``, dA_prev is None.
 
     Returns
     -------
-    dA_prev : ndarray, shape (m, H, W, C_prev), C-contiguous
+    dA_prev : ndarray, shape (m, H, W, C_prev), C-contiguous; None without ``input_grad``
     dW : ndarray, shape (1, 1, C_prev, C)
     """
     c_prev, c_out = W.shape[2:]
     pixels, grads, weights = A_prev.reshape(-1, c_prev), dZ.reshape(-1, c_out), W.reshape(c_prev, c_out)
-    return (grads @ weights.T).reshape(A_prev.shape), (pixels.T @ grads).reshape(W.shape)
+    dW = (pixels.T @ grads).reshape(W.shape)
+    if stats is not None and dispatch.use_compiled_weight_stats(dZ.dtype, c_out):
+        dispatch.weight_stats_compiled(A_prev, dZ, W.shape, pointwise_geometry(A_prev.shape), stats)
+    elif stats is not None:
+        m = A_prev.shape[0]
+        add_sample_products(pixels.reshape(m, -1, c_prev), grads.reshape(m, -1, c_out), stats)
+    return ((grads @ weights.T).reshape(A_prev.shape) if input_grad else None), dW
 
 
-def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None):
+def backward_im2col(
+    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None,
+    stats: WeightStats | None = None, input_grad: bool = True,
+):
     """``(dA_prev, dW)`` for any stride: im2col, two GEMMs, col2im. The compiled dA_prev loop writes into ``out``
     if given; the caller copies the other paths' dA_prev there.
 
@@ -124,31 +140,51 @@ def backward_im2col(dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry:
     A_prev : ndarray, shape (m, H, W, C_prev)
     W : ndarray, shape (fh, fw, C_prev, C)
     out : ndarray, shape (m, H, W, C_prev), C-contiguous, optional
+    stats : WeightStats, optional
+        Filled with the per-sample statistics of dW: by the compiled loop that computes dW;
+        beside im2col's GEMM, by the compiled loop run for them alone
+        (:func:`dconv.kernel.dispatch.weight_stats_compiled`) or one GEMM per sample on the
+        columns (:func:`dconv.kernel.stats.add_sample_products`).
+    input_grad : bool
+        False: skip dA_prev (returned as None).
 
     Returns
     -------
-    dA_prev : ndarray, shape (m, H, W, C_prev), C-contiguous
+    dA_prev : ndarray, shape (m, H, W, C_prev), C-contiguous; None without ``input_grad``
     dW : ndarray, shape (fh, fw, C_prev, C), float64 where the compiled loop summed it
     """
-    n_channels = W.shape[3]
+    m, n_channels = dZ.shape[0], W.shape[3]
     padded = pad_input(A_prev, geometry.pads)
     dZ_2d = dZ.reshape(-1, n_channels)                        # (M, C)
     W_2d = W.reshape(-1, n_channels)                          # (K, C)
     if dispatch.use_compiled_weight_grad(dZ.dtype, W.shape[2], n_channels, geometry):
         P = np.ascontiguousarray(padded).reshape(-1, padded.shape[3])
-        dW = dispatch.weight_grad_compiled(P, dZ, flat_grid(dZ.shape[0], geometry), geometry, W.shape)
+        dW = dispatch.weight_grad_compiled(P, dZ, flat_grid(m, geometry), geometry, W.shape, stats)
         del P
     else:
         cols = im2col(padded, geometry)                       # (M, K)
         dW = (cols.T @ dZ_2d).reshape(W.shape)                # "mk,mc->kc"
+        if stats is not None and not dispatch.use_compiled_weight_stats(dZ.dtype, n_channels):
+            add_sample_products(cols.reshape(m, -1, cols.shape[1]), dZ_2d.reshape(m, -1, n_channels), stats)
         del cols
+        if stats is not None and dispatch.use_compiled_weight_stats(dZ.dtype, n_channels):
+            dispatch.weight_stats_compiled(padded, dZ, W.shape, geometry, stats)
     padded_shape = padded.shape
     del padded
+    if not input_grad:
+        return None, dW
     if dispatch.use_compiled_input_grad(dZ.dtype, W.shape[2], n_channels) and np.isfinite(W).all():
         return input_grad_phases(dZ, W, geometry, out), dW        # finite W: the zeros around dZ add nothing
     dcols = dZ_2d @ W_2d.T                                    # "mc,kc->mk"
     dA_prev = unpad(col2im(dcols, geometry, padded_shape), geometry.pads)
     return np.ascontiguousarray(dA_prev), dW
+
+
+def pointwise_geometry(a_shape: tuple[int, ...]) -> ConvGeometry:
+    """The geometry of a 1x1 convolution at stride 1 with no padding, on inputs of shape ``a_shape`` (m, H, W, C_prev)."""
+    height, width = a_shape[1:3]
+    return ConvGeometry(in_hw=(height, width), kernel_hw=(1, 1), out_hw=(height, width), stride=(1, 1),
+                        dilation=(1, 1), pads=((0, 0), (0, 0)))
 
 
 def input_grad_phases(dZ: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out: np.ndarray | None = None) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from dconv.kernel import dispatch
+from dconv.kernel.stats import concatenate_stats
 from dconv.kernel.strided import is_pointwise
 from dconv.params import ConvGeometry
 
@@ -72,37 +73,43 @@ def single_threaded(geometry: ConvGeometry, dtype: np.dtype, c_prev: int, c_out:
     return compiled or geometry.kernel_hw != (1, 1)
 
 
-def backward_threads(backward_one: Callable, dZ, A_prev, W, geometry: ConvGeometry, slices: list[slice]):
+def backward_threads(backward_one: Callable, dZ, A_prev, W, geometry: ConvGeometry, slices: list[slice], **options):
     """``backward_one`` on each slice of the batch in a thread of its own, BLAS held to one thread each.
 
     The calling thread runs the first slice, so the call needs
     ``len(slices) - 1`` pool threads. Each slice writes its dA_prev in place;
-    the slices' dW and db are added in float64, in slice order. If a slice
-    raises, the call waits for the others before the error propagates.
+    the slices' dW and db are added in float64, in slice order, and so are
+    their statistics, if any (:func:`dconv.kernel.stats.concatenate_stats`).
+    If a slice raises, the call waits for the others before the error propagates.
 
     Parameters
     ----------
     backward_one : callable
-        ``backward_one(dZ, A_prev, W, geometry, out=dA_prev) -> (dA_prev, dW, db)`` on one slice, writing
-        its dA_prev into ``out``: :func:`dconv.kernel._backward_one`.
+        ``backward_one(dZ, A_prev, W, geometry, out=dA_prev, **options) -> (dA_prev, dW, db[, stats])`` on
+        one slice, writing its dA_prev into ``out``: :func:`dconv.kernel._backward_one`.
     dZ : ndarray, shape (m, n_H, n_W, C), C-contiguous
     A_prev : ndarray, shape (m, H, W, C_prev)
     W : ndarray, shape (fh, fw, C_prev, C)
     slices : list of slice
         From :func:`batch_slices`, at least two.
+    **options
+        Passed on to ``backward_one`` (``stats``, ``input_grad``). With ``input_grad=False``
+        there is no dA_prev: ``out`` is None.
 
     Returns
     -------
-    dA_prev : ndarray, shape (m, H, W, C_prev), C-contiguous
+    dA_prev : ndarray, shape (m, H, W, C_prev), C-contiguous; None without dA_prev
     dW : ndarray, float64, shape (fh, fw, C_prev, C)
     db : ndarray, float64, shape (C,)
+    stats : GradientStats or None
     """
-    dA_prev = np.empty(A_prev.shape, dtype=A_prev.dtype)
+    dA_prev = np.empty(A_prev.shape, dtype=A_prev.dtype) if options.get("input_grad", True) else None
 
     def run(batch: slice):
+        out = None if dA_prev is None else dA_prev[batch]
         with np.errstate(invalid="ignore", over="ignore"):
-            _, dW_part, db_part = backward_one(dZ[batch], A_prev[batch], W, geometry, out=dA_prev[batch])
-        return dW_part, db_part
+            _, dW_part, db_part, *stats_part = backward_one(dZ[batch], A_prev[batch], W, geometry, out=out, **options)
+        return dW_part, db_part, *stats_part
 
     with _blas_controller().limit(limits=1, user_api="blas"):
         others = [_thread_pool(len(slices) - 1).submit(run, batch) for batch in slices[1:]]
@@ -113,4 +120,5 @@ def backward_threads(backward_one: Callable, dZ, A_prev, W, geometry: ConvGeomet
         parts += [future.result() for future in others]
     dW = np.sum([part[0] for part in parts], axis=0, dtype=np.float64)
     db = np.sum([part[1] for part in parts], axis=0)
-    return dA_prev, dW, db
+    stats = [part[2] for part in parts if len(part) > 2 and part[2] is not None]
+    return dA_prev, dW, db, (concatenate_stats(stats) if stats else None)

@@ -2,6 +2,7 @@
 
 - :mod:`~dconv.store.layout`: the table of every output array and figure a job writes.
 - :mod:`~dconv.store.output`: the output group: safety checks, create or resume, chunk writes, the finish.
+- :mod:`~dconv.store.records`: a running job's bookkeeping, one record per node of the reduction tree.
 - :mod:`~dconv.store.inputs`: input groups: open and check, read rows, write synthetic ones.
 - :mod:`~dconv.store.writer`: input groups written a batch at a time (``InputWriter``), e.g. from PyTorch.
 - :mod:`~dconv.store.summary`: what ``dconv inspect`` reports.
@@ -16,20 +17,20 @@ from dconv.store.layout import DIMENSIONS, OUTPUT_LAYOUT, PROGRESS, Kind, Output
 from dconv.store.locations import absolute_location, is_local, open_group, public_location, store_exists
 from dconv.store.output import (
     ATTR,
+    ChunkProgress,
     LEVEL_CODES,
     OutputStore,
     fingerprint,
     now,
     open_output,
     open_result,
-    read_done,
-    read_levels,
 )
 from dconv.store.summary import format_levels, format_summary, summarize
 from dconv.store.writer import InputWriter, torch_conv_params
 
 __all__ = [
     "ATTR",
+    "ChunkProgress",
     "DIMENSIONS",
     "INPUT_ARRAYS",
     "LEVEL_CODES",
@@ -56,8 +57,6 @@ __all__ = [
     "place_layout",
     "public_location",
     "read_batch",
-    "read_done",
-    "read_levels",
     "store_exists",
     "summarize",
     "torch_conv_params",

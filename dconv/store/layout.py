@@ -4,10 +4,11 @@
 dtype rules, its dimension names, and its *kind*:
 
 - ``Kind.BLOCK``: an array along m; each chunk task writes its own rows (``dA_prev``).
-- ``Kind.SUM``: a float64 partial per chunk, kept in ``_progress/`` so a resumed
-  job can read it back, summed in chunk order by the tree reduction and written
-  at the finish in the job's dtype (``dW``, ``db``). An entry with
-  ``stored=False`` has no output array: only its per-chunk record and its sum
+- ``Kind.SUM``: a float64 partial per chunk, summed in chunk order by the tree
+  reduction and written at the finish in the job's dtype (``dW``, ``db``). While
+  the job runs, the partials of the tree's nodes are kept in ``_progress/tree``
+  (:mod:`dconv.store.records`) so a resumed job can read them back. An entry
+  with ``stored=False`` has no output array: its sum goes into the provenance
   (the NaN/Inf count of ``dA_prev``).
 - ``Kind.FIGURE``: a figure computed at the finish from the sums, written into
   the provenance attribute under its name (the NaN/Inf counts).
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 PROGRESS = "_progress"
-"""The subgroup of per-chunk bookkeeping: SUM records, ``done`` flags and SIMD levels."""
+"""The subgroup of bookkeeping: the tree-node records while a job runs, the chunks' SIMD levels once it is complete."""
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -73,10 +74,8 @@ class OutputEntry:
         SUM: input shapes -> the shape of one chunk's partial, if not ``shape``.
     partial_dtype : str
         SUM: the dtype partials are kept and summed in.
-    record : str, optional
-        SUM: the ``_progress`` array of per-chunk partials; default ``<name>_partial``.
     stored : bool
-        SUM: False keeps only the per-chunk record and the sum, with no output array.
+        SUM: False keeps only the sum (in the provenance), with no output array.
     figure : callable, optional
         FIGURE: ``{name: value}`` of the finished SUM entries (a stored one in its
         output dtype and shape) -> a JSON-friendly figure.
@@ -89,7 +88,6 @@ class OutputEntry:
     dtype: str = "compute"
     partial_shape: Callable[[Shapes], tuple[int, ...]] | None = None
     partial_dtype: str = "float64"
-    record: str | None = None
     stored: bool = True
     figure: Callable[[Mapping[str, np.ndarray]], Any] | None = None
 
@@ -123,7 +121,6 @@ OUTPUT_LAYOUT: tuple[OutputEntry, ...] = (
         Kind.SUM,
         partial_shape=lambda s: (),
         partial_dtype="int64",
-        record="nonfinite",
         stored=False,
     ),
     OutputEntry("nonfinite", Kind.FIGURE, figure=_nonfinite_counts),
@@ -148,9 +145,8 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
 class PlacedEntry:
     """An :class:`OutputEntry` with its shapes and dtypes worked out for one job (plain data: tasks get it).
 
-    ``record`` is the full path of a SUM entry's per-chunk array, ``chunks`` the
-    output array's Zarr chunks (None for entries with no output array), and
-    ``has_array`` whether the output group holds an array of this name.
+    ``chunks`` is the output array's Zarr chunks (None for entries with no output
+    array), and ``has_array`` whether the output group holds an array of this name.
     """
 
     name: str
@@ -161,7 +157,6 @@ class PlacedEntry:
     dims: tuple[str, ...]
     partial_shape: tuple[int, ...] | None
     partial_dtype: str
-    record: str | None
     stored: bool
     has_array: bool
 
@@ -176,11 +171,14 @@ class OutputLayout:
     batch_chunk : int
         Samples per chunk task; BLOCK arrays are chunked the same way along m.
     n_chunks : int
+    split_every : int
+        The reduction tree's fan-in: its nodes are the records' nodes (:mod:`dconv.store.records`).
     """
 
     entries: tuple[PlacedEntry, ...]
     batch_chunk: int
     n_chunks: int
+    split_every: int = 8
 
     def of_kind(self, kind: Kind) -> tuple[PlacedEntry, ...]:
         return tuple(entry for entry in self.entries if entry.kind is kind)
@@ -192,7 +190,11 @@ class OutputLayout:
 
 
 def place_layout(
-    shapes: Shapes, compute_dtype: Any, batch_chunk: int, table: tuple[OutputEntry, ...] = OUTPUT_LAYOUT
+    shapes: Shapes,
+    compute_dtype: Any,
+    batch_chunk: int,
+    split_every: int = 8,
+    table: tuple[OutputEntry, ...] = OUTPUT_LAYOUT,
 ) -> OutputLayout:
     """Work out ``table`` for one job.
 
@@ -203,6 +205,8 @@ def place_layout(
     compute_dtype : dtype
     batch_chunk : int
         Samples per chunk task.
+    split_every : int
+        The reduction tree's fan-in.
     """
     m = shapes["A_prev"][0]
     compute = str(np.dtype(compute_dtype))
@@ -227,12 +231,11 @@ def place_layout(
                 dims=entry.dims,
                 partial_shape=partial_shape,
                 partial_dtype=entry.partial_dtype,
-                record=f"{PROGRESS}/{entry.record or entry.name + '_partial'}" if entry.kind is Kind.SUM else None,
                 stored=entry.stored,
                 has_array=entry.has_array,
             )
         )
-    return OutputLayout(tuple(placed), batch_chunk, -(-m // batch_chunk))
+    return OutputLayout(tuple(placed), batch_chunk, -(-m // batch_chunk), split_every)
 
 
 def figures(sums: Mapping[str, np.ndarray], table: tuple[OutputEntry, ...] = OUTPUT_LAYOUT) -> dict[str, Any]:

@@ -5,17 +5,25 @@ An output is a Zarr v3 group laid out by :data:`dconv.store.layout.OUTPUT_LAYOUT
     dA_prev   (m, H, W, C_prev)      chunks (batch_chunk, H, W, C_prev)    BLOCK
     dW        (fh, fw, C_prev, C)                                          SUM
     db        (1, 1, 1, C)                                                 SUM
-    _progress/dW_partial  (n_chunks, fh, fw, C_prev, C)   float64, one SUM record per chunk
-    _progress/db_partial  (n_chunks, C)                   float64
-    _progress/nonfinite   (n_chunks,)      int64, NaN/Inf count of the chunk's dA_prev block
-    _progress/level       (n_chunks,)      uint8, the SIMD level the chunk ran at (LEVEL_CODES)
-    _progress/done        (n_chunks,)      uint8, 1 once chunk i is durable
+    _progress/tree/<depth>-<index>.npz   while the job runs: one record per node of the
+                                         reduction tree (:mod:`dconv.store.records`)
+    _progress/level   (n_chunks,)        once it is complete: uint8, the SIMD level each chunk
+                                         ran at (LEVEL_CODES), one Zarr chunk
 
 and a group attribute ``dconv`` with the provenance and the ``status``
-("running", "failed", "interrupted" or "complete"; "complete" is written last). A chunk's
-completion is its ``done`` flag, written after its blocks, its records and its
-level: never inferred from a chunk file, since Zarr does not write chunks that
-equal the fill value.
+("running", "failed", "interrupted" or "complete"; "complete" is written last).
+
+A chunk's completion is its leaf record, written after its blocks (never
+inferred from a block, since Zarr does not write chunks that equal the fill
+value). A combine task's record replaces its children's, so the records of a
+running job are a small frontier, and a resumed job reads back that frontier.
+At the finish the levels are written as one array and the records are removed
+(kept with ``keep_partials``): a complete output's bookkeeping is three stored
+objects, whatever the number of chunks.
+
+Outputs written by dconv before the records (``_progress/done`` and one array
+per partial, one Zarr chunk per batch chunk) are still read; an unfinished one
+cannot be resumed.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import zarr
@@ -35,16 +44,21 @@ from dconv.errors import InputError
 from dconv.simd import LEVELS
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
 from dconv.store.locations import is_local, open_group, public_location, store_exists
+from dconv.store.records import Node, RecordStore, covered, frontier
 
-__all__ = ["ATTR", "LEVEL_CODES", "OutputStore", "fingerprint", "read_levels", "open_output", "open_result"]
+__all__ = ["ATTR", "LEVEL_CODES", "OutputStore", "ChunkProgress", "fingerprint", "open_output", "open_result"]
 
 ATTR = "dconv"
 """The group attribute that holds the provenance and the status."""
 
 LEVEL_CODES = ("unknown", *LEVELS, "numpy")
-"""``_progress/level`` values: code ``i`` is ``LEVEL_CODES[i]``. 0, the fill value, is a chunk
-not done, or done by a dconv that did not record levels. The table is stored with the
-array (its ``codes`` attribute), and read from there."""
+"""Level codes in records and in ``_progress/level``: code ``i`` is ``LEVEL_CODES[i]``. 0 is a
+chunk not done, or done by a dconv that did not record levels. The table is stored with
+the ``level`` array (its ``codes`` attribute), and read from there."""
+
+LEVEL_ARRAY = f"{PROGRESS}/level"
+LEGACY_DONE = f"{PROGRESS}/done"
+"""Present only in outputs written before the records: one flag per chunk."""
 
 
 def fingerprint(identity: Mapping[str, Any]) -> str:
@@ -175,16 +189,15 @@ class OutputStore:
                 + ("; ".join(differences) or "its fingerprint differs")
                 + "). Use overwrite=True to start again."
             )
-        try:
-            finished = self.done_chunks()
-        except (KeyError, FileNotFoundError):  # killed while creating the layout: nothing is done
+        group = self.group("r")
+        if LEGACY_DONE in group:
+            raise InputError(
+                f"cannot resume {self.location!r}: it was written by an earlier dconv, whose per-chunk "
+                "bookkeeping (_progress/done) this one does not continue. Use overwrite=True to start again."
+            )
+        if PROGRESS not in group:  # killed while creating the layout: nothing is done
             return None
-        if finished.size != self.layout.n_chunks:
-            return None
-        progress = self.group()[PROGRESS]
-        if "level" not in progress:  # made by a dconv that did not record levels
-            _create_level_array(progress, finished.size)
-        return finished
+        return self.done_chunks()
 
     def create(self, provenance: Mapping[str, Any]) -> None:
         """Create the layout (replacing whatever is there) with status "running".
@@ -192,9 +205,9 @@ class OutputStore:
         The group and its provenance are one write, so a job killed at any point
         leaves either nothing or a group that ``resume`` recognises.
         """
-        layout = self.layout
+        self.records.remove_all()  # not Zarr nodes: remove them ourselves
         group = open_group(self.url, "w", self.storage_options, attributes={ATTR: {**provenance, "status": "running"}})
-        for entry in layout.arrays:
+        for entry in self.layout.arrays:
             group.create_array(
                 entry.name,
                 shape=entry.shape,
@@ -204,22 +217,17 @@ class OutputStore:
                 compressors=None,  # measured: Blosc LZ4 wrote dA_prev 3x slower for a 1.07 ratio
                 dimension_names=entry.dims,
             )
-        progress = group.create_group(PROGRESS)
-        progress.create_array("done", shape=(layout.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
-        for entry in layout.of_kind(Kind.SUM):
-            group.create_array(
-                entry.record,
-                shape=(layout.n_chunks, *entry.partial_shape),
-                chunks=(1, *entry.partial_shape),
-                dtype=entry.partial_dtype,
-                fill_value=0,
-            )
-        _create_level_array(progress, layout.n_chunks)
+        group.create_group(PROGRESS)
 
     # ----------------------------------------------------------------------- chunk tasks
 
+    @property
+    def records(self) -> RecordStore:
+        """The tree-node records of this output (:mod:`dconv.store.records`)."""
+        return RecordStore(self.url, self.storage_options)
+
     def write_chunk(self, index: int, start: int, values: Mapping[str, np.ndarray], level: str) -> None:
-        """Write one chunk's values and SIMD level, then mark it done (last).
+        """Write one chunk's blocks, then its leaf record (its SUM partials and SIMD level), which marks it done.
 
         Parameters
         ----------
@@ -227,45 +235,119 @@ class OutputStore:
             The chunk's index, and its first sample.
         values : mapping
             One value per BLOCK entry (written at rows ``start:start + b``) and per
-            SUM entry (written as the chunk's record), in the entry's partial dtype.
+            SUM entry (its partial, in the entry's partial dtype).
         level : str
             The SIMD level the kernel ran at, one of :data:`LEVEL_CODES`.
         """
-        group = self.group()
+        arrays = _block_arrays(self.url, _options_key(self.storage_options), self.layout)
         for entry in self.layout.of_kind(Kind.BLOCK):
-            # Every block is stored, zeros too: zarr's default first compares a block with the fill
-            # value, to skip empty chunks, which took 7 of 23 ms per 17 MB block.
             block = values[entry.name]
-            group[entry.name].with_config({"write_empty_chunks": True})[start : start + block.shape[0]] = block
-        for entry in self.layout.of_kind(Kind.SUM):
-            group[entry.record][index] = values[entry.name]
-        group[f"{PROGRESS}/level"][index] = LEVEL_CODES.index(level)
-        group[f"{PROGRESS}/done"][index] = 1
+            arrays[entry.name][start : start + block.shape[0]] = block
+        sums = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.SUM)}
+        self.records.write((0, index), sums, [LEVEL_CODES.index(level)])
+
+    def write_node(self, depth: int, index: int, sums: Mapping[str, np.ndarray], levels: np.ndarray) -> None:
+        """Write combine node ``(depth, index)``'s record (depth >= 1).
+
+        Parameters
+        ----------
+        sums : mapping
+            The node's SUM partials by entry name (a :class:`dconv.graph.Partial`'s ``sums``).
+        levels : ndarray of uint8, shape (chunks covered,)
+            The level code of every chunk the node covers, in chunk order.
+        """
+        self.records.write((depth, index), sums, levels)
+
+    def drop_nodes(self, nodes: Iterable[Node]) -> None:
+        """Remove the records of ``nodes`` (``(depth, index)`` pairs); ones already gone are ignored."""
+        self.records.delete(nodes)
+
+    def read_node(self, depth: int, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Node ``(depth, index)``'s SUM partials and the level codes (uint8) of the chunks it covers."""
+        return self.records.read((depth, index))
 
     def read_partial(self, index: int) -> tuple[dict[str, np.ndarray], str]:
-        """The SUM records and the SIMD level of a chunk an earlier run finished."""
-        group = self.group("r")
-        sums = {entry.name: np.asarray(group[entry.record][index]) for entry in self.layout.of_kind(Kind.SUM)}
-        return sums, read_levels(group, index)[0]
+        """The SUM partials and the SIMD level of chunk ``index``, from its leaf record."""
+        sums, levels = self.read_node(0, index)
+        return sums, _level_name(LEVEL_CODES, int(levels[0]))
+
+    def stored_nodes(self) -> set[Node]:
+        """The nodes that have a record (one listing)."""
+        return self.records.list()
+
+    def frontier(self) -> list[Node]:
+        """The stored nodes no stored node above covers, in chunk order: what a resumed job reads back."""
+        return frontier(self.stored_nodes(), self.layout.n_chunks, self.layout.split_every)
 
     def done_chunks(self) -> np.ndarray:
         """Boolean mask of durably finished chunks, shape (n_chunks,)."""
-        return self.group("r")[f"{PROGRESS}/done"][:] == 1
+        return self.progress(levels=False).done
+
+    def progress(self, *, levels: bool = True) -> "ChunkProgress":
+        """Which chunks are done and, with ``levels``, the SIMD level each ran at.
+
+        Works on an output of any status (and on one written before the records),
+        from the provenance, a listing and the level codes of the frontier's records.
+        """
+        group = self.group("r")
+        provenance = dict(group.attrs.get(ATTR) or {})
+        n_chunks = int(provenance.get("n_chunks") or (self.layout.n_chunks if self.layout else 0))
+        if LEGACY_DONE in group:
+            done = np.asarray(group[LEGACY_DONE][:]) == 1
+            return ChunkProgress(done, _read_level_array(group, done.size) if levels else None)
+        if provenance.get("status") == "complete" and LEVEL_ARRAY in group:
+            done = np.ones(n_chunks, dtype=bool)
+            return ChunkProgress(done, _read_level_array(group, n_chunks) if levels else None)
+        split_every = int(provenance.get("split_every") or self.layout.split_every)
+        nodes = frontier(self.records.list(), n_chunks, split_every)
+        done = covered(nodes, n_chunks, split_every)
+        if not levels:
+            return ChunkProgress(done, None)
+        codes = np.zeros(n_chunks, dtype=np.uint8)
+        for node in nodes:
+            _, node_levels = self.records.read(node, levels_only=True)
+            first = node[1] * split_every ** node[0]
+            codes[first : first + node_levels.size] = node_levels
+        return ChunkProgress(done, [_level_name(LEVEL_CODES, code) for code in codes.tolist()])
 
     # ----------------------------------------------------------------------- after the job
 
-    def finish(self, values: Mapping[str, Any], **provenance: Any) -> None:
-        """Write the stored SUM arrays and the figures, then set status "complete" (the last write of a job).
+    def finish(self, values: Mapping[str, Any], *, keep_partials: bool = False, **provenance: Any) -> None:
+        """Write the stored SUM arrays, the chunks' levels and the figures, set status "complete"
+        (the last write of a job), then remove the records unless ``keep_partials``.
 
-        ``values`` holds each stored SUM entry's array (in its output dtype and
-        shape) and each FIGURE entry's figure.
+        ``values`` holds each SUM entry's sum (a stored one as its array, in its
+        output dtype and shape; an unstored one, a count, goes into the
+        provenance's ``sums``) and each FIGURE entry's figure.
         """
         group = self.group()
         for entry in self.layout.of_kind(Kind.SUM):
             if entry.stored:
                 group[entry.name][...] = values[entry.name]
+        self._write_levels(group)
+        unstored = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.SUM) if not entry.stored}
         figures = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.FIGURE)}
-        group.attrs[ATTR] = {**group.attrs[ATTR], **figures, **provenance, "status": "complete"}
+        group.attrs[ATTR] = {**group.attrs[ATTR], "sums": unstored, **figures, **provenance, "status": "complete"}
+        if not keep_partials:
+            self.records.remove_all()
+
+    def _write_levels(self, group: zarr.Group) -> None:
+        """The level code of every chunk, from the records that cover them all, as one array."""
+        n_chunks = self.layout.n_chunks
+        codes = np.zeros(n_chunks, dtype=np.uint8)
+        for node in self.frontier():
+            _, node_levels = self.records.read(node, levels_only=True)
+            first = node[1] * self.layout.split_every ** node[0]
+            codes[first : first + node_levels.size] = node_levels
+        group.create_array(
+            LEVEL_ARRAY,
+            shape=(n_chunks,),
+            chunks=(max(n_chunks, 1),),
+            dtype="uint8",
+            fill_value=0,
+            attributes={"codes": list(LEVEL_CODES)},
+            overwrite=True,
+        )[...] = codes
 
     def update_provenance(self, **entries: Any) -> None:
         group = self.group()
@@ -283,18 +365,61 @@ class OutputStore:
     def read_values(self) -> dict[str, Any]:
         """The finished values of a complete output, as the job that finished it returned them.
 
-        Each stored SUM entry's array, each unstored one's per-chunk records
-        summed in chunk order (a count), and each FIGURE from the provenance.
+        Each stored SUM entry's array, each unstored one's sum (from the
+        provenance), and each FIGURE from the provenance.
         """
         group = self.group("r")
+        stored = group.attrs[ATTR]
         values: dict[str, Any] = {}
         for entry in self.layout.of_kind(Kind.SUM):
             if entry.stored:
                 values[entry.name] = np.asarray(group[entry.name][...])
-            else:
-                values[entry.name] = np.asarray(group[entry.record][:]).sum(axis=0).item()
-        stored = group.attrs[ATTR]
+            elif entry.name in (stored.get("sums") or {}):
+                values[entry.name] = stored["sums"][entry.name]
+            else:  # written before the records: the per-chunk counts
+                values[entry.name] = np.asarray(group[f"{PROGRESS}/nonfinite"][:]).sum(axis=0).item()
         return {**values, **{entry.name: stored.get(entry.name) for entry in self.layout.of_kind(Kind.FIGURE)}}
+
+
+@dataclass(frozen=True)
+class ChunkProgress:
+    """How far an output got.
+
+    Attributes
+    ----------
+    done : ndarray of bool, shape (n_chunks,)
+    levels : list of str, optional
+        The SIMD level each chunk ran at ("unknown" for a chunk not done, or done
+        by a dconv that did not record levels); None when not asked for.
+    """
+
+    done: np.ndarray
+    levels: list[str] | None
+
+
+def _options_key(storage_options: Mapping[str, Any]) -> str:
+    return json.dumps(dict(storage_options), sort_keys=True, default=str)
+
+
+@lru_cache(maxsize=8)
+def _block_arrays(url: str, options_key: str, layout: OutputLayout) -> dict[str, zarr.Array]:
+    """The BLOCK arrays of the output at ``url``, opened once per process and job.
+
+    Keyed by the layout too, so an output overwritten with another layout is
+    opened afresh. Every block is stored, zeros too: zarr's default first
+    compares a block with the fill value, to skip empty chunks, which took 7 of
+    23 ms per 17 MB block.
+    """
+    try:
+        group = open_group(url, "r+", json.loads(options_key))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"output {public_location(url)!r} is not there: it was never created, or this worker "
+            "cannot see it (local paths must be on storage every worker shares)."
+        ) from e
+    return {
+        entry.name: group[entry.name].with_config({"write_empty_chunks": True}) for entry in layout.of_kind(Kind.BLOCK)
+    }
 
 
 def _check_apart_from_input(out: str, input_location: str | None) -> None:
@@ -315,36 +440,17 @@ def _is_empty_dir(url: str) -> bool:
     return is_local(url) and path.is_dir() and not any(path.iterdir())
 
 
-def _create_level_array(progress: zarr.Group, n_chunks: int) -> None:
-    progress.create_array(
-        "level",
-        shape=(n_chunks,),
-        chunks=(1,),
-        dtype="uint8",
-        fill_value=0,
-        compressors=None,
-        attributes={"codes": list(LEVEL_CODES)},
-    )
+def _level_name(codes: list[str] | tuple[str, ...], code: int) -> str:
+    return codes[code] if code < len(codes) else "unknown"
 
 
-def read_levels(group: zarr.Group, index: int | None = None) -> list[str]:
-    """The SIMD level each chunk of an output ran at (only chunk ``index``'s, if given).
-
-    "unknown" where none is recorded: a chunk not done, or an output written
-    before levels were recorded.
-    """
-    try:
-        array = group[f"{PROGRESS}/level"]
-    except KeyError:
-        return ["unknown"] * (group[f"{PROGRESS}/done"].shape[0] if index is None else 1)
+def _read_level_array(group: zarr.Group, n_chunks: int) -> list[str]:
+    """``_progress/level`` as level names ("unknown" where none is recorded, or if there is no such array)."""
+    if LEVEL_ARRAY not in group:
+        return ["unknown"] * n_chunks
+    array = group[LEVEL_ARRAY]
     codes = list(array.attrs.get("codes", LEVEL_CODES))
-    stored = array[:] if index is None else array[index : index + 1]
-    return [codes[code] if code < len(codes) else "unknown" for code in np.asarray(stored).tolist()]
-
-
-def read_done(group: zarr.Group) -> np.ndarray:
-    """The finished-chunk mask of an output group, shape (n_chunks,)."""
-    return np.asarray(group[f"{PROGRESS}/done"][:]) == 1
+    return [_level_name(codes, code) for code in np.asarray(array[:]).tolist()]
 
 
 def output_arrays(group: zarr.Group) -> list[str]:

@@ -1,8 +1,9 @@
 """What ``dconv inspect`` reports about an output group.
 
-Reads metadata, the summed arrays (``dW``, ``db``) and the per-chunk ``done``
-flags and SIMD levels; never a block array (``dA_prev``), so it is cheap on any
-size of output. Which arrays there are comes from the output layout table. For
+Reads metadata, the summed arrays (``dW``, ``db``), which chunks are done and
+the SIMD levels they ran at (one listing of the records and their level codes,
+or one array once the job is complete); never a block array (``dA_prev``), so
+it is cheap on any size of output. Which arrays there are comes from the output layout table. For
 an output that is not complete it names the missing chunks, as ranges, and the
 command that resumes its job (:func:`resume_command`).
 """
@@ -18,7 +19,7 @@ import zarr
 
 from dconv.store.layout import OUTPUT_LAYOUT, Kind
 from dconv.store.locations import is_local, public_location
-from dconv.store.output import open_output, output_arrays, read_done, read_levels
+from dconv.store.output import OutputStore, open_output, output_arrays
 
 __all__ = ["summarize", "format_summary", "format_levels", "format_ranges", "chunk_ranges", "resume_command"]
 
@@ -133,9 +134,8 @@ def level_runs(levels: Sequence[str], done: np.ndarray) -> list[list]:
     return runs
 
 
-def _simd_summary(group: zarr.Group, done: np.ndarray, provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The SIMD level the done chunks ran at, from their per-chunk records (``_progress/level``)."""
-    levels = read_levels(group)
+def _simd_summary(levels: Sequence[str], done: np.ndarray, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The SIMD level the done chunks ran at (``levels``, one per chunk)."""
     runs = level_runs(levels, done)
     return {
         "requested": (provenance.get("simd") or {}).get("requested"),
@@ -163,7 +163,8 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
     group, provenance = open_output(url, storage_options)
     status = provenance.pop("status", "unknown")
     complete = status == "complete"
-    done = read_done(group)
+    progress = OutputStore(url, dict(storage_options or {})).progress()
+    done = progress.done
     summary: dict[str, Any] = {
         "location": location,
         "status": status,
@@ -175,7 +176,7 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
             "missing_count": int((~done).sum()),
         },
         "arrays": {name: _array_summary(group[name], complete) for name in output_arrays(group)},
-        "simd": _simd_summary(group, done, provenance),
+        "simd": _simd_summary(progress.levels, done, provenance),
         "resume_command": None if complete else resume_command(location, provenance),
         "provenance": provenance,
     }

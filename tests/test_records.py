@@ -1,0 +1,67 @@
+"""dconv.store.records: the tree-node records of a running job, their coverage and their frontier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dconv.graph import tree_depth, tree_shape
+from dconv.store.records import RecordStore, covered, frontier, node_chunks, tree_height, tree_nodes
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2, 7, 8, 9, 64, 65, 100])
+@pytest.mark.parametrize("split_every", [2, 3, 8])
+def test_nodes_cover_what_the_tree_adds(n_chunks, split_every):
+    """Node (d, j) covers the chunks that tree_shape's node j of level d - 1 adds up, in order."""
+    assert tree_height(n_chunks, split_every) == tree_depth(n_chunks, split_every)
+    below = [range(i, i + 1) for i in range(n_chunks)]  # depth 0: the chunks
+    count = n_chunks
+    for depth, groups in enumerate(tree_shape(n_chunks, split_every), start=1):
+        level = [range(below[group.start].start, below[group.stop - 1].stop) for group in groups]
+        assert level == [node_chunks(depth, j, split_every, n_chunks) for j in range(len(groups))]
+        below = level
+        count += len(groups)
+    assert below == [range(n_chunks)]
+    assert tree_nodes(n_chunks, split_every) == count
+
+
+def test_frontier_is_the_maximal_stored_nodes_in_chunk_order():
+    # 20 chunks, fan-in 4: depth 1 has 5 nodes, depth 2 two, depth 3 the root
+    stored = {(0, 0), (0, 1), (1, 0), (0, 5), (2, 1), (1, 4), (0, 19), (0, 8), (3, 0), (5, 0), (0, 99)}
+    assert frontier(stored - {(3, 0)}, 20, 4) == [(1, 0), (0, 5), (0, 8), (2, 1)]
+    assert frontier(stored, 20, 4) == [(3, 0)]  # the root covers everything
+    assert frontier(set(), 20, 4) == []
+    mask = covered(frontier(stored - {(3, 0)}, 20, 4), 20, 4)
+    assert np.flatnonzero(mask).tolist() == [0, 1, 2, 3, 5, 8, *range(16, 20)]
+
+
+def test_a_record_round_trips_and_is_a_plain_npy(tmp_path):
+    records = RecordStore(str(tmp_path / "out.zarr"))
+    sums = {"dW": np.arange(24.0).reshape(1, 2, 3, 4), "db": np.array([1.5, -2.0]), "nonfinite_dA_prev": np.int64(7)}
+    records.write((2, 3), sums, np.array([1, 2, 3], dtype=np.uint8))
+    arrays, levels = records.read((2, 3))
+    assert levels.tolist() == [1, 2, 3]
+    assert set(arrays) == set(sums)
+    for name, value in sums.items():
+        assert arrays[name].dtype == np.asarray(value).dtype and arrays[name].tobytes() == np.asarray(value).tobytes()
+    assert records.read((2, 3), levels_only=True)[0] == {}
+    path = tmp_path / "out.zarr" / "_progress" / "tree" / "2-3.npy"
+    assert np.load(path)[0]["db"].tolist() == [1.5, -2.0]  # readable without dconv
+    assert [p.name for p in path.parent.iterdir()] == ["2-3.npy"]  # no temporary file left
+
+
+def test_listing_ignores_foreign_files_and_deleting_ignores_missing_ones(tmp_path):
+    records = RecordStore(str(tmp_path / "out.zarr"))
+    assert records.list() == set()
+    for node in [(0, 0), (0, 1), (1, 0)]:
+        records.write(node, {"db": np.zeros(2)}, [1] * (1 if node[0] == 0 else 2))
+    directory = tmp_path / "out.zarr" / "_progress" / "tree"
+    (directory / ".half-written.tmp").write_bytes(b"x")
+    (directory / "notes.txt").write_text("x")
+    assert records.list() == {(0, 0), (0, 1), (1, 0)}
+    records.delete([(0, 0), (0, 1), (0, 2)])
+    assert records.list() == {(1, 0)}
+    with pytest.raises(FileNotFoundError):
+        records.read((0, 0))
+    records.remove_all()
+    assert not directory.exists() and records.list() == set()
