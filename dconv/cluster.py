@@ -53,6 +53,12 @@ __all__ = [
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
+PROFILE_VARIABLE = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
+"""Set it (to True) to keep the embedded cluster's statistical profiler on, for the dashboard's
+Profile page. dconv turns it off otherwise: a worker keeps up to an hour of its samples, so
+its memory grew with the job's length (measured, AMD EPYC Zen 3, 2 workers: the job's summed peak
+RSS grew 1.054x over 32x m with it, 1.045x without)."""
+
 WORKER_BLOCKED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Signals the embedded cluster's worker processes never receive: the client handles them."""
 
@@ -335,10 +341,14 @@ def _local_client(
     import distributed
     from dask.utils import format_bytes
 
+    import dask
+
     n_workers, blas_threads = local_cluster_layout(options.workers)
     env = {name: str(blas_threads) for name in BLAS_THREAD_VARIABLES}
+    profiler = {} if PROFILE_VARIABLE in os.environ else {"distributed.worker.profile.enabled": False}
     with contextlib.ExitStack() as stack:
-        with withheld_from_new_processes():  # a Ctrl-C meanwhile is raised here, and the cluster closed
+        # the nannies hand this process's Dask config to the workers they start
+        with withheld_from_new_processes(), dask.config.set(profiler):  # a Ctrl-C meanwhile is raised here, and the cluster closed
             cluster = stack.enter_context(
                 distributed.LocalCluster(
                     n_workers=n_workers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import dask
 import pytest
 
 from dconv import InputError
@@ -137,6 +138,8 @@ def test_the_embedded_cluster_serves_its_dashboard_and_sets_the_memory_limit():
     with connect(ClusterOptions(workers=1), memory_limit=limit, quiet=True) as client:
         workers = client.scheduler_info()["workers"].values()
         assert [worker["memory_limit"] for worker in workers] == [limit]
+        # the statistical profiler, whose hour of samples grows a worker with the job's length, is off
+        assert list(client.run(dask.config.get, "distributed.worker.profile.enabled").values()) == [False]
         link = client.dashboard_link
         assert link.startswith("http://127.0.0.1:"), link
         with urlopen(link, timeout=30) as response:

@@ -33,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -44,7 +44,7 @@ from dconv.errors import InputError
 from dconv.simd import LEVELS
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
 from dconv.store.locations import is_local, open_group, public_location, store_exists
-from dconv.store.records import Node, RecordStore, covered, frontier
+from dconv.store.records import Node, RecordStore, covered, frontier, node_chunks
 
 __all__ = ["ATTR", "LEVEL_CODES", "OutputStore", "ChunkProgress", "fingerprint", "open_output", "open_result"]
 
@@ -221,7 +221,7 @@ class OutputStore:
 
     # ----------------------------------------------------------------------- chunk tasks
 
-    @property
+    @cached_property
     def records(self) -> RecordStore:
         """The tree-node records of this output (:mod:`dconv.store.records`)."""
         return RecordStore(self.url, self.storage_options)
@@ -303,12 +303,16 @@ class OutputStore:
         done = covered(nodes, n_chunks, split_every)
         if not levels:
             return ChunkProgress(done, None)
+        codes = self._level_codes(nodes, n_chunks, split_every)
+        return ChunkProgress(done, [_level_name(LEVEL_CODES, code) for code in codes.tolist()])
+
+    def _level_codes(self, nodes: Iterable[Node], n_chunks: int, split_every: int) -> np.ndarray:
+        """The level code of every chunk ``nodes`` cover (0 elsewhere), from their records, shape (n_chunks,)."""
         codes = np.zeros(n_chunks, dtype=np.uint8)
         for node in nodes:
-            _, node_levels = self.records.read(node, levels_only=True)
-            first = node[1] * split_every ** node[0]
-            codes[first : first + node_levels.size] = node_levels
-        return ChunkProgress(done, [_level_name(LEVEL_CODES, code) for code in codes.tolist()])
+            chunks = node_chunks(*node, split_every, n_chunks)
+            codes[chunks.start : chunks.stop] = self.records.read_levels(node, len(chunks))
+        return codes
 
     # ----------------------------------------------------------------------- after the job
 
@@ -334,11 +338,7 @@ class OutputStore:
     def _write_levels(self, group: zarr.Group) -> None:
         """The level code of every chunk, from the records that cover them all, as one array."""
         n_chunks = self.layout.n_chunks
-        codes = np.zeros(n_chunks, dtype=np.uint8)
-        for node in self.frontier():
-            _, node_levels = self.records.read(node, levels_only=True)
-            first = node[1] * self.layout.split_every ** node[0]
-            codes[first : first + node_levels.size] = node_levels
+        codes = self._level_codes(self.frontier(), n_chunks, self.layout.split_every)
         group.create_array(
             LEVEL_ARRAY,
             shape=(n_chunks,),

@@ -35,7 +35,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -47,6 +47,9 @@ __all__ = ["TREE", "Node", "RecordStore", "node_chunks", "frontier", "covered", 
 
 TREE = f"{PROGRESS}/tree"
 """Where the records live, relative to the output group."""
+
+HEAD_BYTES = 512
+"""Bytes :meth:`RecordStore.read_levels` reads first: a record's header is about 200."""
 
 LEVELS_KEY = "_levels"
 """The record member that holds the level codes (the others are SUM partials, by entry name)."""
@@ -91,8 +94,12 @@ def frontier(stored: Iterable[Node], n_chunks: int, split_every: int) -> list[No
     for depth, index in stored:
         if depth > height or index * split_every**depth >= n_chunks:
             continue  # not a node of this tree
-        above = ((d, index // split_every ** (d - depth)) for d in range(depth + 1, height + 1))
-        if not any(node in stored for node in above):
+        ancestor = index
+        for above in range(depth + 1, height + 1):
+            ancestor //= split_every
+            if (above, ancestor) in stored:
+                break
+        else:
             maximal.append((depth, index))
     return sorted(maximal, key=lambda node: node[1] * split_every ** node[0])
 
@@ -133,14 +140,11 @@ def _encode(levels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _decode(file: Any, levels_only: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """A record's partials (none with ``levels_only``) and level codes, read from the open ``file``."""
+def _decode(file: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A record's partials and level codes, read from the open ``file``."""
     version = np.lib.format.read_magic(file)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     _, _, dtype = read_header(file)
-    if levels_only:  # the codes are the record's first bytes
-        n_levels = dtype.fields[LEVELS_KEY][0].itemsize
-        return {}, np.frombuffer(file.read(n_levels), dtype=np.uint8).copy()
     record = np.frombuffer(file.read(dtype.itemsize), dtype=dtype)[0]
     arrays = {name: np.array(record[name]) for name in dtype.names if name != LEVELS_KEY}
     return arrays, np.array(record[LEVELS_KEY], dtype=np.uint8).reshape(-1)
@@ -168,10 +172,11 @@ class RecordStore:
     url: str
     storage_options: dict = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def _local(self) -> bool:
         return is_local(self.url)
 
+    @cached_property
     def _directory(self) -> str:
         if self._local:
             return os.path.join(self.url, *TREE.split("/"))
@@ -185,7 +190,7 @@ class RecordStore:
         """Store node ``node``'s record: its partials ``arrays`` (by SUM entry name) and the level
         codes of the chunks it covers (uint8, in chunk order), whole or not at all."""
         data = _encode(np.asarray(levels, dtype=np.uint8), arrays)
-        directory = self._directory()
+        directory = self._directory
         path = f"{directory}/{_key(node)}"
         if self._local:
             os.makedirs(directory, exist_ok=True)
@@ -196,21 +201,53 @@ class RecordStore:
         else:
             self._fs().pipe_file(path, data)
 
-    def read(self, node: Node, levels_only: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Node ``node``'s partials (by SUM entry name; none with ``levels_only``) and its level codes (uint8).
+    def read(self, node: Node) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Node ``node``'s partials (by SUM entry name) and its level codes (uint8).
 
         Raises
         ------
         FileNotFoundError
             No record of that node.
         """
-        path = f"{self._directory()}/{_key(node)}"
+        path = f"{self._directory}/{_key(node)}"
         with open(path, "rb") if self._local else self._fs().open(path, "rb") as file:
-            return _decode(file, levels_only)
+            return _decode(file)
+
+    def read_levels(self, node: Node, n_levels: int) -> np.ndarray:
+        """Node ``node``'s level codes (uint8, read-only, ``n_levels`` of them: one per chunk it covers), and
+        nothing else: the bytes right after the header, whose dtype is not even parsed (inspect
+        reads the codes of every record of the frontier).
+
+        Raises
+        ------
+        FileNotFoundError
+            No record of that node.
+        """
+        path = f"{self._directory}/{_key(node)}"
+        head = self._read_head(path, HEAD_BYTES + n_levels)  # the magic, the header and, usually, the codes
+        if head[:6] != b"\x93NUMPY":
+            raise ValueError(f"{path} is not a .npy record")
+        size = 2 if head[6] == 1 else 4  # the header's length: uint16 in .npy 1.0, uint32 after
+        start = 8 + size + int.from_bytes(head[8 : 8 + size], "little")
+        if len(head) < start + n_levels:  # a long header: read on
+            head = self._read_head(path, start + n_levels)
+        return np.frombuffer(head, dtype=np.uint8, count=n_levels, offset=start)
+
+    def _read_head(self, path: str, n_bytes: int) -> bytes:
+        """The first ``n_bytes`` of the object at ``path`` (fewer if it is shorter): one system call
+        locally, where inspect reads one per record of the frontier."""
+        if not self._local:
+            with self._fs().open(path, "rb") as file:
+                return file.read(n_bytes)
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(descriptor, n_bytes, 0)
+        finally:
+            os.close(descriptor)
 
     def list(self) -> set[Node]:
         """Every node that has a record (one directory listing)."""
-        directory = self._directory()
+        directory = self._directory
         try:
             if self._local:
                 names = [entry.name for entry in os.scandir(directory)]
@@ -224,7 +261,7 @@ class RecordStore:
 
     def delete(self, nodes: Iterable[Node]) -> None:
         """Remove the records of ``nodes``; ones already gone are ignored."""
-        paths = [f"{self._directory()}/{_key(node)}" for node in nodes]
+        paths = [f"{self._directory}/{_key(node)}" for node in nodes]
         if not paths:
             return
         if self._local:
@@ -241,7 +278,7 @@ class RecordStore:
 
     def remove_all(self) -> None:
         """Remove every record, and their directory."""
-        directory = self._directory()
+        directory = self._directory
         if self._local:
             shutil.rmtree(directory, ignore_errors=True)
             return

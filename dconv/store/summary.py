@@ -29,16 +29,24 @@ MAX_LISTED = 50
 
 def _array_summary(array: zarr.Array, complete: bool) -> dict[str, Any]:
     """Shape, dtype, chunks, dimension names, codecs, stored bytes; the compression ratio only of a complete output
-    (an unfinished one has chunks not written yet, which would count as compressed away)."""
-    stored = array.nbytes_stored()
+    (an unfinished one has chunks not written yet, which would count as compressed away).
+
+    An uncompressed array (dconv writes its outputs so) is not listed: a complete one
+    stores exactly its bytes, since every chunk is written, and an unfinished one's
+    stored bytes are None. Listing a ``dA_prev`` of 100,000 chunks took 28 s.
+    """
     compressors = [type(c).__name__ for c in getattr(array, "compressors", ())]
+    if compressors:
+        stored = array.nbytes_stored()
+    else:
+        stored = array.nbytes if complete else None
     return {
         "shape": list(array.shape),
         "dtype": str(array.dtype),
         "chunks": list(array.chunks),
         "dimension_names": list(array.metadata.dimension_names or ()),
         "compressors": compressors,
-        "stored_bytes": int(stored),
+        "stored_bytes": None if stored is None else int(stored),
         # stored bytes include the zarr.json document: no meaningful ratio for tiny arrays
         "compression_ratio": round(array.nbytes / stored, 3) if complete and stored and array.nbytes >= 2**16 else None,
     }
