@@ -338,17 +338,17 @@ def _local_client(
     options: ClusterOptions, memory_limit: int | None, quiet: bool, debug: bool
 ) -> Iterator["distributed.Client"]:  # noqa: F821
     """A client on a new embedded cluster: one single-threaded worker process per core (or ``options.workers``)."""
+    import dask
     import distributed
     from dask.utils import format_bytes
-
-    import dask
 
     n_workers, blas_threads = local_cluster_layout(options.workers)
     env = {name: str(blas_threads) for name in BLAS_THREAD_VARIABLES}
     profiler = {} if PROFILE_VARIABLE in os.environ else {"distributed.worker.profile.enabled": False}
     with contextlib.ExitStack() as stack:
-        # the nannies hand this process's Dask config to the workers they start
-        with withheld_from_new_processes(), dask.config.set(profiler):  # a Ctrl-C meanwhile is raised here, and the cluster closed
+        # A Ctrl-C meanwhile is raised here, and the cluster closed. The nannies hand this
+        # process's Dask config (the profiler's setting) to the workers they start.
+        with withheld_from_new_processes(), dask.config.set(profiler):
             cluster = stack.enter_context(
                 distributed.LocalCluster(
                     n_workers=n_workers,
