@@ -5,7 +5,7 @@ An output is a Zarr v3 group laid out by :data:`dconv.store.layout.OUTPUT_LAYOUT
     dA_prev   (m, H, W, C_prev)      chunks (batch_chunk, H, W, C_prev)    BLOCK
     dW        (fh, fw, C_prev, C)                                          SUM
     db        (1, 1, 1, C)                                                 SUM
-    _progress/tree/<depth>-<index>.npz   while the job runs: one record per node of the
+    _progress/tree/<depth>-<index>.npy   while the job runs: one record per node of the
                                          reduction tree (:mod:`dconv.store.records`)
     _progress/level   (n_chunks,)        once it is complete: uint8, the SIMD level each chunk
                                          ran at (LEVEL_CODES), one Zarr chunk
