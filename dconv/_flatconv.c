@@ -318,6 +318,50 @@ static void f32_column_sums(const float *x, idx rows, idx C, double *out)
     }
 }
 
+/* The statistics of per-sample products: the squares of g rows of n values (float32 or float64),
+ * each converted to float64 and squared, added into sq (n) in row order, and each row's sum of
+ * squares written to norm2 (g). Blocks of SQUARE_BLOCK columns keep sq's block in L1 while the g
+ * rows pass over it; a row's sum runs in 4 accumulators (column index mod 4) in column order, so
+ * neither sum depends on g. */
+#define SQUARE_BLOCK 512
+#define DEFINE_SQUARE_SUMS(NAME, T)                                                                      \
+    static void NAME(const T *x, idx g, idx n, double *sq, double *norm2)                               \
+    {                                                                                                    \
+        double acc[SQUARE_BLOCK_ROWS][4];                                                                \
+        for (idx j0 = 0; j0 < g; j0 += SQUARE_BLOCK_ROWS) {                                              \
+            idx gb = g - j0 < SQUARE_BLOCK_ROWS ? g - j0 : SQUARE_BLOCK_ROWS;                            \
+            for (idx j = 0; j < gb; j++)                                                                 \
+                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0;                                       \
+            for (idx c0 = 0; c0 < n; c0 += SQUARE_BLOCK) {                                               \
+                idx cb = n - c0 < SQUARE_BLOCK ? n - c0 : SQUARE_BLOCK;                                  \
+                for (idx j = 0; j < gb; j++) {                                                           \
+                    const T *row = x + (j0 + j) * n + c0;                                                \
+                    double *out = sq + c0, *a = acc[j];                                                  \
+                    idx c = 0;                                                                           \
+                    for (; c + 4 <= cb; c += 4)                                                          \
+                        for (int ph = 0; ph < 4; ph++) {                                                 \
+                            double v = (double)row[c + ph];                                              \
+                            v *= v;                                                                      \
+                            out[c + ph] += v;                                                            \
+                            a[(c0 + c + ph) & 3] += v;                                                   \
+                        }                                                                                \
+                    for (; c < cb; c++) {                                                                \
+                        double v = (double)row[c];                                                       \
+                        v *= v;                                                                          \
+                        out[c] += v;                                                                     \
+                        a[(c0 + c) & 3] += v;                                                            \
+                    }                                                                                    \
+                }                                                                                        \
+            }                                                                                            \
+            for (idx j = 0; j < gb; j++)                                                                 \
+                norm2[j0 + j] = (acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3]);                       \
+        }                                                                                                \
+    }
+#define SQUARE_BLOCK_ROWS 64
+DEFINE_SQUARE_SUMS(f32_square_sums, float)
+DEFINE_SQUARE_SUMS(f64_square_sums, double)
+#undef DEFINE_SQUARE_SUMS
+
 /* ------------------------------------------------------------------ Python bindings */
 
 /* The item type of a buffer in native byte order: 'f' (float32), 'd' (float64), 'n' (an integer
@@ -522,6 +566,36 @@ static PyObject *column_sums(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *square_sums(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *sq_obj, *norm_obj;
+    idx g, n;
+    if (!PyArg_ParseTuple(args, "OnnOO", &x_obj, &g, &n, &sq_obj, &norm_obj))
+        return NULL;
+    if (g < 0 || n < 0)
+        return PyErr_Format(PyExc_ValueError, "square_sums: g %zd and n %zd must be >= 0", g, n);
+    Py_buffer v[3];
+    if (get_buffer(x_obj, &v[0], 0, 0, g * n, "x") < 0)
+        return NULL;
+    if (get_buffer(sq_obj, &v[1], 1, 'd', n, "sq") < 0) {
+        release(v, 1);
+        return NULL;
+    }
+    if (get_buffer(norm_obj, &v[2], 1, 'd', g, "norm2") < 0) {
+        release(v, 2);
+        return NULL;
+    }
+    char type = item_type(&v[0]);
+    Py_BEGIN_ALLOW_THREADS
+    if (type == 'f')
+        f32_square_sums(v[0].buf, g, n, v[1].buf, v[2].buf);
+    else
+        f64_square_sums(v[0].buf, g, n, v[1].buf, v[2].buf);
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
+}
+
 static PyObject *list_levels(PyObject *self, PyObject *unused)
 {
     PyObject *names = PyList_New(0);
@@ -558,6 +632,9 @@ static PyMethodDef methods[] = {
      "into dW_sq and write |dW_n|^2 to norm2[n]; out may then be None (the statistics only)."},
     {"column_sums", column_sums, METH_VARARGS,
      "column_sums(x, rows, C, out)\n\nAdd the column sums of float32 x (rows, C) into float64 out (C,)."},
+    {"square_sums", square_sums, METH_VARARGS,
+     "square_sums(x, g, n, sq, norm2)\n\nThe squares of x (g, n), float32 or float64, in float64: added into\n"
+     "sq (n,) row after row, and each row's sum written to norm2 (g,)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -3,15 +3,15 @@
 For a batch of ``m`` samples cut into ``n = ceil(m / batch_chunk)`` chunks::
 
     chunk      chunk_partial(dZ_i, A_prev_i, W, geometry) -> {name: value}, one per
-               BLOCK and SUM entry of the output layout (pure: arrays in, values out).
+               BLOCK and REDUCE entry of the output layout (pure: arrays in, values out).
                The chunk task wraps it: set the job's SIMD level, read its slices,
                run it, write every value to the output store (its blocks, then its
-               leaf record), announce progress, and return the SUM values as a Partial.
+               leaf record), announce progress, and return the REDUCE values as a Partial.
     combine    combine_partials([Partial, ...]) -> Partial: adds at most
                ``split_every`` partials, in chunk order, over ceil(log(n, split_every))
                levels (tree_shape). The combine task wraps it: it writes the node's
                record, then drops its children's (:mod:`dconv.store.records`).
-    aggregate  aggregate(Partial, layout) -> {name: value}: each SUM in its output
+    aggregate  aggregate(Partial, layout) -> {name: value}: each REDUCE entry in its output
                dtype and shape, and each FIGURE; run on the client.
 
 The chunk tasks write their blocks themselves, so ``dA_prev`` never passes
@@ -62,6 +62,7 @@ from dask.task_spec import DataNode, List, Task, TaskRef
 from dconv import simd
 from dconv.errors import InputError
 from dconv.kernel import backward_kernel
+from dconv.kernel.stats import top_samples
 from dconv.options import JobOptions
 from dconv.params import ConvGeometry
 from dconv.progress import CHUNK_PREFIX, report_chunk_done
@@ -121,9 +122,9 @@ Node = tuple[int, int]
 
 
 def chunk_partial(
-    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, options: JobOptions
+    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, options: JobOptions, start: int = 0
 ) -> dict[str, Any]:
-    """One chunk's values: one per BLOCK and SUM entry of :data:`dconv.store.layout.OUTPUT_LAYOUT`.
+    """One chunk's values: one per BLOCK and REDUCE entry of the job's layout (:data:`dconv.store.layout.OUTPUT_LAYOUT`).
 
     Parameters
     ----------
@@ -133,23 +134,37 @@ def chunk_partial(
         All three in the compute dtype.
     geometry : ConvGeometry
     options : JobOptions
-        The job's options, for whatever of them shapes a chunk's values.
+        The job's options: ``dA_prev`` and ``stats`` say which values there are.
+    start : int
+        The batch index of the chunk's first sample (the statistics' top samples name samples by it).
 
     Returns
     -------
     dict
-        ``dA_prev`` (b, H, W, C_prev) in the compute dtype; float64 ``dW``
-        (fh, fw, C_prev, C) and ``db`` (C,); ``nonfinite_dA_prev``, the count of
-        NaN and Inf in ``dA_prev``.
+        Float64 ``dW`` (fh, fw, C_prev, C) and ``db`` (C,). With ``options.dA_prev``:
+        ``dA_prev`` (b, H, W, C_prev) in the compute dtype and ``nonfinite_dA_prev``,
+        its count of NaN and Inf. With ``options.stats``: ``stats/sample_grad_norm2``
+        (b,), ``stats/dW_sq`` (fh, fw, C_prev, C) and ``stats/db_sq`` (1, 1, 1, C) in
+        float64, and ``stats/top_samples``, the chunk's largest ``|g_i|^2``.
     """
     # threads=1: Dask runs the chunks in parallel, and a chunk's bits must not depend on the worker
-    grads = backward_kernel(dZ, A_prev, W, geometry, threads=1, float64_sums=True)
-    return {
-        "dA_prev": grads.dA_prev,
-        "dW": grads.dW,
-        "db": grads.db.reshape(-1),
-        "nonfinite_dA_prev": count_nonfinite(grads.dA_prev),
-    }
+    grads = backward_kernel(
+        dZ, A_prev, W, geometry, threads=1, float64_sums=True, stats=options.stats, dA_prev=options.dA_prev
+    )
+    values: dict[str, Any] = {"dW": grads.dW, "db": grads.db.reshape(-1)}
+    if options.dA_prev:
+        values.update({"dA_prev": grads.dA_prev, "nonfinite_dA_prev": count_nonfinite(grads.dA_prev)})
+    if options.stats:
+        sample_stats = grads.stats
+        values.update(
+            {
+                "stats/sample_grad_norm2": sample_stats.sample_grad_norm2,
+                "stats/dW_sq": sample_stats.dW_sq,
+                "stats/db_sq": sample_stats.db_sq,
+                "stats/top_samples": top_samples(sample_stats.sample_grad_norm2, start),
+            }
+        )
+    return values
 
 
 NO_LEVELS = np.zeros(0, dtype=np.uint8)
@@ -161,17 +176,18 @@ class Partial(NamedTuple):
     Attributes
     ----------
     sums : dict
-        One value per SUM entry of the layout (float64 ``dW``, ``db``; the
-        int64 NaN/Inf count of ``dA_prev``), summed over the chunks.
-    stats : dict
+        One value per REDUCE entry of the layout (float64 ``dW``, ``db``; the
+        int64 NaN/Inf count of ``dA_prev``; with the statistics, ``stats/dW_sq``
+        and the others), reduced over the chunks.
+    seconds : dict
         Summed over the chunks: wall time of the ``read``, ``kernel`` and
-        ``write`` steps (seconds) of the chunks computed in this run.
+        ``write`` steps of the chunks computed in this run.
     levels : ndarray of uint8, shape (chunks,)
         The SIMD level code (:data:`dconv.store.output.LEVEL_CODES`) each chunk ran at, in chunk order.
     """
 
     sums: dict
-    stats: dict
+    seconds: dict
     levels: np.ndarray = NO_LEVELS
 
 
@@ -295,11 +311,11 @@ def chunk_task(
             _check_finite("dZ", dZ, start)
             _check_finite("A_prev", A_prev, start)
     with times("kernel"):
-        values = chunk_partial(dZ, A_prev, W, context.geometry, options)
+        values = chunk_partial(dZ, A_prev, W, context.geometry, options, start)
     with times("write"):
         context.out.write_chunk(index, start, values, level)
     report_chunk_done(context.out.url, index)
-    sums = {entry.name: values[entry.name] for entry in context.out.layout.of_kind(Kind.SUM)}
+    sums = {entry.name: values[entry.name] for entry in context.out.layout.of_kind(Kind.REDUCE)}
     return Partial(sums, times.seconds, np.array([LEVEL_CODES.index(level)], dtype=np.uint8))
 
 
@@ -312,17 +328,24 @@ def stored_node(context: JobContext, depth: int, index: int) -> Partial:
 # --------------------------------------------------------------------------- combine
 
 
-def combine_partials(partials: Sequence[Partial]) -> Partial:
-    """Add partials in the order given (a fixed order makes the sum reproducible); levels are concatenated."""
+def combine_partials(partials: Sequence[Partial], layout: OutputLayout | None = None) -> Partial:
+    """Add partials in the order given (a fixed order makes the sum reproducible); levels are concatenated.
+
+    An entry of ``layout`` with a ``combine`` of its own (the top samples) is reduced by it instead.
+    """
+    combine = {entry.name: entry.combine for entry in layout.of_kind(Kind.REDUCE) if entry.combine} if layout else {}
     sums = {name: np.array(value, copy=True) for name, value in partials[0].sums.items()}
-    stats = dict(partials[0].stats)
+    seconds = dict(partials[0].seconds)
     for partial in partials[1:]:
         for name, value in partial.sums.items():
-            sums[name] += value
-        for name, value in partial.stats.items():
-            stats[name] = stats[name] + value if name in stats else value
+            if name in combine:
+                sums[name] = combine[name](sums[name], value)
+            else:
+                sums[name] += value
+        for name, value in partial.seconds.items():
+            seconds[name] = seconds[name] + value if name in seconds else value
     levels = np.concatenate([np.asarray(partial.levels, dtype=np.uint8) for partial in partials])
-    return Partial(sums, stats, levels)
+    return Partial(sums, seconds, levels)
 
 
 def combine_task(
@@ -339,7 +362,7 @@ def combine_task(
         (kept with ``options.keep_partials``). Children read back from their
         records keep them until the job finishes: a lost result is read again.
     """
-    total = combine_partials(partials)
+    total = combine_partials(partials, context.out.layout)
     context.out.write_node(depth, index, total.sums, total.levels)
     if not context.options.keep_partials and computed:
         context.out.drop_nodes([(depth - 1, i) for i in computed])
@@ -402,15 +425,20 @@ def tree_reduce(leaves: Sequence[Delayed], split_every: int, token: str) -> Dela
 
 
 def aggregate(total: Partial, layout: OutputLayout) -> dict[str, Any]:
-    """The finished values: each SUM entry in its output dtype and shape, then each FIGURE.
+    """The finished values: each REDUCE entry in its output dtype and shape, then each FIGURE.
 
-    A SUM entry with no output array (a count) comes back as a Python number.
+    A REDUCE entry with no output array comes back as a Python number if it is a
+    count, else as its reduced partial (the top samples). The figures are
+    computed from the reduced partials before the cast (float64 ``dW``, ``db``).
     """
     values: dict[str, Any] = {}
-    for entry in layout.of_kind(Kind.SUM):
+    for entry in layout.of_kind(Kind.REDUCE):
         value = total.sums[entry.name]
-        values[entry.name] = value.astype(entry.dtype).reshape(entry.shape) if entry.stored else value.item()
-    return {**values, **figures(values)}
+        if entry.stored:
+            values[entry.name] = value.astype(entry.dtype).reshape(entry.shape)
+        else:
+            values[entry.name] = value.item() if np.ndim(value) == 0 else value
+    return {**values, **figures(layout, values, total.sums)}
 
 
 # --------------------------------------------------------------------------- the batch
@@ -475,8 +503,8 @@ def batch_sources(array: Any, name: str, bounds: BatchBounds) -> ZarrBatches | D
 
 
 def partial_bytes(layout: OutputLayout) -> int:
-    """Bytes of one chunk's partial: its SUM values."""
-    return sum(math.prod(e.partial_shape) * np.dtype(e.partial_dtype).itemsize for e in layout.of_kind(Kind.SUM))
+    """Bytes of one chunk's partial: its REDUCE values."""
+    return sum(math.prod(e.partial_shape) * np.dtype(e.partial_dtype).itemsize for e in layout.of_kind(Kind.REDUCE))
 
 
 def wave_depth(
@@ -718,17 +746,17 @@ class _ClusterWaves:
         for node, count in missing.items():
             if count == 0:
                 submit(self.submit_combine(node, combines[node]), node)
-        stats: dict = {}
+        seconds: dict = {}
         for future in running:
             if future.status != "finished":
                 future.result()  # raises the task's error
             node = node_of.pop(future.key)
             if node == graph.root:
                 total = future.result()
-                return Partial(total.sums, _add_stats(stats, total.stats), total.levels)
+                return Partial(total.sums, _add_seconds(seconds, total.seconds), total.levels)
             is_wave = node[0] <= graph.wave_depth
             if is_wave:  # only a wave's step times come back; a node above the waves is read from its record
-                stats = _add_stats(stats, future.result())
+                seconds = _add_seconds(seconds, future.result())
             future.release()  # before the next wave is submitted: the scheduler forgets this one first
             following = next(upcoming, None) if is_wave else None
             if following is not None:
@@ -741,10 +769,10 @@ class _ClusterWaves:
 
 def step_times(partial: Partial) -> dict:
     """A wave's last task: the summed step times of its chunks (all the client needs of it)."""
-    return partial.stats
+    return partial.seconds
 
 
-def _add_stats(total: Mapping[str, float], more: Mapping[str, float]) -> dict:
+def _add_seconds(total: Mapping[str, float], more: Mapping[str, float]) -> dict:
     return {name: total.get(name, 0) + more.get(name, 0) for name in {**total, **more}}
 
 

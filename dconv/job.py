@@ -48,7 +48,11 @@ class JobResult:
     Every finished value of the output layout is an attribute: ``result.dW``
     (fh, fw, C_prev, C) and ``result.db`` (1, 1, 1, C) in the job's dtype, and
     ``result.nonfinite``, the count of NaN and Inf values in each of
-    ``dA_prev``, ``dW`` and ``db``. ``dA_prev`` is in the output group.
+    ``dA_prev``, ``dW`` and ``db``. ``dA_prev`` is in the output group. With
+    ``stats=True``, ``result.stats`` holds the gradient figures (the noise
+    scale, the top samples: :func:`dconv.kernel.stats.noise_figures`), and
+    ``result.values["stats/dW_sq"]`` and ``["stats/db_sq"]`` the float64 sums;
+    each sample's ``|g_i|^2`` is in the output group, ``stats/sample_grad_norm2``.
 
     Attributes
     ----------
@@ -88,8 +92,11 @@ class JobResult:
         norms = ", ".join(
             f"|{name}| = {float(np.sqrt((np.asarray(value, dtype=np.float64) ** 2).sum())):.6g}"
             for name, value in self.values.items()
-            if isinstance(value, np.ndarray)
+            if name in ("dW", "db")
         )
+        if isinstance(self.values.get("stats"), Mapping):
+            noise = self.values["stats"].get("noise_scale")
+            norms += f", noise scale {'undefined' if noise is None else f'{noise:.6g}'}"
         if self.already_complete:
             return (
                 f"dconv: {self.out} is already complete, nothing to do ({self.computed_chunks} of {self.n_chunks} "
@@ -151,7 +158,7 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -
         t2 = time.perf_counter()
         values = aggregate(total, plan.out.layout)
         levels = level_counts(total.levels)
-        seconds = {"compute": t2 - t1, **total.stats}
+        seconds = {"compute": t2 - t1, **total.seconds}
         plan.out.finish(
             values,
             keep_partials=plan.options.keep_partials,

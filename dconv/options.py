@@ -92,6 +92,17 @@ def optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else parse(value)
 
 
+def non_negative(name: str) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            0 <= value < float("inf")
+        ):
+            raise InputError(f"{name} must be a number >= 0; got {value!r} instead.")
+        return float(value)
+
+    return parse
+
+
 def flag(name: str) -> Callable[[Any], bool]:
     def parse(value: Any) -> bool:
         if not isinstance(value, bool):
@@ -187,7 +198,7 @@ def suggest(key: str, known: list[str]) -> str:
 
 
 def toml_type_name(types: tuple[type, ...]) -> str:
-    names = {int: "an integer", str: "a string", bool: "true or false", list: "a list", dict: "a table"}
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a table"}
     return " or ".join(names[t] for t in types)
 
 
@@ -261,7 +272,10 @@ class Options:
             group = groups[spec.metadata["table"]]
             name = "--" + spec.name.replace("_", "-")
             help_text = spec.metadata["help"]
-            if isinstance(spec.default, bool):
+            if spec.default is True:  # on by default: the flag turns it off
+                name = "--no-" + spec.name.replace("_", "-")
+                group.add_argument(name, action="store_false", dest=spec.name, default=None, help=help_text)
+            elif isinstance(spec.default, bool):
                 group.add_argument(name, action="store_true", default=None, help=help_text)
             else:
                 default = f" (default {spec.default})" if spec.default is not None and "default" not in help_text else ""
@@ -382,6 +396,24 @@ class JobOptions(Options):
         toml=(bool,),
         excludes="overwrite",
     )
+    dA_prev: bool = option(
+        True,
+        help="skip the input gradient: write only dW and db (and the statistics with --stats); "
+        "the job reads what it reads without it and does half the I/O",
+        parse=flag("dA_prev"),
+        table="job",
+        toml=(bool,),
+        identity="dA_prev",
+    )
+    stats: bool = option(
+        False,
+        help="also compute the per-sample gradient statistics: OUT/stats/ holds each sample's |g_i|^2, "
+        "sum_i dW_i^2 and sum_i db_i^2, the provenance the gradient noise scale and the top samples",
+        parse=flag("stats"),
+        table="job",
+        toml=(bool,),
+        identity="per_sample_stats",
+    )
     keep_partials: bool = option(
         False,
         help="keep every chunk's dW/db partial in OUT/_progress/tree after the job (for auditing; "
@@ -404,6 +436,30 @@ class JobOptions(Options):
             if key and key not in keys:
                 keys.append(key)
         return keys
+
+    def identity(self) -> dict[str, Any]:
+        """The resume identity these options feed, by key, as given (the plan resolves ``params``
+        and ``batch_chunk``).
+
+        An on/off option at its default is left out, so an output written before
+        the option existed keeps its fingerprint, and resumes.
+        """
+        found: dict[str, Any] = {}
+        for spec in fields(self):
+            key, value = spec.metadata.get("identity"), getattr(self, spec.name)
+            if key is None or (isinstance(spec.default, bool) and value == spec.default):
+                continue
+            found.setdefault(key, value)
+        return found
+
+    @classmethod
+    def identity_defaults(cls) -> dict[str, Any]:
+        """The identity keys left out at their defaults (:meth:`identity`), with those defaults."""
+        return {
+            spec.metadata["identity"]: spec.default
+            for spec in fields(cls)
+            if spec.metadata.get("identity") and isinstance(spec.default, bool)
+        }
 
 
 # --------------------------------------------------------------------------- synthetic inputs
@@ -466,6 +522,15 @@ class InputRecipe(Options):
         256, help="Zarr chunk along m", parse=whole_number("chunk", 1), table="input.make", toml=(int,), cli=positive_int
     )
     seed: int = option(0, help="random seed", parse=whole_number("seed", 0), table="input.make", toml=(int,), cli=int)
+    shared: float = option(
+        0.0,
+        help="weight of a pattern every sample shares, added to its noise (0: independent samples, "
+        "whose mean gradient is 0)",
+        parse=non_negative("shared"),
+        table="input.make",
+        toml=(int, float),
+        cli=float,
+    )
 
     def describe(self) -> str:
         """``m=512, 32x32x16 -> 32, kernel 3, float32, chunks of 256, seed 0``."""
@@ -473,4 +538,5 @@ class InputRecipe(Options):
         return (
             f"m={self.m}, {self.height}x{self.width}x{self.in_channels} -> {self.out_channels}, kernel {kernel}, "
             f"{self.dtype}, chunks of {self.chunk}, seed {self.seed}"
+            + (f", shared {self.shared:g}" if self.shared else "")
         )

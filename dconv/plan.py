@@ -34,6 +34,7 @@ from dconv.graph import (
     chunk_task,
 )
 from dconv.kernel import backward_working_set
+from dconv.kernel.stats import top_samples_bytes
 from dconv.options import InputRecipe, JobOptions
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, output_shape, result_dtype
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
@@ -133,12 +134,13 @@ class JobPlan:
         The input, its shapes and dtypes, and every option declared part of the
         identity (:meth:`JobOptions.identity_keys`), as resolved.
         """
+        given = self.options.identity()  # an on/off option at its default is not in it: older outputs resume
         resolved = {"params": self.params.to_dict(), "batch_chunk": self.batch_chunk}
         return {
             "input": self.input_location,
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
             "dtypes": {**self.dtypes, "compute": str(self.compute_dtype)},
-            **{key: resolved.get(key, getattr(self.options, key, None)) for key in JobOptions.identity_keys()},
+            **{key: {**given, **resolved}[key] for key in JobOptions.identity_keys() if key in {**given, **resolved}},
         }
 
     @property
@@ -161,7 +163,9 @@ class JobPlan:
         Input chunks that a task cuts count whole (:func:`read_memory`).
         """
         size = min(self.batch_chunk, self.m)
-        return task_memory(size, self.shapes, self.geometry, self.compute_dtype, self.input_chunks, self.dtypes)
+        return task_memory(
+            size, self.shapes, self.geometry, self.compute_dtype, self.input_chunks, self.dtypes, stats=self.options.stats
+        )
 
     def worker_memory(self) -> WorkerMemory:
         """The memory limit a worker of one thread needs for this job's tasks (:func:`worker_memory`)."""
@@ -187,7 +191,7 @@ class JobPlan:
 
         found = {"input": sum(nbytes(shape, self.dtypes[name]) for name, shape in self.shapes.items())}
         found.update({entry.name: nbytes(entry.shape, entry.dtype) for entry in layout.arrays})
-        record = sum(nbytes(entry.partial_shape, entry.partial_dtype) for entry in layout.of_kind(Kind.SUM))
+        record = sum(nbytes(entry.partial_shape, entry.partial_dtype) for entry in layout.of_kind(Kind.REDUCE))
         nodes = tree_nodes(layout.n_chunks, layout.split_every)
         if not self.options.keep_partials:  # a combine's record replaces its children's
             nodes = min(nodes, layout.split_every * tree_height(layout.n_chunks, layout.split_every))
@@ -212,6 +216,8 @@ class JobPlan:
             f"output  {self.out.location}" + (" (resume)" if self.options.resume else ""),
             "shapes  " + ", ".join(f"{k} {v}" for k, v in self.shapes.items()) + f" ({self.compute_dtype})",
             f"conv    {self.params.describe()}, pads {self.geometry.pads}",
+            "writes  " + ", ".join(entry.name for entry in self.out.layout.arrays)
+            + ("; the gradient noise scale and top samples in the provenance" if self.options.stats else ""),
             f"chunks  {n_tasks} of up to {_count(self.batch_chunk, 'sample')} (m = {self.m}), "
             f"tree fan-in {self.options.split_every}",
             f"memory  at most about {format_bytes(self.task_memory())} per running task"
@@ -219,7 +225,7 @@ class JobPlan:
             f"disk    input {format_bytes(disk['input'])} (uncompressed); output "
             f"{format_bytes(sum(disk.values()) - disk['input'])}: "
             + ", ".join(f"{name} {format_bytes(disk[name])} (uncompressed)" for name in blocks)
-            + f", {' and '.join(sums)} {format_bytes(sum(disk[name] for name in sums))}"
+            + f", {', '.join(sums)} {format_bytes(sum(disk[name] for name in sums))}"
             + f", {PROGRESS} {format_bytes(disk[PROGRESS])}",
             f"simd    {SIMD_ENV_VAR}={self.simd}, resolved on each worker",
         ]
@@ -294,7 +300,9 @@ class JobPlan:
         starts = np.asarray([start for start, _ in self.bounds], dtype=np.int64)
         stops = np.asarray([stop for _, stop in self.bounds], dtype=np.int64)
         decodes = int(((stops - 1) // chunk - starts // chunk + 1).sum()) / -(-self.m // chunk)
-        extra = self.task_memory() - task_memory(size, self.shapes, self.geometry, self.compute_dtype)
+        extra = self.task_memory() - task_memory(
+            size, self.shapes, self.geometry, self.compute_dtype, stats=self.options.stats
+        )
         held = f" (+{format_bytes(extra)} per task, in its bound)" if extra > 0 else ""
         return (
             f"dconv: warning: batch_chunk {self.batch_chunk} is not a multiple of the input's Zarr chunk {chunk} "
@@ -317,7 +325,11 @@ class JobPlan:
                 "make it first (dconv.make_inputs), then plan the job with plan_job."
             )
         return self.out.open(
-            self.identity(), self.provenance(), resume=self.options.resume, resumed={"simd": {"requested": self.simd}}
+            self.identity(),
+            self.provenance(),
+            resume=self.options.resume,
+            resumed={"simd": {"requested": self.simd}},
+            defaults=JobOptions.identity_defaults(),
         )
 
     def graph(self, stored: Sequence[tuple[int, int]] | None = None, wave_chunks: int = WAVE_CHUNKS) -> JobGraph:
@@ -376,6 +388,7 @@ def task_memory(
     dtype: Any,
     input_chunks: Mapping[str, int] | None = None,
     dtypes: Mapping[str, Any] | None = None,
+    stats: bool = False,
 ) -> int:
     """Bytes one chunk task of ``batch`` samples holds at its peak (an upper bound).
 
@@ -401,12 +414,17 @@ def task_memory(
         ``dZ``); arrays not named are in memory.
     dtypes : mapping, optional
         The stored dtype of each input array; default ``dtype``.
+    stats : bool
+        The task computes the per-sample statistics too: the kernel's bound
+        counts them, and the chunk's top list sorts its norms (:func:`top_samples_bytes`).
     """
     m, height, width, c_prev = shapes["A_prev"]
     _, n_h, n_w, c_out = shapes["dZ"]
     itemsize = np.dtype(dtype).itemsize
     blocks = itemsize * batch * (height * width * c_prev + n_h * n_w * c_out)
-    working = backward_working_set(batch, geometry, c_prev, c_out, itemsize)
+    working = backward_working_set(batch, geometry, c_prev, c_out, itemsize, stats=stats)
+    if stats:
+        working += top_samples_bytes(batch)
     reading = 0
     for name, chunk in (input_chunks or {}).items():
         stored = np.dtype((dtypes or {}).get(name, dtype)).itemsize
@@ -690,7 +708,7 @@ def choose_batch_chunk(
         return aligned(DEFAULT_BATCH_CHUNK, chunk) if batch_chunk is None else batch_chunk
 
     def need(batch: int) -> int:
-        return task_memory(batch, shapes, geometry, dtype, input_chunks, dtypes)
+        return task_memory(batch, shapes, geometry, dtype, input_chunks, dtypes, stats=options.stats)
 
     if batch_chunk is not None and need(batch_chunk) <= budget:
         return batch_chunk
@@ -698,11 +716,12 @@ def choose_batch_chunk(
     low, high = 0, m  # the largest b in [1, m] whose task fits without counting input chunks, by bisection
     while low < high:
         middle = (low + high + 1) // 2
-        low, high = (middle, high) if task_memory(middle, shapes, geometry, dtype) <= budget else (low, middle - 1)
+        fits = task_memory(middle, shapes, geometry, dtype, stats=options.stats) <= budget
+        low, high = (middle, high) if fits else (low, middle - 1)
     fits = next((b for b in _candidates(low, m, chunk) if need(b) <= budget), None) if low else None
     held = (
         f" (a task that cuts the input's Zarr chunks of {chunk} samples holds them whole while it reads)"
-        if chunk is not None and need(1) > task_memory(1, shapes, geometry, dtype)
+        if chunk is not None and need(1) > task_memory(1, shapes, geometry, dtype, stats=options.stats)
         else ""
     )
     if batch_chunk is not None:
@@ -780,7 +799,9 @@ def plan_job(
     batch_chunk = choose_batch_chunk(options, shapes, geometry, compute_dtype, input_chunks, dtypes)
     bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
 
-    layout = place_layout(shapes, compute_dtype, batch_chunk, options.split_every)
+    layout = place_layout(
+        shapes, compute_dtype, batch_chunk, options.split_every, dA_prev=options.dA_prev, stats=options.stats
+    )
     out_store = OutputStore(absolute_location(out), storage_options, layout)
     out_store.check_target(inputs.zarr_location, overwrite=options.overwrite, resume=options.resume)
     return JobPlan(

@@ -229,7 +229,7 @@ def test_tree_reduce_adds_in_chunk_order(n_leaves, split_every):
         for i in range(n_leaves)
     ]
     total = tree_reduce(leaves, split_every, token=f"order-{n_leaves}-{split_every}").compute(scheduler="sync")
-    assert total.stats["order"] == tuple(range(n_leaves))
+    assert total.seconds["order"] == tuple(range(n_leaves))
     assert total.sums["dW"].tolist() == [float(sum(range(n_leaves)))]
     assert total.sums["db"].tolist() == [float(n_leaves)]
 
@@ -241,9 +241,9 @@ def test_combine_partials_does_not_modify_its_inputs():
     np.testing.assert_array_equal(total.sums["dW"], np.full((2, 2), 3.0))
     np.testing.assert_array_equal(total.sums["db"], np.full(2, 3.0))
     assert total.sums["count"] == 7
-    assert total.stats == {"kernel": 1.5, "write": 0.25}
+    assert total.seconds == {"kernel": 1.5, "write": 0.25}
     np.testing.assert_array_equal(first.sums["dW"], np.ones((2, 2)))
-    assert first.sums["count"] == 3 and first.stats == {"kernel": 1.0}
+    assert first.sums["count"] == 3 and first.seconds == {"kernel": 1.0}
 
 
 def test_combine_partials_concatenates_the_level_codes():

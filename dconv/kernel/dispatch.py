@@ -92,10 +92,14 @@ ANY = 1 << 30
 COMPILED_RULES = {
     # The loops are faster on every layer of the suite.
     "avx512": CompiledRule(input_grad=128, weight_grad=ANY, weight_grad_strided=ANY),
-    # The GEMMs are faster for dW at stride 2 from C_prev 64; the loops win or tie everything else.
-    "avx2": CompiledRule(input_grad=128, weight_grad=128, weight_grad_strided=32),
+    # The GEMMs are faster for dW at stride 2 from C_prev 128 (up to 1.8x); the loops win or tie everything
+    # else. At C_prev 64 the suite's layers tied within 5%, and whole chunks of 256 samples ran 0.56-1.10x the
+    # GEMM path's time with the loops (16x16x64->128, 32x32x64->64 "same", 16x16x64->64, stride 2, both
+    # dtypes): the loops take them, which gives the per-sample statistics in the same pass (a --stats chunk
+    # 1.06-1.17x a plain one, against 1.05-1.66x with a second, per-sample pass beside the GEMM).
+    "avx2": CompiledRule(input_grad=128, weight_grad=128, weight_grad_strided=64),
     # Not measured: the avx2 rule. NEON has as many registers as AVX-512.
-    "neon": CompiledRule(input_grad=128, weight_grad=128, weight_grad_strided=32),
+    "neon": CompiledRule(input_grad=128, weight_grad=128, weight_grad_strided=64),
     # SSE2 loops against OpenBLAS's SSE kernels: the GEMMs are faster for dW at stride 2, and at stride 1
     # from 64 channels.
     "baseline": CompiledRule(input_grad=128, weight_grad=32, weight_grad_strided=0),
@@ -132,8 +136,10 @@ def use_compiled_weight_grad(dtype: np.dtype, c_prev: int, c_out: int, geometry:
 def use_compiled_weight_stats(dtype: np.dtype, c_out: int) -> bool:
     """Whether the per-sample statistics of a layer whose dW comes from a GEMM (im2col, 1x1) come from
     the compiled dW loop, run for the statistics only: wherever it can take the layer (C a multiple of
-    the vector width). One GEMM per sample was slower: on AVX2, m = 256 float32, 16x16x64->128 3x3 stride 2
-    took 287 ms against the loop's 119 ms, and 8x8x128->128 1x1 59 ms against 41 ms."""
+    the vector width). One GEMM per sample (:func:`dconv.kernel.stats.add_sample_products`, squares in C)
+    was no faster overall: on AVX2 (AMD EPYC Zen 3), m = 256, one thread, medians of 7, 8x8x128->128 1x1
+    took 18.4 ms against the loop's 15.3 (float32) and 29.7 against 30.0 (float64); 16x16x128->128 3x3
+    stride 2 128.9 against 133.5 and 221.8 against 264.7."""
     level, lanes = compiled_level(), COMPILED_LANES.get(np.dtype(dtype).itemsize)
     return level is not None and lanes is not None and c_out % lanes == 0
 

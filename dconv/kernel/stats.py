@@ -15,9 +15,10 @@ Each path builds ``dW_i`` a few samples at a time, never the whole batch's:
 * the stride-1 NumPy path's per-sample GEMMs already hold ``dW_i`` (one sample per
   group); where it groups samples it runs the per-sample GEMMs again for the statistics;
 * the im2col and 1x1 paths run one large GEMM for dW, and the statistics run the compiled
-  loop beside it, for the statistics only, where it can take the layer (it was 1.4-2.4x
-  faster than one GEMM per sample: :func:`dconv.kernel.dispatch.use_compiled_weight_stats`),
-  else per-sample GEMMs (:func:`add_sample_products`), :data:`BLOCK_BYTES` of products at a time.
+  loop beside it, for the statistics only, where it can take the layer
+  (:func:`dconv.kernel.dispatch.use_compiled_weight_stats`), else per-sample GEMMs
+  (:func:`add_sample_products`), :data:`BLOCK_BYTES` of products at a time, squared in C
+  (``_flatconv.square_sums``) where the compiled helpers run.
 
 dW itself is computed exactly as without the statistics, so its bits do not change.
 ``dW_i`` is rounded to the input dtype where a NumPy GEMM computed it (float32 GEMMs
@@ -32,10 +33,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dconv import simd
 from dconv.simd import _flatconv  # the compiled loops, or None
 
 BLOCK_BYTES = 1 << 20
 """At most this many bytes of per-sample products (``dW_i``, or their float64 squares) at once."""
+
+
+def _compiled() -> bool:
+    """Whether the compiled helpers may run: built, and this process's level is not ``numpy``."""
+    return _flatconv is not None and simd.active_level() != "numpy"
 
 
 class GradientStats(NamedTuple):
@@ -88,6 +95,9 @@ def add_sample_squares(per_sample: np.ndarray, stats: WeightStats, first: int) -
     """
     rows = per_sample.reshape(per_sample.shape[0], -1)
     dW_sq = stats.dW_sq.reshape(-1)
+    if _compiled() and rows.flags.c_contiguous:  # in C: no float64 temporaries
+        _flatconv.square_sums(rows, rows.shape[0], rows.shape[1], dW_sq, stats.norm2[first : first + rows.shape[0]])
+        return
     step = max(1, BLOCK_BYTES // (8 * rows.shape[1]))
     for lo in range(0, rows.shape[0], step):
         squares = np.square(rows[lo : lo + step], dtype=np.float64)      # exact for float32 values
@@ -109,10 +119,14 @@ def add_sample_products(columns: np.ndarray, grads: np.ndarray, stats: WeightSta
         Filled for all ``m`` samples.
     """
     m, _, k = columns.shape
-    step = max(1, BLOCK_BYTES // (8 * k * grads.shape[2]))
+    c_out = grads.shape[2]
+    step = max(1, BLOCK_BYTES // (columns.itemsize * k * c_out))
+    products = np.empty((min(step, m), k, c_out), dtype=np.result_type(columns, grads))
     for lo in range(0, m, step):
-        products = np.matmul(columns[lo : lo + step].transpose(0, 2, 1), grads[lo : lo + step])   # "glk,glc->gkc"
-        add_sample_squares(products, stats, lo)
+        group = products[: min(step, m - lo)]
+        for j in range(group.shape[0]):                  # one GEMM per sample: faster here than a stacked matmul
+            np.matmul(columns[lo + j].T, grads[lo + j], out=group[j])                 # "lk,lc->kc"
+        add_sample_squares(group, stats, lo)
 
 
 def bias_stats(dZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +145,7 @@ def bias_stats(dZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     grads = dZ.reshape(m, -1, c_out)
     if dZ.dtype == np.float64:
         db_each = np.matmul(np.ones(grads.shape[1]), grads)                # "l,mlc->mc", BLAS
-    elif _flatconv is not None and dZ.flags.c_contiguous:
+    elif _compiled() and dZ.flags.c_contiguous:
         db_each = np.zeros((m, c_out))                                     # float32 summed in float64, in C
         for i in range(m):
             _flatconv.column_sums(grads[i], grads.shape[1], c_out, db_each[i])
@@ -154,3 +168,91 @@ def concatenate_stats(parts: list[GradientStats]) -> GradientStats:
         np.sum([part.dW_sq for part in parts], axis=0),
         np.sum([part.db_sq for part in parts], axis=0),
     )
+
+
+# --------------------------------------------------------------------------- over a whole batch
+
+TOP_SAMPLES = 10
+"""How many of the largest ``|g_i|^2`` a job keeps (:func:`top_samples`)."""
+
+TOP_DTYPE = np.dtype([("index", "<i8"), ("norm2", "<f8")])
+"""One entry of a top list: the sample's index in the batch, and its ``|g_i|^2``. Unused entries have index -1."""
+
+
+def _top_order(entries: np.ndarray) -> np.ndarray:
+    """Indices that sort ``entries`` (TOP_DTYPE) largest ``norm2`` first, NaN first of all (the worst
+    outlier), ties by sample index; unused entries (index -1) last."""
+    unused = entries["index"] < 0
+    nan = np.isnan(entries["norm2"])
+    value = np.where(nan | unused, 0.0, entries["norm2"])
+    return np.lexsort((entries["index"], -value, ~nan, unused))
+
+
+def top_samples(norm2: np.ndarray, first: int, k: int = TOP_SAMPLES) -> np.ndarray:
+    """The ``k`` largest of ``norm2`` with their sample indices, ``first`` being that of ``norm2[0]``.
+
+    Parameters
+    ----------
+    norm2 : ndarray, float64, shape (b,)
+        ``|g_i|^2`` of consecutive samples.
+
+    Returns
+    -------
+    ndarray of TOP_DTYPE, shape (k,)
+        Largest first (NaN before any number, ties by index); index -1 pads a list of fewer than ``k``.
+    """
+    entries = np.zeros(norm2.shape[0], dtype=TOP_DTYPE)
+    entries["index"] = np.arange(first, first + norm2.shape[0])
+    entries["norm2"] = norm2
+    return _pad_top(entries[_top_order(entries)][:k], k)
+
+
+def top_samples_bytes(b: int) -> int:
+    """An upper bound on what :func:`top_samples` allocates for ``b`` norms: its entries and sort keys."""
+    return 128 * b + 4096
+
+
+def merge_top(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The top list of two batches' top lists (TOP_DTYPE, shape (k,)): the same whatever the tree that merges them."""
+    both = np.concatenate([left, right])
+    return both[_top_order(both)][: left.shape[0]]
+
+
+def _pad_top(entries: np.ndarray, k: int) -> np.ndarray:
+    top = np.zeros(k, dtype=TOP_DTYPE)
+    top["index"] = -1
+    top[: entries.shape[0]] = entries
+    return top
+
+
+def noise_figures(grad_sum_norm2: float, sum_sample_norm2: float, m: int) -> dict[str, float | None]:
+    """The batch's gradient figures from ``|S|^2 = |sum_i g_i|^2`` and ``sum_i |g_i|^2`` over ``m`` samples.
+
+    Returns
+    -------
+    dict
+        ``m``; ``sum_sample_norm2``; ``mean_grad_norm2 = |S / m|^2``;
+        ``grad_norm2 = (|S|^2 - sum_i |g_i|^2) / (m (m - 1))``, the unbiased estimate of
+        ``|G|^2``; ``trace_cov = (sum_i |g_i|^2 - |S|^2 / m) / (m - 1)``, the trace of the
+        unbiased sample covariance; ``noise_scale = trace_cov / grad_norm2`` (B_simple of
+        McCandlish et al. 2018). None where a figure is undefined (m = 1; ``grad_norm2 <= 0``
+        for the noise scale) or not finite.
+    """
+    def finite(value: float | None) -> float | None:
+        return float(value) if value is not None and np.isfinite(value) else None
+
+    figures: dict[str, float | None] = {
+        "m": int(m),
+        "sum_sample_norm2": finite(sum_sample_norm2),
+        "mean_grad_norm2": finite(grad_sum_norm2 / m**2),
+        "grad_norm2": None,
+        "trace_cov": None,
+        "noise_scale": None,
+    }
+    if m > 1:
+        grad_norm2 = (grad_sum_norm2 - sum_sample_norm2) / (m * (m - 1))
+        trace_cov = (sum_sample_norm2 - grad_sum_norm2 / m) / (m - 1)
+        figures["grad_norm2"], figures["trace_cov"] = finite(grad_norm2), finite(trace_cov)
+        if figures["grad_norm2"] is not None and grad_norm2 > 0:
+            figures["noise_scale"] = finite(trace_cov / grad_norm2)
+    return figures

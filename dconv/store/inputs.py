@@ -270,6 +270,11 @@ def make_inputs(
     output shape, ``W`` (kernel..., in_channels, out_channels), ``b`` and the
     ``hparameters`` attribute with the given stride, padding and dilation. Data
     is generated ``chunk`` samples at a time, so ``m`` may exceed memory.
+
+    Every value is standard normal noise, plus, with ``shared`` > 0, ``shared``
+    times a pattern all samples share (one per array): the samples' gradients
+    then have a common mean, as those of a real batch do, and the gradient
+    noise scale (``--stats``) is finite.
     """
     recipe = InputRecipe.build(recipe, **values)
     m, chunk, dtype = recipe.m, recipe.chunk, np.dtype(recipe.dtype)
@@ -295,10 +300,14 @@ def make_inputs(
     fan_in = np.prod(w_shape[:3])
     arrays["W"][...] = (rng.standard_normal(w_shape) / np.sqrt(fan_in)).astype(dtype)
     arrays["b"][...] = rng.standard_normal(shapes["b"]).astype(dtype)
+    # the part every sample shares (a mean gradient), from a stream of its own: shared = 0 leaves the data as it was
+    common = np.random.default_rng([recipe.seed, 1])
+    a_common = recipe.shared * common.standard_normal(a_shape[1:]) if recipe.shared else 0.0
+    z_common = recipe.shared * common.standard_normal(z_shape[1:]) if recipe.shared else 0.0
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
-        arrays["A_prev"][start:stop] = rng.standard_normal((stop - start, *a_shape[1:])).astype(dtype)
-        arrays["dZ"][start:stop] = rng.standard_normal((stop - start, *z_shape[1:])).astype(dtype)
+        arrays["A_prev"][start:stop] = (rng.standard_normal((stop - start, *a_shape[1:])) + a_common).astype(dtype)
+        arrays["dZ"][start:stop] = (rng.standard_normal((stop - start, *z_shape[1:])) + z_common).astype(dtype)
     return url
 
 

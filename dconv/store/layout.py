@@ -1,21 +1,29 @@
 """The output layout: one table of everything a job writes.
 
 :data:`OUTPUT_LAYOUT` declares each output entry once: its name, its shape and
-dtype rules, its dimension names, and its *kind*:
+dtype rules, its dimension names, the job option it belongs to, and its *kind*:
 
-- ``Kind.BLOCK``: an array along m; each chunk task writes its own rows (``dA_prev``).
-- ``Kind.SUM``: a float64 partial per chunk, summed in chunk order by the tree
-  reduction and written at the finish in the job's dtype (``dW``, ``db``). While
-  the job runs, the partials of the tree's nodes are kept in ``_progress/tree``
-  (:mod:`dconv.store.records`) so a resumed job can read them back. An entry
-  with ``stored=False`` has no output array: its sum goes into the provenance
-  (the NaN/Inf count of ``dA_prev``).
-- ``Kind.FIGURE``: a figure computed at the finish from the sums, written into
-  the provenance attribute under its name (the NaN/Inf counts).
+- ``Kind.BLOCK``: an array along m; each chunk task writes its own rows
+  (``dA_prev``, ``stats/sample_grad_norm2``).
+- ``Kind.REDUCE``: a partial per chunk, reduced along the tree in chunk order
+  (added, unless the entry has a ``combine`` of its own) and written at the
+  finish (``dW``, ``db``, ``stats/dW_sq``). While the job runs, the partials of
+  the tree's nodes are kept in ``_progress/tree`` (:mod:`dconv.store.records`)
+  so a resumed job can read them back. An entry with ``stored=False`` has no
+  output array: a count goes into the provenance (the NaN/Inf count of
+  ``dA_prev``), anything else only feeds a figure (the top samples).
+- ``Kind.FIGURE``: a figure computed at the finish from the reduced values,
+  written into the provenance attribute under its name (the NaN/Inf counts,
+  the gradient statistics).
+
+An entry with ``part`` set is in a job's layout only when that job option is
+on: ``dA_prev`` (on by default, off with ``--no-dA-prev``) and ``stats`` (off
+by default, on with ``--stats``). Entry names are paths in the output group:
+the statistics live in its ``stats/`` subgroup.
 
 Creating the output, a chunk task's write, resume, the finish, ``inspect`` and
 ``open_result`` all work over this table; the chunk function
-(:func:`dconv.graph.chunk_partial`) returns one value per BLOCK and SUM entry.
+(:func:`dconv.graph.chunk_partial`) returns one value per BLOCK and REDUCE entry.
 Adding an output array means one entry here and one value there.
 
 Shape rules take the job's input shapes, ``{"A_prev": (m, H, W, C_prev),
@@ -26,10 +34,13 @@ is the job's compute dtype (float32 or float64).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from dconv.kernel.stats import TOP_DTYPE, TOP_SAMPLES, merge_top, noise_figures
 
 __all__ = [
     "Kind",
@@ -50,7 +61,7 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 class Kind(enum.Enum):
     BLOCK = "block"
-    SUM = "sum"
+    REDUCE = "reduce"
     FIGURE = "figure"
 
 
@@ -65,20 +76,28 @@ class OutputEntry:
         chunk's partial and in the result.
     kind : Kind
     shape : callable, optional
-        Input shapes -> the output array's shape (BLOCK and SUM).
+        Input shapes -> the output array's shape (BLOCK and REDUCE).
     dims : tuple of str
         Dimension names, one per axis; shared names are shared dimensions in xarray.
     dtype : str
         ``"compute"`` (the job's dtype) or a NumPy dtype name.
     partial_shape : callable, optional
-        SUM: input shapes -> the shape of one chunk's partial, if not ``shape``.
-    partial_dtype : str
-        SUM: the dtype partials are kept and summed in.
+        REDUCE: input shapes -> the shape of one chunk's partial, if not ``shape``.
+    partial_dtype : str or numpy.dtype
+        REDUCE: the dtype partials are kept and reduced in.
+    combine : callable, optional
+        REDUCE: ``(left, right) -> partial``, the reduction of two consecutive
+        partials (left first); default: their sum.
     stored : bool
-        SUM: False keeps only the sum (in the provenance), with no output array.
+        REDUCE: False keeps no output array; a scalar (a count) is kept in the
+        provenance's ``sums``.
     figure : callable, optional
-        FIGURE: ``{name: value}`` of the finished SUM entries (a stored one in its
-        output dtype and shape) -> a JSON-friendly figure.
+        FIGURE: ``figure(finished, sums, m)``, with ``finished`` the reduced
+        values by name (a stored one in its output dtype and shape), ``sums``
+        the same before that cast (float64 for ``dW`` and ``db``) and ``m`` the
+        batch size -> a JSON-friendly figure.
+    part : str, optional
+        The job option (``"dA_prev"``, ``"stats"``) without which the entry is not in the layout.
     """
 
     name: str
@@ -87,14 +106,16 @@ class OutputEntry:
     dims: tuple[str, ...] = ()
     dtype: str = "compute"
     partial_shape: Callable[[Shapes], tuple[int, ...]] | None = None
-    partial_dtype: str = "float64"
+    partial_dtype: Any = "float64"
+    combine: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     stored: bool = True
-    figure: Callable[[Mapping[str, np.ndarray]], Any] | None = None
+    figure: Callable[[Mapping[str, Any], Mapping[str, np.ndarray], int], Any] | None = None
+    part: str | None = None
 
     @property
     def has_array(self) -> bool:
         """Whether the output group holds an array of this name."""
-        return self.kind is Kind.BLOCK or (self.kind is Kind.SUM and self.stored)
+        return self.kind is Kind.BLOCK or (self.kind is Kind.REDUCE and self.stored)
 
 
 def count_nonfinite(array: np.ndarray) -> int:
@@ -102,28 +123,76 @@ def count_nonfinite(array: np.ndarray) -> int:
     return int(np.size(array) - np.count_nonzero(np.isfinite(array)))
 
 
-def _nonfinite_counts(sums: Mapping[str, np.ndarray]) -> dict[str, int]:
-    return {"dA_prev": int(sums["nonfinite_dA_prev"]), "dW": count_nonfinite(sums["dW"]), "db": count_nonfinite(sums["db"])}
+def _nonfinite_counts(finished: Mapping[str, Any], sums: Mapping[str, np.ndarray], m: int) -> dict[str, int]:
+    """NaN and Inf values in each gradient (``dA_prev`` only when the job wrote it)."""
+    counts = {"dA_prev": int(finished["nonfinite_dA_prev"])} if "nonfinite_dA_prev" in finished else {}
+    return {**counts, "dW": count_nonfinite(finished["dW"]), "db": count_nonfinite(finished["db"])}
+
+
+def exact_sum(*arrays: np.ndarray) -> float:
+    """The sum of every value of ``arrays`` (float64), correctly rounded (``math.fsum``)."""
+    return math.fsum(np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]).tolist())
+
+
+def gradient_figures(finished: Mapping[str, Any], sums: Mapping[str, np.ndarray], m: int) -> dict[str, Any]:
+    """``attrs["dconv"]["stats"]``: :func:`dconv.kernel.stats.noise_figures` and the top samples.
+
+    ``|S|^2`` is taken from the float64 tree sums of dW and db (never the stored float32
+    dW), ``sum_i |g_i|^2`` from those of ``dW_sq`` and ``db_sq``; each sum is correctly
+    rounded (:func:`exact_sum`). ``top_samples`` lists the largest ``|g_i|^2`` first, ``None`` for a non-finite value.
+    """
+    grad_sum_norm2 = exact_sum(np.square(sums["dW"]), np.square(sums["db"]))
+    figures = noise_figures(grad_sum_norm2, exact_sum(sums["stats/dW_sq"], sums["stats/db_sq"]), m)
+    top = sums["stats/top_samples"]
+    top = top[top["index"] >= 0]
+    figures["top_samples"] = {
+        "index": top["index"].tolist(),
+        "sample_grad_norm2": [float(v) if np.isfinite(v) else None for v in top["norm2"].tolist()],
+    }
+    return figures
 
 
 OUTPUT_LAYOUT: tuple[OutputEntry, ...] = (
-    OutputEntry("dA_prev", Kind.BLOCK, shape=lambda s: s["A_prev"], dims=("m", "H", "W", "C_prev")),
-    OutputEntry("dW", Kind.SUM, shape=lambda s: s["W"], dims=("fh", "fw", "C_prev", "C")),
+    OutputEntry("dA_prev", Kind.BLOCK, shape=lambda s: s["A_prev"], dims=("m", "H", "W", "C_prev"), part="dA_prev"),
+    OutputEntry("dW", Kind.REDUCE, shape=lambda s: s["W"], dims=("fh", "fw", "C_prev", "C")),
     OutputEntry(
         "db",
-        Kind.SUM,
+        Kind.REDUCE,
         shape=lambda s: (1, 1, 1, s["W"][3]),
         dims=("b_h", "b_w", "b_c", "C"),
         partial_shape=lambda s: (s["W"][3],),
     ),
     OutputEntry(
         "nonfinite_dA_prev",
-        Kind.SUM,
+        Kind.REDUCE,
         partial_shape=lambda s: (),
         partial_dtype="int64",
         stored=False,
+        part="dA_prev",
     ),
     OutputEntry("nonfinite", Kind.FIGURE, figure=_nonfinite_counts),
+    OutputEntry(
+        "stats/sample_grad_norm2", Kind.BLOCK, shape=lambda s: s["A_prev"][:1], dims=("m",), dtype="float64",
+        part="stats",
+    ),
+    OutputEntry(
+        "stats/dW_sq", Kind.REDUCE, shape=lambda s: s["W"], dims=("fh", "fw", "C_prev", "C"), dtype="float64",
+        part="stats",
+    ),
+    OutputEntry(
+        "stats/db_sq", Kind.REDUCE, shape=lambda s: (1, 1, 1, s["W"][3]), dims=("b_h", "b_w", "b_c", "C"),
+        dtype="float64", part="stats",
+    ),
+    OutputEntry(
+        "stats/top_samples",
+        Kind.REDUCE,
+        partial_shape=lambda s: (TOP_SAMPLES,),
+        partial_dtype=TOP_DTYPE,
+        combine=merge_top,
+        stored=False,
+        part="stats",
+    ),
+    OutputEntry("stats", Kind.FIGURE, figure=gradient_figures, part="stats"),
 )
 """What a backward job writes. See the module docstring for the kinds."""
 
@@ -156,7 +225,8 @@ class PlacedEntry:
     chunks: tuple[int, ...] | None
     dims: tuple[str, ...]
     partial_shape: tuple[int, ...] | None
-    partial_dtype: str
+    partial_dtype: Any
+    combine: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
     stored: bool
     has_array: bool
 
@@ -173,15 +243,27 @@ class OutputLayout:
     n_chunks : int
     split_every : int
         The reduction tree's fan-in: its nodes are the records' nodes (:mod:`dconv.store.records`).
+    m : int
+        The batch size.
     """
 
     entries: tuple[PlacedEntry, ...]
     batch_chunk: int
     n_chunks: int
     split_every: int = 8
+    m: int = 0
 
     def of_kind(self, kind: Kind) -> tuple[PlacedEntry, ...]:
         return tuple(entry for entry in self.entries if entry.kind is kind)
+
+    def has(self, name: str) -> bool:
+        """Whether the job writes entry ``name`` (an entry of a ``part`` it has not is not in its layout)."""
+        return any(entry.name == name for entry in self.entries)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The subgroups its arrays live in (``"stats"``), in table order."""
+        return tuple(dict.fromkeys(entry.name.rpartition("/")[0] for entry in self.arrays if "/" in entry.name))
 
     @property
     def arrays(self) -> tuple[PlacedEntry, ...]:
@@ -195,8 +277,11 @@ def place_layout(
     batch_chunk: int,
     split_every: int = 8,
     table: tuple[OutputEntry, ...] = OUTPUT_LAYOUT,
+    *,
+    dA_prev: bool = True,
+    stats: bool = False,
 ) -> OutputLayout:
-    """Work out ``table`` for one job.
+    """Work out ``table`` for one job: the entries of the parts it has, with their shapes and dtypes.
 
     Parameters
     ----------
@@ -207,19 +292,24 @@ def place_layout(
         Samples per chunk task.
     split_every : int
         The reduction tree's fan-in.
+    dA_prev, stats : bool
+        The job writes dA_prev, and the gradient statistics (the entries of those ``part``\\ s).
     """
     m = shapes["A_prev"][0]
     compute = str(np.dtype(compute_dtype))
+    parts = {"dA_prev": dA_prev, "stats": stats}
     placed = []
     for entry in table:
+        if entry.part is not None and not parts[entry.part]:
+            continue
         shape = tuple(entry.shape(shapes)) if entry.shape else None
         chunks = None
         if entry.kind is Kind.BLOCK:
             chunks = (min(batch_chunk, m), *shape[1:])
-        elif entry.kind is Kind.SUM and entry.stored:
+        elif entry.kind is Kind.REDUCE and entry.stored:
             chunks = shape
         partial_shape = None
-        if entry.kind is Kind.SUM:
+        if entry.kind is Kind.REDUCE:
             partial_shape = tuple(entry.partial_shape(shapes)) if entry.partial_shape else shape
         placed.append(
             PlacedEntry(
@@ -231,13 +321,17 @@ def place_layout(
                 dims=entry.dims,
                 partial_shape=partial_shape,
                 partial_dtype=entry.partial_dtype,
+                combine=entry.combine,
                 stored=entry.stored,
                 has_array=entry.has_array,
             )
         )
-    return OutputLayout(tuple(placed), batch_chunk, -(-m // batch_chunk), split_every)
+    return OutputLayout(tuple(placed), batch_chunk, -(-m // batch_chunk), split_every, m)
 
 
-def figures(sums: Mapping[str, np.ndarray], table: tuple[OutputEntry, ...] = OUTPUT_LAYOUT) -> dict[str, Any]:
-    """The FIGURE entries of ``table``, computed from the finished SUM entries (see :class:`OutputEntry`)."""
-    return {entry.name: entry.figure(sums) for entry in table if entry.kind is Kind.FIGURE}
+def figures(
+    layout: OutputLayout, finished: Mapping[str, Any], sums: Mapping[str, np.ndarray], table: tuple[OutputEntry, ...] = OUTPUT_LAYOUT
+) -> dict[str, Any]:
+    """The FIGURE entries of ``layout``, computed from the reduced values (see :class:`OutputEntry`)."""
+    declared = {entry.name: entry for entry in table}
+    return {entry.name: declared[entry.name].figure(finished, sums, layout.m) for entry in layout.of_kind(Kind.FIGURE)}

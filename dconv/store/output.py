@@ -2,9 +2,10 @@
 
 An output is a Zarr v3 group laid out by :data:`dconv.store.layout.OUTPUT_LAYOUT`::
 
-    dA_prev   (m, H, W, C_prev)      chunks (batch_chunk, H, W, C_prev)    BLOCK
-    dW        (fh, fw, C_prev, C)                                          SUM
-    db        (1, 1, 1, C)                                                 SUM
+    dA_prev   (m, H, W, C_prev)      chunks (batch_chunk, H, W, C_prev)    BLOCK   (not with --no-dA-prev)
+    dW        (fh, fw, C_prev, C)                                          REDUCE
+    db        (1, 1, 1, C)                                                 REDUCE
+    stats/    with --stats: sample_grad_norm2 (m,) BLOCK; dW_sq, db_sq REDUCE (float64)
     _progress/tree/<depth>-<index>.npy   while the job runs: one record per node of the
                                          reduction tree (:mod:`dconv.store.records`)
     _progress/level   (n_chunks,)        once it is complete: uint8, the SIMD level each chunk
@@ -144,6 +145,7 @@ class OutputStore:
         *,
         resume: bool,
         resumed: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
     ) -> np.ndarray:
         """Create the output, or reopen it to resume; return the mask of finished chunks.
 
@@ -157,6 +159,9 @@ class OutputStore:
             Continue an existing output of the same identity; create one if there is none.
         resumed : mapping, optional
             Entries of the provenance replaced when an output is resumed.
+        defaults : mapping, optional
+            Identity keys left out of ``identity`` at these values (an output's
+            missing key has its default too): named when they differ.
 
         Returns
         -------
@@ -169,20 +174,21 @@ class OutputStore:
         """
         stored = self.provenance() if resume else None
         if stored is not None:
-            finished = self._resume(identity, stored)
+            finished = self._resume(identity, stored, defaults or {})
             if finished is not None:
                 self.update_provenance(status="running", resumed=now(), **dict(resumed or {}))
                 return finished
         self.create({**identity, **provenance, "fingerprint": fingerprint(identity), "started": now()})
         return np.zeros(self.layout.n_chunks, dtype=bool)
 
-    def _resume(self, identity: Mapping[str, Any], stored: Mapping[str, Any]) -> np.ndarray | None:
+    def _resume(
+        self, identity: Mapping[str, Any], stored: Mapping[str, Any], defaults: Mapping[str, Any]
+    ) -> np.ndarray | None:
         """The finished-chunk mask of a matching output; None if it was killed while being created."""
         if stored.get("fingerprint") != fingerprint(identity):
+            here, there = {**defaults, **identity}, {**defaults, **stored}
             differences = [
-                f"{key}: {value!r} here, {stored.get(key)!r} in out"
-                for key, value in identity.items()
-                if stored.get(key) != value
+                f"{key}: {value!r} here, {there.get(key)!r} in out" for key, value in here.items() if there.get(key) != value
             ]
             raise InputError(
                 f"cannot resume {self.location!r}: it was made by another job ("
@@ -207,6 +213,8 @@ class OutputStore:
         """
         self.records.remove_all()  # not Zarr nodes: remove them ourselves
         group = open_group(self.url, "w", self.storage_options, attributes={ATTR: {**provenance, "status": "running"}})
+        for name in self.layout.groups:
+            group.create_group(name)
         for entry in self.layout.arrays:
             group.create_array(
                 entry.name,
@@ -227,7 +235,7 @@ class OutputStore:
         return RecordStore(self.url, self.storage_options)
 
     def write_chunk(self, index: int, start: int, values: Mapping[str, np.ndarray], level: str) -> None:
-        """Write one chunk's blocks, then its leaf record (its SUM partials and SIMD level), which marks it done.
+        """Write one chunk's blocks, then its leaf record (its REDUCE partials and SIMD level), which marks it done.
 
         Parameters
         ----------
@@ -235,7 +243,7 @@ class OutputStore:
             The chunk's index, and its first sample.
         values : mapping
             One value per BLOCK entry (written at rows ``start:start + b``) and per
-            SUM entry (its partial, in the entry's partial dtype).
+            REDUCE entry (its partial, in the entry's partial dtype).
         level : str
             The SIMD level the kernel ran at, one of :data:`LEVEL_CODES`.
         """
@@ -243,7 +251,7 @@ class OutputStore:
         for entry in self.layout.of_kind(Kind.BLOCK):
             block = values[entry.name]
             arrays[entry.name][start : start + block.shape[0]] = block
-        sums = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.SUM)}
+        sums = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.REDUCE)}
         self.records.write((0, index), sums, [LEVEL_CODES.index(level)])
 
     def write_node(self, depth: int, index: int, sums: Mapping[str, np.ndarray], levels: np.ndarray) -> None:
@@ -252,7 +260,7 @@ class OutputStore:
         Parameters
         ----------
         sums : mapping
-            The node's SUM partials by entry name (a :class:`dconv.graph.Partial`'s ``sums``).
+            The node's REDUCE partials by entry name (a :class:`dconv.graph.Partial`'s ``sums``).
         levels : ndarray of uint8, shape (chunks covered,)
             The level code of every chunk the node covers, in chunk order.
         """
@@ -263,11 +271,11 @@ class OutputStore:
         self.records.delete(nodes)
 
     def read_node(self, depth: int, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Node ``(depth, index)``'s SUM partials and the level codes (uint8) of the chunks it covers."""
+        """Node ``(depth, index)``'s REDUCE partials and the level codes (uint8) of the chunks it covers."""
         return self.records.read((depth, index))
 
     def read_partial(self, index: int) -> tuple[dict[str, np.ndarray], str]:
-        """The SUM partials and the SIMD level of chunk ``index``, from its leaf record."""
+        """The REDUCE partials and the SIMD level of chunk ``index``, from its leaf record."""
         sums, levels = self.read_node(0, index)
         return sums, _level_name(LEVEL_CODES, int(levels[0]))
 
@@ -317,19 +325,23 @@ class OutputStore:
     # ----------------------------------------------------------------------- after the job
 
     def finish(self, values: Mapping[str, Any], *, keep_partials: bool = False, **provenance: Any) -> None:
-        """Write the stored SUM arrays, the chunks' levels and the figures, set status "complete"
+        """Write the stored REDUCE arrays, the chunks' levels and the figures, set status "complete"
         (the last write of a job), then remove the records unless ``keep_partials``.
 
-        ``values`` holds each SUM entry's sum (a stored one as its array, in its
+        ``values`` holds each REDUCE entry's sum (a stored one as its array, in its
         output dtype and shape; an unstored one, a count, goes into the
         provenance's ``sums``) and each FIGURE entry's figure.
         """
         group = self.group()
-        for entry in self.layout.of_kind(Kind.SUM):
+        for entry in self.layout.of_kind(Kind.REDUCE):
             if entry.stored:
                 group[entry.name][...] = values[entry.name]
         self._write_levels(group)
-        unstored = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.SUM) if not entry.stored}
+        unstored = {
+            entry.name: values[entry.name]
+            for entry in self.layout.of_kind(Kind.REDUCE)
+            if not entry.stored and np.ndim(values[entry.name]) == 0  # a count; a partial such as the top feeds a figure
+        }
         figures = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.FIGURE)}
         group.attrs[ATTR] = {**group.attrs[ATTR], "sums": unstored, **figures, **provenance, "status": "complete"}
         if not keep_partials:
@@ -365,18 +377,18 @@ class OutputStore:
     def read_values(self) -> dict[str, Any]:
         """The finished values of a complete output, as the job that finished it returned them.
 
-        Each stored SUM entry's array, each unstored one's sum (from the
+        Each stored REDUCE entry's array, each unstored count (from the
         provenance), and each FIGURE from the provenance.
         """
         group = self.group("r")
         stored = group.attrs[ATTR]
         values: dict[str, Any] = {}
-        for entry in self.layout.of_kind(Kind.SUM):
+        for entry in self.layout.of_kind(Kind.REDUCE):
             if entry.stored:
                 values[entry.name] = np.asarray(group[entry.name][...])
             elif entry.name in (stored.get("sums") or {}):
                 values[entry.name] = stored["sums"][entry.name]
-            else:  # written before the records: the per-chunk counts
+            elif entry.name == "nonfinite_dA_prev":  # written before the records: the per-chunk counts
                 values[entry.name] = np.asarray(group[f"{PROGRESS}/nonfinite"][:]).sum(axis=0).item()
         return {**values, **{entry.name: stored.get(entry.name) for entry in self.layout.of_kind(Kind.FIGURE)}}
 

@@ -3,13 +3,13 @@
 The reduction tree (:func:`dconv.graph.tree_shape`) adds consecutive runs of
 ``split_every`` nodes, so node ``(depth, index)`` covers the chunks
 ``index * s**depth`` up to ``(index + 1) * s**depth`` (``s`` = split_every;
-depth 0 is a chunk). A record holds one node's SUM partials and the SIMD level
+depth 0 is a chunk). A record holds one node's REDUCE partials and the SIMD level
 code of every chunk it covers::
 
     <out>/_progress/tree/<depth>-<index>.npy
 
 A record is a ``.npy`` file holding one structured value: ``_levels`` (uint8,
-one per chunk) first, then one field per SUM entry, by name, so
+one per chunk) first, then one field per REDUCE entry, by name, so
 ``np.load(path)[0]["dW"]`` reads a partial, and the level codes are the first
 bytes after the header.
 
@@ -52,7 +52,7 @@ HEAD_BYTES = 512
 """Bytes :meth:`RecordStore.read_levels` reads first: a record's header is about 200."""
 
 LEVELS_KEY = "_levels"
-"""The record member that holds the level codes (the others are SUM partials, by entry name)."""
+"""The record member that holds the level codes (the others are REDUCE partials, by entry name)."""
 
 Node = tuple[int, int]
 """``(depth, index)``: depth 0 is chunk ``index``; depth d >= 1 is node ``index`` of combine level d - 1."""
@@ -187,7 +187,7 @@ class RecordStore:
         return _filesystem(self.url, json.dumps(self.storage_options, sort_keys=True, default=str))[0]
 
     def write(self, node: Node, arrays: Mapping[str, np.ndarray], levels: Sequence[int] | np.ndarray) -> None:
-        """Store node ``node``'s record: its partials ``arrays`` (by SUM entry name) and the level
+        """Store node ``node``'s record: its partials ``arrays`` (by REDUCE entry name) and the level
         codes of the chunks it covers (uint8, in chunk order), whole or not at all."""
         data = _encode(np.asarray(levels, dtype=np.uint8), arrays)
         directory = self._directory
@@ -202,7 +202,7 @@ class RecordStore:
             self._fs().pipe_file(path, data)
 
     def read(self, node: Node) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Node ``node``'s partials (by SUM entry name) and its level codes (uint8).
+        """Node ``node``'s partials (by REDUCE entry name) and its level codes (uint8).
 
         Raises
         ------

@@ -105,7 +105,8 @@ def resume_command(location: str, provenance: Mapping[str, Any]) -> str | None:
 
     Built from the provenance: the input, and the identity a resumed job must
     match, in the CLI's text forms (``--batch-chunk``, ``--split-every``,
-    ``--stride``, ``--padding``, ``--dilation``); ``--simd`` too when the job
+    ``--stride``, ``--padding``, ``--dilation``, and ``--no-dA-prev`` and
+    ``--stats`` for a job that had them); ``--simd`` too when the job
     asked for a level other than auto, so that the chunks still to run use the
     same arithmetic. Storage options are never recorded: a job on fsspec URLs
     needs its ``--storage-option`` flags added.
@@ -128,6 +129,10 @@ def resume_command(location: str, provenance: Mapping[str, Any]) -> str | None:
     requested = (provenance.get("simd") or {}).get("requested")
     if requested not in (None, "auto"):
         words += ["--simd", requested]
+    if provenance.get("dA_prev") is False:
+        words.append("--no-dA-prev")
+    if provenance.get("per_sample_stats") is True:
+        words.append("--stats")
     return shlex.join(words)
 
 
@@ -189,11 +194,17 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
         "provenance": provenance,
     }
     if status == "complete":
-        summed = [entry.name for entry in OUTPUT_LAYOUT if entry.kind is Kind.SUM and entry.name in summary["arrays"]]
+        summed = [  # the gradients' own sums; the statistics' figures say more than their norms
+            entry.name
+            for entry in OUTPUT_LAYOUT
+            if entry.kind is Kind.REDUCE and entry.name in summary["arrays"] and entry.part != "stats"
+        ]
         summary["norms"] = {
             name: _json_float(np.linalg.norm(np.asarray(group[name][...], dtype=np.float64))) for name in summed
         }
-        summary.update({entry.name: provenance.get(entry.name, {}) for entry in OUTPUT_LAYOUT if entry.kind is Kind.FIGURE})
+        summary.update(
+            {entry.name: provenance[entry.name] for entry in OUTPUT_LAYOUT if entry.kind is Kind.FIGURE and entry.name in provenance}
+        )
     return summary
 
 
@@ -217,10 +228,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     else:
         lines.append(f"  {chunks['done']} of {chunks['total']} batch chunks done")
     lines.append("  arrays:")
+    width = max((len(name) for name in summary["arrays"]), default=8)
     for name, info in summary["arrays"].items():
         ratio = f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "n/a"
         lines.append(
-            f"    {name:8s} {str(tuple(info['shape'])):22s} {info['dtype']:8s} chunks {tuple(info['chunks'])} "
+            f"    {name:{width}s} {str(tuple(info['shape'])):22s} {info['dtype']:8s} chunks {tuple(info['chunks'])} "
             f"dims {tuple(info['dimension_names'])} compression {ratio}"
         )
     lines.extend(_format_simd(summary["simd"]))
@@ -229,12 +241,33 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append("  norms: " + ", ".join(norms))
         nonfinite = summary.get("nonfinite") or {}
         lines.append("  non-finite values: " + ", ".join(f"{k} {v}" for k, v in nonfinite.items()))
+    if isinstance(summary.get("stats"), Mapping):
+        lines.extend(format_stats(summary["stats"]))
     lines.append("  provenance:")
-    for key in ("input", "params", "shapes", "dtypes", "batch_chunk", "split_every", "versions", "started", "resumed",
-                "finished", "seconds"):
+    for key in ("input", "params", "shapes", "dtypes", "batch_chunk", "split_every", "dA_prev", "per_sample_stats",
+                "versions", "started", "resumed", "finished", "seconds"):
         if key in provenance:
             lines.append(f"    {key}: {provenance[key]}")
     return "\n".join(lines)
+
+
+def _figure(value: Any) -> str:
+    return "undefined" if value is None else f"{value:.6g}"
+
+
+def format_stats(stats: Mapping[str, Any]) -> list[str]:
+    """The lines of ``inspect`` on the gradient statistics: the noise scale, its terms, the top samples."""
+    lines = [
+        f"  gradient statistics over m = {stats['m']} samples (g_i: the gradient of sample i; S = sum_i g_i):",
+        f"    noise scale B_simple = tr(Sigma) / |G|^2 = {_figure(stats['noise_scale'])}",
+        f"    |G|^2 (unbiased) = {_figure(stats['grad_norm2'])}, tr(Sigma) = {_figure(stats['trace_cov'])}, "
+        f"|S/m|^2 = {_figure(stats['mean_grad_norm2'])}, sum_i |g_i|^2 = {_figure(stats['sum_sample_norm2'])}",
+    ]
+    top = stats.get("top_samples") or {}
+    pairs = [f"{index} ({_figure(value)})" for index, value in zip(top.get("index", []), top.get("sample_grad_norm2", []))]
+    if pairs:
+        lines.append("    largest |g_i|^2: sample " + ", ".join(pairs))
+    return lines
 
 
 def _format_resume(summary: Mapping[str, Any]) -> str:
