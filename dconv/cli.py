@@ -119,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(make)
     make.set_defaults(handler=cmd_make_inputs)
 
-    inspect = commands.add_parser("inspect", help="summarise an output group (exit 3 if incomplete)")
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarise an output group (exit 3 if incomplete)",
+        description="Summarise a dconv output group: status, arrays, SIMD levels, norms of dW and db, NaN/Inf "
+        "counts, provenance; for a --stats job, the gradient noise scale, its terms and the 10 samples with the "
+        "largest |g_i|^2 (from the provenance: the m norms are not read). Exit 3 if the job is not complete.",
+    )
     inspect.add_argument("out", metavar="OUT", help="a dconv output group (path or fsspec URL)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     _add_common(inspect)
