@@ -402,3 +402,21 @@ def test_a_task_with_stats_stays_within_its_bound_and_near_a_plain_one(make_inpu
         tracemalloc.stop()
         assert peaks[name] <= plan.task_memory(), (name, peaks[name], plan.task_memory())
     assert peaks["stats"] <= 1.1 * peaks["plain"], peaks
+
+
+def test_shared_inputs_add_one_pattern_to_every_sample(tmp_path):
+    """make_inputs(shared=s): the same noise as shared=0 (the default), plus s times one pattern per array,
+    the same in every sample; a negative weight is refused."""
+    from dconv.store import make_inputs
+
+    plain = zarr.open_group(make_inputs(str(tmp_path / "plain.zarr"), m=6, height=5, width=5, in_channels=2,
+                                        out_channels=3, chunk=4, dtype="float64"), mode="r")
+    shared = zarr.open_group(make_inputs(str(tmp_path / "shared.zarr"), m=6, height=5, width=5, in_channels=2,
+                                         out_channels=3, chunk=4, dtype="float64", shared=0.5), mode="r")
+    for name in ("A_prev", "dZ"):
+        added = shared[name][...] - plain[name][...]
+        assert np.abs(added).max() > 0.1
+        np.testing.assert_allclose(added, np.broadcast_to(added[0], added.shape), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(shared["W"][...], plain["W"][...])
+    with pytest.raises(dconv.InputError, match="shared must be a number >= 0; got -1"):
+        make_inputs(str(tmp_path / "bad.zarr"), m=2, shared=-1)
