@@ -399,7 +399,7 @@ class JobOptions(Options):
     dA_prev: bool = option(
         True,
         help="skip the input gradient: write only dW and db (and the statistics with --stats); "
-        "the job reads what it reads without it and does half the I/O",
+        "the job still reads A_prev and dZ, but skips half the kernel and the dA_prev writes",
         parse=flag("dA_prev"),
         table="job",
         toml=(bool,),

@@ -92,8 +92,8 @@ ANY = 1 << 30
 COMPILED_RULES = {
     # The loops are faster on every layer of the suite.
     "avx512": CompiledRule(input_grad=128, weight_grad=ANY, weight_grad_strided=ANY),
-    # The GEMMs are faster for dW at stride 2 from C_prev 128 (up to 1.8x); the loops win or tie everything
-    # else. At C_prev 64 the suite's layers tied within 5%, and whole chunks of 256 samples ran 0.56-1.10x the
+    # On an AMD EPYC (Zen 3): the GEMMs are faster for dW at stride 2 from C_prev 128 (up to 1.8x); the loops
+    # win or tie everything else. At C_prev 64 the suite's layers tied within 5%, and whole chunks of 256 samples ran 0.56-1.10x the
     # GEMM path's time with the loops (16x16x64->128, 32x32x64->64 "same", 16x16x64->64, stride 2, both
     # dtypes): the loops take them, which gives the per-sample statistics in the same pass (a --stats chunk
     # 1.06-1.17x a plain one, against 1.05-1.66x with a second, per-sample pass beside the GEMM).

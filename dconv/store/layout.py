@@ -229,6 +229,7 @@ class PlacedEntry:
     combine: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
     stored: bool
     has_array: bool
+    figure: Callable[[Mapping[str, Any], Mapping[str, np.ndarray], int], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -324,14 +325,12 @@ def place_layout(
                 combine=entry.combine,
                 stored=entry.stored,
                 has_array=entry.has_array,
+                figure=entry.figure,
             )
         )
     return OutputLayout(tuple(placed), batch_chunk, -(-m // batch_chunk), split_every, m)
 
 
-def figures(
-    layout: OutputLayout, finished: Mapping[str, Any], sums: Mapping[str, np.ndarray], table: tuple[OutputEntry, ...] = OUTPUT_LAYOUT
-) -> dict[str, Any]:
+def figures(layout: OutputLayout, finished: Mapping[str, Any], sums: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The FIGURE entries of ``layout``, computed from the reduced values (see :class:`OutputEntry`)."""
-    declared = {entry.name: entry for entry in table}
-    return {entry.name: declared[entry.name].figure(finished, sums, layout.m) for entry in layout.of_kind(Kind.FIGURE)}
+    return {entry.name: entry.figure(finished, sums, layout.m) for entry in layout.of_kind(Kind.FIGURE)}
