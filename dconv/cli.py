@@ -200,15 +200,18 @@ def as_flags(message: str) -> str:
 
     The library names an option as its Python keyword: ``overwrite=True``, or a
     name with an underscore such as ``batch_chunk``. Here those read
-    ``--overwrite`` and ``--batch-chunk``. Names inside paths are left alone.
+    ``--overwrite`` and ``--batch-chunk``. Names inside paths are left alone, and so
+    is the name of an option that is on by default (``dA_prev``, whose flag is
+    ``--no-dA-prev``): it is also the name of an array.
     """
     for options in (dconv.JobOptions, dconv.ClusterOptions, dconv.InputRecipe):
-        for name in (spec.name for spec in dataclasses.fields(options)):
-            flag = "--" + name.replace("_", "-")
+        for spec in dataclasses.fields(options):
+            name, flag = spec.name, "--" + spec.name.replace("_", "-")
             edge = r"(?<![\w./\-'\"])", r"(?![\w/\-'\"]|\.\w)"
             message = re.sub(edge[0] + name + r"=True" + edge[1], flag, message)
-            if "_" in name:
-                message = re.sub(edge[0] + name + edge[1], flag, message)
+            message = re.sub(r"^" + name + r"(?= must )", flag, message)  # "simd must be one of ..."
+            if "_" in name and spec.default is not True:  # an on-by-default option's flag is --no-...; its
+                message = re.sub(edge[0] + name + edge[1], flag, message)  # name (dA_prev) is an array's too
     return message
 
 

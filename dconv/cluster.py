@@ -25,6 +25,7 @@ watches the parent process).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -111,6 +112,7 @@ class ClusterOptions(Options):
         cli=positive_int,
         metavar="N",
         excludes="scheduler",
+        record="carried",
     )
     scheduler: str | None = option(
         None,
@@ -121,6 +123,7 @@ class ClusterOptions(Options):
         cli=str,
         metavar="ADDRESS",
         excludes="workers",
+        record="carried",
     )
     scheduler_file: str | None = option(
         None,
@@ -131,18 +134,19 @@ class ClusterOptions(Options):
         toml=(str,),
         cli=str,
         metavar="PATH",
+        record="carried",
     )
     tls_ca_file: str | None = option(
         None, help="CA certificate for a tls:// scheduler", parse=optional(any_string("tls_ca_file")),
-        table="cluster", toml=(str,), cli=str, metavar="PATH",
+        table="cluster", toml=(str,), cli=str, metavar="PATH", record="carried",
     )
     tls_cert: str | None = option(
         None, help="client certificate for a tls:// scheduler", parse=optional(any_string("tls_cert")),
-        table="cluster", toml=(str,), cli=str, metavar="PATH",
+        table="cluster", toml=(str,), cli=str, metavar="PATH", record="carried",
     )
     tls_key: str | None = option(
         None, help="client private key for a tls:// scheduler", parse=optional(any_string("tls_key")),
-        table="cluster", toml=(str,), cli=str, metavar="PATH",
+        table="cluster", toml=(str,), cli=str, metavar="PATH", record="carried",
     )
     connect_timeout: float = 10.0
 
@@ -161,6 +165,13 @@ class ClusterOptions(Options):
         if any(values.get(name) is not None for name in PLACEMENTS):
             values = {**dict.fromkeys(PLACEMENTS), **values}
         return super().build(base, **values)
+
+    def recorded_place(self) -> dict[str, Any]:
+        """Where a job on this cluster runs, as its output records it for the resume command (:meth:`to_dict`),
+        with file paths made absolute: a resume may run in another directory."""
+        paths = ("scheduler_file", "tls_ca_file", "tls_cert", "tls_key")
+        absolute = {name: os.path.abspath(getattr(self, name)) for name in paths if getattr(self, name) is not None}
+        return dataclasses.replace(self, **absolute).to_dict()
 
     @property
     def embedded(self) -> bool:

@@ -139,15 +139,20 @@ def check_simd(word: str, client: Any = None) -> dict[str, str]:
     return {address: report["level"] for address, report in reports.items()}
 
 
-def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -> JobResult:
+def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool, where: Mapping[str, Any]) -> JobResult:
     """Open the output, compute the graph, finish the output.
 
     The status is "interrupted" if Ctrl-C or SIGTERM stops it (then
-    :class:`JobInterrupted` is raised), "failed" if anything else raises.
+    :class:`JobInterrupted` is raised), "failed" if anything else raises. A
+    task's :class:`InputError` (``check_finite``) names the command that
+    resumes the job once the input is mended.
+
+    ``where`` is the cluster the job runs on, as the output records it for its
+    resume command (:meth:`ClusterOptions.to_dict`).
     """
     t0 = time.perf_counter()
     check_simd(plan.simd, client if scheduler is None else None)
-    finished = plan.open_output()
+    finished = plan.open_output(cluster=where)
     try:
         pending = int((~finished).sum())
         graph = plan.graph(stored=plan.out.frontier() if pending < finished.size else None)
@@ -167,7 +172,12 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -
             simd={"requested": plan.simd, "chunks": levels},
         )
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (JobInterrupted, raised by _signals_interrupt)
-        raise _interrupted(plan, getattr(e, "signal", "SIGINT")) from e
+        raise _interrupted(plan, getattr(e, "signal", "SIGINT"), where) from e
+    except InputError as e:  # a task refused its input (check_finite): mend it, then resume
+        with contextlib.suppress(Exception):
+            plan.out.mark_failed(e)
+        command = resume_command(plan.out.location, {"input": plan.input_location, "cluster": where})
+        raise type(e)(f"{e}; once the input is mended, resume with: {command}" if command else str(e)) from e
     except BaseException as e:
         with contextlib.suppress(Exception):
             plan.out.mark_failed(e)
@@ -183,16 +193,29 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool) -
     )
 
 
-def _interrupted(plan: JobPlan, signal_name: str) -> JobInterrupted:
-    """Mark the output "interrupted" by ``signal_name``; the :class:`JobInterrupted` that says how far it got."""
-    done = None
+def _interrupted(plan: JobPlan, signal_name: str, where: Mapping[str, Any]) -> JobInterrupted:
+    """Mark the output "interrupted" by ``signal_name``; the :class:`JobInterrupted` that says how to resume it.
+
+    How far it got is counted once the cluster is closed (:func:`_count_done`),
+    so that no task still running adds a chunk after the count.
+    """
     with contextlib.suppress(Exception):  # the job stops either way; the store may be what failed
         plan.out.mark_interrupted(signal_name)
-        done = int(plan.out.done_chunks().sum())
-    command = resume_command(plan.out.location, {**plan.identity(), "simd": {"requested": plan.simd}})
-    return JobInterrupted(
-        signal_name, out=plan.out.location, done=done, total=len(plan.bounds), resume_command=command
-    )
+    command = resume_command(plan.out.location, {"input": plan.input_location, "cluster": where})
+    return JobInterrupted(signal_name, out=plan.out.location, total=len(plan.bounds), resume_command=command)
+
+
+@contextlib.contextmanager
+def _count_done(plan: JobPlan) -> Iterator[None]:
+    """On a :class:`JobInterrupted` out of the body, count the finished chunks into it: after the body's
+    cluster has closed, the count is the one ``inspect`` gives."""
+    try:
+        yield
+    except JobInterrupted as e:
+        if e.out is not None and e.done is None:
+            with contextlib.suppress(Exception):
+                e.done = int(plan.out.done_chunks().sum())
+        raise
 
 
 @contextlib.contextmanager
@@ -223,7 +246,7 @@ def _already_complete(plan: JobPlan) -> JobResult | None:
         return None
     t0 = time.perf_counter()
     stored = plan.out.provenance()
-    if not stored or stored.get("status") != "complete" or stored.get("fingerprint") != plan.fingerprint:
+    if not stored or stored.get("status") != "complete" or plan.resume_differences(stored):
         return None  # nothing there, unfinished, or another job's (opening it says what differs)
     return JobResult(
         values=plan.out.read_values(),
@@ -302,29 +325,58 @@ def run_job(
     stored = _already_complete(plan)
     if stored is not None:
         return stored
-    with _signals_interrupt():
-        if scheduler is not None:
-            check_simd(plan.simd)
-            threads = 1 if scheduler == "synchronous" else available_cores()
-            _announce(plan, 1, threads, available_cores(), quiet, say)
-            return _run(plan, client=None, scheduler=scheduler, progress=progress)
-        if client is not None:
-            check_simd(plan.simd, client)  # refused before anything is said
-            _announce(plan, *_workers_of(client), None, quiet, say)
-            return _run(plan, client=client, scheduler=None, progress=progress)
-        cluster = cluster or ClusterOptions()
-        cluster.check_simd(plan.simd)
-        memory_limit = None
-        if cluster.embedded:  # its layout and memory are known before it starts
-            n_workers, memory = local_cluster_layout(cluster.workers)[0], plan.worker_memory()
-            check_machine_memory(n_workers, memory)
-            memory_limit = memory.limit
-            _announce(plan, n_workers, 1, available_cores(), quiet, say)
-        with connect(cluster, memory_limit=memory_limit, quiet=quiet, debug=debug) as new_client:
-            if not cluster.embedded:
-                check_simd(plan.simd, new_client)  # refused before anything is said
-                _announce(plan, *_workers_of(new_client), None, quiet, say)
-            return _run(plan, client=new_client, scheduler=None, progress=progress)
+    with _signals_interrupt(), _count_done(plan):
+        result = _run_on(plan, client, scheduler, cluster, progress, quiet, debug, say)
+    for line in nonfinite_warnings(plan, result):
+        say(line)
+    return result
+
+
+def _run_on(
+    plan: JobPlan,
+    client: Any,
+    scheduler: str | None,
+    cluster: ClusterOptions | None,
+    progress: bool,
+    quiet: bool,
+    debug: bool,
+    say: Callable[[str], None],
+) -> JobResult:
+    """:func:`run_job` on its local scheduler, its client's cluster, or the cluster ``cluster`` names."""
+    if scheduler is not None:
+        check_simd(plan.simd)
+        threads = 1 if scheduler == "synchronous" else available_cores()
+        _announce(plan, 1, threads, available_cores(), quiet, say)
+        return _run(plan, client=None, scheduler=scheduler, progress=progress, where={"scheduler": scheduler})
+    if client is not None:
+        check_simd(plan.simd, client)  # refused before anything is said
+        _announce(plan, *_workers_of(client), None, quiet, say)
+        return _run(plan, client=client, scheduler=None, progress=progress, where={})
+    cluster = cluster or ClusterOptions()
+    cluster.check_simd(plan.simd)
+    memory_limit = None
+    if cluster.embedded:  # its layout and memory are known before it starts
+        n_workers, memory = local_cluster_layout(cluster.workers)[0], plan.worker_memory()
+        check_machine_memory(n_workers, memory)
+        memory_limit = memory.limit
+        _announce(plan, n_workers, 1, available_cores(), quiet, say)
+    with connect(cluster, memory_limit=memory_limit, quiet=quiet, debug=debug) as new_client:
+        if not cluster.embedded:
+            check_simd(plan.simd, new_client)  # refused before anything is said
+            _announce(plan, *_workers_of(new_client), None, quiet, say)
+        return _run(plan, client=new_client, scheduler=None, progress=progress, where=cluster.recorded_place())
+
+
+def nonfinite_warnings(plan: JobPlan, result: JobResult) -> list[str]:
+    """One line if the job's dW or db holds NaN or Inf and ``check_finite`` did not look (its inputs hold some)."""
+    counts = {name: n for name, n in (result.values.get("nonfinite") or {}).items() if name in ("dW", "db") and n}
+    if not counts or plan.options.check_finite:
+        return []
+    held = " and ".join(f"{name} {n}" for name, n in counts.items())
+    return [
+        f"dconv: warning: the result is not finite (NaN or Inf values: {held}), so the inputs hold some; "
+        "a run with check_finite=True names the first chunk that does"
+    ]
 
 
 def _workers_of(client: Any) -> tuple[int, int]:

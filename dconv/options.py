@@ -10,11 +10,13 @@ these objects, and all three read each field's declaration here:
   :class:`~dconv.errors.InputError` naming the field);
 - its spec table and the TOML types it accepts;
 - its command-line flag and help;
-- whether it is part of the job's resume identity (``identity``: the key of the
-  fingerprint a resumed job must match).
+- whether an output records it (``record``): part of the identity a resumed job
+  must match, or carried over to a resumed job that does not give it.
 
-Adding an option means adding one field here (and, if tasks need it, passing it
-to the chunk function).
+What an output records is generated from these declarations (:meth:`Options.to_dict`,
+:meth:`Options.from_dict`), and so are the flags of the resume command
+(:meth:`Options.flags`). Adding an option means adding one field here (and, if
+tasks need it, passing it to the chunk function).
 """
 
 from __future__ import annotations
@@ -136,6 +138,30 @@ def any_string(name: str) -> Callable[[Any], str]:
     return parse
 
 
+def _path(spec: dataclasses.Field) -> tuple[str, ...]:
+    return spec.metadata.get("path") or (spec.name,)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` in JSON types: tuples (pairs, pads) become lists, NumPy scalars Python ones."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _flag_text(value: Any) -> str:
+    """A recorded value as its flag takes it: ``2``, ``2,1``, pads as ``top,bottom,left,right``, words as they are."""
+    value = _plain(value)
+    if isinstance(value, list):
+        flat = [item for part in value for item in (part if isinstance(part, list) else [part])]
+        if len(set(flat)) == 1:
+            return str(flat[0])
+        if isinstance(value[0], list) and value[0][0] == value[0][1] and value[1][0] == value[1][1]:
+            flat = [value[0][0], value[1][0]]
+        return ",".join(map(str, flat))
+    return str(value)
+
+
 # --------------------------------------------------------------------------- declaring fields
 
 
@@ -148,7 +174,8 @@ def option(
     toml: tuple[type, ...] = (),
     cli: Callable[[str], Any] | None = None,
     metavar: str | None = None,
-    identity: str | None = None,
+    record: str | None = None,
+    path: tuple[str, ...] | None = None,
     excludes: str | None = None,
     required: bool = False,
 ) -> Any:
@@ -169,8 +196,15 @@ def option(
     cli : callable, optional
         Flag text -> value (``argparse`` ``type``); with ``bool`` defaults the
         flag takes no value. No flag when None and the default is not a bool.
-    identity : str, optional
-        The key of the resume identity this field feeds; None if not part of it.
+    record : {"identity", "carried"}, optional
+        What an output records of it, in its provenance, so that ``resume``
+        continues with the same value: ``"identity"``, a value a resumed job
+        must match (a different one given is refused, since the chunks already
+        written would not fit it); ``"carried"``, a value a resumed job takes
+        when none is given. None: not recorded.
+    path : tuple of str, optional
+        Where in the provenance it is recorded: ``(name,)`` by default,
+        ``("params", "stride")`` for a conv parameter.
     excludes : str, optional
         A field that giving this one on the command line clears (``resume`` clears
         a spec's ``overwrite``).
@@ -184,7 +218,8 @@ def option(
         "toml": toml,
         "cli": cli,
         "metavar": metavar,
-        "identity": identity,
+        "record": record,
+        "path": path,
         "excludes": excludes,
         "required": required,
     }
@@ -296,6 +331,68 @@ class Options:
             if getattr(namespace, spec.name, None) is not None
         }
 
+    # ------------------------------------------------------------------- what an output records
+
+    @classmethod
+    def recorded(cls, kind: str | None = None) -> list[dataclasses.Field]:
+        """The fields an output records (``record="identity"`` or ``"carried"``; ``kind``: only those)."""
+        return [
+            spec
+            for spec in fields(cls)
+            if spec.metadata.get("record") and kind in (None, spec.metadata["record"])
+        ]
+
+    @classmethod
+    def recorded_keys(cls) -> list[str]:
+        """The top-level provenance keys the recorded fields go under, in declaration order."""
+        return list(dict.fromkeys(_path(spec)[0] for spec in cls.recorded()))
+
+    def to_dict(self, kind: str | None = None) -> dict[str, Any]:
+        """The recorded fields, nested by their ``path``, in JSON types (tuples become lists).
+
+        A field at None, and an on/off field at its default, are left out: an
+        output written before such an option existed reads back the same.
+        """
+        found: dict[str, Any] = {}
+        for spec in self.recorded(kind):
+            value = getattr(self, spec.name)
+            if value is None or (isinstance(spec.default, bool) and value == spec.default):
+                continue
+            *parents, key = _path(spec)
+            node = found
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[key] = _plain(value)
+        return found
+
+    @classmethod
+    def from_dict(cls, recorded: Mapping[str, Any]) -> Any:
+        """The options ``recorded`` holds (:meth:`to_dict`, or a whole provenance), the others at their defaults.
+
+        """
+        values = {}
+        for spec in cls.recorded():
+            node: Any = recorded
+            for key in _path(spec):
+                node = node.get(key) if isinstance(node, Mapping) else None
+            if node is not None:
+                values[spec.name] = node
+        return cls(**values)
+
+    def flags(self, kind: str | None = None) -> list[str]:
+        """The command-line words that give the recorded fields set here (:meth:`to_dict`'s), in declaration order."""
+        words: list[str] = []
+        for spec in self.recorded(kind):
+            value = getattr(self, spec.name)
+            if value is None or value == spec.default:
+                continue
+            name = spec.name.replace("_", "-")
+            if isinstance(spec.default, bool):
+                words.append(f"--{name}" if value else f"--no-{name}")
+            else:
+                words += [f"--{name}", _flag_text(value)]
+        return words
+
 
 # --------------------------------------------------------------------------- the job
 
@@ -316,7 +413,8 @@ class JobOptions(Options):
         table="conv",
         toml=(int, list),
         cli=int_list,
-        identity="params",
+        record="identity",
+        path=("params", "stride"),
     )
     padding: Any = option(
         None,
@@ -325,7 +423,8 @@ class JobOptions(Options):
         table="conv",
         toml=(int, str, list),
         cli=padding_text,
-        identity="params",
+        record="identity",
+        path=("params", "padding"),
     )
     dilation: Any = option(
         None,
@@ -334,7 +433,8 @@ class JobOptions(Options):
         table="conv",
         toml=(int, list),
         cli=int_list,
-        identity="params",
+        record="identity",
+        path=("params", "dilation"),
     )
     batch_chunk: int | None = option(
         None,
@@ -345,7 +445,7 @@ class JobOptions(Options):
         toml=(int,),
         cli=int,
         metavar="N",
-        identity="batch_chunk",
+        record="identity",
     )
     max_memory: int | None = option(
         None,
@@ -365,20 +465,27 @@ class JobOptions(Options):
         toml=(int,),
         cli=int,
         metavar="K",
-        identity="split_every",
+        record="identity",
     )
     check_finite: bool = option(
-        False, help="fail on NaN or Inf in the inputs", parse=flag("check_finite"), table="job", toml=(bool,)
+        False,
+        help="fail on NaN or Inf in the inputs (without it, a job whose dW or db is not finite ends with a warning)",
+        parse=flag("check_finite"),
+        table="job",
+        toml=(bool,),
+        record="carried",
     )
     simd: str | None = option(
         None,
         help=f"SIMD level of the compiled loops on every worker: auto, avx512, avx2, neon, baseline or numpy "
         f"(default: {SIMD_ENV_VAR}, else auto)",
-        parse=optional(parse_word),
+        parse=optional(lambda v: parse_word(v, "simd")),
         table="job",
         toml=(str,),
         cli=str,
         metavar="LEVEL",
+        record="carried",
+        path=("simd", "requested"),
     )
     overwrite: bool = option(
         False,
@@ -403,7 +510,7 @@ class JobOptions(Options):
         parse=flag("dA_prev"),
         table="job",
         toml=(bool,),
-        identity="dA_prev",
+        record="identity",
     )
     stats: bool = option(
         False,
@@ -412,7 +519,8 @@ class JobOptions(Options):
         parse=flag("stats"),
         table="job",
         toml=(bool,),
-        identity="per_sample_stats",
+        record="identity",
+        path=("per_sample_stats",),  # the provenance's "stats" holds the figures
     )
     keep_partials: bool = option(
         False,
@@ -421,45 +529,42 @@ class JobOptions(Options):
         parse=flag("keep_partials"),
         table="output",
         toml=(bool,),
+        record="carried",
     )
 
     def check(self) -> None:
         if self.overwrite and self.resume:
             raise InputError("give overwrite=True or resume=True, not both.")
 
-    @classmethod
-    def identity_keys(cls) -> list[str]:
-        """The keys of the resume identity these options feed, in declaration order."""
-        keys: list[str] = []
-        for spec in fields(cls):
-            key = spec.metadata.get("identity")
-            if key and key not in keys:
-                keys.append(key)
-        return keys
-
     def identity(self) -> dict[str, Any]:
-        """The resume identity these options feed, by key, as given (the plan resolves ``params``
-        and ``batch_chunk``).
+        """The fields a resumed job must match, as its output records them (:meth:`to_dict`)."""
+        return self.to_dict("identity")
 
-        An on/off option at its default is left out, so an output written before
-        the option existed keeps its fingerprint, and resumes.
+    def resuming(self, stored: JobOptions, out: str) -> JobOptions:
+        """These options, for a resume of the output ``out`` whose recorded options are ``stored``.
+
+        Every recorded field left at its default takes the output's value, so
+        ``resume=True`` alone continues the job as it was started.
+
+        Raises
+        ------
+        InputError
+            A field of the identity is given with another value than the
+            output's; the message names each, and never advises starting again.
         """
-        found: dict[str, Any] = {}
-        for spec in fields(self):
-            key, value = spec.metadata.get("identity"), getattr(self, spec.name)
-            if key is None or (isinstance(spec.default, bool) and value == spec.default):
-                continue
-            found.setdefault(key, value)
-        return found
-
-    @classmethod
-    def identity_defaults(cls) -> dict[str, Any]:
-        """The identity keys left out at their defaults (:meth:`identity`), with those defaults."""
-        return {
-            spec.metadata["identity"]: spec.default
-            for spec in fields(cls)
-            if spec.metadata.get("identity") and isinstance(spec.default, bool)
-        }
+        values, conflicts = {}, []
+        for spec in self.recorded():
+            given, recorded = getattr(self, spec.name), getattr(stored, spec.name)
+            if given == spec.default:
+                values[spec.name] = recorded
+            elif spec.metadata["record"] == "identity" and given != recorded:
+                conflicts.append(f"{spec.name}: {_plain(given)!r} here, {_plain(recorded)!r} in out")
+        if conflicts:
+            raise InputError(
+                f"cannot resume {out!r} with other options than it was made with ({'; '.join(conflicts)}); "
+                "leave them out to resume with the output's own, or write to another out."
+            )
+        return dataclasses.replace(self, **values)
 
 
 # --------------------------------------------------------------------------- synthetic inputs

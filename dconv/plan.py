@@ -131,22 +131,49 @@ class JobPlan:
     def identity(self) -> dict[str, Any]:
         """What must match for ``resume`` to continue this job's output (JSON-friendly).
 
-        The input, its shapes and dtypes, and every option declared part of the
-        identity (:meth:`JobOptions.identity_keys`), as resolved.
+        The input, its shapes and dtypes, and every option recorded as part of
+        the identity (:meth:`JobOptions.identity`), as resolved.
         """
-        given = self.options.identity()  # an on/off option at its default is not in it: older outputs resume
-        resolved = {"params": self.params.to_dict(), "batch_chunk": self.batch_chunk}
+        resolved = dataclasses.replace(
+            self.options,
+            stride=self.params.stride,
+            padding=self.params.padding,
+            dilation=self.params.dilation,
+            batch_chunk=self.batch_chunk,
+        )
         return {
             "input": self.input_location,
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
             "dtypes": {**self.dtypes, "compute": str(self.compute_dtype)},
-            **{key: {**given, **resolved}[key] for key in JobOptions.identity_keys() if key in {**given, **resolved}},
+            **resolved.identity(),
         }
 
-    @property
-    def fingerprint(self) -> str:
-        """A short hash of :meth:`identity`, stored in the output's provenance."""
-        return fingerprint(self.identity())
+    def resume_differences(self, stored: Mapping[str, Any]) -> list[str]:
+        """How this job differs from the one that wrote the provenance ``stored``: ``"key: here, in out"`` each."""
+        recorded = {key: stored.get(key) for key in ("input", "shapes", "dtypes")}
+        there = {**recorded, **JobOptions.from_dict(stored).identity()}
+        here = self.identity()
+        return [
+            f"{key}: {here.get(key)!r} here, {there.get(key)!r} in out"
+            for key in dict.fromkeys([*here, *there])
+            if here.get(key) != there.get(key)
+        ]
+
+    def check_resumable(self, stored: Mapping[str, Any]) -> None:
+        """Refuse to resume the output whose provenance is ``stored`` if another job made it.
+
+        Raises
+        ------
+        InputError
+            Naming what differs; the options were taken from the output
+            (:meth:`JobOptions.resuming`), so what differs is the input.
+        """
+        differences = self.resume_differences(stored)
+        if differences:
+            raise InputError(
+                f"cannot resume {self.out.location!r}: it was made by another job ({'; '.join(differences)}); "
+                "give the input it was made from, or write to another out."
+            )
 
     def provenance(self) -> dict[str, Any]:
         """The ``dconv`` attribute of a new output, less identity, status and times."""
@@ -304,32 +331,46 @@ class JobPlan:
             size, self.shapes, self.geometry, self.compute_dtype, stats=self.options.stats
         )
         held = f" (+{format_bytes(extra)} per task, in its bound)" if extra > 0 else ""
+        if self.options.batch_chunk is not None:
+            tasks, advice = f"batch_chunk {self.batch_chunk} is", f"use a multiple of {chunk}"
+        else:  # chosen: the most max_memory allows is less than one input chunk
+            tasks = f"tasks of {_count(self.batch_chunk, 'sample')} (the most max_memory allows) are"
+            advice = f"a larger max_memory allows tasks of {chunk}"
         return (
-            f"dconv: warning: batch_chunk {self.batch_chunk} is not a multiple of the input's Zarr chunk {chunk} "
+            f"dconv: warning: {tasks} not a multiple of the input's Zarr chunk {chunk} "
             f"along m: tasks decode each input chunk {f'{decodes:.1f}'.removesuffix('.0')} times and hold the "
-            f"chunks they cut whole{held}; use a multiple of {chunk}"
+            f"chunks they cut whole{held}; {advice}"
             + ("" if small_task(size, self.shapes, self.geometry) else f", or input chunks of {size} (or a divisor)")
         )
 
-    def open_output(self) -> np.ndarray:
+    def open_output(self, cluster: Mapping[str, Any] | None = None) -> np.ndarray:
         """Create the output, or reopen it to resume (:meth:`OutputStore.open`); the mask of finished chunks.
+
+        Parameters
+        ----------
+        cluster : mapping, optional
+            Where the job runs (:meth:`ClusterOptions.to_dict`), recorded for the resume command.
 
         Raises
         ------
         InputError
-            The plan comes from :func:`plan_recipe`: its input does not exist yet.
+            The plan comes from :func:`plan_recipe`: its input does not exist
+            yet; or the output to resume was made by another job.
         """
         if self.input_recipe is not None:
             raise InputError(
                 f"the input {self.input_location} does not exist yet (the plan comes from its recipe); "
                 "make it first (dconv.make_inputs), then plan the job with plan_job."
             )
+        stored = self.out.provenance() if self.options.resume else None
+        if stored is not None:
+            self.check_resumable(stored)
+        carried = {**self.options.to_dict("carried"), "cluster": dict(cluster or {})}
         return self.out.open(
             self.identity(),
-            self.provenance(),
-            resume=self.options.resume,
-            resumed={"simd": {"requested": self.simd}},
-            defaults=JobOptions.identity_defaults(),
+            {**self.provenance(), **carried},
+            resume=stored is not None,
+            resumed={**carried, "simd": {"requested": self.simd}},
         )
 
     def graph(self, stored: Sequence[tuple[int, int]] | None = None, wave_chunks: int = WAVE_CHUNKS) -> JobGraph:
@@ -763,6 +804,23 @@ def resolve_params(options: JobOptions, hparameters: Mapping[str, Any] | None) -
     )
 
 
+def _no_conv_options(options: JobOptions) -> bool:
+    return options.stride is None and options.padding is None and options.dilation is None
+
+
+def _geometry(shapes: Mapping[str, tuple[int, ...]], params: ConvParams, assumed: bool) -> ConvGeometry:
+    """:func:`backward_geometry`; a shape error says so when the conv parameters were assumed, not given."""
+    try:
+        return backward_geometry(shapes["dZ"], shapes["A_prev"], shapes["W"], params)
+    except InputError as e:
+        if not assumed:
+            raise
+        raise InputError(
+            f"{e} The input has no hparameters attribute and no stride, padding or dilation was given, "
+            "so stride 1, padding 0 and dilation 1 were assumed; give the layer's."
+        ) from e
+
+
 def plan_job(
     inputs: str | PathLike | InputGroup | Mapping[str, Any],
     out: str | PathLike,
@@ -787,11 +845,14 @@ def plan_job(
     """
     options = JobOptions.build(options, **values)
     storage_options = dict(storage_options or {})
+    stored = OutputStore(absolute_location(out), storage_options).provenance() if options.resume else None
+    if stored is not None:  # the output's own options, where none are given
+        options = options.resuming(JobOptions.from_dict(stored), public_location(str(out)))
     options = JobOptions.build(options, simd=parse_word(options.simd or os.environ.get(SIMD_ENV_VAR)))
     inputs = job_inputs(inputs, storage_options)
     params = resolve_params(options, inputs.hparameters)
     shapes = {name: tuple(int(n) for n in array.shape) for name, array in inputs.arrays.items()}
-    geometry = backward_geometry(shapes["dZ"], shapes["A_prev"], shapes["W"], params)
+    geometry = _geometry(shapes, params, assumed=inputs.hparameters is None and _no_conv_options(options))
     compute_dtype = result_dtype(*(np.dtype(array.dtype) for array in inputs.arrays.values()))
     dtypes = {name: str(np.dtype(array.dtype)) for name, array in inputs.arrays.items()}
     streamed = {name: inputs.arrays[name] for name in ("A_prev", "dZ")}
@@ -804,7 +865,7 @@ def plan_job(
     )
     out_store = OutputStore(absolute_location(out), storage_options, layout)
     out_store.check_target(inputs.zarr_location, overwrite=options.overwrite, resume=options.resume)
-    return JobPlan(
+    plan = JobPlan(
         options=options,
         params=params,
         geometry=geometry,
@@ -821,6 +882,9 @@ def plan_job(
         input_chunk=inputs.chunk_along_m,
         input_chunks=input_chunks,
     )
+    if stored is not None:
+        plan.check_resumable(stored)
+    return plan
 
 
 def plan_recipe(

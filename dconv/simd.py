@@ -71,11 +71,12 @@ def simd_levels() -> list[str]:
     return list(_flatconv.levels()) if _flatconv is not None else []
 
 
-def parse_word(requested: str | None) -> str:
+def parse_word(requested: str | None, name: str = ENV_VAR) -> str:
     """A ``DCONV_SIMD`` value normalised to one of :data:`CHOICES` (None and "" are ``"auto"``).
 
     Checks the word only, not whether this machine runs the level: a client
-    checks its job's word with this, and each worker resolves it.
+    checks its job's word with this, and each worker resolves it. ``name`` is
+    where the word came from, for the error (the variable, or the option ``simd``).
 
     Raises
     ------
@@ -84,7 +85,7 @@ def parse_word(requested: str | None) -> str:
     """
     word = (requested or "auto").strip().lower()
     if word not in CHOICES:
-        raise SimdLevelError(f"{ENV_VAR} must be one of {', '.join(CHOICES)}; got {requested!r} instead.")
+        raise SimdLevelError(f"{name} must be one of {', '.join(CHOICES)}; got {requested!r} instead.")
     return word
 
 

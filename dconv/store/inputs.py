@@ -1,6 +1,6 @@
 """Input groups: open and check them, read a batch of rows, write synthetic ones.
 
-An **input** is a Zarr v3 group with arrays ``A_prev`` (m, H, W, C_prev),
+An **input** is a Zarr group (v3, or v2, read through zarr-python 3) with arrays ``A_prev`` (m, H, W, C_prev),
 ``dZ`` (m, n_H, n_W, C), ``W`` (fh, fw, C_prev, C), an optional ``b``, and an
 optional ``hparameters`` attribute (the classic ``{"stride", "pad"}`` dict).
 """
@@ -76,7 +76,7 @@ def open_inputs(url: str, storage_options: Mapping[str, Any] | None = None) -> I
     """
     url, location = absolute_location(url), public_location(url)
     try:
-        group = open_group(url, "r", storage_options)
+        group = open_group(url, "r", storage_options, zarr_format=None)  # v2 groups are read too
     except FileNotFoundError as e:
         raise InputError(f"input store {location!r} does not exist or is not a Zarr group.") from e
     except (zarr.errors.ContainsArrayError,) as e:
@@ -183,7 +183,8 @@ def _open_node(group: zarr.Group, name: str, location: str) -> zarr.Array | zarr
             node = group.get(name)
             if node is not None:
                 return node
-            return zarr.open(store=group.store, path=f"{group.path}/{name}".lstrip("/"), mode="r", zarr_format=3)
+            path = f"{group.path}/{name}".lstrip("/")
+            return zarr.open(store=group.store, path=path, mode="r", zarr_format=group.metadata.zarr_format)
     except FileNotFoundError:
         return None
     except Exception as e:  # JSON, Unicode and Zarr metadata errors share no base class
@@ -210,7 +211,8 @@ def read_batch(array: zarr.Array, name: str, start: int, stop: int) -> np.ndarra
         message names the array and the chunk.
     """
     root = getattr(array.store, "root", None)
-    if root is not None and not os.path.exists(os.path.join(str(root), array.path, "zarr.json")):
+    metadata = "zarr.json" if array.metadata.zarr_format == 3 else ".zarray"
+    if root is not None and not os.path.exists(os.path.join(str(root), array.path, metadata)):
         raise InputError(
             f"this worker cannot see input array {name} at {os.path.join(str(root), array.path)!r}; "
             "local paths must be on storage every worker shares."

@@ -41,12 +41,14 @@ def absolute_location(url: str | os.PathLike) -> str:
 
 
 def open_group(
-    url: str, mode: str, storage_options: Mapping[str, Any] | None = None, **kwargs: Any
+    url: str, mode: str, storage_options: Mapping[str, Any] | None = None, *, zarr_format: int | None = 3,
+    **kwargs: Any,
 ) -> zarr.Group:
-    """Open the Zarr v3 group at ``url``; fsspec options only for URLs that have a scheme."""
+    """Open the Zarr group at ``url`` (v3; ``zarr_format=None`` reads v2 too); fsspec options only for URLs
+    that have a scheme."""
     if storage_options and not is_local(str(url)):
         kwargs["storage_options"] = dict(storage_options)
-    return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
+    return zarr.open_group(str(url), mode=mode, zarr_format=zarr_format, **kwargs)
 
 
 def store_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

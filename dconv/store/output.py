@@ -145,23 +145,20 @@ class OutputStore:
         *,
         resume: bool,
         resumed: Mapping[str, Any] | None = None,
-        defaults: Mapping[str, Any] | None = None,
     ) -> np.ndarray:
         """Create the output, or reopen it to resume; return the mask of finished chunks.
 
         Parameters
         ----------
         identity : mapping
-            What a resumed output must match (its :func:`fingerprint` is compared).
+            What a resumed output must match (the caller checked that it does:
+            :meth:`dconv.plan.JobPlan.check_resumable`); stored with its :func:`fingerprint`.
         provenance : mapping
             The rest of the ``dconv`` attribute, written when the output is created.
         resume : bool
-            Continue an existing output of the same identity; create one if there is none.
+            Continue the existing output; create one if it was killed while being created.
         resumed : mapping, optional
             Entries of the provenance replaced when an output is resumed.
-        defaults : mapping, optional
-            Identity keys left out of ``identity`` at these values (an output's
-            missing key has its default too): named when they differ.
 
         Returns
         -------
@@ -170,31 +167,17 @@ class OutputStore:
         Raises
         ------
         InputError
-            ``resume`` and the existing output was made by another job.
+            ``resume`` and the existing output was written by a dconv whose bookkeeping this one does not continue.
         """
-        stored = self.provenance() if resume else None
-        if stored is not None:
-            finished = self._resume(identity, stored, defaults or {})
-            if finished is not None:
-                self.update_provenance(status="running", resumed=now(), **dict(resumed or {}))
-                return finished
+        finished = self._resume() if resume else None
+        if finished is not None:
+            self.update_provenance(status="running", resumed=now(), **dict(resumed or {}))
+            return finished
         self.create({**identity, **provenance, "fingerprint": fingerprint(identity), "started": now()})
         return np.zeros(self.layout.n_chunks, dtype=bool)
 
-    def _resume(
-        self, identity: Mapping[str, Any], stored: Mapping[str, Any], defaults: Mapping[str, Any]
-    ) -> np.ndarray | None:
-        """The finished-chunk mask of a matching output; None if it was killed while being created."""
-        if stored.get("fingerprint") != fingerprint(identity):
-            here, there = {**defaults, **identity}, {**defaults, **stored}
-            differences = [
-                f"{key}: {value!r} here, {there.get(key)!r} in out" for key, value in here.items() if there.get(key) != value
-            ]
-            raise InputError(
-                f"cannot resume {self.location!r}: it was made by another job ("
-                + ("; ".join(differences) or "its fingerprint differs")
-                + "). Use overwrite=True to start again."
-            )
+    def _resume(self) -> np.ndarray | None:
+        """The finished-chunk mask of the output; None if it was killed while being created."""
         group = self.group("r")
         if LEGACY_DONE in group:
             raise InputError(

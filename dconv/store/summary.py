@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 
+from dconv.options import JobOptions
 from dconv.store.layout import OUTPUT_LAYOUT, Kind
 from dconv.store.locations import is_local, public_location
 from dconv.store.output import OutputStore, open_output, output_arrays
@@ -82,58 +83,28 @@ def format_ranges(ranges: Sequence[Sequence[int]]) -> str:
     return ", ".join(parts)
 
 
-def _flag_text(value: Sequence[int]) -> str:
-    """A stride or dilation ``[h, w]`` as the CLI takes it: ``"2"``, or ``"2,1"`` where the axes differ."""
-    return str(value[0]) if value[0] == value[1] else f"{value[0]},{value[1]}"
-
-
-def _padding_text(padding: Any) -> str:
-    """Recorded padding (``"same"`` or ``[[top, bottom], [left, right]]``) as the CLI takes it.
-
-    ``same``; ``1`` or ``1,2`` (h,w) where top equals bottom and left equals right; else ``0,1,0,1``.
-    """
-    if isinstance(padding, str):
-        return padding
-    (top, bottom), (left, right) = padding
-    if top == bottom and left == right:
-        return _flag_text([top, left])
-    return f"{top},{bottom},{left},{right}"
-
-
 def resume_command(location: str, provenance: Mapping[str, Any]) -> str | None:
-    """The ``dconv backward ... --resume`` command line that continues the job of the output at ``location``.
+    """The command line that continues the job of the output at ``location``: ``dconv backward IN OUT --resume``.
 
-    Built from the provenance: the input, and the identity a resumed job must
-    match, in the CLI's text forms (``--batch-chunk``, ``--split-every``,
-    ``--stride``, ``--padding``, ``--dilation``, and ``--no-dA-prev`` and
-    ``--stats`` for a job that had them); ``--simd`` too when the job
-    asked for a level other than auto, so that the chunks still to run use the
-    same arithmetic. Storage options are never recorded: a job on fsspec URLs
-    needs its ``--storage-option`` flags added.
+    A resume takes the job's options from the output itself
+    (:meth:`dconv.options.JobOptions.resuming`), so the command names only the
+    input, the output and where the job ran: the cluster flags recorded in the
+    provenance (``--scheduler``, ``--scheduler-file``, ``--workers``, TLS),
+    generated from :class:`dconv.cluster.ClusterOptions`. Storage options are
+    never recorded: a job on fsspec URLs needs its ``--storage-option`` flags added.
 
     Returns
     -------
     str or None
-        None for a job on in-memory arrays (nothing to name on a command line),
-        or a provenance without the identity.
+        None for a job on in-memory arrays (nothing to name on a command line).
     """
-    source, params = provenance.get("input"), provenance.get("params")
-    if not isinstance(source, str) or source.startswith("<") or not isinstance(params, Mapping):
+    from dconv.cluster import ClusterOptions
+
+    source = provenance.get("input")
+    if not isinstance(source, str) or source.startswith("<"):
         return None
-    if provenance.get("batch_chunk") is None or provenance.get("split_every") is None:
-        return None
-    words = ["dconv", "backward", source, location, "--resume"]
-    words += ["--batch-chunk", str(provenance["batch_chunk"]), "--split-every", str(provenance["split_every"])]
-    words += ["--stride", _flag_text(params["stride"]), "--padding", _padding_text(params["padding"])]
-    words += ["--dilation", _flag_text(params["dilation"])]
-    requested = (provenance.get("simd") or {}).get("requested")
-    if requested not in (None, "auto"):
-        words += ["--simd", requested]
-    if provenance.get("dA_prev") is False:
-        words.append("--no-dA-prev")
-    if provenance.get("per_sample_stats") is True:
-        words.append("--stats")
-    return shlex.join(words)
+    cluster = ClusterOptions.from_dict(provenance.get("cluster") or {})
+    return shlex.join(["dconv", "backward", source, location, "--resume", *cluster.flags()])
 
 
 def level_runs(levels: Sequence[str], done: np.ndarray) -> list[list]:
@@ -241,12 +212,18 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append("  norms: " + ", ".join(norms))
         nonfinite = summary.get("nonfinite") or {}
         lines.append("  non-finite values: " + ", ".join(f"{k} {v}" for k, v in nonfinite.items()))
+        if nonfinite.get("dW") or nonfinite.get("db"):
+            lines.append(
+                "  warning: the result is not finite, so the inputs hold NaN or Inf; "
+                "a run with --check-finite names the first chunk that does"
+            )
     if isinstance(summary.get("stats"), Mapping):
         lines.extend(format_stats(summary["stats"]))
     lines.append("  provenance:")
-    for key in ("input", "params", "shapes", "dtypes", "batch_chunk", "split_every", "dA_prev", "per_sample_stats",
-                "versions", "started", "resumed", "finished", "seconds"):
-        if key in provenance:
+    keys = ("input", "shapes", "dtypes", *JobOptions.recorded_keys(), "cluster", "versions", "started", "resumed",
+            "finished", "seconds")
+    for key in keys:
+        if key in provenance and provenance[key] not in ({}, None):
             lines.append(f"    {key}: {provenance[key]}")
     return "\n".join(lines)
 
@@ -255,11 +232,25 @@ def _figure(value: Any) -> str:
     return "undefined" if value is None else f"{value:.6g}"
 
 
+def _why_undefined(stats: Mapping[str, Any]) -> str:
+    """Why the noise scale is undefined (``""`` when it is defined)."""
+    if stats.get("noise_scale") is not None:
+        return ""
+    if stats.get("m", 0) < 2:
+        return " (it needs m >= 2 samples)"
+    if stats.get("grad_norm2") is not None and stats["grad_norm2"] <= 0:
+        return (
+            " (the unbiased |G|^2 is not positive: the mean gradient is lost in the samples' noise, "
+            "as when the samples share no signal)"
+        )
+    return " (a term is not finite)"
+
+
 def format_stats(stats: Mapping[str, Any]) -> list[str]:
     """The lines of ``inspect`` on the gradient statistics: the noise scale, its terms, the top samples."""
     lines = [
         f"  gradient statistics over m = {stats['m']} samples (g_i: the gradient of sample i; S = sum_i g_i):",
-        f"    noise scale B_simple = tr(Sigma) / |G|^2 = {_figure(stats['noise_scale'])}",
+        f"    noise scale B_simple = tr(Sigma) / |G|^2 = {_figure(stats['noise_scale'])}{_why_undefined(stats)}",
         f"    |G|^2 (unbiased) = {_figure(stats['grad_norm2'])}, tr(Sigma) = {_figure(stats['trace_cov'])}, "
         f"|S/m|^2 = {_figure(stats['mean_grad_norm2'])}, sum_i |g_i|^2 = {_figure(stats['sum_sample_norm2'])}",
     ]
