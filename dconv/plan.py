@@ -148,6 +148,11 @@ class JobPlan:
             **resolved.identity(),
         }
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`identity`, stored in the output's provenance."""
+        return fingerprint(self.identity())
+
     def resume_differences(self, stored: Mapping[str, Any]) -> list[str]:
         """How this job differs from the one that wrote the provenance ``stored``: ``"key: here, in out"`` each."""
         recorded = {key: stored.get(key) for key in ("input", "shapes", "dtypes")}

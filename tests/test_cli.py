@@ -331,7 +331,7 @@ def test_errors_name_options_as_keywords_in_python_and_as_flags_on_the_command_l
         (["--overwrite", "--resume"], "give --overwrite or --resume, not both."),
         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "give either workers (a local cluster) or scheduler"),
         (["--max-memory", "lots"], "--max-memory must be a size such as 512MiB"),
-        (["--simd", "avx3"], "DCONV_SIMD must be one of"),
+        (["--simd", "avx3"], "--simd must be one of"),
     ],
 )
 def test_bad_option_value_is_a_one_line_usage_error(cli, make_input, tmp_path, options, fragment):

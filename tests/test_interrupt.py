@@ -202,7 +202,7 @@ def test_ctrl_c_in_python_marks_the_output_interrupted(job, tmp_path, monkeypatc
     assert isinstance(error, KeyboardInterrupt) and error.exit_code == 130
     assert (error.signal, error.out, error.total) == ("SIGINT", str(out), N_CHUNKS)
     assert 1 <= error.done < N_CHUNKS
-    assert error.resume_command.startswith(f"dconv backward {inputs} {out} --resume --batch-chunk {BATCH_CHUNK} ")
+    assert error.resume_command == f"dconv backward {inputs} {out} --resume --scheduler threads"
     assert f"interrupted by SIGINT with {error.done} of {N_CHUNKS} chunks" in str(error)
     provenance = provenance_of(out)
     assert (provenance["status"], provenance["signal"]) == ("interrupted", "SIGINT")
