@@ -64,11 +64,14 @@ class JobInterrupted(KeyboardInterrupt):
         resume_command: str | None = None,
     ) -> None:
         self.signal, self.out, self.done, self.total, self.resume_command = signal, out, done, total, resume_command
-        message = f"interrupted by {signal}"
-        if out is not None:
-            count = "?" if done is None else done  # None: the output could not be read
-            message += f" with {count} of {total} chunks of {out!r} done; run it again with resume=True to finish it"
-        super().__init__(message)
+        super().__init__(signal)
+
+    def __str__(self) -> str:  # from the attributes: ``done`` is counted once the job's cluster has closed
+        message = f"interrupted by {self.signal}"
+        if self.out is not None:
+            count = "?" if self.done is None else self.done  # None: the output could not be read
+            message += f" with {count} of {self.total} chunks of {self.out!r} done; run it again with resume=True to finish it"
+        return message
 
     @property
     def exit_code(self) -> int:
