@@ -288,7 +288,8 @@ class JobPlan:
         - tasks cut the input's Zarr chunks along m (:meth:`straddle_warning`);
         - tasks so small that their fixed cost dominates (:func:`small_task`),
           when it adds up to 2 s or more over the job;
-        - fewer tasks than ``n_workers * threads_per_worker``: some sit idle;
+        - fewer tasks than ``n_workers * threads_per_worker``: some sit idle (not
+          said of a job whose whole batch is one small task);
         - more ``n_workers * threads_per_worker`` than ``cores`` (None: not
           known, e.g. a remote cluster): tasks compete for cores.
         """
@@ -308,7 +309,8 @@ class JobPlan:
                 f"({overhead:.0f} s in all), dominates below {SMALL_TASK_FLOPS / 1e9:g} GFLOP or "
                 f"{SMALL_TASK_PIXELS} pixels a task; use batch_chunk >= {min(enough, -(-self.m // slots))}"
             )
-        if n_tasks < slots:
+        whole_job_small = small_task(self.m, self.shapes, self.geometry) is not None
+        if n_tasks < slots and not whole_job_small:  # a job that is one small task in all: nothing to share
             idle = slots - n_tasks
             advice = f"use batch_chunk <= {-(-self.m // slots)}" if self.m >= slots else "use fewer workers"
             found.append(

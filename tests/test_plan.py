@@ -126,6 +126,12 @@ def test_warns_when_workers_would_sit_idle(tmp_path):
     assert plan.warnings(1, 1, cores=2) == []
 
 
+def test_a_job_that_is_one_small_task_in_all_is_not_warned_about_idle_workers(make_input, tmp_path):
+    """The FROM_PYTORCH recipe's job: 104 samples of 16x16x8 -> 16 make one task of a few milliseconds."""
+    plan = plan_job(make_input(m=104, chunk=104, height=16, width=16, in_channels=8, out_channels=16), tmp_path / "o")
+    assert len(plan.bounds) == 1 and plan.warnings(2, 1, cores=2) == []
+
+
 def test_warns_when_workers_times_threads_exceed_the_cores(tmp_path):
     plan = plan_in_memory(tmp_path)
     (line,) = plan.warnings(3, 1, cores=2)
