@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import zarr
 
-__all__ = ["public_location", "is_local", "absolute_location", "open_group", "store_exists"]
+__all__ = ["public_location", "is_local", "is_memory", "absolute_location", "open_group", "store_exists"]
 
 
 def public_location(url: str) -> str:
@@ -33,6 +33,11 @@ def is_local(url: str) -> bool:
     """True for a local path, False for an fsspec URL such as ``s3://bucket/x.zarr``."""
     scheme = urlsplit(str(url)).scheme
     return not scheme or len(scheme) == 1
+
+
+def is_memory(url: str) -> bool:
+    """True for a ``memory://`` URL (also inside a chained URL): a store that ends with its process."""
+    return any(urlsplit(part).scheme == "memory" for part in str(url).split("::"))
 
 
 def absolute_location(url: str | os.PathLike) -> str:
