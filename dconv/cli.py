@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     make = commands.add_parser("make-inputs", help="write a synthetic, seeded input group")
     make.add_argument("out", metavar="OUT", help="the input group to write (path or fsspec URL)")
     dconv.InputRecipe.add_arguments({"input.make": make})
-    make.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    make.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it is an input group dconv wrote (else refused)"
+    )
     _add_common(make)
     make.set_defaults(handler=cmd_make_inputs)
 

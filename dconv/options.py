@@ -382,7 +382,7 @@ class JobOptions(Options):
     )
     overwrite: bool = option(
         False,
-        help="replace OUT if it exists",
+        help="replace OUT if it is a dconv output (else refused)",
         parse=flag("overwrite"),
         table="output",
         toml=(bool,),

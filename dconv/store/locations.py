@@ -12,7 +12,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import zarr
 
-__all__ = ["public_location", "is_local", "is_memory", "absolute_location", "open_group", "store_exists"]
+__all__ = [
+    "public_location", "is_local", "is_memory", "absolute_location", "open_group", "create_group", "store_exists"
+]
 
 
 def public_location(url: str) -> str:
@@ -52,6 +54,20 @@ def open_group(
     if storage_options and not is_local(str(url)):
         kwargs["storage_options"] = dict(storage_options)
     return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
+
+
+def create_group(url: str, storage_options: Mapping[str, Any] | None, attributes: Mapping[str, Any]) -> zarr.Group:
+    """A new Zarr v3 group at ``url`` with ``attributes``, in one write; nothing already there is deleted.
+
+    Raises
+    ------
+    zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError
+        A Zarr node is already there.
+    """
+    kwargs: dict[str, Any] = {}
+    if storage_options and not is_local(str(url)):
+        kwargs["storage_options"] = dict(storage_options)
+    return zarr.create_group(str(url), overwrite=False, attributes=dict(attributes), zarr_format=3, **kwargs)
 
 
 def store_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
