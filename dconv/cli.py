@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     make = commands.add_parser("make-inputs", help="write a synthetic, seeded input group")
     make.add_argument("out", metavar="OUT", help="the input group to write (path or fsspec URL)")
     dconv.InputRecipe.add_arguments({"input.make": make})
-    make.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    make.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it is an input group dconv wrote (else refused)"
+    )
     _add_common(make)
     make.set_defaults(handler=cmd_make_inputs)
 
@@ -153,7 +155,27 @@ def _run_job(inputs: str, out: str, options: Any, cluster: Any, storage: dict, a
     return EXIT_OK
 
 
+def _lasting(name: str, url: str) -> str:
+    """``url``, if its store outlives this command; a ``memory://`` one does not.
+
+    Raises
+    ------
+    dconv.InputError
+        ``url`` is a ``memory://`` URL; the message names the argument ``name``.
+    """
+    from dconv.store.locations import is_memory
+
+    if is_memory(url):
+        raise dconv.InputError(
+            f"{name} must be a path or a URL of lasting storage; got {url!r} instead "
+            "(a memory:// store is gone when dconv exits)."
+        )
+    return url
+
+
 def cmd_backward(args: argparse.Namespace) -> int:
+    _lasting("INPUTS", args.inputs)
+    _lasting("OUT", args.out)
     options = dconv.JobOptions.build(None, **dconv.JobOptions.given(args))
     cluster = dconv.ClusterOptions.build(None, **dconv.ClusterOptions.given(args))
     return _run_job(args.inputs, args.out, options, cluster, dict(args.storage_options), args)
@@ -162,6 +184,8 @@ def cmd_backward(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """A spec, with the options given on the command line over it."""
     spec = dconv.load_spec(args.spec)
+    _lasting("[input] path", spec.inputs)
+    _lasting("[output] path", spec.out)
     spec.check_input()
     options = dconv.JobOptions.build(spec.options, **dconv.JobOptions.given(args))
     cluster = dconv.ClusterOptions.build(spec.cluster, **dconv.ClusterOptions.given(args))
@@ -180,6 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_make_inputs(args: argparse.Namespace) -> int:
+    _lasting("OUT", args.out)
     recipe = dconv.InputRecipe.build(None, **dconv.InputRecipe.given(args))
     dconv.make_inputs(args.out, recipe, overwrite=args.overwrite, storage_options=dict(args.storage_options))
     print(f"dconv: wrote input group {args.out} ({recipe.describe()})")

@@ -31,7 +31,7 @@ import numpy as np
 from dask.utils import parse_bytes
 
 from dconv.errors import InputError, SpecError
-from dconv.params import check_float_dtype, padding_from_flat, parse_padding, parse_pair
+from dconv.params import padding_from_flat, parse_float_dtype, parse_padding, parse_pair
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
 
@@ -489,7 +489,7 @@ class JobOptions(Options):
     )
     overwrite: bool = option(
         False,
-        help="replace OUT if it exists",
+        help="replace OUT if it is a dconv output (else refused)",
         parse=flag("overwrite"),
         table="output",
         toml=(bool,),
@@ -618,7 +618,7 @@ class InputRecipe(Options):
     dtype: str = option(
         "float32",
         help="float32 or float64",
-        parse=lambda v: str(check_float_dtype("dtype", v)),
+        parse=parse_float_dtype,
         table="input.make",
         toml=(str,),
         cli=str,

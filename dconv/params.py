@@ -22,6 +22,7 @@ __all__ = [
     "ConvGeometry",
     "SUPPORTED_DTYPES",
     "check_float_dtype",
+    "parse_float_dtype",
     "result_dtype",
     "backward_geometry",
 ]
@@ -253,6 +254,29 @@ def check_float_dtype(name: str, dtype: Any) -> np.dtype:
     if dtype.kind != "f" or dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
         raise InputDtypeError(f"{name} must have dtype float32 or float64; got {dtype} instead.")
     return dtype
+
+
+def parse_float_dtype(value: Any, name: str = "dtype") -> str:
+    """A dtype option (``"float32"``, ``np.float64``, ...) as its name, ``"float32"`` or ``"float64"``.
+
+    Raises
+    ------
+    InputError
+        ``value`` names any other dtype, or none.
+    """
+    try:
+        return str(check_float_dtype(name, value))
+    except InputDtypeError:
+        shown = value if isinstance(value, str) else str(np.dtype(value)) if _is_dtype(value) else repr(value)
+        raise InputError(f"{name} must be float32 or float64; got {shown!r} instead.") from None
+
+
+def _is_dtype(value: Any) -> bool:
+    try:
+        np.dtype(value)
+    except TypeError:
+        return False
+    return True
 
 
 def result_dtype(*dtypes: Any) -> np.dtype:

@@ -326,7 +326,7 @@ def test_cli_output_opens_in_xarray(cli_job, s3_endpoint):
     ds = xr.open_zarr(cli_job["out"], consolidated=False, storage_options=so)
     try:
         assert set(ds.data_vars) == {"dA_prev", "dW", "db"}
-        assert ds["dA_prev"].dims == ("m", "H", "W", "C_prev")
+        assert ds["dA_prev"].dims == ("m", "n_H_prev", "n_W_prev", "C_prev")
         assert ds.sizes["m"] == CLI_M
         assert (ds.sizes["C_prev"], ds.sizes["C"]) == (SHAPE["in_channels"], SHAPE["out_channels"])
         stored = read_result(cli_job["out"], so)

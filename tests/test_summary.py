@@ -47,7 +47,7 @@ def test_summary_of_a_complete_output(complete_output):
     assert summary["resume_command"] is None
     arrays = summary["arrays"]
     assert arrays["dA_prev"]["shape"] == [10, 8, 8, 3] and arrays["dA_prev"]["chunks"] == [3, 8, 8, 3]
-    assert arrays["dA_prev"]["dimension_names"] == ["m", "H", "W", "C_prev"]
+    assert arrays["dA_prev"]["dimension_names"] == ["m", "n_H_prev", "n_W_prev", "C_prev"]
     assert arrays["dW"]["dimension_names"] == ["fh", "fw", "C_prev", "C"]
     assert all(info["dtype"] == "float64" for info in arrays.values())
     assert [info["stored_bytes"] for info in arrays.values()] == [8 * 10 * 8 * 8 * 3, 8 * 3 * 3 * 3 * 4, 8 * 4]
@@ -72,7 +72,7 @@ def test_format_summary_of_a_complete_output(complete_output):
     assert lines[1] == "  4 of 4 batch chunks done"
     assert "INCOMPLETE" not in text and "resume" not in text
     assert any(line.strip().startswith("dA_prev") and "(10, 8, 8, 3)" in line and "chunks (3, 8, 8, 3)" in line
-               and "dims ('m', 'H', 'W', 'C_prev')" in line for line in lines)
+               and "dims ('m', 'n_H_prev', 'n_W_prev', 'C_prev')" in line for line in lines)
     assert "  norms: |dW| = " in text and "non-finite values: dA_prev 0, dW 0, db 0" in text
     assert "    batch_chunk: 3" in lines and "    split_every: 2" in lines
     word = simd.parse_word(os.environ.get("DCONV_SIMD"))

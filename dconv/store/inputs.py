@@ -23,7 +23,8 @@ from dconv.options import InputRecipe
 from dconv.params import ConvParams, check_float_dtype, output_shape
 from dconv.store import fastread
 from dconv.store.layout import DIMENSIONS
-from dconv.store.locations import absolute_location, open_group, public_location, store_exists
+from dconv.store.locations import absolute_location, create_group, open_group, public_location, store_exists
+from dconv.store.ownership import INPUT_MARKER, check_replaceable, input_marker, remove_own
 
 __all__ = ["INPUT_ARRAYS", "InputGroup", "JobInputs", "job_inputs", "open_inputs", "read_batch", "make_inputs", "compressor"]
 
@@ -266,12 +267,14 @@ def make_inputs(
         ``kernel``, ``stride``, ``padding``, ``dilation``, ``dtype``, ``chunk``,
         ``seed``) replace its fields. ``m`` has no default.
     overwrite : bool
-        Replace whatever is at ``url``.
+        Replace an input group dconv wrote at ``url``; anything else there is
+        refused (:mod:`dconv.store.ownership`).
 
     Writes ``A_prev`` (m, height, width, in_channels), ``dZ`` of the matching
     output shape, ``W`` (kernel..., in_channels, out_channels), ``b`` and the
-    ``hparameters`` attribute with the given stride, padding and dilation. Data
-    is generated ``chunk`` samples at a time, so ``m`` may exceed memory.
+    ``hparameters`` attribute with the given stride, padding and dilation, with
+    the ``dconv_input`` marker attribute. Data is generated ``chunk`` samples
+    at a time, so ``m`` may exceed memory.
 
     Every value is standard normal noise, plus, with ``shared`` > 0, ``shared``
     times a pattern all samples share (one per array): the samples' gradients
@@ -285,8 +288,9 @@ def make_inputs(
     w_shape = (*recipe.kernel, recipe.in_channels, recipe.out_channels)
     z_shape = output_shape(a_shape, w_shape, params)
     rng = np.random.default_rng(recipe.seed)
-    group = create_input_group(url, overwrite, storage_options)
-    group.attrs["hparameters"] = params.to_hparameters()
+    group = create_input_group(
+        url, overwrite, storage_options, writer="make_inputs", attributes={"hparameters": params.to_hparameters()}
+    )
     shapes = {"A_prev": a_shape, "dZ": z_shape, "W": w_shape, "b": (1, 1, 1, recipe.out_channels)}
     arrays = {
         name: group.create_array(
@@ -313,10 +317,30 @@ def make_inputs(
     return url
 
 
-def create_input_group(url: str, overwrite: bool, storage_options: Mapping[str, Any] | None) -> zarr.Group:
-    """A new, empty input group at ``url``; an existing one is refused unless ``overwrite``."""
-    if not overwrite and store_exists(url, storage_options):
+def check_input_target(url: str, overwrite: bool, storage_options: Mapping[str, Any] | None) -> None:
+    """Refuse to write an input group at ``url`` over anything, or, with ``overwrite``, over anything but
+    an input group dconv wrote (:func:`dconv.store.ownership.check_replaceable`). Writes nothing.
+
+    Raises
+    ------
+    InputError
+    """
+    if overwrite:
+        check_replaceable(url, storage_options, "input")
+    elif store_exists(url, storage_options):
         raise InputError(f"{public_location(url)!r} already exists; pass overwrite=True to replace it.")
-    return open_group(url, "w", storage_options)
 
 
+def create_input_group(
+    url: str, overwrite: bool, storage_options: Mapping[str, Any] | None, *, writer: str, attributes: Mapping[str, Any]
+) -> zarr.Group:
+    """A new input group at ``url`` whose ``zarr.json`` holds ``attributes`` and the input marker of ``writer``.
+
+    :func:`check_input_target` first; with ``overwrite``, only then are the names
+    of the dconv input group there removed (anything else is never deleted).
+    The group and its attributes are one write.
+    """
+    check_input_target(url, overwrite, storage_options)
+    if overwrite:
+        remove_own(url, storage_options, "input")
+    return create_group(url, storage_options, attributes={**attributes, INPUT_MARKER: input_marker(writer)})

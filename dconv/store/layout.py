@@ -152,14 +152,20 @@ def gradient_figures(finished: Mapping[str, Any], sums: Mapping[str, np.ndarray]
     return figures
 
 
+A_PREV_DIMS = ("m", "n_H_prev", "n_W_prev", "C_prev")
+"""Dimension names of ``A_prev`` and ``dA_prev`` (``n_H_prev``, not ``H`` or ``W``: no dimension is named as an
+array is, or xarray would make that array a coordinate)."""
+W_DIMS = ("fh", "fw", "C_prev", "C")
+B_DIMS = ("b_h", "b_w", "b_c", "C")
+
 OUTPUT_LAYOUT: tuple[OutputEntry, ...] = (
-    OutputEntry("dA_prev", Kind.BLOCK, shape=lambda s: s["A_prev"], dims=("m", "H", "W", "C_prev"), part="dA_prev"),
-    OutputEntry("dW", Kind.REDUCE, shape=lambda s: s["W"], dims=("fh", "fw", "C_prev", "C")),
+    OutputEntry("dA_prev", Kind.BLOCK, shape=lambda s: s["A_prev"], dims=A_PREV_DIMS, part="dA_prev"),
+    OutputEntry("dW", Kind.REDUCE, shape=lambda s: s["W"], dims=W_DIMS),
     OutputEntry(
         "db",
         Kind.REDUCE,
         shape=lambda s: (1, 1, 1, s["W"][3]),
-        dims=("b_h", "b_w", "b_c", "C"),
+        dims=B_DIMS,
         partial_shape=lambda s: (s["W"][3],),
     ),
     OutputEntry(
@@ -176,11 +182,11 @@ OUTPUT_LAYOUT: tuple[OutputEntry, ...] = (
         part="stats",
     ),
     OutputEntry(
-        "stats/dW_sq", Kind.REDUCE, shape=lambda s: s["W"], dims=("fh", "fw", "C_prev", "C"), dtype="float64",
+        "stats/dW_sq", Kind.REDUCE, shape=lambda s: s["W"], dims=W_DIMS, dtype="float64",
         part="stats",
     ),
     OutputEntry(
-        "stats/db_sq", Kind.REDUCE, shape=lambda s: (1, 1, 1, s["W"][3]), dims=("b_h", "b_w", "b_c", "C"),
+        "stats/db_sq", Kind.REDUCE, shape=lambda s: (1, 1, 1, s["W"][3]), dims=B_DIMS,
         dtype="float64", part="stats",
     ),
     OutputEntry(
@@ -197,17 +203,20 @@ OUTPUT_LAYOUT: tuple[OutputEntry, ...] = (
 """What a backward job writes. See the module docstring for the kinds."""
 
 INPUT_DIMENSIONS = {
-    "A_prev": ("m", "H", "W", "C_prev"),
+    "A_prev": A_PREV_DIMS,
     "dZ": ("m", "n_H", "n_W", "C"),
-    "W": ("fh", "fw", "C_prev", "C"),
-    "b": ("b_h", "b_w", "b_c", "C"),
+    "W": W_DIMS,
+    "b": B_DIMS,
 }
 
 DIMENSIONS: dict[str, tuple[str, ...]] = {
     **INPUT_DIMENSIONS,
     **{entry.name: entry.dims for entry in OUTPUT_LAYOUT if entry.dims},
 }
-"""Dimension names of every input and output array: one name per axis, shared across arrays."""
+"""Dimension names of every input and output array: one name per axis, shared across arrays, none an array's name.
+
+Groups written by earlier versions of dconv name the height and width of ``A_prev`` and ``dA_prev``
+``H`` and ``W``; dimension names are never checked on read, so they are read as before."""
 
 
 @dataclass(frozen=True)

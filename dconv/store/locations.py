@@ -12,7 +12,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import zarr
 
-__all__ = ["public_location", "is_local", "absolute_location", "open_group", "store_exists"]
+__all__ = [
+    "public_location", "is_local", "is_memory", "absolute_location", "open_group", "create_group", "store_exists"
+]
 
 
 def public_location(url: str) -> str:
@@ -35,6 +37,11 @@ def is_local(url: str) -> bool:
     return not scheme or len(scheme) == 1
 
 
+def is_memory(url: str) -> bool:
+    """True for a ``memory://`` URL (also inside a chained URL): a store that ends with its process."""
+    return any(urlsplit(part).scheme == "memory" for part in str(url).split("::"))
+
+
 def absolute_location(url: str | os.PathLike) -> str:
     """Local paths made absolute (workers may run in another directory); URLs unchanged."""
     return os.path.abspath(url) if is_local(str(url)) else str(url)
@@ -49,6 +56,20 @@ def open_group(
     if storage_options and not is_local(str(url)):
         kwargs["storage_options"] = dict(storage_options)
     return zarr.open_group(str(url), mode=mode, zarr_format=zarr_format, **kwargs)
+
+
+def create_group(url: str, storage_options: Mapping[str, Any] | None, attributes: Mapping[str, Any]) -> zarr.Group:
+    """A new Zarr v3 group at ``url`` with ``attributes``, in one write; nothing already there is deleted.
+
+    Raises
+    ------
+    zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError
+        A Zarr node is already there.
+    """
+    kwargs: dict[str, Any] = {}
+    if storage_options and not is_local(str(url)):
+        kwargs["storage_options"] = dict(storage_options)
+    return zarr.create_group(str(url), overwrite=False, attributes=dict(attributes), zarr_format=3, **kwargs)
 
 
 def store_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

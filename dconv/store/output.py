@@ -45,12 +45,13 @@ from dconv.errors import InputError
 from dconv.simd import LEVELS
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
 from dconv.store.locations import is_local, open_group, public_location, store_exists
+from dconv.store.ownership import OUTPUT_MARKER, check_replaceable
 from dconv.store.records import Node, RecordStore, covered, frontier, node_chunks
 
 __all__ = ["ATTR", "LEVEL_CODES", "OutputStore", "ChunkProgress", "fingerprint", "open_output", "open_result"]
 
-ATTR = "dconv"
-"""The group attribute that holds the provenance and the status."""
+ATTR = OUTPUT_MARKER
+"""The group attribute that holds the provenance and the status ("dconv"); it marks an output as dconv's."""
 
 LEVEL_CODES = ("unknown", *LEVELS, "numpy")
 """Level codes in records and in ``_progress/level``: code ``i`` is ``LEVEL_CODES[i]``. 0 is a
@@ -116,8 +117,10 @@ class OutputStore:
     # ----------------------------------------------------------------------- before the job
 
     def check_target(self, input_location: str | None, *, overwrite: bool, resume: bool) -> None:
-        """Refuse an ``out`` that would lose data: one inside (or around) the input, or an
-        existing one without ``overwrite`` or ``resume``, or anything that is not a dconv output.
+        """Refuse an ``out`` that would lose data: one inside (or around) the input, an
+        existing one without ``overwrite`` or ``resume``, or, to resume, anything that is not
+        a dconv output, and, to overwrite, anything but a dconv output and nothing more
+        (:func:`dconv.store.ownership.check_replaceable`, the rule of every writer).
 
         Raises
         ------
@@ -132,10 +135,11 @@ class OutputStore:
             raise InputError(
                 f"out {self.location!r} already exists; pass overwrite=True to replace it or resume=True to continue it."
             )
-        if self.provenance() is None and not _is_empty_dir(self.url):
+        if overwrite:
+            check_replaceable(self.url, self.storage_options, "output", name="out")
+        elif self.provenance() is None and not _is_empty_dir(self.url):
             raise InputError(
-                f"out {self.location!r} exists and is not a dconv output; refusing to "
-                f"{'overwrite' if overwrite else 'resume'} it. Choose another path."
+                f"out {self.location!r} exists and is not a dconv output; refusing to resume it. Choose another path."
             )
 
     def open(

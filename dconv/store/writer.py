@@ -25,7 +25,7 @@ import zarr
 
 from dconv.errors import InputDtypeError, InputError
 from dconv.params import ConvParams, backward_geometry, check_float_dtype
-from dconv.store.inputs import create_input_group, compressor
+from dconv.store.inputs import check_input_target, compressor, create_input_group
 from dconv.store.layout import DIMENSIONS
 from dconv.store.locations import public_location
 
@@ -104,8 +104,9 @@ def torch_conv_params(
 class InputWriter:
     """Write an input group for ``dconv backward``, appending ``A_prev`` and ``dZ`` a batch at a time.
 
-    The group, ``W``, ``b`` and the ``hparameters`` attribute are written when
-    the writer is made; ``A_prev`` and ``dZ`` grow with each :meth:`append`.
+    The group, ``W``, ``b`` and the ``hparameters`` attribute are written at
+    the first :meth:`append` whose batch passes its checks (``url`` is checked
+    when the writer is made); ``A_prev`` and ``dZ`` grow with each append.
     Use it as a context manager, or call :meth:`close`: the rows of the last,
     partial chunk are written there. On leaving a ``with`` block on an
     exception, the rows appended so far are written too (and the exception
@@ -129,7 +130,10 @@ class InputWriter:
         rows than that are appended in all, the chunk is the whole array, as
         ``make_inputs`` does. The writer holds one chunk of each in memory.
     overwrite : bool
-        Replace whatever is at ``url``.
+        Replace an input group dconv wrote at ``url`` (anything else there is
+        refused when the writer is made). The old group is removed at the first
+        append whose batch passes its checks: until then, and if no batch
+        does, it is left as it was.
     storage_options : dict, optional
         fsspec options for ``url`` (never written).
 
@@ -144,7 +148,8 @@ class InputWriter:
     Raises
     ------
     InputError
-        ``url`` exists and ``overwrite`` is False; ``W`` or ``b`` has the wrong
+        ``url`` exists and ``overwrite`` is False, or is not an input group dconv
+        wrote and ``overwrite`` is True; ``W`` or ``b`` has the wrong
         shape; a hyperparameter is invalid.
     InputDtypeError
         ``W`` or ``b`` is not float32 or float64.
@@ -178,17 +183,10 @@ class InputWriter:
         self._filled = 0
         self._arrays: dict[str, zarr.Array] = {}
         self._closed = False
-        self._group = create_input_group(self.url, overwrite, storage_options)
-        self._group.attrs["hparameters"] = self._params.to_hparameters()
-        for name, value in (("W", W), ("b", b)):
-            if value is not None:
-                self._group.create_array(
-                    name,
-                    shape=value.shape,
-                    dtype=value.dtype,
-                    compressors=compressor(value.dtype),
-                    dimension_names=DIMENSIONS[name],
-                )[...] = value
+        self._overwrite, self._storage_options = overwrite, dict(storage_options or {})
+        self._fixed = {"W": W} if b is None else {"W": W, "b": b}  # written with the group
+        check_input_target(self.url, overwrite, storage_options)  # refused now, replaced at the first append
+        self._group: zarr.Group | None = None
 
     def append(self, A_prev: Any, dZ: Any) -> None:
         """Append one batch.
@@ -231,6 +229,8 @@ class InputWriter:
                 raise InputDtypeError(
                     f"{name} must have dtype {dtype}, as in the first batch; got {array.dtype} instead."
                 )
+        if self._group is None:
+            self._group = self._create()
         rows, start = batch["A_prev"].shape[0], 0
         while start < rows:
             take = min(self.chunk - self._filled, rows - start)
@@ -248,7 +248,8 @@ class InputWriter:
         Raises
         ------
         InputError
-            Nothing was appended: the group would have no ``A_prev`` or ``dZ``.
+            Nothing was appended: the group would have no ``A_prev`` or ``dZ``. Nothing
+            has been written (a group ``overwrite`` was to replace is as it was).
         """
         if self._closed:
             return self.url
@@ -276,6 +277,25 @@ class InputWriter:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"InputWriter({self._location!r}, m={self.m}, chunk={self.chunk}, {state})"
+
+    def _create(self) -> zarr.Group:
+        """The group, with ``W``, ``b`` and its attributes; with ``overwrite``, the old group's names go first."""
+        group = create_input_group(
+            self.url,
+            self._overwrite,
+            self._storage_options,
+            writer="InputWriter",
+            attributes={"hparameters": self._params.to_hparameters()},
+        )
+        for name, value in self._fixed.items():
+            group.create_array(
+                name,
+                shape=value.shape,
+                dtype=value.dtype,
+                compressors=compressor(value.dtype),
+                dimension_names=DIMENSIONS[name],
+            )[...] = value
+        return group
 
     def _start(self, batch: dict[str, np.ndarray]) -> None:
         """Fix the sample shapes, dtypes and chunk from the first batch, and allocate the buffers."""
