@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import zarr
 
-__all__ = ["public_location", "is_local", "absolute_location", "open_group", "store_exists"]
+__all__ = ["public_location", "is_local", "absolute_location", "open_group", "create_group", "store_exists"]
 
 
 def public_location(url: str) -> str:
@@ -47,6 +47,13 @@ def open_group(
     if storage_options and not is_local(str(url)):
         kwargs["storage_options"] = dict(storage_options)
     return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
+
+
+def create_group(url: str, storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> zarr.Group:
+    """Create a Zarr v3 group at ``url`` without removing anything stored there (refused if a Zarr node is)."""
+    if storage_options and not is_local(str(url)):
+        kwargs["storage_options"] = dict(storage_options)
+    return zarr.create_group(str(url), zarr_format=3, overwrite=False, **kwargs)
 
 
 def store_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

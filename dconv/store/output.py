@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
@@ -44,7 +45,8 @@ import zarr
 from dconv.errors import InputError
 from dconv.simd import LEVELS
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
-from dconv.store.locations import is_local, open_group, public_location, store_exists
+from dconv.store.lease import LEASE_NAME
+from dconv.store.locations import create_group, is_local, open_group, public_location, store_exists
 from dconv.store.records import Node, RecordStore, covered, frontier, node_chunks
 
 __all__ = ["ATTR", "LEVEL_CODES", "OutputStore", "ChunkProgress", "fingerprint", "open_output", "open_result"]
@@ -206,13 +208,17 @@ class OutputStore:
         return self.done_chunks()
 
     def create(self, provenance: Mapping[str, Any]) -> None:
-        """Create the layout (replacing whatever is there) with status "running".
+        """Create the layout (replacing whatever is there, but the lease) with status "running".
 
         The group and its provenance are one write, so a job killed at any point
-        leaves either nothing or a group that ``resume`` recognises.
+        leaves either nothing or a group that ``resume`` recognises. The job's
+        lease (:data:`dconv.store.lease.LEASE_NAME`) stays: the old members are
+        removed one by one, then the group is created without a wipe (Zarr's
+        mode "w" would remove the lease too).
         """
-        self.records.remove_all()  # not Zarr nodes: remove them ourselves
-        group = open_group(self.url, "w", self.storage_options, attributes={ATTR: {**provenance, "status": "running"}})
+        _remove_members(self.url, self.storage_options, keep=(LEASE_NAME,))
+        attributes = {ATTR: {**provenance, "status": "running"}}
+        group = create_group(self.url, self.storage_options, attributes=attributes)
         for name in self.layout.groups:
             group.create_group(name)
         for entry in self.layout.arrays:
@@ -445,6 +451,33 @@ def _check_apart_from_input(out: str, input_location: str | None) -> None:
         raise InputError(f"out {out_location!r} is inside the input store {input_location!r}; choose another path.")
     if input_location.startswith(out_location + "/"):
         raise InputError(f"the input store {input_location!r} is inside out {out_location!r}; choose another path.")
+
+
+def _remove_members(url: str, storage_options: Mapping[str, Any], keep: tuple[str, ...]) -> None:
+    """Remove everything stored under ``url`` but its members named in ``keep`` (records, arrays, metadata)."""
+    if is_local(url):
+        if not os.path.isdir(url):
+            return
+        for entry in os.scandir(url):
+            if entry.name in keep:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.remove(entry.path)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options))
+    fs.invalidate_cache(root)
+    try:
+        members = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return
+    doomed = [path for path in members if path.rstrip("/").rsplit("/", 1)[-1] not in keep]
+    if doomed:
+        fs.rm(doomed, recursive=True)
+    fs.invalidate_cache(root)
 
 
 def _is_empty_dir(url: str) -> bool:
