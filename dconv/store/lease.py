@@ -95,6 +95,7 @@ class LeaseInfo:
     def from_bytes(cls, data: bytes) -> "LeaseInfo":
         """Raises ValueError (or a subclass) on anything that is not a whole lease."""
         fields = json.loads(data)
+        datetime.fromisoformat(fields["heartbeat"])  # a heartbeat that is not a time is no lease
         return cls(str(fields["host"]), int(fields["pid"]), str(fields["id"]), str(fields["started"]),
                    str(fields["heartbeat"]), float(fields.get("timeout", DEFAULT_TIMEOUT)))
 
@@ -163,7 +164,7 @@ class _LeaseObject:
             fs.invalidate_cache(path)
             data = fs.cat_file(path)
             return data, _modified(fs, path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no lease; or ``url`` is a file, which check_target refuses
             return None
 
     def create(self, data: bytes) -> bool:
