@@ -22,7 +22,7 @@ from importlib import import_module
 from typing import Any
 
 from dconv.classic import conv_backward, conv_forward
-from dconv.errors import InputDtypeError, InputError, JobInterrupted, SimdLevelError, SpecError
+from dconv.errors import InputDtypeError, InputError, JobInterrupted, LeaseLost, SimdLevelError, SpecError
 from dconv.kernel import Gradients, GradientStats, GradientsWithStats, conv2d_backward, conv2d_forward
 from dconv.params import ConvParams
 from dconv.simd import simd_levels, version_text
@@ -40,6 +40,7 @@ __all__ = [
     "InputRecipe",
     "InputWriter",
     "JobInterrupted",
+    "LeaseLost",
     "JobOptions",
     "JobPlan",
     "JobResult",

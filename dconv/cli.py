@@ -289,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), EXIT_USAGE, args.debug)
     except (dconv.InputError, FileExistsError) as e:
         return _fail(as_flags(str(e)), EXIT_USAGE, args.debug)
+    except dconv.LeaseLost as e:  # before the interruption it caused: the lease is why the job stopped
+        return _fail(f"{type(e).__name__}: {e}", EXIT_FAILED, args.debug)
     except BrokenPipeError:  # `dconv inspect OUT | head`: the reader left; say nothing more
         sys.stderr.close()
         return EXIT_OK

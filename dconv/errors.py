@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal as _signal
 
-__all__ = ["InputError", "SpecError", "InputDtypeError", "SimdLevelError", "JobInterrupted"]
+__all__ = ["InputError", "SpecError", "InputDtypeError", "SimdLevelError", "JobInterrupted", "LeaseLost"]
 
 
 class InputError(ValueError):
@@ -77,3 +77,8 @@ class JobInterrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process it stopped: 130 for SIGINT, 143 for SIGTERM."""
         return 128 + int(_signal.Signals[self.signal])
+
+
+class LeaseLost(RuntimeError):
+    """Another job took over the lease on the output this job was writing (:mod:`dconv.store.lease`):
+    the job stopped, and wrote nothing more to the output, which is now the other job's."""

@@ -6,6 +6,12 @@ byte of output is written. :func:`run_job` checks that every worker runs the
 job's SIMD level (:func:`check_simd`), creates or resumes the output, computes
 the graph in one pass, and marks the output "complete" last.
 
+While it runs, a job holds the lease on its output (:mod:`dconv.store.lease`),
+taken before the output is created, opened or overwritten and removed at the end,
+whatever the end: a second job on the same output is refused. A job whose lease
+another job took over stops with :class:`~dconv.errors.LeaseLost` and writes
+nothing more.
+
 A job stopped by Ctrl-C (SIGINT) or SIGTERM marks its output "interrupted", with
 the signal and the time, and raises :class:`~dconv.errors.JobInterrupted`;
 any other error marks it "failed", with the reason. Resuming an output that is
@@ -34,6 +40,7 @@ from dconv.progress import compute_with_progress
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import level_report, resolve_level
 from dconv.store import InputGroup, format_levels, now
+from dconv.store.lease import Lease, hold
 from dconv.store.summary import resume_command
 
 __all__ = ["backward_job", "run_job", "describe_job", "check_simd", "JobResult", "LOCAL_SCHEDULERS"]
@@ -139,13 +146,16 @@ def check_simd(word: str, client: Any = None) -> dict[str, str]:
     return {address: report["level"] for address, report in reports.items()}
 
 
-def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool, where: Mapping[str, Any]) -> JobResult:
-    """Open the output, compute the graph, finish the output.
+def _run(
+    plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool, where: Mapping[str, Any], lease: Lease
+) -> JobResult:
+    """Open the output, compute the graph, finish the output, while ``lease`` is held.
 
     The status is "interrupted" if Ctrl-C or SIGTERM stops it (then
-    :class:`JobInterrupted` is raised), "failed" if anything else raises. A
-    task's :class:`InputError` (``check_finite``) names the command that
-    resumes the job once the input is mended.
+    :class:`JobInterrupted` is raised), "failed" if anything else raises;
+    untouched if the lease was lost (then :class:`LeaseLost` is raised): the
+    output is another job's. A task's :class:`InputError` (``check_finite``)
+    names the command that resumes the job once the input is mended.
 
     ``where`` is the cluster the job runs on, as the output records it for its
     resume command (:meth:`ClusterOptions.to_dict`).
@@ -164,6 +174,7 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool, w
         values = aggregate(total, plan.out.layout)
         levels = level_counts(total.levels)
         seconds = {"compute": t2 - t1, **total.seconds}
+        lease.check()
         plan.out.finish(
             values,
             keep_partials=plan.options.keep_partials,
@@ -171,16 +182,19 @@ def _run(plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool, w
             seconds={k: round(v, 3) for k, v in seconds.items()},
             simd={"requested": plan.simd, "chunks": levels},
         )
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (JobInterrupted, raised by _signals_interrupt)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (JobInterrupted, raised by _signals_interrupt), a lost lease
+        lease.check()
         raise _interrupted(plan, getattr(e, "signal", "SIGINT"), where) from e
     except InputError as e:  # a task refused its input (check_finite): mend it, then resume
-        with contextlib.suppress(Exception):
-            plan.out.mark_failed(e)
+        if lease.lost is None:
+            with contextlib.suppress(Exception):
+                plan.out.mark_failed(e)
         command = resume_command(plan.out.location, {"input": plan.input_location, "cluster": where})
         raise type(e)(f"{e}; once the input is mended, resume with: {command}" if command else str(e)) from e
     except BaseException as e:
-        with contextlib.suppress(Exception):
-            plan.out.mark_failed(e)
+        if lease.lost is None:
+            with contextlib.suppress(Exception):
+                plan.out.mark_failed(e)
         raise
     seconds["total"] = time.perf_counter() - t0
     return JobResult(
@@ -216,6 +230,25 @@ def _count_done(plan: JobPlan) -> Iterator[None]:
             with contextlib.suppress(Exception):
                 e.done = int(plan.out.done_chunks().sum())
         raise
+
+
+@contextlib.contextmanager
+def _held(plan: JobPlan, say: Callable[[str], None]) -> Iterator[Lease]:
+    """Hold the lease on the plan's output (:func:`dconv.store.lease.hold`) while the block runs.
+
+    Raises
+    ------
+    InputError
+        Another job holds a fresh lease on it.
+    LeaseLost
+        Another job took the lease over while the block ran (the renewal interrupted it).
+    """
+    with hold(plan.out.url, plan.out.storage_options, plan.options.lease_timeout, say) as lease:
+        try:
+            yield lease
+        except KeyboardInterrupt:
+            lease.check()
+            raise
 
 
 @contextlib.contextmanager
@@ -314,9 +347,14 @@ def run_job(
     SimdLevelError
         A worker (or this process, for a local scheduler or cluster) cannot run
         the job's SIMD level; nothing is written.
+    InputError
+        Another job holds the lease on the output (:mod:`dconv.store.lease`).
     JobInterrupted
         Ctrl-C (SIGINT) or, run from the main thread, SIGTERM stopped the job;
         its output, if opened, is marked "interrupted".
+    LeaseLost
+        Another job took over the lease on the output while this one ran; this
+        one stopped and left the output to it.
     """
     if scheduler is not None and scheduler not in LOCAL_SCHEDULERS:
         raise InputError(f"scheduler must be one of {LOCAL_SCHEDULERS}; got {scheduler!r} instead.")
@@ -325,8 +363,8 @@ def run_job(
     stored = _already_complete(plan)
     if stored is not None:
         return stored
-    with _signals_interrupt(), _count_done(plan):
-        result = _run_on(plan, client, scheduler, cluster, progress, quiet, debug, say)
+    with _signals_interrupt(), _held(plan, say) as lease, _count_done(plan):
+        result = _run_on(plan, client, scheduler, cluster, progress, quiet, debug, say, lease)
     for line in nonfinite_warnings(plan, result):
         say(line)
     return result
@@ -341,17 +379,19 @@ def _run_on(
     quiet: bool,
     debug: bool,
     say: Callable[[str], None],
+    lease: Lease,
 ) -> JobResult:
     """:func:`run_job` on its local scheduler, its client's cluster, or the cluster ``cluster`` names."""
     if scheduler is not None:
         check_simd(plan.simd)
         threads = 1 if scheduler == "synchronous" else available_cores()
         _announce(plan, 1, threads, available_cores(), quiet, say)
-        return _run(plan, client=None, scheduler=scheduler, progress=progress, where={"scheduler": scheduler})
+        where = {"scheduler": scheduler}
+        return _run(plan, client=None, scheduler=scheduler, progress=progress, where=where, lease=lease)
     if client is not None:
         check_simd(plan.simd, client)  # refused before anything is said
         _announce(plan, *_workers_of(client), None, quiet, say)
-        return _run(plan, client=client, scheduler=None, progress=progress, where={})
+        return _run(plan, client=client, scheduler=None, progress=progress, where={}, lease=lease)
     cluster = cluster or ClusterOptions()
     cluster.check_simd(plan.simd)
     memory_limit = None
@@ -364,7 +404,8 @@ def _run_on(
         if not cluster.embedded:
             check_simd(plan.simd, new_client)  # refused before anything is said
             _announce(plan, *_workers_of(new_client), None, quiet, say)
-        return _run(plan, client=new_client, scheduler=None, progress=progress, where=cluster.recorded_place())
+        where = cluster.recorded_place()
+        return _run(plan, client=new_client, scheduler=None, progress=progress, where=where, lease=lease)
 
 
 def nonfinite_warnings(plan: JobPlan, result: JobResult) -> list[str]:

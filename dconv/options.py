@@ -105,6 +105,17 @@ def non_negative(name: str) -> Callable[[Any], float]:
     return parse
 
 
+def positive_number(name: str) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            0 < value < float("inf")
+        ):
+            raise InputError(f"{name} must be a number > 0; got {value!r} instead.")
+        return float(value)
+
+    return parse
+
+
 def flag(name: str) -> Callable[[Any], bool]:
     def parse(value: Any) -> bool:
         if not isinstance(value, bool):
@@ -521,6 +532,16 @@ class JobOptions(Options):
         toml=(bool,),
         record="identity",
         path=("per_sample_stats",),  # the provenance's "stats" holds the figures
+    )
+    lease_timeout: float = option(
+        60.0,
+        help="seconds without a heartbeat after which another job takes over OUT's lease (the job that "
+        "writes OUT renews it every quarter of this)",
+        parse=positive_number("lease_timeout"),
+        table="output",
+        toml=(int, float),
+        cli=float,
+        metavar="SECONDS",
     )
     keep_partials: bool = option(
         False,

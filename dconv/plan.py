@@ -43,6 +43,7 @@ from dconv.store import InputGroup, OutputStore, absolute_location, fingerprint,
 from dconv.store.fastread import FAST_READ_ENV
 from dconv.store.inputs import compressor, job_inputs, read_whole
 from dconv.store.layout import DIMENSIONS, PROGRESS, Kind
+from dconv.store.lease import check_unheld
 from dconv.store.locations import public_location
 from dconv.store.records import tree_height, tree_nodes
 
@@ -848,7 +849,8 @@ def plan_job(
     Raises
     ------
     InputError
-        Anything wrong that the metadata shows.
+        Anything wrong that the metadata shows; or another job holds a fresh lease on ``out``
+        (:mod:`dconv.store.lease`), named with the age of its last heartbeat.
     """
     options = JobOptions.build(options, **values)
     storage_options = dict(storage_options or {})
@@ -871,6 +873,7 @@ def plan_job(
         shapes, compute_dtype, batch_chunk, options.split_every, dA_prev=options.dA_prev, stats=options.stats
     )
     out_store = OutputStore(absolute_location(out), storage_options, layout)
+    check_unheld(out_store.url, storage_options, options.lease_timeout)  # another job writing it: nothing else matters
     out_store.check_target(inputs.zarr_location, overwrite=options.overwrite, resume=options.resume)
     plan = JobPlan(
         options=options,

@@ -21,6 +21,7 @@ import zarr
 
 import dconv
 from dconv.store import OutputStore
+from dconv.store.lease import read_lease
 from _fault_helpers import (
     assert_bitwise_equal,
     chunks_computed,
@@ -84,7 +85,8 @@ def job_logs(log_dir: Path, name: str) -> str:
 @pytest.mark.parametrize("fraction", [0.25, 0.60], ids=["25pct", "60pct"])
 def test_resume_after_sigkill_of_whole_job(big_job, tmp_path, fraction):
     out = tmp_path / "out.zarr"
-    args = ["backward", big_job.input, out, "--workers", "2", *big_job.options]
+    # a short lease timeout: the killed job's lease is taken over 2 s after its last heartbeat, not 60
+    args = ["backward", big_job.input, out, "--workers", "2", *big_job.options, "--lease-timeout", "2"]
     target = math.ceil(fraction * N_CHUNKS)
     job = start_job(args, tmp_path, "killed")
     try:
@@ -123,7 +125,9 @@ def test_resume_after_sigkill_of_whole_job(big_job, tmp_path, fraction):
     partial = dconv.open_result(str(out), allow_incomplete=True)
     assert partial["dA_prev"].shape == (BIG["m"], BIG["height"], BIG["width"], BIG["in_channels"])
 
-    # --resume computes only the missing chunks, and the result is the uninterrupted one, bit for bit
+    # --resume, once the killed job's lease is stale, takes it over and computes only the missing chunks,
+    # and the result is the uninterrupted one, bit for bit
+    assert wait_until(lambda: read_lease(out) is None or read_lease(out).age() > 2.5, timeout=10)
     result = run_cli([*args, "--resume"], timeout=JOB_TIMEOUT)
     assert result.returncode == 0, describe(result)
     assert chunks_computed(result.stdout) == (N_CHUNKS - done, N_CHUNKS)

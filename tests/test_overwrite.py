@@ -18,7 +18,8 @@ import zarr
 import dconv
 from dconv import InputError
 from dconv.store import DIMENSIONS, OUTPUT_LAYOUT, make_inputs, open_inputs
-from dconv.store.ownership import INPUT_MARKER, LEASE, LEGACY_INPUT_DIMENSIONS, remove_own
+from dconv.store.lease import LEASE_NAME as LEASE
+from dconv.store.ownership import INPUT_MARKER, LEGACY_INPUT_DIMENSIONS, remove_own
 from dconv.store.writer import InputWriter
 
 from test_cli import assert_one_line_error, cli  # noqa: F401  (cli: the forked `dconv` fixture)

@@ -96,9 +96,10 @@ def test_summary_of_an_output_that_never_ran(make_input, tmp_path, m, batch_chun
     text = format_summary(summary)
     assert "  simd: no chunks (DCONV_SIMD=" in text
     assert f"INCOMPLETE: 0 of {n_chunks} batch chunks done, {n_chunks} missing (0-{n_chunks - 1})" in text
-    # a "running" output may have a live job: the resume command comes with that proviso
+    # a "running" output that no job holds the lease of: not running any more, and resumable
     command = f"dconv backward {inp} {out} --resume"
-    assert f"  if no job is writing it any more, resume with: {command}" in text
+    assert text.startswith(f"{out}: not running any more (its status says running, but no job holds its lease")
+    assert f"  resume with: {command}" in text
 
 
 def test_missing_chunks_are_listed_as_at_most_50_ranges(make_input, tmp_path):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
@@ -44,8 +45,9 @@ import zarr
 from dconv.errors import InputError
 from dconv.simd import LEVELS
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
-from dconv.store.locations import is_local, open_group, public_location, store_exists
-from dconv.store.ownership import OUTPUT_MARKER, check_replaceable
+from dconv.store.lease import LEASE_NAME
+from dconv.store.locations import create_group, is_local, open_group, public_location, store_exists
+from dconv.store.ownership import OUTPUT_MARKER, check_replaceable, remove_own
 from dconv.store.records import Node, RecordStore, covered, frontier, node_chunks
 
 __all__ = ["ATTR", "LEVEL_CODES", "OutputStore", "ChunkProgress", "fingerprint", "open_output", "open_result"]
@@ -193,13 +195,17 @@ class OutputStore:
         return self.done_chunks()
 
     def create(self, provenance: Mapping[str, Any]) -> None:
-        """Create the layout (replacing whatever is there) with status "running".
+        """Create the layout (replacing whatever is there, but the lease) with status "running".
 
         The group and its provenance are one write, so a job killed at any point
-        leaves either nothing or a group that ``resume`` recognises.
+        leaves either nothing or a group that ``resume`` recognises. The job's
+        lease (:data:`dconv.store.lease.LEASE_NAME`) stays: the old members are
+        removed one by one, then the group is created without a wipe (Zarr's
+        mode "w" would remove the lease too).
         """
-        self.records.remove_all()  # not Zarr nodes: remove them ourselves
-        group = open_group(self.url, "w", self.storage_options, attributes={ATTR: {**provenance, "status": "running"}})
+        remove_own(self.url, self.storage_options, "output", keep=(LEASE_NAME,))
+        attributes = {ATTR: {**provenance, "status": "running"}}
+        group = create_group(self.url, self.storage_options, attributes=attributes)
         for name in self.layout.groups:
             group.create_group(name)
         for entry in self.layout.arrays:

@@ -32,12 +32,12 @@ from typing import Any, Literal, Mapping
 
 from dconv.errors import InputError
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS
+from dconv.store.lease import LEASE_NAME
 from dconv.store.locations import is_local, public_location
 
 __all__ = [
     "INPUT_MARKER",
     "OUTPUT_MARKER",
-    "LEASE",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "LEGACY_INPUT_DIMENSIONS",
@@ -54,16 +54,13 @@ INPUT_MARKER = "dconv_input"
 OUTPUT_MARKER = "dconv"
 """The group attribute of an output: its provenance and status (:data:`dconv.store.output.ATTR`)."""
 
-LEASE = "_lease.json"
-"""The lease file a running job keeps at its output's root."""
-
 METADATA = "zarr.json"
 
 INPUT_NAMES = frozenset({METADATA, "A_prev", "dZ", "W", "b"})
 """Everything dconv writes at the top of an input group."""
 
 OUTPUT_NAMES = frozenset(
-    {METADATA, PROGRESS, LEASE, *(entry.name.split("/")[0] for entry in OUTPUT_LAYOUT if entry.has_array)}
+    {METADATA, PROGRESS, LEASE_NAME, *(entry.name.split("/")[0] for entry in OUTPUT_LAYOUT if entry.has_array)}
 )
 """Everything dconv writes at the top of an output: the layout's arrays and subgroups, ``_progress``, the lease."""
 
@@ -114,12 +111,15 @@ def check_replaceable(
         )
 
 
-def remove_own(url: str, storage_options: Mapping[str, Any] | None, kind: Kind) -> None:
+def remove_own(
+    url: str, storage_options: Mapping[str, Any] | None, kind: Kind, *, keep: tuple[str, ...] = ()
+) -> None:
     """Delete the names dconv writes at the top of a ``kind`` group at ``url``, ``zarr.json`` last.
 
-    Anything else under ``url`` is left alone. Call :func:`check_replaceable` first.
+    Anything else under ``url`` is left alone, and so are the names in ``keep``
+    (the lease of the job that replaces an output). Call :func:`check_replaceable` first.
     """
-    names = sorted(_NAMES[kind] - {METADATA}) + [METADATA]
+    names = sorted(_NAMES[kind] - {METADATA, *keep}) + [METADATA]
     if is_local(str(url)):
         for entry in names:
             path = os.path.join(url, entry)

@@ -5,7 +5,9 @@ the SIMD levels they ran at (one listing of the records and their level codes,
 or one array once the job is complete); never a block array (``dA_prev``), so
 it is cheap on any size of output. Which arrays there are comes from the output layout table. For
 an output that is not complete it names the missing chunks, as ranges, and the
-command that resumes its job (:func:`resume_command`).
+command that resumes its job (:func:`resume_command`). It shows the lease of the
+job that writes the output (:mod:`dconv.store.lease`), and calls an output
+"running" only while that lease's heartbeat is fresh.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zarr
 
 from dconv.options import JobOptions
 from dconv.store.layout import OUTPUT_LAYOUT, Kind
+from dconv.store.lease import read_lease
 from dconv.store.locations import is_local, public_location
 from dconv.store.output import OutputStore, open_output, output_arrays
 
@@ -136,7 +139,10 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
     (at most :data:`MAX_LISTED`); ``resume_command`` is the command line that
     continues an output that is not complete (None once it is, or for a job on
     in-memory arrays); ``compression_ratio`` is None for every array of an
-    output that is not complete.
+    output that is not complete. ``lease`` is the lease on the output
+    (:meth:`dconv.store.lease.LeaseInfo.to_dict`: holder, heartbeat, its
+    ``age`` in seconds and whether it is ``fresh``), None if no job holds one;
+    ``running`` is True only for a "running" output whose lease is fresh.
 
     Raises
     ------
@@ -149,10 +155,14 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
     complete = status == "complete"
     progress = OutputStore(url, dict(storage_options or {})).progress()
     done = progress.done
+    lease = read_lease(url, storage_options)
+    lease = None if lease is None else lease.to_dict()
     summary: dict[str, Any] = {
         "location": location,
         "status": status,
         "complete": complete,
+        "running": status == "running" and lease is not None and lease["fresh"],
+        "lease": lease,
         "chunks": {
             "total": int(done.size),
             "done": int(done.sum()),
@@ -183,6 +193,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     """The human-readable form of :func:`summarize`'s result."""
     chunks, provenance, status = summary["chunks"], summary["provenance"], summary["status"]
     lines = [f"{summary['location']}: {status}"]
+    if status == "running" and not summary["running"]:
+        held = "its lease is stale" if summary["lease"] else "no job holds its lease"
+        lines = [f"{summary['location']}: not running any more (its status says running, but {held}: "
+                 "its job was killed or lost its node)"]
+    if summary["lease"]:
+        lines.append(_format_lease(summary["lease"]))
     if not summary["complete"]:
         listed = sum(last - first + 1 for first, last in chunks["missing"])
         more = " ..." if chunks["missing_count"] > listed else ""
@@ -261,15 +277,23 @@ def format_stats(stats: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _format_lease(lease: Mapping[str, Any]) -> str:
+    """``  lease: held by host h pid 123 (id ...), heartbeat 3 s ago``, and whether it is stale."""
+    line = f"  lease: held by host {lease['host']} pid {lease['pid']} (id {lease['id']}), heartbeat {lease['age']:.0f} s ago"
+    if not lease["fresh"]:
+        line += f": stale (its timeout is {lease['timeout']:g} s), the next job on it takes it over"
+    return line
+
+
 def _format_resume(summary: Mapping[str, Any]) -> str:
     """``  resume with: dconv backward ... --resume ...``, with what to watch for."""
     command = summary["resume_command"]
+    if summary["running"]:  # a job holds it: a resume is refused until that job ends or goes silent
+        return "  a job is writing it: wait for it; a resume is refused while its lease is fresh"
     if command is None:
         return "  resume: run the job again on the same arrays with resume=True"
     if not all(is_local(where) for where in (summary["location"], summary["provenance"]["input"])):
         command += "  (add the job's --storage-option flags)"
-    if summary["status"] == "running":  # a live job, or one killed too hard to record anything
-        return f"  if no job is writing it any more, resume with: {command}"
     return f"  resume with: {command}"
 
 
