@@ -242,11 +242,11 @@ def test_output_opens_in_xarray(make_input, tmp_path, dtype):
     dconv.backward_job(inp, out, batch_chunk=3, scheduler="threads")
     ds = xr.open_zarr(str(out), consolidated=False)
     assert set(ds.data_vars) == {"dA_prev", "dW", "db"}
-    assert ds["dA_prev"].dims == ("m", "H", "W", "C_prev")
+    assert ds["dA_prev"].dims == ("m", "n_H_prev", "n_W_prev", "C_prev")
     assert ds["dW"].dims == ("fh", "fw", "C_prev", "C")
     assert ds["db"].dims[-1] == "C"
     # one C_prev dimension shared by dA_prev and dW, one C shared by dW and db
-    assert dict(ds.sizes) == {"m": 7, "H": 9, "W": 8, "C_prev": 3, "fh": 3, "fw": 2, "C": 4,
+    assert dict(ds.sizes) == {"m": 7, "n_H_prev": 9, "n_W_prev": 8, "C_prev": 3, "fh": 3, "fw": 2, "C": 4,
                               "b_h": 1, "b_w": 1, "b_c": 1}
     for name in ("dA_prev", "dW", "db"):
         assert ds[name].dtype == np.dtype(dtype), name
@@ -256,7 +256,7 @@ def test_output_opens_in_xarray(make_input, tmp_path, dtype):
     assert rel_err(ds["dA_prev"].values, expected.dA_prev) <= PIPELINE_TOL[np.dtype(dtype)]
     assert rel_err(ds["dW"].values, expected.dW) <= PIPELINE_TOL[np.dtype(dtype)]
     # the named dimension works as a name: reduce dA_prev over everything but C_prev
-    assert ds["dA_prev"].sum(dim=["m", "H", "W"]).dims == ("C_prev",)
+    assert ds["dA_prev"].sum(dim=["m", "n_H_prev", "n_W_prev"]).dims == ("C_prev",)
 
 
 # --------------------------------------------------------------------------- existing outputs

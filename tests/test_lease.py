@@ -242,7 +242,7 @@ def test_inspect_shows_the_lease_and_says_running_only_while_it_is_fresh(make_in
     text = format_summary(summary)
     assert text.startswith(f"{out}: not running any more (its status says running, but its lease is stale"), text
     assert "  lease: held by host elsewhere pid 4242" in text and ": stale (its timeout is 60 s)" in text
-    assert re.search(r"^  resume with: dconv backward .* --resume ", text, re.M), text
+    assert re.search(r"^  resume with: dconv backward .* --resume$", text, re.M), text
 
     os.remove(out / LEASE_NAME)
     summary = summarize(str(out))

@@ -9,6 +9,8 @@ dtype option's message, and dimension names that xarray does not turn into coord
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,7 @@ def test_backward_overwrite_replaces_its_own_output_lease_and_records_included(m
     inputs = make_input(**SMALL)
     out = dconv_output(inputs, tmp_path / "out.zarr")
     (out / LEASE).write_text('{"holder": "a job that was killed"}')  # left by a killed job: dconv's own name
+    os.utime(out / LEASE, (time.time() - 3600,) * 2)  # its heartbeat stopped an hour ago: stale
     dconv.backward_job(inputs, out, batch_chunk=4, scheduler="threads", overwrite=True)
     assert zarr.open_group(out, mode="r").attrs["dconv"]["batch_chunk"] == 4
 
@@ -278,7 +281,7 @@ def test_memory_urls_are_refused_on_the_command_line(cli, tmp_path, args, name):
 
 def test_dtype_option_message(cli, tmp_path):
     line = assert_one_line_error(cli("make-inputs", tmp_path / "in.zarr", *SMALL_FLAGS, "--dtype", "float16"), 2)
-    assert line == "dconv: error: dtype must be float32 or float64; got 'float16' instead."
+    assert line == "dconv: error: --dtype must be float32 or float64; got 'float16' instead."
     assert not (tmp_path / "in.zarr").exists()
 
 

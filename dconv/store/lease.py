@@ -94,10 +94,13 @@ class LeaseInfo:
     @classmethod
     def from_bytes(cls, data: bytes) -> "LeaseInfo":
         """Raises ValueError (or a subclass) on anything that is not a whole lease."""
-        fields = json.loads(data)
-        datetime.fromisoformat(fields["heartbeat"])  # a heartbeat that is not a time is no lease
-        return cls(str(fields["host"]), int(fields["pid"]), str(fields["id"]), str(fields["started"]),
-                   str(fields["heartbeat"]), float(fields.get("timeout", DEFAULT_TIMEOUT)))
+        try:
+            fields = json.loads(data)
+            datetime.fromisoformat(fields["heartbeat"])  # a heartbeat that is not a time is no lease
+            return cls(str(fields["host"]), int(fields["pid"]), str(fields["id"]), str(fields["started"]),
+                       str(fields["heartbeat"]), float(fields.get("timeout", DEFAULT_TIMEOUT)))
+        except (KeyError, TypeError, AttributeError) as e:  # JSON, but not a lease's fields
+            raise ValueError(f"not a lease: {e!r}") from e
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
