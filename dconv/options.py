@@ -71,6 +71,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """Command-line text -> a number > 0 (``argparse`` ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0; got {text!r}")
+    return value
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -98,6 +109,17 @@ def non_negative(name: str) -> Callable[[Any], float]:
             0 <= value < float("inf")
         ):
             raise InputError(f"{name} must be a number >= 0; got {value!r} instead.")
+        return float(value)
+
+    return parse
+
+
+def positive_number(name: str) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            0 < value < float("inf")
+        ):
+            raise InputError(f"{name} must be a number > 0; got {value!r} instead.")
         return float(value)
 
     return parse
