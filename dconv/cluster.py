@@ -11,7 +11,11 @@ need more memory than the machine has is refused before the cluster starts
 scheduler`` / ``dask worker``, dask-jobqueue, dask-kubernetes, ...), and
 ``--scheduler-file PATH`` to one that wrote its address to a file, Dask's HPC
 convention (``dask scheduler --scheduler-file``, dask-mpi, dask-jobqueue); its
-workers keep their own settings.
+workers keep their own settings. A job there waits for ``wait_workers`` of them
+(:func:`wait_for_workers`), checks their memory limits and threads against its
+plan before a task runs (:func:`check_workers`), and sends its tasks only to
+those that hold one (:class:`FittingWorkers`). ``--scheduler threads`` (or
+``synchronous``) is no cluster: the job runs in this process.
 
 The embedded cluster's worker processes never receive SIGINT or SIGTERM (they
 start with both blocked: :func:`withheld_from_new_processes`). They share the

@@ -74,7 +74,7 @@ def workers(scheduler: dict, *limits: str, threads: int = 1, delay: float = 0) -
     """
     client, processes = scheduler["client"], []
     before = len(client.scheduler_info()["workers"])
-    timer = threading.Timer(delay, lambda: processes.extend(start_worker(scheduler, limit, threads) for limit in limits))
+    timer = threading.Timer(delay, lambda: processes.extend(start_worker(scheduler, size, threads) for size in limits))
     timer.start()
     try:
         if not delay:
