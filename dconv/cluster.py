@@ -11,7 +11,11 @@ need more memory than the machine has is refused before the cluster starts
 scheduler`` / ``dask worker``, dask-jobqueue, dask-kubernetes, ...), and
 ``--scheduler-file PATH`` to one that wrote its address to a file, Dask's HPC
 convention (``dask scheduler --scheduler-file``, dask-mpi, dask-jobqueue); its
-workers keep their own settings.
+workers keep their own settings. A job there waits for ``wait_workers`` of them
+(:func:`wait_for_workers`), checks their memory limits and threads against its
+plan before a task runs (:func:`check_workers`), and sends its tasks only to
+those that hold one (:class:`FittingWorkers`). ``--scheduler threads`` (or
+``synchronous``) is no cluster: the job runs in this process.
 
 The embedded cluster's worker processes never receive SIGINT or SIGTERM (they
 start with both blocked: :func:`withheld_from_new_processes`). They share the
@@ -35,10 +39,21 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+from dask.utils import format_bytes
 
 from dconv.errors import InputError
-from dconv.options import Options, any_string, option, optional, positive_int, whole_number
+from dconv.options import (
+    Options,
+    any_string,
+    option,
+    optional,
+    positive_float,
+    positive_int,
+    positive_number,
+    whole_number,
+)
 
 if TYPE_CHECKING:
     from dconv.plan import WorkerMemory
@@ -46,6 +61,11 @@ if TYPE_CHECKING:
 __all__ = [
     "ClusterOptions",
     "connect",
+    "wait_for_workers",
+    "WorkerFit",
+    "FittingWorkers",
+    "check_workers",
+    "LOCAL_SCHEDULERS",
     "check_machine_memory",
     "machine_memory",
     "BLAS_THREAD_VARIABLES",
@@ -66,6 +86,41 @@ WORKER_BLOCKED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PLACEMENTS = ("workers", "scheduler", "scheduler_file")
 """The fields that say where a job runs; at most one is given."""
 
+LOCAL_SCHEDULERS = ("threads", "synchronous")
+"""The ``scheduler`` values that run a job in this process, on a local Dask scheduler, with no cluster."""
+
+WAIT_POLL = 0.25
+"""Seconds between two looks at an existing cluster's workers while a job waits for them."""
+
+WAIT_SAY = 1.0
+"""While a job waits for workers, at most one ``waiting`` line in this many seconds."""
+
+
+def parse_scheduler(value: Any) -> str:
+    """A local scheduler's name (:data:`LOCAL_SCHEDULERS`), or a Dask scheduler address with its port.
+
+    Raises
+    ------
+    InputError
+        Not a string, or an address distributed cannot parse (``bogus``,
+        ``tcp://host`` without its port).
+    """
+    value = any_string("scheduler")(value)
+    if value in LOCAL_SCHEDULERS:
+        return value
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(value)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except ValueError as e:
+        raise InputError(
+            f"scheduler must be a Dask scheduler address such as tcp://host:8786, or one of "
+            f"{', '.join(LOCAL_SCHEDULERS)}; got {value!r} instead."
+        ) from e
+    return value
+
 
 def available_cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
@@ -85,7 +140,9 @@ class ClusterOptions(Options):
         Worker processes of the embedded local cluster; default one per core.
         Each gets the memory limit of the job's plan (:meth:`dconv.plan.JobPlan.worker_memory`).
     scheduler : str or None
-        Address of an existing scheduler (``tcp://host:8786``, ``tls://...``).
+        Address of an existing scheduler (``tcp://host:8786``, ``tls://...``);
+        or ``"threads"`` or ``"synchronous"``: no cluster, the job runs in this
+        process on that local Dask scheduler (as ``run_job(scheduler=...)``).
     scheduler_file : str or None
         The JSON file an existing scheduler wrote its address to
         (``dask scheduler --scheduler-file PATH``); a relative path is relative
@@ -95,6 +152,11 @@ class ClusterOptions(Options):
     connect_timeout : float
         Seconds to wait for an existing scheduler (and for its scheduler file
         to appear) before giving up.
+    wait_workers : int
+        On an existing cluster: the workers that must have joined before the
+        job starts (default 1). Until then the job waits, and says so on stderr.
+    wait_timeout : float
+        Seconds to wait for them (default 300); then the job is refused.
 
     With neither ``scheduler`` nor ``scheduler_file``, the job starts the
     embedded local cluster. Giving one of ``workers``, ``scheduler`` and
@@ -116,8 +178,9 @@ class ClusterOptions(Options):
     )
     scheduler: str | None = option(
         None,
-        help="an existing Dask scheduler, e.g. tcp://host:8786",
-        parse=optional(any_string("scheduler")),
+        help="an existing Dask scheduler, e.g. tcp://host:8786; or threads or synchronous: no cluster, "
+        "run in this process on that local Dask scheduler",
+        parse=optional(parse_scheduler),
         table="cluster",
         toml=(str,),
         cli=str,
@@ -148,7 +211,33 @@ class ClusterOptions(Options):
         None, help="client private key for a tls:// scheduler", parse=optional(any_string("tls_key")),
         table="cluster", toml=(str,), cli=str, metavar="PATH", record="carried",
     )
-    connect_timeout: float = 10.0
+    connect_timeout: float = option(
+        10.0,
+        help="seconds to wait for an existing scheduler to answer (and for its scheduler file to appear)",
+        parse=positive_number("connect_timeout"),
+        table="cluster",
+        toml=(int, float),
+        cli=positive_float,
+        metavar="SECONDS",
+    )
+    wait_workers: int = option(
+        1,
+        help="on an existing cluster, start once this many workers have joined its scheduler",
+        parse=whole_number("wait_workers", 1),
+        table="cluster",
+        toml=(int,),
+        cli=positive_int,
+        metavar="N",
+    )
+    wait_timeout: float = option(
+        300.0,
+        help="seconds to wait for those workers; then the job is refused",
+        parse=positive_number("wait_timeout"),
+        table="cluster",
+        toml=(int, float),
+        cli=positive_float,
+        metavar="SECONDS",
+    )
 
     def check(self) -> None:
         given = [name for name in PLACEMENTS if getattr(self, name) is not None]
@@ -178,11 +267,16 @@ class ClusterOptions(Options):
         """The job starts the embedded local cluster (neither ``scheduler`` nor ``scheduler_file`` is given)."""
         return self.scheduler is None and self.scheduler_file is None
 
+    @property
+    def local(self) -> str | None:
+        """The local Dask scheduler ``scheduler`` names (``"threads"``, ``"synchronous"``), or None."""
+        return self.scheduler if self.scheduler in LOCAL_SCHEDULERS else None
+
     def check_simd(self, word: str | None) -> str:
         """Refuse a ``DCONV_SIMD`` word before any worker starts, as far as that can be known here.
 
-        An unknown word always; a level this CPU lacks when the workers run here
-        (the embedded local cluster). An existing cluster's workers are asked
+        An unknown word always; a level this CPU lacks when the tasks run here
+        (the embedded local cluster, a local scheduler). An existing cluster's workers are asked
         when the job starts (:func:`dconv.job.check_simd`). ``word`` None is this
         process's ``DCONV_SIMD``.
 
@@ -198,7 +292,7 @@ class ClusterOptions(Options):
         from dconv import simd
 
         word = simd.parse_word(word if word is not None else os.environ.get(simd.ENV_VAR))
-        if self.embedded:
+        if self.embedded or self.local is not None:
             simd.resolve_level(word)
         return word
 
@@ -292,8 +386,6 @@ def check_machine_memory(n_workers: int, memory: WorkerMemory) -> None:
     InputError
         One line: the workers, the limit and its parts, their sum and the machine's memory.
     """
-    from dask.utils import format_bytes
-
     available = machine_memory()
     if n_workers * memory.limit <= available:
         return
@@ -351,7 +443,6 @@ def _local_client(
     """A client on a new embedded cluster: one single-threaded worker process per core (or ``options.workers``)."""
     import dask
     import distributed
-    from dask.utils import format_bytes
 
     n_workers, blas_threads = local_cluster_layout(options.workers)
     env = {name: str(blas_threads) for name in BLAS_THREAD_VARIABLES}
@@ -403,14 +494,181 @@ def _existing_client(options: ClusterOptions, quiet: bool) -> Iterator["distribu
     try:
         client = distributed.Client(**reach, timeout=options.connect_timeout, security=security)
     except TimeoutError as e:
-        raise InputError(f"no Dask scheduler answered {where} within {options.connect_timeout:g} s.") from e
-    except OSError as e:
+        raise InputError(
+            f"no Dask scheduler answered {where} within {options.connect_timeout:g} s (connect_timeout)."
+        ) from e
+    except (OSError, ValueError) as e:  # ValueError: an address distributed cannot parse
         raise InputError(f"could not connect to a Dask scheduler {where}: {e}") from e
     with client:
         if not quiet:
             source = "" if options.scheduler is not None else f" (from {options.scheduler_file})"
             print(f"dconv: scheduler {address}{source}, dashboard {client.dashboard_link}", file=sys.stderr)
         yield client
+
+
+def wait_for_workers(client: Any, n: int, timeout: float, say: Callable[[str], None]) -> None:
+    """Wait until ``n`` workers have joined ``client``'s scheduler; say so while waiting.
+
+    A scheduler is often up before its workers (on SLURM, the workers' jobs
+    may still be queued). While fewer than ``n`` have joined, ``say`` gets
+    ``dconv: waiting for workers (K of N)``: once at the start, then when K
+    changes, at most once in :data:`WAIT_SAY` seconds. Nothing is said when
+    they are there already.
+
+    Raises
+    ------
+    InputError
+        Fewer than ``n`` joined within ``timeout`` seconds: one line naming the
+        scheduler, the timeout and how many came.
+    """
+    deadline = time.monotonic() + timeout
+    said, said_at = None, 0.0
+    while True:
+        count = len(client.scheduler_info()["workers"])
+        if count >= n:
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            who = "no worker" if count == 0 else "too few workers"
+            raise InputError(
+                f"{who} joined the scheduler at {client.scheduler.address} within {timeout:g} s (wait_timeout); "
+                f"{count} of {n} (wait_workers) arrived."
+            )
+        if said is None or (count != said and now - said_at >= WAIT_SAY):
+            say(f"dconv: waiting for workers ({count} of {n})")
+            said, said_at = count, now
+        time.sleep(WAIT_POLL)
+
+
+@dataclass(frozen=True)
+class WorkerFit:
+    """Which workers of a cluster can run a job's tasks (:func:`check_workers`).
+
+    Attributes
+    ----------
+    fitting : tuple of str
+        The addresses of the workers whose memory limit holds a task at one
+        thread (``WorkerMemory.limit``); a worker with no limit fits.
+    too_small : tuple of str
+        The others.
+    threads : int
+        The most threads a fitting worker has.
+    warnings : tuple of str
+        One line each, starting ``dconv: warning: ``: the workers left out,
+        and fitting workers whose threads together need more than their limit.
+    """
+
+    fitting: tuple[str, ...]
+    too_small: tuple[str, ...]
+    threads: int
+    warnings: tuple[str, ...]
+
+
+def _limit(info: Mapping[str, Any]) -> int:
+    """A worker's memory limit in bytes, 0 for none (``memory_limit`` 0 or None)."""
+    return int(info.get("memory_limit") or 0)
+
+
+def _holds(info: Mapping[str, Any], need: int) -> bool:
+    return _limit(info) == 0 or _limit(info) >= need
+
+
+class FittingWorkers:
+    """Called before each submission: the workers its tasks must go to, as of now.
+
+    Returns None when every worker holds a task (:func:`check_workers`), so
+    any may run them; else the addresses of those that do, so a fitting
+    worker that joins mid-job gets the next submissions' tasks. When none that
+    fits is there (they left), the last ones seen: the tasks wait for them.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    memory : dconv.plan.WorkerMemory
+    fitting : sequence of str
+        The fitting workers :func:`check_workers` found.
+    """
+
+    def __init__(self, client: Any, memory: WorkerMemory, fitting: tuple[str, ...] | list[str]) -> None:
+        self.client, self.memory, self.last = client, memory, list(fitting)
+
+    def __call__(self) -> list[str] | None:
+        workers = self.client.scheduler_info()["workers"]
+        fitting = [address for address, info in workers.items() if _holds(info, self.memory.limit)]
+        if fitting and len(fitting) == len(workers):
+            return None
+        self.last = fitting or self.last
+        return self.last
+
+
+def check_workers(workers: Mapping[str, Mapping[str, Any]], memory: WorkerMemory) -> WorkerFit:
+    """Check a cluster's workers against a job's memory, before any task is submitted.
+
+    A worker holds a task when its ``memory_limit`` is at least
+    ``memory.limit``, the limit of a worker of one thread
+    (:meth:`dconv.plan.WorkerMemory.limit_for`), or when it has no limit. A
+    worker of T threads runs T tasks at once and needs ``memory.limit_for(T)``;
+    one that holds a task but not T of them is warned about, not left out.
+
+    Parameters
+    ----------
+    workers : mapping
+        ``client.scheduler_info()["workers"]``: address -> ``memory_limit`` (bytes) and ``nthreads``.
+    memory : dconv.plan.WorkerMemory
+        The job's (:meth:`dconv.plan.JobPlan.worker_memory`).
+
+    Raises
+    ------
+    InputError
+        No worker holds a task: one line with the ``--memory-limit`` they need and the largest they have.
+    """
+    from dconv.plan import mib_flag
+
+    fitting = [address for address, info in workers.items() if _holds(info, memory.limit)]
+    too_small = [address for address in workers if address not in fitting]
+    advice = f"start workers with --nthreads 1 --memory-limit {memory.flag}"
+    if not fitting:
+        largest = max(too_small, key=lambda address: _limit(workers[address]))
+        raise InputError(
+            f"no worker can hold a task: each needs --memory-limit {mib_flag(memory.limit)} (at 1 thread), the "
+            f"largest has {format_bytes(_limit(workers[largest]))} ({largest}); {advice}, or use a smaller "
+            f"batch_chunk or max_memory."
+        )
+    found = []
+    if too_small:
+        largest = max(_limit(workers[address]) for address in too_small)
+        found.append(
+            f"dconv: warning: {len(too_small)} of {len(workers)} workers cannot hold a task ({_some(too_small)}: "
+            f"memory limit {format_bytes(largest)} or less, a task needs --memory-limit {memory.flag} at 1 thread); "
+            f"the job runs on the other {len(fitting)}; {advice}"
+        )
+    found.extend(_thread_warnings({address: workers[address] for address in fitting}, memory, advice))
+    threads = max(int(workers[address].get("nthreads") or 1) for address in fitting)
+    return WorkerFit(tuple(fitting), tuple(too_small), threads, tuple(found))
+
+
+def _thread_warnings(workers: Mapping[str, Mapping[str, Any]], memory: WorkerMemory, advice: str) -> list[str]:
+    """One warning per (threads, limit) of the workers whose threads need more than their limit together."""
+    from dconv.plan import mib_flag
+
+    short: dict[tuple[int, int], list[str]] = {}
+    for address, info in workers.items():
+        threads, limit = int(info.get("nthreads") or 1), _limit(info)
+        if threads > 1 and limit and limit < memory.limit_for(threads):
+            short.setdefault((threads, limit), []).append(address)
+    return [
+        f"dconv: warning: {_some(addresses)} {'has' if len(addresses) == 1 else 'have'} {threads} threads and "
+        f"memory limit {format_bytes(limit)}: {format_bytes(limit // threads)} per thread, below the "
+        f"{format_bytes(memory.limit_for(threads) // threads)} per thread that {threads} tasks at once need "
+        f"(--memory-limit {mib_flag(memory.limit_for(threads))}); {advice}"
+        for (threads, limit), addresses in short.items()
+    ]
+
+
+def _some(addresses: list[str], shown: int = 2) -> str:
+    """``worker tcp://a``, ``workers tcp://a, tcp://b`` or ``workers tcp://a, tcp://b and 3 more``."""
+    more = f" and {len(addresses) - shown} more" if len(addresses) > shown else ""
+    return f"worker{'s' if len(addresses) > 1 else ''} {', '.join(addresses[:shown])}{more}"
 
 
 SCHEDULER_FILE = 'a Dask scheduler file (JSON with an "address", as dask scheduler --scheduler-file writes)'

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import dask
 import numpy as np
@@ -658,7 +658,14 @@ class JobGraph:
             pending.extend(reversed(combines[node]))
         return waves, combines
 
-    def compute(self, *, client: Any = None, scheduler: str | None = None, in_flight: int = WAVES_IN_FLIGHT) -> Partial:
+    def compute(
+        self,
+        *,
+        client: Any = None,
+        scheduler: str | None = None,
+        in_flight: int = WAVES_IN_FLIGHT,
+        workers: Callable[[], Sequence[str] | None] | None = None,
+    ) -> Partial:
         """Compute the tree wave by wave, on a distributed ``client`` or the local ``scheduler``.
 
         Returns the root's :class:`Partial`.
@@ -672,13 +679,19 @@ class JobGraph:
         after the other and the nodes above them are added in this process.
         The order of every addition is the tree's, so the bits are those of
         one graph of the whole tree.
+
+        ``workers``, on a cluster, is called before each submission (the
+        context, each wave, each node above the waves): the worker addresses
+        its tasks must run on (``allow_other_workers=False``), or None for any.
+        Asked again for each, it lets a worker that joins mid-job take the
+        next waves.
         """
         if self.root in self.stored:
             return stored_node(self.context, *self.root)
         if client is not None:
             threads = sum(client.nthreads().values())
             graph = dataclasses.replace(self, wave_chunks=max(self.wave_chunks, WAVE_TASKS_PER_THREAD * threads))
-            return _ClusterWaves(graph, client, in_flight).run()
+            return _ClusterWaves(graph, client, in_flight, workers).run()
         return self._compute_locally(dask.base.get_scheduler(scheduler=scheduler or "threads"))
 
     def _compute_locally(self, get: Any) -> Partial:
@@ -703,14 +716,20 @@ class _ClusterWaves:
     this client has them, it releases the wave, which the scheduler then forgets.
     """
 
-    def __init__(self, graph: JobGraph, client: Any, in_flight: int) -> None:
+    def __init__(
+        self, graph: JobGraph, client: Any, in_flight: int, workers: Callable[[], Sequence[str] | None] | None = None
+    ) -> None:
         self.graph, self.client, self.in_flight = graph, client, max(1, in_flight)
+        self.workers = workers or (lambda: None)
         key = graph.context_key
-        self.context = client.get({key: graph.context_task()}, key, sync=False, fifo_timeout=0)
+        self.context = self.submit({key: graph.context_task()}, key)
 
     def submit(self, tasks: dict, key: Any) -> Any:
+        """``tasks`` as one graph, restricted to ``self.workers()`` if that names any; the future of ``key``."""
+        workers = self.workers()
+        restricted = {"workers": list(workers), "allow_other_workers": False} if workers else {}
         # fifo_timeout=0: each submission is a new generation, run after the ones before it
-        return self.client.get(tasks, key, sync=False, fifo_timeout=0)
+        return self.client.get(tasks, key, sync=False, fifo_timeout=0, **restricted)
 
     def submit_wave(self, node: Node) -> Any:
         """The wave under ``node``; its future is that of a task returning the wave's step times."""

@@ -31,7 +31,17 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from dconv.cluster import ClusterOptions, available_cores, check_machine_memory, connect, local_cluster_layout
+from dconv.cluster import (
+    LOCAL_SCHEDULERS,
+    ClusterOptions,
+    FittingWorkers,
+    available_cores,
+    check_machine_memory,
+    check_workers,
+    connect,
+    local_cluster_layout,
+    wait_for_workers,
+)
 from dconv.errors import InputError, JobInterrupted, SimdLevelError
 from dconv.graph import aggregate, level_counts
 from dconv.options import JobOptions
@@ -44,8 +54,6 @@ from dconv.store.lease import Lease, hold
 from dconv.store.summary import resume_command
 
 __all__ = ["backward_job", "run_job", "describe_job", "check_simd", "JobResult", "LOCAL_SCHEDULERS"]
-
-LOCAL_SCHEDULERS = ("threads", "synchronous")
 
 
 @dataclass(frozen=True)
@@ -147,9 +155,19 @@ def check_simd(word: str, client: Any = None) -> dict[str, str]:
 
 
 def _run(
-    plan: JobPlan, *, client: Any, scheduler: str | None, progress: bool, where: Mapping[str, Any], lease: Lease
+    plan: JobPlan,
+    *,
+    client: Any,
+    scheduler: str | None,
+    progress: bool,
+    where: Mapping[str, Any],
+    lease: Lease,
+    workers: Callable[[], Any] | None = None,
 ) -> JobResult:
     """Open the output, compute the graph, finish the output, while ``lease`` is held.
+
+    ``workers`` is called before each submission to a cluster: the workers
+    its tasks must go to, or None for any (:class:`dconv.cluster.FittingWorkers`).
 
     The status is "interrupted" if Ctrl-C or SIGTERM stops it (then
     :class:`JobInterrupted` is raised), "failed" if anything else raises;
@@ -168,7 +186,8 @@ def _run(
         graph = plan.graph(stored=plan.out.frontier() if pending < finished.size else None)
         t1 = time.perf_counter()
         total = compute_with_progress(
-            graph, plan.out.url, pending, client=client, scheduler=scheduler, show=progress and pending > 0
+            graph, plan.out.url, pending, client=client, scheduler=scheduler, show=progress and pending > 0,
+            workers=workers,
         )
         t2 = time.perf_counter()
         values = aggregate(total, plan.out.layout)
@@ -309,13 +328,24 @@ def run_job(
 ) -> JobResult:
     """Run a planned job (:func:`dconv.plan_job`).
 
+    On an existing cluster (``client``, or ``cluster`` with a ``scheduler`` or
+    ``scheduler_file``), the job first waits until ``cluster.wait_workers``
+    workers (default 1) have joined, up to ``cluster.wait_timeout`` seconds
+    (default 300), saying ``dconv: waiting for workers (K of N)`` while it
+    waits. Then it checks every worker's memory limit against the plan's
+    (:func:`dconv.cluster.check_workers`) before a task is submitted: it
+    refuses a cluster where no worker holds a task, and otherwise sends the
+    tasks only to the workers that do, including those that join later.
+
     Parameters
     ----------
     plan : JobPlan
     client : distributed.Client, optional
-        Run on this client's cluster.
+        Run on this client's cluster. With it, ``cluster`` gives only the
+        waiting (``ClusterOptions(wait_workers=4, wait_timeout=60)``).
     scheduler : {"threads", "synchronous"}, optional
-        Run in this process on a local Dask scheduler instead of a cluster.
+        Run in this process on a local Dask scheduler instead of a cluster
+        (as ``cluster=ClusterOptions(scheduler="threads")`` does).
     cluster : ClusterOptions, optional
         With neither ``client`` nor ``scheduler``: which cluster to start or
         reach. Default: the embedded local cluster, whose workers each get the
@@ -327,8 +357,9 @@ def run_job(
     debug : bool
         Show the embedded cluster's logs.
     say : callable
-        Where the plan line and the warnings go, one line each (default: stderr);
-        the warnings are said even when ``quiet``.
+        Where the plan line, the warnings and the waiting lines go, one line
+        each (default: stderr); the warnings and the waiting lines are said
+        even when ``quiet`` (a silent wait would look like a hang).
 
     Returns
     -------
@@ -340,10 +371,12 @@ def run_job(
     Raises
     ------
     InputError
-        ``scheduler`` is not a local scheduler, or is given with ``client``; or
-        the embedded cluster's workers would need more memory together than the
+        ``scheduler`` is not a local scheduler, or is given with ``client``
+        or with a cluster; ``client`` is given with a cluster to reach; the
+        embedded cluster's workers would need more memory together than the
         machine has (:func:`dconv.cluster.check_machine_memory`), refused before
-        it starts.
+        it starts; an existing cluster's workers did not join within
+        ``wait_timeout``, or none of them holds a task.
     SimdLevelError
         A worker (or this process, for a local scheduler or cluster) cannot run
         the job's SIMD level; nothing is written.
@@ -356,10 +389,8 @@ def run_job(
         Another job took over the lease on the output while this one ran; this
         one stopped and left the output to it.
     """
-    if scheduler is not None and scheduler not in LOCAL_SCHEDULERS:
-        raise InputError(f"scheduler must be one of {LOCAL_SCHEDULERS}; got {scheduler!r} instead.")
-    if scheduler is not None and client is not None:
-        raise InputError("give either client or scheduler, not both.")
+    cluster = cluster or ClusterOptions()
+    scheduler = _local_scheduler(scheduler, client, cluster)
     stored = _already_complete(plan)
     if stored is not None:
         return stored
@@ -374,7 +405,7 @@ def _run_on(
     plan: JobPlan,
     client: Any,
     scheduler: str | None,
-    cluster: ClusterOptions | None,
+    cluster: ClusterOptions,
     progress: bool,
     quiet: bool,
     debug: bool,
@@ -384,15 +415,12 @@ def _run_on(
     """:func:`run_job` on its local scheduler, its client's cluster, or the cluster ``cluster`` names."""
     if scheduler is not None:
         check_simd(plan.simd)
-        threads = 1 if scheduler == "synchronous" else available_cores()
-        _announce(plan, 1, threads, available_cores(), quiet, say)
+        _announce(plan, 1, _local_threads(scheduler), available_cores(), quiet, say)
         where = {"scheduler": scheduler}
         return _run(plan, client=None, scheduler=scheduler, progress=progress, where=where, lease=lease)
     if client is not None:
-        check_simd(plan.simd, client)  # refused before anything is said
-        _announce(plan, *_workers_of(client), None, quiet, say)
-        return _run(plan, client=client, scheduler=None, progress=progress, where={}, lease=lease)
-    cluster = cluster or ClusterOptions()
+        workers = _existing_workers(plan, client, cluster, quiet, say)
+        return _run(plan, client=client, scheduler=None, progress=progress, where={}, lease=lease, workers=workers)
     cluster.check_simd(plan.simd)
     memory_limit = None
     if cluster.embedded:  # its layout and memory are known before it starts
@@ -401,11 +429,11 @@ def _run_on(
         memory_limit = memory.limit
         _announce(plan, n_workers, 1, available_cores(), quiet, say)
     with connect(cluster, memory_limit=memory_limit, quiet=quiet, debug=debug) as new_client:
-        if not cluster.embedded:
-            check_simd(plan.simd, new_client)  # refused before anything is said
-            _announce(plan, *_workers_of(new_client), None, quiet, say)
+        workers = None if cluster.embedded else _existing_workers(plan, new_client, cluster, quiet, say)
         where = cluster.recorded_place()
-        return _run(plan, client=new_client, scheduler=None, progress=progress, where=where, lease=lease)
+        return _run(
+            plan, client=new_client, scheduler=None, progress=progress, where=where, lease=lease, workers=workers
+        )
 
 
 def nonfinite_warnings(plan: JobPlan, result: JobResult) -> list[str]:
@@ -420,10 +448,46 @@ def nonfinite_warnings(plan: JobPlan, result: JobResult) -> list[str]:
     ]
 
 
-def _workers_of(client: Any) -> tuple[int, int]:
-    """``(workers, threads per worker)`` of a distributed client's cluster (the most threads any worker has)."""
-    workers = list(client.scheduler_info().get("workers", {}).values())
-    return len(workers), max((worker.get("nthreads", 1) for worker in workers), default=1)
+def _local_scheduler(scheduler: str | None, client: Any, cluster: ClusterOptions) -> str | None:
+    """The local Dask scheduler the job runs on (``scheduler``, or the one ``cluster`` names), or None.
+
+    Raises
+    ------
+    InputError
+        ``scheduler`` is not a local scheduler; or two places to run are given.
+    """
+    if scheduler is not None and scheduler not in LOCAL_SCHEDULERS:
+        raise InputError(f"scheduler must be one of {LOCAL_SCHEDULERS}; got {scheduler!r} instead.")
+    if scheduler is not None and client is not None:
+        raise InputError("give either client or scheduler, not both.")
+    placed = [name for name in ("workers", "scheduler", "scheduler_file") if getattr(cluster, name) is not None]
+    if placed and (client is not None or scheduler is not None):
+        given = "client" if client is not None else "scheduler"
+        raise InputError(f"give either {given} or a cluster with {' and '.join(placed)}, not both.")
+    return scheduler or cluster.local
+
+
+def _local_threads(scheduler: str) -> int:
+    """Threads a local Dask scheduler runs tasks on."""
+    return 1 if scheduler == "synchronous" else available_cores()
+
+
+def _existing_workers(
+    plan: JobPlan, client: Any, cluster: ClusterOptions, quiet: bool, say: Callable[[str], None]
+) -> FittingWorkers:
+    """Wait for an existing cluster's workers, check them, say the plan and the warnings.
+
+    Returns the :class:`~dconv.cluster.FittingWorkers` that restricts each submission
+    to the workers that hold a task.
+    """
+    wait_for_workers(client, cluster.wait_workers, cluster.wait_timeout, say)
+    check_simd(plan.simd, client)  # refused before the plan is said
+    memory = plan.worker_memory()
+    fit = check_workers(client.scheduler_info()["workers"], memory)
+    _announce(plan, len(fit.fitting), fit.threads, None, quiet, say)
+    for line in fit.warnings:
+        say(line)
+    return FittingWorkers(client, memory, fit.fitting)
 
 
 def _announce(
@@ -434,7 +498,6 @@ def _announce(
         say(plan.announce(n_workers, threads))
     for line in plan.warnings(n_workers, threads, cores):
         say(line)
-
 
 
 def describe_job(plan: JobPlan, cluster: ClusterOptions | None = None) -> str:
@@ -454,7 +517,10 @@ def describe_job(plan: JobPlan, cluster: ClusterOptions | None = None) -> str:
     cluster = cluster or ClusterOptions()
     memory = plan.worker_memory()
     advice = f"give each worker --nthreads 1 --memory-limit {memory.flag}"
-    if cluster.embedded:
+    if cluster.local is not None:
+        threads = _local_threads(cluster.local)
+        lines = [plan.announce(1, threads), *plan.warnings(1, threads, available_cores())]
+    elif cluster.embedded:
         n_workers, threads, cores = local_cluster_layout(cluster.workers)[0], 1, available_cores()
         check_machine_memory(n_workers, memory)
         workers = f"workers {n_workers} x memory limit {memory.describe()}; on another cluster, {advice}"

@@ -293,13 +293,16 @@ class JobPlan:
           said of a job whose whole batch is one small task);
         - more ``n_workers * threads_per_worker`` than ``cores`` (None: not
           known, e.g. a remote cluster): tasks compete for cores.
+
+        ``n_workers`` may be 0 (an existing cluster whose workers are still to
+        come): the warnings are then those of one worker.
         """
         found = []
         straddle = self.straddle_warning()
         if straddle:
             found.append(straddle)
         size = min(self.batch_chunk, self.m)
-        slots, n_tasks = n_workers * threads_per_worker, len(self.bounds)
+        slots, n_tasks = max(1, n_workers * threads_per_worker), len(self.bounds)
         small = small_task(size, self.shapes, self.geometry)
         overhead = n_tasks * TASK_SECONDS / slots
         if small is not None and overhead >= 2:  # a tiny job's few tasks cost too little to mention
@@ -381,16 +384,17 @@ class JobPlan:
             resumed={**carried, "simd": {"requested": self.simd}},
         )
 
-    def graph(self, stored: Sequence[tuple[int, int]] | None = None, wave_chunks: int = WAVE_CHUNKS) -> JobGraph:
+    def graph(self, stored: Sequence[tuple[int, int]] | None = None, wave_chunks: int | None = None) -> JobGraph:
         """The job's reduction tree (:func:`dconv.graph.backward_graph`), reading the ``stored`` nodes back.
 
         Parameters
         ----------
         stored : sequence of (depth, index), optional
             The frontier an earlier run left (:meth:`OutputStore.frontier`).
-        wave_chunks : int
-            At most this many chunks per wave.
+        wave_chunks : int, optional
+            At most this many chunks per wave; default :data:`dconv.graph.WAVE_CHUNKS`.
         """
+        wave_chunks = WAVE_CHUNKS if wave_chunks is None else wave_chunks
         return backward_graph(
             self.dz_sources,
             self.a_sources,
@@ -574,13 +578,22 @@ class WorkerMemory:
 
     @property
     def limit(self) -> int:
-        """Bytes: ``ceil((task + baseline + headroom) / pause)``."""
-        return math.ceil((self.task + self.baseline + self.headroom) / self.pause)
+        """Bytes: ``ceil((task + baseline + headroom) / pause)``, the limit of a worker of one thread."""
+        return self.limit_for(1)
+
+    def limit_for(self, threads: int) -> int:
+        """Bytes: the memory limit of a worker of ``threads`` threads, which runs that many tasks at once.
+
+        ``ceil((baseline + threads x (task + headroom)) / pause)``: one process
+        baseline, and a task and its headroom per thread. ``limit_for(1)`` is
+        :attr:`limit`.
+        """
+        return math.ceil((self.baseline + max(1, threads) * (self.task + self.headroom)) / self.pause)
 
     @property
     def flag(self) -> str:
         """The limit as ``dask worker --memory-limit`` takes it, whole MiB rounded up: ``413MiB``."""
-        return f"{-(-self.limit // 2**20)}MiB"
+        return mib_flag(self.limit)
 
     def formula(self) -> str:
         """``task bound 136.6 MiB + baseline 96.00 MiB + headroom 98.15 MiB, / 0.8 pause``."""
@@ -592,6 +605,11 @@ class WorkerMemory:
     def describe(self) -> str:
         """``412.3 MiB (task bound 136.6 MiB + baseline 96.00 MiB + headroom 98.15 MiB, / 0.8 pause)``."""
         return f"{format_bytes(self.limit)} ({self.formula()})"
+
+
+def mib_flag(nbytes: int) -> str:
+    """``nbytes`` as ``dask worker --memory-limit`` takes it, whole MiB rounded up: ``413MiB``."""
+    return f"{-(-nbytes // 2**20)}MiB"
 
 
 def worker_memory(task_bytes: int, pause: float | None = None) -> WorkerMemory:

@@ -185,6 +185,7 @@ def compute_with_progress(
     show: bool = False,
     file: TextIO | None = None,
     interval: float = PLAIN_INTERVAL,
+    workers: Any = None,
 ) -> Any:
     """Compute ``graph`` on ``client`` (or the local ``scheduler``), showing the progress of ``total`` chunks.
 
@@ -202,6 +203,9 @@ def compute_with_progress(
         Where the progress goes; default ``sys.stderr``. A terminal gets a tqdm
         bar, anything else a plain line every ``interval`` seconds and one at
         the end (:class:`PlainProgress`).
+    workers : callable, optional
+        On a cluster, for a JobGraph: the workers each submission goes to
+        (see :meth:`dconv.graph.JobGraph.compute`).
     """
     file = sys.stderr if file is None else file
     collection = dask.is_dask_collection(graph)
@@ -212,6 +216,6 @@ def compute_with_progress(
         topic = progress_topic(url)
         client.subscribe_topic(topic, lambda event: bar.update(1))
         try:
-            return client.compute(graph).result() if collection else graph.compute(client=client)
+            return client.compute(graph).result() if collection else graph.compute(client=client, workers=workers)
         finally:
             client.unsubscribe_topic(topic)

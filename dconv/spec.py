@@ -28,8 +28,9 @@ are relative to the directory dconv runs in. Example::
     split_every = 8
 
     [cluster]                        # optional: default is the embedded local cluster
-    workers = 2                      # or: scheduler = "tcp://127.0.0.1:8786",
-                                     # or: scheduler_file = "scheduler.json"
+    workers = 2                      # or: scheduler = "tcp://127.0.0.1:8786" (or "threads"),
+                                     # or: scheduler_file = "scheduler.json",
+                                     # with wait_workers = 4, wait_timeout = 300
 
     [storage]                        # optional fsspec options, e.g. for s3://
     anon = false

@@ -21,6 +21,26 @@ def test_workers_must_be_a_positive_int(workers):
 
 
 @pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"wait_workers": 0}, "wait_workers must be an int >= 1; got 0 instead."),
+        ({"wait_timeout": 0}, "wait_timeout must be a number > 0; got 0 instead."),
+        ({"connect_timeout": "10"}, "connect_timeout must be a number > 0; got '10' instead."),
+        ({"scheduler": "tcp://host"}, "scheduler must be a Dask scheduler address such as tcp://host:8786, or one of "
+                                      "threads, synchronous; got 'tcp://host' instead."),
+    ],
+)
+def test_waiting_and_scheduler_values_are_checked(given, message):
+    with pytest.raises(InputError) as error:
+        ClusterOptions(**given)
+    assert str(error.value) == message
+
+
+def test_a_local_scheduler_is_no_cluster():
+    assert ClusterOptions(scheduler="threads").local == "threads" and ClusterOptions(scheduler="tcp://h:1").local is None
+
+
+@pytest.mark.parametrize(
     "given",
     [
         {"workers": 2, "scheduler": "tcp://127.0.0.1:8786"},
