@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -125,10 +126,12 @@ def test_resume_after_sigkill_of_whole_job(big_job, tmp_path, fraction):
     partial = dconv.open_result(str(out), allow_incomplete=True)
     assert partial["dA_prev"].shape == (BIG["m"], BIG["height"], BIG["width"], BIG["in_channels"])
 
-    # --resume, once the killed job's lease is stale, takes it over and computes only the missing chunks,
-    # and the result is the uninterrupted one, bit for bit
+    # the resume command inspect prints, run as printed once the killed job's lease is stale (its own
+    # timeout, 2 s), takes the lease over and computes only the missing chunks: the uninterrupted result
+    command = summary["resume_command"]
+    assert command == shlex.join(["dconv", "backward", str(big_job.input), str(out), "--resume", "--workers", "2"])
     assert wait_until(lambda: read_lease(out) is None or read_lease(out).age() > 2.5, timeout=10)
-    result = run_cli([*args, "--resume"], timeout=JOB_TIMEOUT)
+    result = run_cli(shlex.split(command)[1:], timeout=JOB_TIMEOUT)
     assert result.returncode == 0, describe(result)
     assert chunks_computed(result.stdout) == (N_CHUNKS - done, N_CHUNKS)
     assert status_of(out) == "complete"

@@ -113,8 +113,9 @@ class LeaseInfo:
         return time.time() - datetime.fromisoformat(self.heartbeat).timestamp()
 
     def limit(self, timeout: float) -> float:
-        """Seconds without a heartbeat after which a job whose timeout is ``timeout`` takes this lease over."""
-        return max(float(timeout), self.timeout)
+        """Seconds without a heartbeat after which another job takes this lease over: the holder's own
+        timeout, which it renews well within (``timeout``, the other job's own, is for its own lease)."""
+        return self.timeout
 
     def holder(self) -> str:
         return f"host {self.host}, pid {self.pid}"
