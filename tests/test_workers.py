@@ -300,7 +300,7 @@ def test_a_local_scheduler_on_the_command_line_and_in_a_spec(name, job, tmp_path
 
 
 @pytest.mark.parametrize("address, message", [
-    ("bogus", "scheduler must be a Dask scheduler address such as tcp://host:8786, or one of threads, synchronous; "
+    ("bogus", "--scheduler must be a Dask scheduler address such as tcp://host:8786, or one of threads, synchronous; "
               "got 'bogus' instead."),
     ("tcp://127.0.0.1:{port}", "could not connect to a Dask scheduler at 'tcp://127.0.0.1:{port}': "),
 ])
