@@ -356,3 +356,30 @@ def test_decoders_read_what_numcodecs_reads(codec):
     for size in (data.nbytes - 4, data.nbytes + 4):
         with pytest.raises(ValueError, match="chunk 0 decodes to"):
             decode(encoded, np.empty(size, dtype=np.uint8), "0")
+
+
+@pytest.mark.parametrize("store", ["local", "fsspec"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["chunks", "sharded"])
+def test_a_read_holds_what_read_memory_counts(reader, tmp_path, monkeypatch, store, sharded):
+    """tracemalloc's peak of reads that cut chunks at both ends: the result, one scratch chunk and,
+    fetched, the encoded chunks in flight (2 at once here); never a whole shard."""
+    import gc
+    import tracemalloc
+
+    rows, sample = 8, 64 * 1024
+    array = zarr.open_group(store_url(tmp_path, store), mode="w").create_array(
+        "x", shape=(64, 128, 128), chunks=(rows, 128, 128), dtype="float32",
+        **({"shards": (32, 128, 128)} if sharded else {}),
+    )
+    array[:] = np.random.default_rng(0).standard_normal(array.shape).astype("float32")
+    with zarr.config.set({"async.concurrency": 2}):
+        reader.read_rows(array, 3, 61)  # imports and first-call caches, outside the measurement
+        gc.collect()
+        tracemalloc.start()
+        try:
+            result = reader.read_rows(array, 3, 61)
+            peak = tracemalloc.get_traced_memory()[1] - result.nbytes
+        finally:
+            tracemalloc.stop()
+    encoded = 2 * rows * sample if store == "fsspec" else 0
+    assert peak <= rows * sample + encoded + 512 * 1024, (peak, store, sharded)  # + Python's own, zarr's loop

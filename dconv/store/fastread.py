@@ -63,7 +63,7 @@ from zarr.abc.buffer import Buffer
 from zarr.abc.store import RangeByteRequest
 from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec, ZstdCodec
-from zarr.storage import LocalStore, StorePath
+from zarr.storage import LocalStore, MemoryStore, StorePath
 
 __all__ = ["FAST_READ_ENV", "read_path", "read_rows"]
 
@@ -207,8 +207,9 @@ def read_path(array: Any) -> str | None:
     Returns
     -------
     str or None
-        ``"<chain>/mapped"`` (local chunk or shard files, mapped) or
-        ``"<chain>/fetched"`` (another store), ``<chain>`` naming the codecs
+        ``"<chain>/mapped"`` (local chunk or shard files, mapped), ``"<chain>/memory"``
+        (zarr's MemoryStore: its own buffers) or ``"<chain>/fetched"`` (another
+        store: the encoded chunks are fetched), ``<chain>`` naming the codecs
         (``raw``, ``zstd``, ``gzip``, ``blosc``, each maybe ``sharded+``); None when
         zarr's public read takes it (not a zarr array, a layout this reader
         does not decode, or the reader unavailable in this process).
@@ -221,7 +222,9 @@ def read_path(array: Any) -> str | None:
         return None
     if layout is None:
         return None
-    return f"{layout.name}/{'mapped' if isinstance(array.store, LocalStore) else 'fetched'}"
+    if isinstance(array.store, LocalStore):
+        return f"{layout.name}/mapped"
+    return f"{layout.name}/{'memory' if isinstance(array.store, MemoryStore) else 'fetched'}"
 
 
 # --------------------------------------------------------------------------- the read
@@ -365,14 +368,17 @@ class _Read:
         """Fetch the pieces' bytes, at most zarr's ``async.concurrency`` at once, and place each."""
         group = max(1, int(zarr.config.get("async.concurrency") or 1))
         for first in range(0, len(pieces), group):
-            batch = pieces[first : first + group]
-            wanted = [(i, where) for i, (_, _, where) in enumerate(batch) if where is not None]
-            fetched = _gather([_get(where) for _, where in wanted])
-            encoded: list[np.ndarray | None] = [None] * len(batch)
-            for (i, _), data in zip(wanted, fetched):
-                encoded[i] = None if data is None else data.as_numpy_array()
-            for (row, key, _), data in zip(batch, encoded):
-                self.place(row, key, data)
+            self._fetch_and_place_group(pieces[first : first + group])
+
+    def _fetch_and_place_group(self, pieces: list[tuple[int, str, Any]]) -> None:
+        """Fetch the pieces' bytes together and place each; they are freed when this returns."""
+        wanted = [(i, where) for i, (_, _, where) in enumerate(pieces) if where is not None]
+        fetched = _gather([_get(where) for _, where in wanted])
+        encoded: list[np.ndarray | None] = [None] * len(pieces)
+        for (i, _), data in zip(wanted, fetched):
+            encoded[i] = None if data is None else data.as_numpy_array()
+        for (row, key, _), data in zip(pieces, encoded):
+            self.place(row, key, data)
 
     # -- decoding
 
