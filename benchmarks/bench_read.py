@@ -127,8 +127,8 @@ def run(array: zarr.Array, rounds: int) -> dict[str, np.ndarray]:
 
 def stored_bytes(path: str) -> int:
     """Bytes on disk of the chunks (or shards) stored under ``path``."""
-    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files if f != "zarr.json")
-    return stored
+    files = (os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    return sum(os.path.getsize(file) for file in files if os.path.basename(file) != "zarr.json")
 
 
 def main() -> None:
@@ -156,7 +156,8 @@ def main() -> None:
         f"arrays (m={args.m}, 32, 32, 32) float32 in chunks of {args.chunk} samples ({chunk_mib:.0f} MiB), "
         f"standard normal noise; {args.rounds} interleaved rounds, medians of a pass\n"
     )
-    print(f"{'codec':13} {'stored':>7} {'read':5} {'GB/s per core':>13} {'GB/s wall':>10} {'path':>22}   zarr / fast (CPU)")
+    header = f"{'codec':13} {'stored':>7} {'read':5} {'GB/s per core':>13} {'GB/s wall':>10} {'path':>22}"
+    print(f"{header}   zarr / fast (CPU)")
     workdir = tempfile.mkdtemp(prefix="bench-read-", dir=args.dir)
     try:
         path = os.path.join(workdir, "in.zarr")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zarr
 import zarr.core.metadata
-from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, TransposeCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec, TransposeCodec, ZstdCodec
 from zarr.storage import LocalStore, StorePath
 
 from dconv import InputError
@@ -131,6 +131,27 @@ def test_every_codec_chain_is_read_fast_and_bitwise_as_zarr_reads_it(reader, tmp
         assert result is not None and result.flags.c_contiguous, (start, stop)
         assert_identical(result, np.asarray(array[start:stop]))
     assert reader._unavailable is None and not reader._warned
+
+
+@pytest.mark.parametrize("store", ["local", "fsspec"])
+def test_a_shard_index_at_the_start_without_crc32c(reader, tmp_path, store):
+    """Another index layout: at the start of the shard, bytes only (no crc32c): zarr's own index codecs decode it."""
+    sharding = ShardingCodec(
+        chunk_shape=(ROWS, 3, 2),
+        codecs=[BytesCodec(), GzipCodec()],
+        index_codecs=[BytesCodec()],
+        index_location="start",
+    )
+    array = zarr.open_group(store_url(tmp_path, store), mode="w").create_array(
+        "x", shape=(M, 3, 2), chunks=(SHARD, 3, 2), dtype="float64", fill_value=FILL, serializer=sharding,
+        compressors=None,
+    )
+    for start, stop in WRITTEN:
+        array[start:stop] = np.random.default_rng(start).standard_normal((stop - start, 3, 2))
+    assert array.metadata.codecs[0].index_location.value == "start"
+    assert reader.read_path(array).startswith("sharded+gzip/")
+    for start, stop in BOUNDS:
+        assert_identical(reader.read_rows(array, start, stop), np.asarray(array[start:stop]))
 
 
 @pytest.mark.parametrize("fill", [0.0, -0.0, np.nan, 3.25])
