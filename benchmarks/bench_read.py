@@ -1,22 +1,32 @@
-"""Input reads: dconv's fast chunk reader against zarr's public read, side by side.
+"""Input reads: dconv's fast chunk reader against zarr's public read, codec by codec.
 
 Run from the repository root, with the machine's OpenBLAS overrides unset for this
 command only (see the README's benchmark section)::
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_read.py
-    python benchmarks/bench_read.py --m 1024 --rounds 5     # quicker
+    python benchmarks/bench_read.py --m 512 --rounds 3 --codecs zstd none     # quicker
 
-It writes an input with ``make_inputs`` (by default m = 4096 in chunks of 256 samples,
-A_prev 32x32x16 and dZ 32x32x32 float32, Blosc LZ4 with shuffle) to a local store, then
-reads every chunk of A_prev and dZ with :func:`dconv.store.read_batch`, the fast reader
-on (``DCONV_FAST_READ`` unset) and off (``DCONV_FAST_READ=0``: zarr's ``array[start:stop]``).
-The two are interleaved chunk by chunk, the order alternating from round to round, so
-both see the same page cache and the same noise from other processes. Figures are
-medians over rounds: per chunk (the median over chunks of each chunk's median), and per
-pass over the whole array (the median over rounds of the summed chunk times). Both reads
-are checked to give the same bytes. Everything runs in one process; the chunk files
-stay in the page cache (written just before), so this times decoding and copying, not
-the disk.
+For each codec chain (``--codecs``; default all of them) it writes one float32 array
+of dZ's shape in the README's layer, (m, 32, 32, 32), m = 2048 by default, in chunks
+of 256 samples (32 MiB) to a local store:
+
+- ``zstd``: zarr-python 3's default codecs (bytes, then zstd level 0);
+- ``none``: bytes only;
+- ``blosc-lz4``: Blosc LZ4 with byte shuffle (what ``make_inputs`` writes);
+- ``gzip``: gzip level 5 (zarr's default level);
+- ``sharded+zstd``: shards of 1024 samples holding inner chunks of 256, bytes + zstd.
+
+Then it reads every chunk with :func:`dconv.store.read_batch`, the fast reader on
+(``DCONV_FAST_READ`` unset) and off (``DCONV_FAST_READ=0``: zarr's ``array[start:stop]``),
+interleaved chunk by chunk, the order alternating from round to round, so both see the
+same page cache and the same noise from other processes. Both are checked to give the
+same bytes. Everything runs in one process, Blosc on one thread (``numcodecs.blosc.use_threads
+= False``, as in a dconv worker's task thread); the chunk files stay in the page cache
+(written just before), so this times decoding and copying, not the disk.
+
+Figures are GB/s of decoded bytes (1 GB = 1e9 bytes): per core, the bytes over the CPU
+seconds the process spent (all its threads: zarr decodes in a thread pool), and per
+wall-clock second; each is the median over rounds of one pass over the array.
 """
 
 from __future__ import annotations
@@ -30,13 +40,24 @@ import tempfile
 import time
 
 import numcodecs
+import numcodecs.blosc
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
-from dconv.store import fastread, make_inputs, open_inputs, read_batch
+from dconv.store import fastread, read_batch
 
 MODES = ("fast", "zarr")
 """``fast``: dconv's fast chunk reader; ``zarr``: zarr's public read (``DCONV_FAST_READ=0``)."""
+
+CODECS = {
+    "zstd": {},  # zarr-python 3's default: bytes + zstd
+    "none": {"compressors": None},
+    "blosc-lz4": {"compressors": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)},
+    "gzip": {"compressors": GzipCodec(level=5)},
+    "sharded+zstd": {"compressors": ZstdCodec(), "shards": "shard"},
+}
+"""Codec chain -> ``create_array`` arguments (``"shard"`` stands for the shard shape)."""
 
 
 def cpu_description() -> str:
@@ -59,91 +80,102 @@ def cpu_description() -> str:
     )
 
 
-def read_chunk(array: zarr.Array, name: str, start: int, stop: int, mode: str) -> tuple[float, np.ndarray]:
-    """Seconds to read ``array[start:stop]`` through ``read_batch`` with the fast reader on or off, and the rows."""
+def write_array(path: str, codec: str, m: int, chunk: int, shard: int) -> zarr.Array:
+    """The array of ``codec``: (m, 32, 32, 32) float32 standard normal noise, written ``chunk`` samples at a time."""
+    options = dict(CODECS[codec])
+    if options.get("shards") == "shard":
+        options["shards"] = (shard, 32, 32, 32)
+    array = zarr.open_group(path, mode="a").create_array(
+        codec, shape=(m, 32, 32, 32), chunks=(chunk, 32, 32, 32), dtype="float32", **options
+    )
+    rng = np.random.default_rng(0)
+    step = options.get("shards", (chunk,))[0]
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        array[start:stop] = rng.standard_normal((stop - start, 32, 32, 32), dtype=np.float32)
+    return array
+
+
+def read_chunk(array: zarr.Array, start: int, stop: int, mode: str) -> tuple[float, float, np.ndarray]:
+    """Wall and CPU seconds to read ``array[start:stop]`` through ``read_batch`` with the fast reader on or off."""
     if mode == "zarr":
         os.environ[fastread.FAST_READ_ENV] = "0"
     else:
         os.environ.pop(fastread.FAST_READ_ENV, None)
-    began = time.perf_counter()
-    rows = read_batch(array, name, start, stop)
-    return time.perf_counter() - began, rows
+    wall, cpu = time.perf_counter(), time.process_time()
+    rows = read_batch(array, array.basename, start, stop)
+    return time.perf_counter() - wall, time.process_time() - cpu, rows
 
 
-def run(path: str, rounds: int) -> dict[str, dict[str, np.ndarray]]:
-    """``{array: {mode: seconds[round, chunk]}}`` over interleaved rounds."""
-    group = open_inputs(path)
-    arrays = {"A_prev": group.A_prev, "dZ": group.dZ}
-    times = {}
-    for name, array in arrays.items():
-        size, m = array.chunks[0], array.shape[0]
-        starts = range(0, m, size)
-        times[name] = {mode: np.empty((rounds, len(starts))) for mode in MODES}
-        for r in range(rounds):
-            order = MODES if r % 2 == 0 else MODES[::-1]
-            for c, start in enumerate(starts):
-                stop = min(start + size, m)
-                rows = {}
-                for mode in order:
-                    times[name][mode][r, c], rows[mode] = read_chunk(array, name, start, stop, mode)
-                if r == 0 and rows["fast"].tobytes() != rows["zarr"].tobytes():
-                    raise SystemExit(f"{name}[{start}:{stop}]: the fast read and zarr's read differ")
+def run(array: zarr.Array, rounds: int) -> dict[str, np.ndarray]:
+    """``{mode: seconds[round, wall or cpu]}``: one pass over the array's chunks per round, interleaved."""
+    size, m = array.chunks[0], array.shape[0]
+    times = {mode: np.zeros((rounds, 2)) for mode in MODES}
+    for r in range(rounds):
+        order = MODES if r % 2 == 0 else MODES[::-1]
+        for start in range(0, m, size):
+            stop = min(start + size, m)
+            rows = {}
+            for mode in order:
+                wall, cpu, rows[mode] = read_chunk(array, start, stop, mode)
+                times[mode][r] += (wall, cpu)
+            if r == 0 and rows["fast"].tobytes() != rows["zarr"].tobytes():
+                raise SystemExit(f"{array.basename}[{start}:{stop}]: the fast read and zarr's read differ")
     os.environ.pop(fastread.FAST_READ_ENV, None)
     return times
 
 
-def report(times: dict[str, dict[str, np.ndarray]], arrays: dict[str, zarr.Array]) -> None:
-    print(f"{'array':8} {'chunk':>18} {'read':5} {'per chunk':>10} {'per pass':>9}   zarr / fast")
-    totals = {mode: 0.0 for mode in MODES}
-    for name, by_mode in times.items():
-        array = arrays[name]
-        chunk_mib = array.chunks[0] * np.prod(array.shape[1:]) * np.dtype(array.dtype).itemsize / 2**20
-        per_chunk = {mode: float(np.median(np.median(t, axis=0))) for mode, t in by_mode.items()}
-        per_pass = {mode: float(np.median(t.sum(axis=1))) for mode, t in by_mode.items()}
-        for mode in MODES:
-            totals[mode] += per_pass[mode]
-            ratio = (
-                f"{per_chunk['zarr'] / per_chunk['fast']:.2f}x per chunk, "
-                f"{per_pass['zarr'] / per_pass['fast']:.2f}x per pass"
-                if mode == "zarr"
-                else ""
-            )
-            print(
-                f"{name:8} {f'{array.chunks[0]} ({chunk_mib:.0f} MiB)':>18} {mode:5} "
-                f"{per_chunk[mode] * 1e3:8.1f} ms {per_pass[mode]:7.3f} s   {ratio}"
-            )
-    print(
-        f"both arrays, one pass: fast {totals['fast']:.3f} s, zarr {totals['zarr']:.3f} s "
-        f"(zarr / fast {totals['zarr'] / totals['fast']:.2f}x)"
-    )
+def stored_bytes(path: str) -> int:
+    """Bytes on disk of the chunks (or shards) stored under ``path``."""
+    files = (os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    return sum(os.path.getsize(file) for file in files if os.path.basename(file) != "zarr.json")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--m", type=int, default=4096, help="samples in the input (default 4096)")
+    parser.add_argument("--m", type=int, default=2048, help="samples in each array (default 2048)")
     parser.add_argument("--chunk", type=int, default=256, help="samples per chunk (default 256)")
+    parser.add_argument("--shard", type=int, default=1024, help="samples per shard of sharded+zstd (default 1024)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
-    parser.add_argument("--dir", default=None, help="where to write the input (default: a temporary directory)")
+    parser.add_argument("--codecs", nargs="+", choices=list(CODECS), default=list(CODECS), help="default: all")
+    parser.add_argument("--dir", default=None, help="where to write the arrays (default: a temporary directory)")
     args = parser.parse_args()
 
+    numcodecs.blosc.use_threads = False  # one thread, as in a dconv worker's task
     print(cpu_description())
     print(
         f"numpy {np.__version__}, zarr {zarr.__version__}, numcodecs {numcodecs.__version__} "
-        f"(Blosc threads {numcodecs.blosc.get_nthreads()}); fast reader available: "
-        f"{fastread._unavailable is None}"
+        f"(Blosc on one thread); fast reader available: {fastread._unavailable is None}; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", fastread.FAST_READ_ENV):
         if key in os.environ:
             print(f"note: {key}={os.environ[key]} is set")
+    chunk_mib = args.chunk * 32 * 32 * 32 * 4 / 2**20
+    print(
+        f"arrays (m={args.m}, 32, 32, 32) float32 in chunks of {args.chunk} samples ({chunk_mib:.0f} MiB), "
+        f"standard normal noise; {args.rounds} interleaved rounds, medians of a pass\n"
+    )
+    header = f"{'codec':13} {'stored':>7} {'read':5} {'GB/s per core':>13} {'GB/s wall':>10} {'path':>22}"
+    print(f"{header}   zarr / fast (CPU)")
     workdir = tempfile.mkdtemp(prefix="bench-read-", dir=args.dir)
     try:
         path = os.path.join(workdir, "in.zarr")
-        began = time.perf_counter()
-        make_inputs(path, m=args.m, chunk=args.chunk)
-        print(f"input: m={args.m}, chunks of {args.chunk}, written in {time.perf_counter() - began:.1f} s; "
-              f"{args.rounds} interleaved rounds, medians\n")
-        group = open_inputs(path)
-        report(run(path, args.rounds), {"A_prev": group.A_prev, "dZ": group.dZ})
+        for codec in args.codecs:
+            array = write_array(path, codec, args.m, args.chunk, args.shard)
+            nbytes = array.nbytes
+            stored = stored_bytes(os.path.join(path, codec)) / nbytes
+            times = run(array, args.rounds)
+            wall = {mode: float(np.median(t[:, 0])) for mode, t in times.items()}
+            cpu = {mode: float(np.median(t[:, 1])) for mode, t in times.items()}
+            for mode in MODES:
+                ratio = f"{cpu['zarr'] / cpu['fast']:.2f}x" if mode == "zarr" else ""
+                where = (fastread.read_path(array) or "zarr") if mode == "fast" else "zarr"
+                print(
+                    f"{codec:13} {stored:7.3f} {mode:5} {nbytes / cpu[mode] / 1e9:13.2f} "
+                    f"{nbytes / wall[mode] / 1e9:10.2f} {where:>22}   {ratio}"
+                )
+            shutil.rmtree(os.path.join(path, codec), ignore_errors=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

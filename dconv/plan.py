@@ -40,7 +40,7 @@ from dconv.params import ConvGeometry, ConvParams, backward_geometry, output_sha
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
 from dconv.store import InputGroup, OutputStore, absolute_location, fingerprint, place_layout
-from dconv.store.fastread import FAST_READ_ENV
+from dconv.store.fastread import FAST_READ_ENV, read_path
 from dconv.store.inputs import compressor, job_inputs, read_whole
 from dconv.store.layout import DIMENSIONS, PROGRESS, Kind
 from dconv.store.lease import check_unheld
@@ -98,6 +98,10 @@ class JobPlan:
         (None for in-memory arrays).
     input_chunks : dict
         The Zarr chunk along m of each of ``A_prev`` and ``dZ`` read from Zarr.
+    input_reads : dict
+        How each of those is read (:func:`dconv.store.fastread.read_path`):
+        ``"<codecs>/mapped"``, ``"<codecs>/memory"``, ``"<codecs>/fetched"``, or
+        None for zarr's public read.
     input_recipe : InputRecipe or None
         Set by :func:`plan_recipe`: the input does not exist yet and this recipe
         would make it; such a plan describes the job but cannot run it.
@@ -118,6 +122,7 @@ class JobPlan:
     input_location: str
     input_chunk: int | None
     input_chunks: dict[str, int] = field(default_factory=dict)
+    input_reads: dict[str, str | None] = field(default_factory=dict)
     input_recipe: InputRecipe | None = None
 
     @property
@@ -197,7 +202,8 @@ class JobPlan:
         """
         size = min(self.batch_chunk, self.m)
         return task_memory(
-            size, self.shapes, self.geometry, self.compute_dtype, self.input_chunks, self.dtypes, stats=self.options.stats
+            size, self.shapes, self.geometry, self.compute_dtype, self.input_chunks, self.dtypes,
+            stats=self.options.stats, input_reads=self.input_reads,
         )
 
     def worker_memory(self) -> WorkerMemory:
@@ -442,6 +448,7 @@ def task_memory(
     input_chunks: Mapping[str, int] | None = None,
     dtypes: Mapping[str, Any] | None = None,
     stats: bool = False,
+    input_reads: Mapping[str, str | None] | None = None,
 ) -> int:
     """Bytes one chunk task of ``batch`` samples holds at its peak (an upper bound).
 
@@ -470,6 +477,9 @@ def task_memory(
     stats : bool
         The task computes the per-sample statistics too: the kernel's bound
         counts them, and the chunk's top list sorts its norms (:func:`top_samples_bytes`).
+    input_reads : mapping, optional
+        How each array of ``input_chunks`` is read (:func:`dconv.store.fastread.read_path`);
+        an array not named is taken to be read by the fast reader from local files.
     """
     m, height, width, c_prev = shapes["A_prev"]
     _, n_h, n_w, c_out = shapes["dZ"]
@@ -483,24 +493,41 @@ def task_memory(
         stored = np.dtype((dtypes or {}).get(name, dtype)).itemsize
         sample_bytes = stored * math.prod(shapes[name][1:])
         cast = batch * sample_bytes if stored != itemsize else 0  # the block as stored, until astype is done
-        reading = max(reading, read_memory(batch, m, chunk, sample_bytes) + cast)
+        path = (input_reads or {}).get(name, "/mapped")
+        fast = None if path is not None else False  # None: unless DCONV_FAST_READ=0
+        held = read_memory(batch, m, chunk, sample_bytes, fast, fetched=path is not None and path.endswith("/fetched"))
+        reading = max(reading, held + cast)
     return blocks + max(working, reading)
 
 
-def read_memory(batch: int, m: int, chunk: int, sample_bytes: int, fast_reader: bool | None = None) -> int:
+def read_memory(
+    batch: int, m: int, chunk: int, sample_bytes: int, fast_reader: bool | None = None, *, fetched: bool = False
+) -> int:
     """Bytes a task of ``batch`` samples holds, besides its block, while it reads one Zarr input array.
 
-    Tasks read samples ``[i*batch, (i+1)*batch)``. A read of whole input chunks
-    (``batch`` a multiple of ``chunk``, or one task for all ``m``) goes through
-    dconv's fast reader, which decodes each chunk straight into the block:
-    nothing more. A read that cuts an input chunk goes through zarr's public
-    read, which, for every chunk the read touches (up to zarr's
-    ``async.concurrency`` at once, 10 by default), holds the chunk's encoded
-    bytes and the decoded chunk before it copies the rows it needs: up to
+    Tasks read samples ``[i*batch, (i+1)*batch)``; ``chunk`` is the array's
+    chunk along m (a sharded array's inner chunk).
+
+    zarr's public read (``DCONV_FAST_READ=0``, or a layout dconv's fast reader
+    does not decode) holds, for every chunk the read touches (up to zarr's
+    ``async.concurrency`` at once, 10 by default), the chunk's encoded bytes
+    and the decoded chunk before it copies the rows it needs: up to
     ``2 * chunk * sample_bytes`` per chunk (Blosc never grows data by more than
-    16 bytes, and random floats shrink only 6 %). The worst task touches
-    ``ceil((chunk - g + batch) / chunk)`` chunks, ``g = gcd(batch, chunk)``: one
-    when ``batch`` divides ``chunk``, else up to ``ceil(batch / chunk) + 1``.
+    16 bytes, zstd by 0.4 %, and random floats shrink only 6 %). The worst task
+    touches ``ceil((chunk - g + batch) / chunk)`` chunks, ``g = gcd(batch, chunk)``:
+    one when ``batch`` divides ``chunk``, else up to ``ceil(batch / chunk) + 1``.
+
+    The fast reader decodes each chunk the read covers whole straight into the
+    block, and a chunk it cuts (the task's bounds, or the array's end inside the
+    last chunk, ``m % chunk``) into one scratch chunk, reused:
+    ``chunk * sample_bytes``. It holds no encoded bytes of local files (mapped:
+    the page cache, which the RSS counts while a mapping is read, not the heap)
+    or of zarr's MemoryStore (the store's own buffers); from other stores
+    (``fetched``) it holds up to ``async.concurrency`` encoded chunks at once.
+    A read that cuts a chunk counts zarr's term, which is larger. Not counted:
+    gzip's pieces (256 KiB) and a shard's index (16 bytes per inner chunk); a
+    zstd chunk in several frames, or whose frame does not state its size (not
+    what numcodecs, hence zarr-python, writes), holds one more decoded chunk.
 
     Measured (AMD EPYC Zen 3; m = 2048 of 32x32x16 -> 32, float32, 256
     samples per task; tracemalloc's peak of a task run in process): input
@@ -522,16 +549,20 @@ def read_memory(batch: int, m: int, chunk: int, sample_bytes: int, fast_reader: 
     sample_bytes : int
         Bytes of one sample as stored.
     fast_reader : bool, optional
-        Whether whole chunks are read by the fast reader; default: unless
+        Whether the fast reader reads the array; default: unless
         ``DCONV_FAST_READ=0`` (then every read goes through zarr).
+    fetched : bool
+        The fast reader fetches the chunks from a store other than local files
+        or zarr's MemoryStore.
     """
     if fast_reader is None:
         fast_reader = os.environ.get(FAST_READ_ENV, "").strip() != "0"
     whole = batch % chunk == 0 or batch >= m
-    if whole and fast_reader:
-        return 0
     touched = -(-min(batch, m) // chunk) if whole else -(-(chunk - math.gcd(batch, chunk) + batch) // chunk)
     in_flight = min(touched, -(-m // chunk), int(zarr.config.get("async.concurrency") or touched))
+    if whole and fast_reader:
+        scratch = chunk * sample_bytes if m % chunk else 0
+        return scratch + (in_flight * chunk * sample_bytes if fetched else 0)
     return in_flight * 2 * chunk * sample_bytes
 
 
@@ -750,6 +781,7 @@ def choose_batch_chunk(
     dtype: Any,
     input_chunks: Mapping[str, int] | None = None,
     dtypes: Mapping[str, Any] | None = None,
+    input_reads: Mapping[str, str | None] | None = None,
 ) -> int:
     """The samples per task: ``options.batch_chunk`` if given, else the default or what ``max_memory`` allows.
 
@@ -761,7 +793,7 @@ def choose_batch_chunk(
 
     Parameters
     ----------
-    input_chunks, dtypes : mapping, optional
+    input_chunks, dtypes, input_reads : mapping, optional
         As for :func:`task_memory`.
 
     Raises
@@ -775,7 +807,9 @@ def choose_batch_chunk(
         return aligned(DEFAULT_BATCH_CHUNK, chunk) if batch_chunk is None else batch_chunk
 
     def need(batch: int) -> int:
-        return task_memory(batch, shapes, geometry, dtype, input_chunks, dtypes, stats=options.stats)
+        return task_memory(
+            batch, shapes, geometry, dtype, input_chunks, dtypes, stats=options.stats, input_reads=input_reads
+        )
 
     if batch_chunk is not None and need(batch_chunk) <= budget:
         return batch_chunk
@@ -884,7 +918,8 @@ def plan_job(
     dtypes = {name: str(np.dtype(array.dtype)) for name, array in inputs.arrays.items()}
     streamed = {name: inputs.arrays[name] for name in ("A_prev", "dZ")}
     input_chunks = {name: int(array.chunks[0]) for name, array in streamed.items() if isinstance(array, zarr.Array)}
-    batch_chunk = choose_batch_chunk(options, shapes, geometry, compute_dtype, input_chunks, dtypes)
+    input_reads = {name: read_path(streamed[name]) for name in input_chunks}
+    batch_chunk = choose_batch_chunk(options, shapes, geometry, compute_dtype, input_chunks, dtypes, input_reads)
     bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
 
     layout = place_layout(
@@ -909,6 +944,7 @@ def plan_job(
         input_location=inputs.location,
         input_chunk=inputs.chunk_along_m,
         input_chunks=input_chunks,
+        input_reads=input_reads,
     )
     if stored is not None:
         plan.check_resumable(stored)

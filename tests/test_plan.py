@@ -306,3 +306,22 @@ def test_no_progress_when_not_shown():
     stream = io.StringIO()
     assert compute_with_progress(chunk_graph(3), "url", 3, scheduler="threads", show=False, file=stream) == 3
     assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    "m, fetched, expected",
+    [(40, False, 0), (42, False, 8), (40, True, 2 * 8), (42, True, 8 + 2 * 8)],
+    ids=["whole", "partial-last-chunk", "fetched", "fetched-partial-last-chunk"],
+)
+def test_read_memory_of_the_fast_reader_reading_whole_chunks(monkeypatch, m, fetched, expected):
+    """Tasks of 16 samples, chunks of 8: a scratch chunk for the array's partial last chunk, and the
+    encoded chunks a fetched read holds (2 at once), are counted; mapped local files hold none."""
+    monkeypatch.delenv("DCONV_FAST_READ", raising=False)
+    assert read_memory(16, m, 8, 1, fetched=fetched) == expected
+    assert read_memory(16, m, 8, 1, fast_reader=False) == 2 * 2 * 8
+    assert read_memory(4, m, 8, 1, fetched=fetched) == 2 * 8  # a cut: zarr's term, larger than the fast reader's
+
+
+def test_the_plan_knows_how_each_input_is_read(make_input, tmp_path):
+    plan = plan_job(make_input(m=40, chunk=4, padding=1), tmp_path / "out.zarr", batch_chunk=4)
+    assert plan.input_reads == {"A_prev": "blosc/mapped", "dZ": "blosc/mapped"}
