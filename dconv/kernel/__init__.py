@@ -54,22 +54,6 @@ from dconv.params import (
     result_dtype,
 )
 
-# The compiled-loop policy and the thread tunable, importable from here too. Each is read at call
-# time in its own module: to replace one, patch it there (dconv.kernel.dispatch.COMPILED_RULES,
-# dconv.kernel.threads.MIN_SLICE_FLOPS), not here.
-from dconv.kernel.dispatch import (  # noqa: F401
-    ANY,
-    COMPILED_LANES,
-    COMPILED_NARROW,
-    COMPILED_NARROW_WEIGHT,
-    COMPILED_RULES,
-    CompiledRule,
-    compiled_level,
-    use_compiled_input_grad,
-    use_compiled_weight_grad,
-)
-from dconv.kernel.threads import MIN_SLICE_FLOPS  # noqa: F401
-
 __all__ = [
     "GradientStats",
     "Gradients",
