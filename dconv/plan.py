@@ -34,7 +34,7 @@ from dconv.graph import (
     chunk_task,
 )
 from dconv.kernel import backward_working_set
-from dconv.kernel.stats import top_samples_bytes
+from dconv.statistics import top_samples_bytes
 from dconv.options import InputRecipe, JobOptions
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, output_shape, result_dtype
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
