@@ -139,15 +139,12 @@ class JobInputs:
         Where they came from, without credentials (``"<in-memory arrays>"`` for arrays).
     zarr_location : str or None
         The input group's location; None for in-memory arrays.
-    chunk_along_m : int or None
-        The larger Zarr chunk along m of ``A_prev`` and ``dZ`` (None if neither is a Zarr array).
     """
 
     arrays: dict[str, Any]
     hparameters: dict | None
     location: str
     zarr_location: str | None
-    chunk_along_m: int | None
 
 
 def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) -> JobInputs:
@@ -162,7 +159,7 @@ def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) ->
         inputs = open_inputs(str(inputs), storage_options)
     if isinstance(inputs, InputGroup):
         arrays = {name: getattr(inputs, name) for name in INPUT_ARRAYS}
-        return JobInputs(arrays, inputs.hparameters, inputs.location, inputs.location, _chunk_along_m(arrays))
+        return JobInputs(arrays, inputs.hparameters, inputs.location, inputs.location)
     if not isinstance(inputs, Mapping):
         raise InputError(
             f"inputs must be a Zarr group path/URL or a mapping of arrays; got {type(inputs).__name__} instead."
@@ -177,13 +174,7 @@ def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) ->
             array = np.asarray(array)
         check_float_dtype(name, array.dtype)
         arrays[name] = array
-    return JobInputs(arrays, None, "<in-memory arrays>", None, _chunk_along_m(arrays))
-
-
-def _chunk_along_m(arrays: Mapping[str, Any]) -> int | None:
-    """The larger Zarr chunk along m of ``A_prev`` and ``dZ`` (None if neither is a Zarr array)."""
-    chunks = [arrays[name].chunks[0] for name in ("A_prev", "dZ") if isinstance(arrays[name], zarr.Array)]
-    return max(chunks) if chunks else None
+    return JobInputs(arrays, None, "<in-memory arrays>", None)
 
 
 def _open_node(group: zarr.Group, name: str, location: str) -> zarr.Array | zarr.Group | None:
