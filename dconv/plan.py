@@ -213,7 +213,7 @@ class JobPlan:
         return report.warnings(self, n_workers, threads_per_worker, cores)
 
     def straddle_warning(self) -> str | None:
-        """The warning that tasks cut the input's Zarr chunks along m, or None (:func:`dconv.report.straddle_warning`)."""
+        """The warning that tasks cut the input's Zarr chunks along m, or None (see :mod:`dconv.report`)."""
         return report.straddle_warning(self)
 
     def open_output(self, cluster: Mapping[str, Any] | None = None) -> np.ndarray:

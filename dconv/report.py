@@ -148,5 +148,6 @@ def straddle_warning(plan: JobPlan) -> str | None:
         f"dconv: warning: {tasks} not a multiple of the input's Zarr chunk {chunk} "
         f"along m: tasks decode each input chunk {f'{decodes:.1f}'.removesuffix('.0')} times and hold the "
         f"chunks they cut whole{held}; {advice}"
-        + ("" if small_task(size, plan.shapes, plan.geometry) is not None else f", or input chunks of {size} (or a divisor)")
+        + ("" if small_task(size, plan.shapes, plan.geometry) is not None
+           else f", or input chunks of {size} (or a divisor)")
     )

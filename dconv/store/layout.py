@@ -40,7 +40,17 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from dconv.statistics import DB_SQ, DW_SQ, SAMPLE_GRAD_NORM2, STATS, TOP, TOP_DTYPE, TOP_SAMPLES, gradient_figures, merge_top
+from dconv.statistics import (
+    DB_SQ,
+    DW_SQ,
+    SAMPLE_GRAD_NORM2,
+    STATS,
+    TOP,
+    TOP_DTYPE,
+    TOP_SAMPLES,
+    gradient_figures,
+    merge_top,
+)
 
 __all__ = [
     "Kind",
