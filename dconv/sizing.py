@@ -88,7 +88,7 @@ def task_memory(
         The stored dtype of each input array; default ``dtype``.
     stats : bool
         The task computes the per-sample statistics too: the kernel's bound
-        counts them, and the chunk's top list sorts its norms (:func:`top_samples_bytes`).
+        counts them, and the chunk's top list sorts its norms (:func:`dconv.statistics.top_samples_bytes`).
     input_reads : mapping, optional
         How each array of ``input_chunks`` is read (:func:`dconv.store.read_path`);
         an array not named is taken to be read by the fast reader from local files.
@@ -191,7 +191,7 @@ def worker_memory(task_bytes: int, pause: float | None = None) -> WorkerMemory:
     Parameters
     ----------
     task_bytes : int
-        The task bound (:meth:`JobPlan.task_memory`).
+        The task bound (:meth:`dconv.plan.JobPlan.task_memory`).
     pause : float, optional
         Default: ``distributed.worker.memory.pause`` from dask.config; where that
         is off, ``terminate``; where both are off, 1.
