@@ -62,7 +62,7 @@ from dask.task_spec import DataNode, List, Task, TaskRef
 from dconv import simd
 from dconv.errors import InputError
 from dconv.kernel import backward_kernel
-from dconv.kernel.stats import top_samples
+from dconv.statistics import top_samples
 from dconv.options import JobOptions
 from dconv.params import ConvGeometry
 from dconv.progress import CHUNK_PREFIX, report_chunk_done

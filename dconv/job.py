@@ -65,7 +65,7 @@ class JobResult:
     ``result.nonfinite``, the count of NaN and Inf values in each of
     ``dA_prev``, ``dW`` and ``db``. ``dA_prev`` is in the output group. With
     ``stats=True``, ``result.stats`` holds the gradient figures (the noise
-    scale, the top samples: :func:`dconv.kernel.stats.noise_figures`), and
+    scale, the top samples: :func:`dconv.statistics.noise_figures`), and
     ``result.values["stats/dW_sq"]`` and ``["stats/db_sq"]`` the float64 sums;
     each sample's ``|g_i|^2`` is in the output group, ``stats/sample_grad_norm2``.
 

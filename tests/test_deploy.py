@@ -235,7 +235,7 @@ def test_the_worker_memory_formula():
     """limit = (task bound + baseline + headroom) / pause, the pause fraction read from dask.config."""
     import dask.config
 
-    from dconv.plan import WORKER_BASELINE, worker_memory
+    from dconv.sizing import WORKER_BASELINE, worker_memory
 
     task = 100 * 2**20
     memory = worker_memory(task)

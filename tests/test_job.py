@@ -467,7 +467,8 @@ def test_max_memory_refuses_what_is_not_a_size(text):
 
 
 def test_max_memory_chooses_the_largest_chunk_that_fits(make_input, tmp_path):
-    from dconv.plan import plan_job, task_memory
+    from dconv.plan import plan_job
+    from dconv.sizing import task_memory
 
     group = zarr.open_group(make_input(m=40), mode="r")
     inp = {name: group[name][:] for name in ("A_prev", "dZ", "W")}  # in memory: no Zarr chunk to align to

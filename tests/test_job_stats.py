@@ -344,7 +344,7 @@ def test_task_memory_counts_the_statistics(make_input, tmp_path):
 
 def test_top_samples_merge_the_same_way_whatever_the_tree():
     """The top list is reduced by merging: the same list from any grouping of the chunks."""
-    from dconv.kernel.stats import merge_top, top_samples
+    from dconv.statistics import merge_top, top_samples
 
     norm2 = np.random.default_rng(1).standard_normal(50) ** 2
     norm2[[7, 30]] = norm2[3]  # ties are broken by the lower index

@@ -16,7 +16,8 @@ import zarr
 import dconv
 from _fault_helpers import assert_bitwise_equal, provenance_of
 from dconv.plan import plan_job
-from dconv.store.summary import format_stats, resume_command
+from dconv.statistics import format_stats
+from dconv.store.summary import resume_command
 
 JOBS = {
     "geometry": dict(batch_chunk=4, split_every=2, stride=2, padding="same", dilation=1),

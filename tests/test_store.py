@@ -210,3 +210,20 @@ def test_store_exists(tmp_path):
     assert store_exists(str(tmp_path / "file"))
     assert store_exists(f"file://{tmp_path / 'file'}")
     assert not store_exists(f"file://{tmp_path / 'nothing'}")
+
+
+@pytest.mark.parametrize("recipe", [dict(m=40, chunk=16), dict(m=9, chunk=16, stride=2, padding=1, dtype="float64")])
+def test_recipe_metadata_is_what_make_inputs_writes(tmp_path, recipe):
+    """The in-memory metadata of a recipe's group: the arrays make_inputs writes, as Zarr describes them."""
+    from dconv.options import InputRecipe
+    from dconv.store import recipe_metadata
+
+    recipe = InputRecipe(height=8, width=8, in_channels=3, out_channels=4, **recipe)
+    location = str(tmp_path / "in.zarr")
+    planned = recipe_metadata(recipe, location)
+    assert list(tmp_path.iterdir()) == []
+    written = open_inputs(dconv.make_inputs(location, recipe))
+    for name in ("A_prev", "dZ", "W"):
+        ours, theirs = getattr(planned, name).metadata.to_dict(), getattr(written, name).metadata.to_dict()
+        assert ours == theirs, name
+    assert planned.hparameters == written.hparameters and planned.location == written.location

@@ -22,7 +22,7 @@ from dask.utils import format_bytes
 
 import dconv
 from dconv.cluster import ClusterOptions, check_workers, read_scheduler_file
-from dconv.plan import worker_memory
+from dconv.sizing import worker_memory
 from dconv.progress import CHUNK_PREFIX
 
 from _pipeline import read_inputs, read_output

@@ -3,7 +3,8 @@
 - :mod:`~dconv.store.layout`: the table of every output array and figure a job writes.
 - :mod:`~dconv.store.output`: the output group: safety checks, create or resume, chunk writes, the finish.
 - :mod:`~dconv.store.records`: a running job's bookkeeping, one record per node of the reduction tree.
-- :mod:`~dconv.store.inputs`: input groups: open and check, read rows, write synthetic ones.
+- :mod:`~dconv.store.inputs`: input groups: open and check, read rows (and what a read holds), write
+  synthetic ones, or give their metadata in memory.
 - :mod:`~dconv.store.writer`: input groups written a batch at a time (``InputWriter``), e.g. from PyTorch.
 - :mod:`~dconv.store.summary`: what ``dconv inspect`` reports.
 - :mod:`~dconv.store.ownership`: the overwrite rule: what dconv may replace (its own groups) and how.
@@ -13,7 +14,20 @@
 
 from __future__ import annotations
 
-from dconv.store.inputs import INPUT_ARRAYS, InputGroup, compressor, make_inputs, open_inputs, read_batch
+from dconv.store.fastread import read_path
+from dconv.store.inputs import (
+    INPUT_ARRAYS,
+    InputGroup,
+    compressor,
+    job_inputs,
+    make_inputs,
+    open_inputs,
+    read_batch,
+    read_memory,
+    read_whole,
+    recipe_metadata,
+)
+from dconv.store.lease import check_unheld
 from dconv.store.layout import DIMENSIONS, OUTPUT_LAYOUT, PROGRESS, Kind, OutputEntry, OutputLayout, place_layout
 from dconv.store.locations import absolute_location, is_local, open_group, public_location, store_exists
 from dconv.store.output import (
@@ -26,6 +40,7 @@ from dconv.store.output import (
     open_output,
     open_result,
 )
+from dconv.store.records import tree_height, tree_nodes
 from dconv.store.summary import format_levels, format_summary, summarize
 from dconv.store.writer import InputWriter, torch_conv_params
 
@@ -44,11 +59,13 @@ __all__ = [
     "OutputLayout",
     "OutputStore",
     "absolute_location",
+    "check_unheld",
     "compressor",
     "fingerprint",
     "format_levels",
     "format_summary",
     "is_local",
+    "job_inputs",
     "make_inputs",
     "now",
     "open_group",
@@ -58,7 +75,13 @@ __all__ = [
     "place_layout",
     "public_location",
     "read_batch",
+    "read_memory",
+    "read_path",
+    "read_whole",
+    "recipe_metadata",
     "store_exists",
     "summarize",
     "torch_conv_params",
+    "tree_height",
+    "tree_nodes",
 ]

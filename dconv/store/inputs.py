@@ -8,6 +8,7 @@ optional ``hparameters`` attribute (the classic ``{"stride", "pad"}`` dict).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,20 @@ from dconv.store.layout import DIMENSIONS
 from dconv.store.locations import absolute_location, create_group, open_group, public_location, store_exists
 from dconv.store.ownership import INPUT_MARKER, check_replaceable, input_marker, remove_own
 
-__all__ = ["INPUT_ARRAYS", "InputGroup", "JobInputs", "job_inputs", "open_inputs", "read_batch", "make_inputs", "compressor"]
+__all__ = [
+    "INPUT_ARRAYS",
+    "InputGroup",
+    "JobInputs",
+    "job_inputs",
+    "open_inputs",
+    "read_batch",
+    "read_memory",
+    "read_whole",
+    "recipe_metadata",
+    "recipe_shapes",
+    "make_inputs",
+    "compressor",
+]
 
 INPUT_ARRAYS = ("A_prev", "dZ", "W")
 
@@ -125,15 +139,12 @@ class JobInputs:
         Where they came from, without credentials (``"<in-memory arrays>"`` for arrays).
     zarr_location : str or None
         The input group's location; None for in-memory arrays.
-    chunk_along_m : int or None
-        The larger Zarr chunk along m of ``A_prev`` and ``dZ`` (None if neither is a Zarr array).
     """
 
     arrays: dict[str, Any]
     hparameters: dict | None
     location: str
     zarr_location: str | None
-    chunk_along_m: int | None
 
 
 def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) -> JobInputs:
@@ -148,7 +159,7 @@ def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) ->
         inputs = open_inputs(str(inputs), storage_options)
     if isinstance(inputs, InputGroup):
         arrays = {name: getattr(inputs, name) for name in INPUT_ARRAYS}
-        return JobInputs(arrays, inputs.hparameters, inputs.location, inputs.location, _chunk_along_m(arrays))
+        return JobInputs(arrays, inputs.hparameters, inputs.location, inputs.location)
     if not isinstance(inputs, Mapping):
         raise InputError(
             f"inputs must be a Zarr group path/URL or a mapping of arrays; got {type(inputs).__name__} instead."
@@ -163,13 +174,7 @@ def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) ->
             array = np.asarray(array)
         check_float_dtype(name, array.dtype)
         arrays[name] = array
-    return JobInputs(arrays, None, "<in-memory arrays>", None, _chunk_along_m(arrays))
-
-
-def _chunk_along_m(arrays: Mapping[str, Any]) -> int | None:
-    """The larger Zarr chunk along m of ``A_prev`` and ``dZ`` (None if neither is a Zarr array)."""
-    chunks = [arrays[name].chunks[0] for name in ("A_prev", "dZ") if isinstance(arrays[name], zarr.Array)]
-    return max(chunks) if chunks else None
+    return JobInputs(arrays, None, "<in-memory arrays>", None)
 
 
 def _open_node(group: zarr.Group, name: str, location: str) -> zarr.Array | zarr.Group | None:
@@ -229,6 +234,65 @@ def read_batch(array: zarr.Array, name: str, start: int, stop: int) -> np.ndarra
         ) from e
 
 
+def read_memory(
+    batch: int, m: int, chunk: int, sample_bytes: int, fast_reader: bool | None = None, *, fetched: bool = False
+) -> int:
+    """Bytes a task of ``batch`` samples holds, besides its block, while it reads one Zarr input array.
+
+    Tasks read samples ``[i*batch, (i+1)*batch)``; ``chunk`` is the array's
+    chunk along m (a sharded array's inner chunk).
+
+    zarr's public read (``DCONV_FAST_READ=0``, or a layout dconv's fast reader
+    does not decode) holds, for every chunk the read touches (up to zarr's
+    ``async.concurrency`` at once, 10 by default), the chunk's encoded bytes
+    and the decoded chunk before it copies the rows it needs: up to
+    ``2 * chunk * sample_bytes`` per chunk (Blosc never grows data by more than
+    16 bytes, zstd by 0.4 %, and random floats shrink only 6 %). The worst task
+    touches ``ceil((chunk - g + batch) / chunk)`` chunks, ``g = gcd(batch, chunk)``:
+    one when ``batch`` divides ``chunk``, else up to ``ceil(batch / chunk) + 1``.
+
+    The fast reader decodes each chunk the read covers whole straight into the
+    block, and a chunk it cuts (the task's bounds, or the array's end inside the
+    last chunk, ``m % chunk``) into one scratch chunk, reused:
+    ``chunk * sample_bytes``. It holds no encoded bytes of local files (mapped:
+    the page cache, which the RSS counts while a mapping is read, not the heap)
+    or of zarr's MemoryStore (the store's own buffers); from other stores
+    (``fetched``) it holds up to ``async.concurrency`` encoded chunks at once.
+    A read that cuts a chunk counts zarr's term, which is larger. Not counted:
+    gzip's pieces (256 KiB) and a shard's index (16 bytes per inner chunk); a
+    zstd chunk in several frames, or whose frame does not state its size (not
+    what numcodecs, hence zarr-python, writes), holds one more decoded chunk.
+
+    The bound against measured peaks: ``benchmarks/README.md``.
+
+    Parameters
+    ----------
+    batch : int
+        Samples per task.
+    m : int
+        Samples in the array.
+    chunk : int
+        The array's Zarr chunk along m.
+    sample_bytes : int
+        Bytes of one sample as stored.
+    fast_reader : bool, optional
+        Whether the fast reader reads the array; default: unless
+        ``DCONV_FAST_READ=0`` (then every read goes through zarr).
+    fetched : bool
+        The fast reader fetches the chunks from a store other than local files
+        or zarr's MemoryStore.
+    """
+    if fast_reader is None:
+        fast_reader = os.environ.get(fastread.FAST_READ_ENV, "").strip() != "0"
+    whole = batch % chunk == 0 or batch >= m
+    touched = -(-min(batch, m) // chunk) if whole else -(-(chunk - math.gcd(batch, chunk) + batch) // chunk)
+    in_flight = min(touched, -(-m // chunk), int(zarr.config.get("async.concurrency") or touched))
+    if whole and fast_reader:
+        scratch = chunk * sample_bytes if m % chunk else 0
+        return scratch + (in_flight * chunk * sample_bytes if fetched else 0)
+    return in_flight * 2 * chunk * sample_bytes
+
+
 def read_whole(name: str, array: Any) -> np.ndarray:
     """A small array (``W``) read in full; a corrupt Zarr chunk is named in the error."""
     if isinstance(array, zarr.Array):
@@ -245,6 +309,49 @@ def _first_bad_chunk(array: zarr.Array, start: int, stop: int) -> int:
         except Exception:
             return chunk
     return start // size
+
+
+def recipe_shapes(recipe: InputRecipe) -> tuple[ConvParams, dict[str, tuple[int, ...]]]:
+    """The convolution of ``recipe`` and the shapes of the arrays it writes: ``A_prev`` (m, height,
+    width, in_channels), ``dZ`` (m, n_H, n_W, out_channels), ``W`` (kernel..., in_channels,
+    out_channels) and ``b`` (1, 1, 1, out_channels)."""
+    params = ConvParams.parse(recipe.stride, recipe.padding, recipe.dilation)
+    a_shape = (recipe.m, recipe.height, recipe.width, recipe.in_channels)
+    w_shape = (*recipe.kernel, recipe.in_channels, recipe.out_channels)
+    z_shape = output_shape(a_shape, w_shape, params)
+    return params, {"A_prev": a_shape, "dZ": z_shape, "W": w_shape, "b": (1, 1, 1, recipe.out_channels)}
+
+
+def _input_chunks(name: str, shape: tuple[int, ...], chunk: int) -> tuple[int, ...]:
+    """An input array's Zarr chunks: ``chunk`` samples along m for ``A_prev`` and ``dZ``, whole for ``W`` and ``b``."""
+    return (min(chunk, shape[0]), *shape[1:]) if name in ("A_prev", "dZ") else shape
+
+
+def recipe_metadata(recipe: InputRecipe, location: str) -> InputGroup:
+    """The input group :func:`make_inputs` would write for ``recipe`` at ``location``, as Zarr metadata in memory.
+
+    ``A_prev``, ``dZ`` and ``W`` are arrays of a :class:`zarr.storage.MemoryStore`
+    with the shapes, dtype, chunks, codecs and dimension names ``make_inputs``
+    gives them, and no data; ``hparameters`` is the recipe's. Nothing is written
+    at ``location``, which only names the group.
+    """
+    params, shapes = recipe_shapes(recipe)
+    dtype = np.dtype(recipe.dtype)
+    store = zarr.storage.MemoryStore()
+    arrays = {
+        name: zarr.create_array(
+            store,
+            name=name,
+            shape=shape,
+            chunks=_input_chunks(name, shape, recipe.chunk),
+            dtype=dtype,
+            compressors=compressor(dtype),
+            dimension_names=DIMENSIONS[name],
+        )
+        for name, shape in shapes.items()
+        if name != "b"
+    }
+    return InputGroup(**arrays, b=None, hparameters=params.to_hparameters(), location=public_location(location))
 
 
 def make_inputs(
@@ -283,20 +390,17 @@ def make_inputs(
     """
     recipe = InputRecipe.build(recipe, **values)
     m, chunk, dtype = recipe.m, recipe.chunk, np.dtype(recipe.dtype)
-    params = ConvParams.parse(recipe.stride, recipe.padding, recipe.dilation)
-    a_shape = (m, recipe.height, recipe.width, recipe.in_channels)
-    w_shape = (*recipe.kernel, recipe.in_channels, recipe.out_channels)
-    z_shape = output_shape(a_shape, w_shape, params)
+    params, shapes = recipe_shapes(recipe)
+    a_shape, z_shape, w_shape = shapes["A_prev"], shapes["dZ"], shapes["W"]
     rng = np.random.default_rng(recipe.seed)
     group = create_input_group(
         url, overwrite, storage_options, writer="make_inputs", attributes={"hparameters": params.to_hparameters()}
     )
-    shapes = {"A_prev": a_shape, "dZ": z_shape, "W": w_shape, "b": (1, 1, 1, recipe.out_channels)}
     arrays = {
         name: group.create_array(
             name,
             shape=shape,
-            chunks=(min(chunk, m), *shape[1:]) if name in ("A_prev", "dZ") else shape,
+            chunks=_input_chunks(name, shape, chunk),
             dtype=dtype,
             compressors=compressor(dtype),
             dimension_names=DIMENSIONS[name],

@@ -19,7 +19,8 @@ dtype rules, its dimension names, the job option it belongs to, and its *kind*:
 An entry with ``part`` set is in a job's layout only when that job option is
 on: ``dA_prev`` (on by default, off with ``--no-dA-prev``) and ``stats`` (off
 by default, on with ``--stats``). Entry names are paths in the output group:
-the statistics live in its ``stats/`` subgroup.
+the statistics live in its ``stats/`` subgroup; their names, values and
+figures are :mod:`dconv.statistics`'s.
 
 Creating the output, a chunk task's write, resume, the finish, ``inspect`` and
 ``open_result`` all work over this table; the chunk function
@@ -34,13 +35,22 @@ is the job's compute dtype (float32 or float64).
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from dconv.kernel.stats import TOP_DTYPE, TOP_SAMPLES, merge_top, noise_figures
+from dconv.statistics import (
+    DB_SQ,
+    DW_SQ,
+    SAMPLE_GRAD_NORM2,
+    STATS,
+    TOP,
+    TOP_DTYPE,
+    TOP_SAMPLES,
+    gradient_figures,
+    merge_top,
+)
 
 __all__ = [
     "Kind",
@@ -129,29 +139,6 @@ def _nonfinite_counts(finished: Mapping[str, Any], sums: Mapping[str, np.ndarray
     return {**counts, "dW": count_nonfinite(finished["dW"]), "db": count_nonfinite(finished["db"])}
 
 
-def exact_sum(*arrays: np.ndarray) -> float:
-    """The sum of every value of ``arrays`` (float64), correctly rounded (``math.fsum``)."""
-    return math.fsum(np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]).tolist())
-
-
-def gradient_figures(finished: Mapping[str, Any], sums: Mapping[str, np.ndarray], m: int) -> dict[str, Any]:
-    """``attrs["dconv"]["stats"]``: :func:`dconv.kernel.stats.noise_figures` and the top samples.
-
-    ``|S|^2`` is taken from the float64 tree sums of dW and db (never the stored float32
-    dW), ``sum_i |g_i|^2`` from those of ``dW_sq`` and ``db_sq``; each sum is correctly
-    rounded (:func:`exact_sum`). ``top_samples`` lists the largest ``|g_i|^2`` first, ``None`` for a non-finite value.
-    """
-    grad_sum_norm2 = exact_sum(np.square(sums["dW"]), np.square(sums["db"]))
-    figures = noise_figures(grad_sum_norm2, exact_sum(sums["stats/dW_sq"], sums["stats/db_sq"]), m)
-    top = sums["stats/top_samples"]
-    top = top[top["index"] >= 0]
-    figures["top_samples"] = {
-        "index": top["index"].tolist(),
-        "sample_grad_norm2": [float(v) if np.isfinite(v) else None for v in top["norm2"].tolist()],
-    }
-    return figures
-
-
 A_PREV_DIMS = ("m", "n_H_prev", "n_W_prev", "C_prev")
 """Dimension names of ``A_prev`` and ``dA_prev`` (``n_H_prev``, not ``H`` or ``W``: no dimension is named as an
 array is, or xarray would make that array a coordinate)."""
@@ -178,27 +165,27 @@ OUTPUT_LAYOUT: tuple[OutputEntry, ...] = (
     ),
     OutputEntry("nonfinite", Kind.FIGURE, figure=_nonfinite_counts),
     OutputEntry(
-        "stats/sample_grad_norm2", Kind.BLOCK, shape=lambda s: s["A_prev"][:1], dims=("m",), dtype="float64",
-        part="stats",
+        SAMPLE_GRAD_NORM2, Kind.BLOCK, shape=lambda s: s["A_prev"][:1], dims=("m",), dtype="float64",
+        part=STATS,
     ),
     OutputEntry(
-        "stats/dW_sq", Kind.REDUCE, shape=lambda s: s["W"], dims=W_DIMS, dtype="float64",
-        part="stats",
+        DW_SQ, Kind.REDUCE, shape=lambda s: s["W"], dims=W_DIMS, dtype="float64",
+        part=STATS,
     ),
     OutputEntry(
-        "stats/db_sq", Kind.REDUCE, shape=lambda s: (1, 1, 1, s["W"][3]), dims=B_DIMS,
-        dtype="float64", part="stats",
+        DB_SQ, Kind.REDUCE, shape=lambda s: (1, 1, 1, s["W"][3]), dims=B_DIMS,
+        dtype="float64", part=STATS,
     ),
     OutputEntry(
-        "stats/top_samples",
+        TOP,
         Kind.REDUCE,
         partial_shape=lambda s: (TOP_SAMPLES,),
         partial_dtype=TOP_DTYPE,
         combine=merge_top,
         stored=False,
-        part="stats",
+        part=STATS,
     ),
-    OutputEntry("stats", Kind.FIGURE, figure=gradient_figures, part="stats"),
+    OutputEntry(STATS, Kind.FIGURE, figure=gradient_figures, part=STATS),
 )
 """What a backward job writes. See the module docstring for the kinds."""
 
@@ -307,7 +294,7 @@ def place_layout(
     """
     m = shapes["A_prev"][0]
     compute = str(np.dtype(compute_dtype))
-    parts = {"dA_prev": dA_prev, "stats": stats}
+    parts = {"dA_prev": dA_prev, STATS: stats}
     placed = []
     for entry in table:
         if entry.part is not None and not parts[entry.part]:

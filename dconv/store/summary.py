@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from dconv.options import JobOptions
+from dconv.statistics import STATS, format_stats
 from dconv.store.layout import OUTPUT_LAYOUT, Kind
 from dconv.store.lease import read_lease
 from dconv.store.locations import is_local, public_location
@@ -178,7 +179,7 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
         summed = [  # the gradients' own sums; the statistics' figures say more than their norms
             entry.name
             for entry in OUTPUT_LAYOUT
-            if entry.kind is Kind.REDUCE and entry.name in summary["arrays"] and entry.part != "stats"
+            if entry.kind is Kind.REDUCE and entry.name in summary["arrays"] and entry.part != STATS
         ]
         summary["norms"] = {
             name: _json_float(np.linalg.norm(np.asarray(group[name][...], dtype=np.float64))) for name in summed
@@ -242,39 +243,6 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if key in provenance and provenance[key] not in ({}, None):
             lines.append(f"    {key}: {provenance[key]}")
     return "\n".join(lines)
-
-
-def _figure(value: Any) -> str:
-    return "undefined" if value is None else f"{value:.6g}"
-
-
-def _why_undefined(stats: Mapping[str, Any]) -> str:
-    """Why the noise scale is undefined (``""`` when it is defined)."""
-    if stats.get("noise_scale") is not None:
-        return ""
-    if stats.get("m", 0) < 2:
-        return " (it needs m >= 2 samples)"
-    if stats.get("grad_norm2") is not None and stats["grad_norm2"] <= 0:
-        return (
-            " (the unbiased |G|^2 is not positive: the mean gradient is lost in the samples' noise, "
-            "as when the samples share no signal)"
-        )
-    return " (a term is not finite)"
-
-
-def format_stats(stats: Mapping[str, Any]) -> list[str]:
-    """The lines of ``inspect`` on the gradient statistics: the noise scale, its terms, the top samples."""
-    lines = [
-        f"  gradient statistics over m = {stats['m']} samples (g_i: the gradient of sample i; S = sum_i g_i):",
-        f"    noise scale B_simple = tr(Sigma) / |G|^2 = {_figure(stats['noise_scale'])}{_why_undefined(stats)}",
-        f"    |G|^2 (unbiased) = {_figure(stats['grad_norm2'])}, tr(Sigma) = {_figure(stats['trace_cov'])}, "
-        f"|S/m|^2 = {_figure(stats['mean_grad_norm2'])}, sum_i |g_i|^2 = {_figure(stats['sum_sample_norm2'])}",
-    ]
-    top = stats.get("top_samples") or {}
-    pairs = [f"{index} ({_figure(value)})" for index, value in zip(top.get("index", []), top.get("sample_grad_norm2", []))]
-    if pairs:
-        lines.append("    largest |g_i|^2: sample " + ", ".join(pairs))
-    return lines
 
 
 def _format_lease(lease: Mapping[str, Any]) -> str:
