@@ -45,7 +45,7 @@ from dconv.store.inputs import compressor, job_inputs, read_whole
 from dconv.store.layout import DIMENSIONS, PROGRESS, Kind
 from dconv.store.lease import check_unheld
 from dconv.store.locations import public_location
-from dconv.store.records import tree_height, tree_nodes
+from dconv.tree import tree_height, tree_nodes
 
 __all__ = [
     "JobPlan",

@@ -1,28 +1,12 @@
-"""dconv.store.records: the tree-node records of a running job, their coverage and their frontier."""
+"""dconv.store.records: the tree-node records of a running job, and the frontier they leave."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dconv.graph import tree_depth, tree_shape
-from dconv.store.records import RecordStore, covered, frontier, node_chunks, tree_height, tree_nodes
-
-
-@pytest.mark.parametrize("n_chunks", [1, 2, 7, 8, 9, 64, 65, 100])
-@pytest.mark.parametrize("split_every", [2, 3, 8])
-def test_nodes_cover_what_the_tree_adds(n_chunks, split_every):
-    """Node (d, j) covers the chunks that tree_shape's node j of level d - 1 adds up, in order."""
-    assert tree_height(n_chunks, split_every) == tree_depth(n_chunks, split_every)
-    below = [range(i, i + 1) for i in range(n_chunks)]  # depth 0: the chunks
-    count = n_chunks
-    for depth, groups in enumerate(tree_shape(n_chunks, split_every), start=1):
-        level = [range(below[group.start].start, below[group.stop - 1].stop) for group in groups]
-        assert level == [node_chunks(depth, j, split_every, n_chunks) for j in range(len(groups))]
-        below = level
-        count += len(groups)
-    assert below == [range(n_chunks)]
-    assert tree_nodes(n_chunks, split_every) == count
+from dconv.store.records import RecordStore
+from dconv.tree import covered, frontier
 
 
 def test_frontier_is_the_maximal_stored_nodes_in_chunk_order():

@@ -48,7 +48,8 @@ from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
 from dconv.store.lease import LEASE_NAME
 from dconv.store.locations import create_group, is_local, open_group, public_location, store_exists
 from dconv.store.ownership import OUTPUT_MARKER, check_replaceable, remove_own
-from dconv.store.records import Node, RecordStore, covered, frontier, node_chunks
+from dconv.store.records import RecordStore
+from dconv.tree import Node, covered, frontier, node_chunks
 
 __all__ = ["ATTR", "LEVEL_CODES", "OutputStore", "ChunkProgress", "fingerprint", "open_output", "open_result"]
 
