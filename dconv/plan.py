@@ -21,24 +21,14 @@ import zarr
 from dask.utils import format_bytes
 
 from dconv.errors import InputError
-from dconv.graph import (
-    WAVE_CHUNKS,
-    DaskBatches,
-    JobContext,
-    JobGraph,
-    Partial,
-    ZarrBatches,
-    backward_graph,
-    batch_bounds,
-    batch_sources,
-    chunk_task,
-)
+from dconv.graph import JobGraph, Partial, backward_graph
 from dconv.kernel import backward_working_set
 from dconv.kernel.stats import top_samples_bytes
 from dconv.options import InputRecipe, JobOptions
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, output_shape, result_dtype
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
+from dconv.sources import DaskBatches, ZarrBatches, batch_bounds, batch_sources
 from dconv.store import InputGroup, OutputStore, absolute_location, fingerprint, place_layout
 from dconv.store.fastread import FAST_READ_ENV, read_path
 from dconv.store.inputs import compressor, job_inputs, read_whole
@@ -46,6 +36,7 @@ from dconv.store.layout import DIMENSIONS, PROGRESS, Kind
 from dconv.store.lease import check_unheld
 from dconv.store.locations import public_location
 from dconv.tree import tree_height, tree_nodes
+from dconv.waves import WAVE_CHUNKS
 
 __all__ = [
     "JobPlan",
@@ -415,12 +406,7 @@ class JobPlan:
 
     def run_chunk(self, index: int) -> Partial:
         """Run chunk ``index``'s task here, as a worker would: read, compute, write (the output must be open)."""
-        start, stop = self.bounds[index]
-        sources = (self.dz_sources, self.a_sources)
-        dZ, A_prev = (source.block(index) if isinstance(source, DaskBatches) else None for source in sources)
-        zarr_sources = (source if isinstance(source, ZarrBatches) else None for source in sources)
-        context = JobContext(self.W, self.geometry, self.out, self.options, *zarr_sources)
-        return chunk_task(context, index, start, stop, dZ, A_prev)
+        return self.graph().run_chunk(index)
 
 
 def _count(n: int, noun: str) -> str:

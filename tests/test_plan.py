@@ -20,7 +20,9 @@ from dask.utils import format_bytes
 from dconv import InputError
 from dconv.options import InputRecipe
 from dconv.plan import plan_job, plan_recipe, read_memory, small_task, task_memory
-from dconv.progress import CHUNK_PREFIX, PlainProgress, compute_with_progress, format_duration
+from dconv.graph import CHUNK_PREFIX
+from dconv.progress import PlainProgress, format_duration
+from dconv.waves import compute_with_progress
 from dconv.store import make_inputs
 
 DEFAULT_LAYER = {"height": 32, "width": 32, "in_channels": 16, "out_channels": 32}  # make-inputs' default

@@ -33,6 +33,12 @@ def test_height_is_the_ceiling_of_the_log_with_no_float_rounding(n, s):
     assert tree_height(n, s) == expected
 
 
+@given(st.integers(min_value=2, max_value=10**12), split_every)
+def test_height_is_the_least_h_with_split_every_to_the_h_at_least_n(n, s):
+    height = tree_height(n, s)
+    assert s ** (height - 1) < n <= s**height
+
+
 @given(n_chunks, split_every)
 def test_the_root_covers_every_chunk_and_the_level_below_has_more_than_one_node(n, s):
     height = tree_height(n, s)
