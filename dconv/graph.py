@@ -400,7 +400,9 @@ class JobGraph:
         """The task that runs chunk ``index``; it depends on its Dask blocks, if its sources have any."""
         start, stop = self.bounds[index]
         keys = [source.block_key(index) if source is not None else None for source in self.sources]
-        blocks = [TaskRef(key) if key is not None else None for key in keys] if any(key is not None for key in keys) else []
+        blocks = [TaskRef(key) if key is not None else None for key in keys]
+        if all(key is None for key in keys):
+            blocks = []  # every block is read by the task itself
         return Task(self.key((0, index)), run_chunk_task, TaskRef(self.context_key), index, start, stop, *blocks)
 
     def make_combine_task(self, node: Node, children: Sequence[Node]) -> Task:

@@ -56,7 +56,7 @@ default fan-in of 8), on a cluster of up to ``WAVE_CHUNKS / WAVE_TASKS_PER_THREA
 
 The scheduler holds the tasks of the waves in flight, several KiB each (its
 state, the message logs of their transitions): the fewer chunks a wave has, the
-less it holds."""
+less it holds (figures in benchmarks/README.md)."""
 
 WAVE_TASKS_PER_THREAD = 4
 """On a larger cluster a wave has at least this many chunks per worker thread, so none idles."""
@@ -210,7 +210,8 @@ class _ClusterWaves:
 
     def submit_combine(self, node: Node, children: Sequence[Node]) -> Any:
         key = self.graph.key(node)
-        task = Task(key, run_combine_stored_task, TaskRef(self.graph.context_key), *node, [index for _, index in children])
+        indices = [index for _, index in children]
+        task = Task(key, run_combine_stored_task, TaskRef(self.graph.context_key), *node, indices)
         return self.submit({key: task}, key)
 
     def run(self) -> Partial:

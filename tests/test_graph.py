@@ -1,4 +1,4 @@
-"""dconv.graph and dconv.waves: batch chunking, the dW/db reduction tree as Dask tasks, the order of its sums, its waves.
+"""dconv.graph and dconv.waves: batch chunks, the dW/db reduction tree as Dask tasks, the order of its sums, waves.
 
 The tree is checked on the graph itself, as dask's tests/test_reductions.py::test_tree_reduce_depth
 does: walk ``__dask_graph__()`` and count dependencies, never trust the key names for the structure.
@@ -218,7 +218,7 @@ def test_the_graph_adds_in_chunk_order(n_chunks, split_every, tmp_path):
             assert [ref.key for ref in task.args[3].args] == expected
     # the graph's own combine tasks (they write their records under tmp_path), over leaves that spell their chunk
     leaves = {
-        job.key((0, i)): DataNode(job.key((0, i)), Partial({"dW": np.full(1, float(i))}, {}, np.array([i % 7], np.uint8)))
+        job.key((0, i)): DataNode(job.key((0, i)), Partial({"dW": np.full(1, float(i))}, {}, np.uint8([i % 7])))
         for i in range(n_chunks)
     }
     total = dask.get({**dsk, **leaves}, job.key(job.root))
@@ -259,7 +259,7 @@ def test_combine_partials_concatenates_the_level_codes():
     total = combine_partials([combine_partials(leaves[:2]), combine_partials(leaves[2:] * 3)])
     assert total.levels.tolist() == [LEVEL_CODES.index(level) for level in ("avx2", "numpy", "avx2", "avx2", "avx2")]
     assert level_counts(total.levels) == {"avx2": 4, "numpy": 1}
-    assert [leaf.levels.tolist() for leaf in leaves] == [codes["avx2"].tolist(), codes["numpy"].tolist(), codes["avx2"].tolist()]
+    assert [leaf.levels.tolist() for leaf in leaves] == [codes[level].tolist() for level in ("avx2", "numpy", "avx2")]
 
 
 @pytest.mark.parametrize(
