@@ -55,7 +55,8 @@ from dconv.sources import BatchBounds, BatchSource, ZarrBatches
 from dconv.store import OUTPUT_LAYOUT, Kind, OutputLayout, OutputStore
 from dconv.store.layout import count_nonfinite, figures
 from dconv.store.output import level_code
-from dconv.tree import Node, children, node_chunks, tree_height
+from dconv import tree
+from dconv.tree import Node
 
 __all__ = [
     "Partial",
@@ -364,7 +365,7 @@ class JobGraph:
 
     @property
     def root(self) -> Node:
-        return tree_height(self.n_chunks, self.split_every), 0
+        return tree.tree_height(self.n_chunks, self.split_every), 0
 
     @property
     def context_key(self) -> str:
@@ -384,11 +385,11 @@ class JobGraph:
 
     def children(self, node: Node) -> list[Node]:
         """The nodes node ``node`` adds, in chunk order (:func:`dconv.tree.children`)."""
-        return children(node, self.n_chunks, self.split_every)
+        return tree.children(node, self.n_chunks, self.split_every)
 
     def chunks_to_compute(self) -> int:
         """Chunks not covered by a stored node."""
-        return self.n_chunks - sum(len(node_chunks(*node, self.split_every, self.n_chunks)) for node in self.stored)
+        return self.n_chunks - int(tree.covered(self.stored, self.n_chunks, self.split_every).sum())
 
     # ----------------------------------------------------------------------- tasks
 

@@ -16,7 +16,6 @@ job of 4,096 chunks), so :class:`PlainProgress` writes one plain line every
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from functools import lru_cache
