@@ -389,7 +389,7 @@ class JobPlan:
         stored : sequence of (depth, index), optional
             The frontier an earlier run left (:meth:`OutputStore.frontier`).
         wave_chunks : int, optional
-            At most this many chunks per wave; default :data:`dconv.graph.WAVE_CHUNKS`.
+            At most this many chunks per wave; default :data:`dconv.waves.WAVE_CHUNKS`.
         """
         wave_chunks = WAVE_CHUNKS if wave_chunks is None else wave_chunks
         return backward_graph(
