@@ -43,15 +43,16 @@ from dconv.cluster import (
     wait_for_workers,
 )
 from dconv.errors import InputError, JobInterrupted, SimdLevelError
-from dconv.graph import aggregate, level_counts
+from dconv.graph import aggregate
 from dconv.options import JobOptions
 from dconv.plan import JobPlan, plan_job
-from dconv.progress import compute_with_progress
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import level_report, resolve_level
 from dconv.store import InputGroup, format_levels, now
 from dconv.store.lease import Lease, hold
+from dconv.store.output import level_counts
 from dconv.store.summary import resume_command
+from dconv.waves import compute_with_progress
 
 __all__ = ["backward_job", "run_job", "describe_job", "check_simd", "JobResult", "LOCAL_SCHEDULERS"]
 

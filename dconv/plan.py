@@ -20,24 +20,14 @@ import zarr
 
 from dconv import report
 from dconv.errors import InputError
-from dconv.graph import (
-    WAVE_CHUNKS,
-    DaskBatches,
-    JobContext,
-    JobGraph,
-    Partial,
-    ZarrBatches,
-    backward_graph,
-    batch_bounds,
-    batch_sources,
-    chunk_task,
-)
+from dconv.graph import JobGraph, Partial, backward_graph
 from dconv.options import InputRecipe, JobOptions
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, result_dtype
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
 from dconv.sizing import WorkerMemory, choose_batch_chunk, disk_bytes, task_memory, worker_memory
 from dconv.sizing import mib_flag  # noqa: F401  (dconv.cluster imports it from here)
+from dconv.sources import DaskBatches, ZarrBatches, batch_bounds, batch_sources
 from dconv.store import (
     InputGroup,
     OutputStore,
@@ -51,6 +41,7 @@ from dconv.store import (
     read_whole,
     recipe_metadata,
 )
+from dconv.waves import WAVE_CHUNKS
 
 __all__ = ["JobPlan", "plan_job", "plan_recipe", "resolve_params"]
 
@@ -254,7 +245,7 @@ class JobPlan:
         stored : sequence of (depth, index), optional
             The frontier an earlier run left (:meth:`OutputStore.frontier`).
         wave_chunks : int, optional
-            At most this many chunks per wave; default :data:`dconv.graph.WAVE_CHUNKS`.
+            At most this many chunks per wave; default :data:`dconv.waves.WAVE_CHUNKS`.
         """
         wave_chunks = WAVE_CHUNKS if wave_chunks is None else wave_chunks
         return backward_graph(
@@ -271,12 +262,7 @@ class JobPlan:
 
     def run_chunk(self, index: int) -> Partial:
         """Run chunk ``index``'s task here, as a worker would: read, compute, write (the output must be open)."""
-        start, stop = self.bounds[index]
-        sources = (self.dz_sources, self.a_sources)
-        dZ, A_prev = (source.block(index) if isinstance(source, DaskBatches) else None for source in sources)
-        zarr_sources = (source if isinstance(source, ZarrBatches) else None for source in sources)
-        context = JobContext(self.W, self.geometry, self.out, self.options, *zarr_sources)
-        return chunk_task(context, index, start, stop, dZ, A_prev)
+        return self.graph().run_chunk(index)
 
 
 def _versions() -> dict[str, str]:

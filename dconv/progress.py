@@ -3,7 +3,7 @@
 On a distributed cluster each chunk task announces itself on an event topic
 (:func:`report_chunk_done`, on the worker) and the client's subscription ticks
 the progress; on a local Dask scheduler a scheduler callback ticks it as chunk
-tasks finish. :func:`compute_with_progress` hides which.
+tasks finish. :func:`dconv.waves.compute_with_progress` hides which.
 
 On a terminal the progress is a tqdm bar. Anywhere else (a log file, a pipe, a
 batch system's output) a bar's carriage-return updates pile up (135 KB for a
@@ -16,27 +16,21 @@ job of 4,096 chunks), so :class:`PlainProgress` writes one plain line every
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from functools import lru_cache
 from typing import Any, TextIO
 
 import dask
-from dask.callbacks import Callback
 
 __all__ = [
-    "compute_with_progress",
     "report_chunk_done",
     "progress_topic",
     "PlainProgress",
+    "progress_display",
     "format_duration",
-    "CHUNK_PREFIX",
     "PLAIN_INTERVAL",
 ]
-
-CHUNK_PREFIX = "dconv-chunk"
-"""The key prefix of chunk tasks (see :mod:`dconv.graph`)."""
 
 PLAIN_INTERVAL = 10.0
 """Seconds between two plain progress lines (when the stream is not a terminal)."""
@@ -51,9 +45,8 @@ def progress_topic(url: str) -> str:
 def report_chunk_done(url: str, index: int) -> None:
     """On a distributed worker, announce that chunk ``index`` of the output at ``url`` is done; elsewhere nothing.
 
-    Cheap: 19-29 µs a call measured on a worker (AMD EPYC Zen 3, a loaded machine; 41-51 µs
-    before the topic name was cached), against tens of ms for the smallest chunk task. The
-    scheduler keeps the last 1000 events of a topic.
+    Cheap next to a chunk task (figures in benchmarks/README.md). The scheduler keeps the
+    last 1000 events of a topic.
     """
     try:
         from distributed import get_worker
@@ -80,7 +73,7 @@ class PlainProgress:
 
     Each line is ``dconv: DONE of TOTAL chunks, RATE chunks/s, ETA T`` (the last
     one ``..., done in T``). It has the two methods of a tqdm bar that
-    :func:`compute_with_progress` uses (``update`` and the context manager), and
+    :func:`dconv.waves.compute_with_progress` uses (``update`` and the context manager), and
     ``update`` may be called from any thread. A line is written by a timer
     thread, so one appears even while no chunk finishes.
 
@@ -161,61 +154,3 @@ def progress_display(total: int, file: TextIO, show: bool, interval: float = PLA
 
         return tqdm(total=total, unit="chunk", desc="dconv", file=file)
     return PlainProgress(total, file, interval)
-
-
-class _LocalChunkProgress(Callback):
-    """Ticks the progress as chunk tasks finish on a local Dask scheduler."""
-
-    def __init__(self, bar: Any) -> None:
-        super().__init__()
-        self.bar = bar
-
-    def _posttask(self, key, result, dsk, state, worker_id) -> None:
-        if isinstance(key, tuple) and str(key[0]).startswith(CHUNK_PREFIX):
-            self.bar.update(1)
-
-
-def compute_with_progress(
-    graph: Any,
-    url: str,
-    total: int,
-    *,
-    client: Any = None,
-    scheduler: str | None = None,
-    show: bool = False,
-    file: TextIO | None = None,
-    interval: float = PLAIN_INTERVAL,
-    workers: Any = None,
-) -> Any:
-    """Compute ``graph`` on ``client`` (or the local ``scheduler``), showing the progress of ``total`` chunks.
-
-    Parameters
-    ----------
-    graph : dask collection or JobGraph
-        A :class:`dconv.graph.JobGraph` is computed in waves
-        (:meth:`~dconv.graph.JobGraph.compute`); its chunk tasks are counted
-        across all of them.
-    url : str
-        The job's output, whose chunk tasks announce themselves (:func:`report_chunk_done`).
-    show : bool
-        Show the progress; False computes the same way, silently.
-    file : text stream, optional
-        Where the progress goes; default ``sys.stderr``. A terminal gets a tqdm
-        bar, anything else a plain line every ``interval`` seconds and one at
-        the end (:class:`PlainProgress`).
-    workers : callable, optional
-        On a cluster, for a JobGraph: the workers each submission goes to
-        (see :meth:`dconv.graph.JobGraph.compute`).
-    """
-    file = sys.stderr if file is None else file
-    collection = dask.is_dask_collection(graph)
-    with progress_display(total, file, show, interval) as bar:
-        if scheduler is not None:
-            with _LocalChunkProgress(bar):
-                return dask.compute(graph, scheduler=scheduler)[0] if collection else graph.compute(scheduler=scheduler)
-        topic = progress_topic(url)
-        client.subscribe_topic(topic, lambda event: bar.update(1))
-        try:
-            return client.compute(graph).result() if collection else graph.compute(client=client, workers=workers)
-        finally:
-            client.unsubscribe_topic(topic)

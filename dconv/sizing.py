@@ -25,7 +25,8 @@ from dconv.kernel import backward_working_set
 from dconv.options import JobOptions
 from dconv.params import ConvGeometry
 from dconv.statistics import top_samples_bytes
-from dconv.store import PROGRESS, Kind, OutputLayout, read_memory, tree_height, tree_nodes
+from dconv.store import PROGRESS, Kind, OutputLayout, read_memory
+from dconv.tree import tree_height, tree_nodes
 
 __all__ = [
     "DEFAULT_BATCH_CHUNK",

@@ -281,7 +281,7 @@ def test_chunk_task_run_twice_writes_the_same_bytes(make_input, tmp_path, index)
     # the chunk really wrote something: its dA_prev block and done flag
     assert f"dA_prev/c/{index}/0/0/0" in after_first
     assert done_flags(out)[index]
-    assert all(np.asarray(first.sums[k]).tobytes() == np.asarray(second.sums[k]).tobytes() for k in first.sums)
+    assert all(np.asarray(first.reduced[k]).tobytes() == np.asarray(second.reduced[k]).tobytes() for k in first.reduced)
     group = zarr.open_group(str(out), mode="r")
     start, stop_ = plan.bounds[index]
     stored = np.asarray(group["dA_prev"][start:stop_])
@@ -293,7 +293,7 @@ def test_chunk_task_run_twice_writes_the_same_bytes(make_input, tmp_path, index)
         padding=1,
     )
     np.testing.assert_allclose(stored, expected.dA_prev, rtol=1e-12, atol=1e-12)
-    assert OutputStore(str(out)).read_partial(index)[0]["dW"].tobytes() == first.sums["dW"].tobytes()
+    assert OutputStore(str(out)).read_partial(index)[0]["dW"].tobytes() == first.reduced["dW"].tobytes()
 
 
 # --------------------------------------------------------------------------- 6. honest completion

@@ -1,4 +1,4 @@
-"""dconv.graph: batch chunking, the shape of the dW/db reduction tree, the order of its sums, its waves.
+"""dconv.graph and dconv.waves: batch chunks, the dW/db reduction tree as Dask tasks, the order of its sums, waves.
 
 The tree is checked on the graph itself, as dask's tests/test_reductions.py::test_tree_reduce_depth
 does: walk ``__dask_graph__()`` and count dependencies, never trust the key names for the structure.
@@ -12,37 +12,21 @@ import dask
 import numpy as np
 import pytest
 from dask.core import get_dependencies
+from dask.task_spec import DataNode
 
 from dconv import InputError
-from dconv.graph import (
-    CHUNK_PREFIX,
-    COMBINE_PREFIX,
-    JobContext,
-    Partial,
-    backward_graph,
-    batch_bounds,
-    combine_partials,
-    level_counts,
-    tree_depth,
-    tree_reduce,
-    tree_shape,
-    wave_depth,
-)
+from dconv.graph import CHUNK_PREFIX, COMBINE_PREFIX, JobContext, Partial, backward_graph, combine_partials
+from dconv.statistics import top_samples
 from dconv.options import JobOptions
-from dconv.plan import plan_job
 from dconv.params import ConvParams
+from dconv.plan import plan_job
+from dconv.sources import batch_bounds
 from dconv.store import OutputStore
-from dconv.store.output import LEVEL_CODES
+from dconv.store.output import LEVEL_CODES, level_code, level_counts
+from dconv.tree import children, level_width, tree_height, tree_nodes
+from dconv.waves import Waves, choose_wave_depth
 
 from _pipeline import read_inputs
-
-
-def expected_depth(n_leaves: int, split_every: int) -> int:
-    """ceil(log(n_leaves, split_every)) in exact integer arithmetic; 1 for a single leaf."""
-    depth, capacity = 0, 1
-    while capacity < n_leaves:
-        depth, capacity = depth + 1, capacity * split_every
-    return max(depth, 1)
 
 
 def key_name(key) -> str:
@@ -108,10 +92,10 @@ def assert_tree(graph, n_chunks: int, split_every: int) -> None:
     for key in chunks:
         assert len(dependents[key]) == 1, (key, dependents[key])
         assert dependents[key] <= combines_set
-    # One root; every chunk is ceil(log(n, split_every)) combine levels below it.
+    # One root; every chunk is ceil(log(n, split_every)) combine levels below it: the tree's height.
     roots = [k for k in combines if not dependents[k]]
     assert roots == [graph.key]
-    assert combine_depth(graph.key, deps, combines_set) == {expected_depth(n_chunks, split_every)}
+    assert combine_depth(graph.key, deps, combines_set) == {tree_height(n_chunks, split_every)}
     # Every combine but the root feeds exactly one combine.
     for key in combines:
         if key != graph.key:
@@ -161,7 +145,7 @@ def test_a_stored_frontier_replaces_the_subtrees_under_it(tmp_path, n_chunks, sp
     assert set(resumed) == set(fresh) - below
     for key, task in resumed.items():
         if key in {job.key(node) for node in stored}:
-            assert task.func.__name__ == "stored_node" and task.dependencies == {job.context_key}
+            assert task.func.__name__ == "read_stored_node" and task.dependencies == {job.context_key}
         elif is_tree_key(key):
             assert task.func is fresh[key].func, key
     chunks = n_chunks - sum(len(range(i * split_every**d, min((i + 1) * split_every**d, n_chunks))) for d, i in stored)
@@ -175,9 +159,9 @@ def test_waves_cover_the_tree_once(tmp_path, stored, wave_chunks, depth):
     tree's tasks, each once; every combine above the waves adds at most split_every children."""
     n_chunks, split_every = 41, 3
     job = synthetic_job(n_chunks, split_every, tmp_path, stored=stored, wave_chunks=wave_chunks)
-    assert job.wave_depth == depth
+    assert Waves(job).depth == depth
     whole = dict(job.to_delayed().__dask_graph__())
-    waves, combines = job.above_waves()
+    waves, combines = Waves(job).split()
     assert all(node[0] == depth for node in waves) or waves == [job.root]
     assert [index for _, index in waves] == sorted(index for _, index in waves)
     keys = [key for node in waves for key in job.subtree(node)]
@@ -194,12 +178,12 @@ def test_waves_cover_the_tree_once(tmp_path, stored, wave_chunks, depth):
 )
 def test_wave_depth(n_chunks, split_every, nbytes, expected):
     """As many chunks as WAVE_CHUNKS (256) allow, fewer when their partials pass 1 GiB; at most the tree."""
-    assert wave_depth(n_chunks, split_every, nbytes) == expected
+    assert choose_wave_depth(n_chunks, split_every, nbytes) == expected
 
 
 def test_chunk_tasks_carry_only_small_arguments(make_input, tmp_path):
     """W, the geometry, the output and the options are one shared key, fetched once per worker; a chunk
-    task is its index and samples. Measured: 3006 pickled bytes a task before, when each task carried them."""
+    task is its index and samples."""
     inp = make_input(m=64, chunk=1, height=8, width=8, in_channels=4, out_channels=4)
     plan = plan_job(inp, tmp_path / "out.zarr", batch_chunk=1)
     job = plan.graph()
@@ -221,47 +205,61 @@ def test_batch_bounds_hold_two_numbers_whatever_the_chunks():
         bounds[333_333_334]
 
 
-@pytest.mark.parametrize("n_leaves, split_every", [(1, 2), (5, 2), (13, 3), (30, 4), (100, 8)])
-def test_tree_reduce_adds_in_chunk_order(n_leaves, split_every):
-    """combine_partials concatenates tuple-valued stats, so the final stats spell the summation order."""
-    leaves = [
-        dask.delayed(Partial, pure=True)({"dW": np.full((1,), float(i)), "db": np.full((1,), 1.0)}, {"order": (i,)})
-        for i in range(n_leaves)
-    ]
-    total = tree_reduce(leaves, split_every, token=f"order-{n_leaves}-{split_every}").compute(scheduler="sync")
-    assert total.seconds["order"] == tuple(range(n_leaves))
-    assert total.sums["dW"].tolist() == [float(sum(range(n_leaves)))]
-    assert total.sums["db"].tolist() == [float(n_leaves)]
+@pytest.mark.parametrize("n_chunks, split_every", [(1, 2), (5, 2), (13, 3), (30, 4), (100, 8)])
+def test_the_graph_adds_in_chunk_order(n_chunks, split_every, tmp_path):
+    """Every combine task is given its children's partials in chunk order (combine_partials adds them
+    in the order given), and computing the graph's combines concatenates the chunks' levels in chunk order."""
+    job = synthetic_job(n_chunks, split_every, tmp_path)
+    dsk = dict(job.to_delayed().__dask_graph__())
+    for key, task in dsk.items():
+        if key_name(key).startswith(COMBINE_PREFIX):
+            node = task.args[1:3]
+            expected = [job.key(child) for child in children(node, n_chunks, split_every)]
+            assert [ref.key for ref in task.args[3].args] == expected
+    # the graph's own combine tasks (they write their records under tmp_path), over leaves that spell their chunk
+    leaves = {
+        job.key((0, i)): DataNode(job.key((0, i)), Partial({"dW": np.full(1, float(i))}, {}, np.uint8([i % 7])))
+        for i in range(n_chunks)
+    }
+    total = dask.get({**dsk, **leaves}, job.key(job.root))
+    assert total.levels.tolist() == [i % 7 for i in range(n_chunks)]
+    assert total.reduced["dW"].tolist() == [float(sum(range(n_chunks)))]
 
 
 def test_combine_partials_does_not_modify_its_inputs():
     first = Partial({"dW": np.ones((2, 2)), "db": np.ones(2), "count": 3}, {"kernel": 1.0})
     second = Partial({"dW": np.full((2, 2), 2.0), "db": np.full(2, 2.0), "count": 4}, {"kernel": 0.5, "write": 0.25})
     total = combine_partials([first, second])
-    np.testing.assert_array_equal(total.sums["dW"], np.full((2, 2), 3.0))
-    np.testing.assert_array_equal(total.sums["db"], np.full(2, 3.0))
-    assert total.sums["count"] == 7
+    np.testing.assert_array_equal(total.reduced["dW"], np.full((2, 2), 3.0))
+    np.testing.assert_array_equal(total.reduced["db"], np.full(2, 3.0))
+    assert total.reduced["count"] == 7
     assert total.seconds == {"kernel": 1.5, "write": 0.25}
-    np.testing.assert_array_equal(first.sums["dW"], np.ones((2, 2)))
-    assert first.sums["count"] == 3 and first.seconds == {"kernel": 1.0}
+    np.testing.assert_array_equal(first.reduced["dW"], np.ones((2, 2)))
+    assert first.reduced["count"] == 3 and first.seconds == {"kernel": 1.0}
+
+
+def test_combine_partials_merges_the_top_samples_of_statistics_partials():
+    """The top samples are merged by their own combine (the layout's), not added: no layout is needed."""
+    rng = np.random.default_rng(3)
+    norms = [rng.random(6) for _ in range(3)]
+    leaves = [
+        Partial({"stats/dW_sq": np.full(2, 1.0), "stats/top_samples": top_samples(norm, 6 * i)}, {})
+        for i, norm in enumerate(norms)
+    ]
+    total = combine_partials(leaves)
+    assert total.reduced["stats/dW_sq"].tolist() == [3.0, 3.0]
+    assert total.reduced["stats/top_samples"].tobytes() == top_samples(np.concatenate(norms), 0).tobytes()
 
 
 def test_combine_partials_concatenates_the_level_codes():
     """Each chunk carries its level code; a combine concatenates them in chunk order, inputs untouched."""
-    codes = {name: np.array([LEVEL_CODES.index(name)], dtype=np.uint8) for name in ("avx2", "numpy")}
+    codes = {name: np.array([level_code(name)], dtype=np.uint8) for name in ("avx2", "numpy")}
     leaves = [Partial({"dW": np.zeros(1)}, {}, codes[level]) for level in ("avx2", "numpy", "avx2")]
     assert level_counts(combine_partials(leaves).levels) == {"avx2": 2, "numpy": 1}
-    total = tree_reduce([dask.delayed(leaf) for leaf in leaves * 5], 2, token="simd-counts").compute(scheduler="sync")
-    assert total.levels.tolist() == [LEVEL_CODES.index(level) for level in ("avx2", "numpy", "avx2") * 5]
-    assert level_counts(total.levels) == {"avx2": 10, "numpy": 5}
-    assert [leaf.levels.tolist() for leaf in leaves] == [codes["avx2"].tolist(), codes["numpy"].tolist(), codes["avx2"].tolist()]
-
-
-@pytest.mark.parametrize("n_leaves", [1, 2, 3, 8, 9, 27, 28, 125, 243, 1000, 4096, 4097])
-@pytest.mark.parametrize("split_every", [2, 3, 5, 8, 10, 16])
-def test_tree_depth_is_exact(n_leaves, split_every):
-    """No float rounding: log(125, 5) is 3.0000000000000004 in floating point."""
-    assert tree_depth(n_leaves, split_every) == expected_depth(n_leaves, split_every)
+    total = combine_partials([combine_partials(leaves[:2]), combine_partials(leaves[2:] * 3)])
+    assert total.levels.tolist() == [LEVEL_CODES.index(level) for level in ("avx2", "numpy", "avx2", "avx2", "avx2")]
+    assert level_counts(total.levels) == {"avx2": 4, "numpy": 1}
+    assert [leaf.levels.tolist() for leaf in leaves] == [codes[level].tolist() for level in ("avx2", "numpy", "avx2")]
 
 
 @pytest.mark.parametrize(
@@ -298,18 +296,16 @@ def test_split_every_rejects(value):
 
 
 @pytest.mark.parametrize("n_chunks, split_every", [(1, 2), (7, 2), (9, 3), (65, 8), (5, 16)])
-def test_the_graph_is_built_along_tree_shape(n_chunks, split_every, tmp_path):
-    """Every combine task adds exactly the nodes tree_shape gives it, level by level (their order: the test above)."""
-    graph = synthetic_graph(n_chunks, split_every, tmp_path)
+def test_the_graph_is_built_along_the_tree(n_chunks, split_every, tmp_path):
+    """Every combine task adds exactly the children dconv.tree gives its node (their order: the test above)."""
+    job = synthetic_job(n_chunks, split_every, tmp_path)
+    graph = job.to_delayed()
     chunks, combines, deps, _ = tree_structure(graph)
-    below = sorted(chunks, key=lambda key: key[1])
-    for depth, groups in enumerate(tree_shape(n_chunks, split_every)):
-        level = sorted((k for k in combines if key_name(k).startswith(f"{COMBINE_PREFIX}-{depth}-")), key=lambda k: k[1])
-        assert len(level) == len(groups)
-        for key, group in zip(level, groups):
-            assert deps[key] == {below[i] for i in group}, (depth, key)
-        below = level
-    assert below == [graph.key]
+    assert len(combines) == tree_nodes(n_chunks, split_every) - n_chunks
+    for depth in range(1, tree_height(n_chunks, split_every) + 1):
+        for index in range(level_width(depth, n_chunks, split_every)):
+            below = {job.key(child) for child in children((depth, index), n_chunks, split_every)}
+            assert deps[job.key((depth, index))] == below, (depth, index)
 
 
 def test_graph_keys_are_deterministic_and_depend_on_the_output(tmp_path):

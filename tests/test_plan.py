@@ -17,7 +17,9 @@ from dask.utils import format_bytes
 from dconv import InputError
 from dconv.options import InputRecipe
 from dconv.plan import plan_job, plan_recipe
-from dconv.progress import CHUNK_PREFIX, PlainProgress, compute_with_progress, format_duration
+from dconv.graph import CHUNK_PREFIX
+from dconv.progress import PlainProgress, format_duration
+from dconv.waves import compute_with_progress
 from dconv.store import make_inputs
 
 

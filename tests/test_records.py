@@ -1,38 +1,11 @@
-"""dconv.store.records: the tree-node records of a running job, their coverage and their frontier."""
+"""dconv.store.records: the tree-node records of a running job, and the frontier they leave."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dconv.graph import tree_depth, tree_shape
-from dconv.store.records import RecordStore, covered, frontier, node_chunks, tree_height, tree_nodes
-
-
-@pytest.mark.parametrize("n_chunks", [1, 2, 7, 8, 9, 64, 65, 100])
-@pytest.mark.parametrize("split_every", [2, 3, 8])
-def test_nodes_cover_what_the_tree_adds(n_chunks, split_every):
-    """Node (d, j) covers the chunks that tree_shape's node j of level d - 1 adds up, in order."""
-    assert tree_height(n_chunks, split_every) == tree_depth(n_chunks, split_every)
-    below = [range(i, i + 1) for i in range(n_chunks)]  # depth 0: the chunks
-    count = n_chunks
-    for depth, groups in enumerate(tree_shape(n_chunks, split_every), start=1):
-        level = [range(below[group.start].start, below[group.stop - 1].stop) for group in groups]
-        assert level == [node_chunks(depth, j, split_every, n_chunks) for j in range(len(groups))]
-        below = level
-        count += len(groups)
-    assert below == [range(n_chunks)]
-    assert tree_nodes(n_chunks, split_every) == count
-
-
-def test_frontier_is_the_maximal_stored_nodes_in_chunk_order():
-    # 20 chunks, fan-in 4: depth 1 has 5 nodes, depth 2 two, depth 3 the root
-    stored = {(0, 0), (0, 1), (1, 0), (0, 5), (2, 1), (1, 4), (0, 19), (0, 8), (3, 0), (5, 0), (0, 99)}
-    assert frontier(stored - {(3, 0)}, 20, 4) == [(1, 0), (0, 5), (0, 8), (2, 1)]
-    assert frontier(stored, 20, 4) == [(3, 0)]  # the root covers everything
-    assert frontier(set(), 20, 4) == []
-    mask = covered(frontier(stored - {(3, 0)}, 20, 4), 20, 4)
-    assert np.flatnonzero(mask).tolist() == [0, 1, 2, 3, 5, 8, *range(16, 20)]
+from dconv.store.records import HEAD_BYTES, RecordStore
 
 
 def test_a_record_round_trips_and_is_a_plain_npy(tmp_path):
@@ -59,9 +32,37 @@ def test_listing_ignores_foreign_files_and_deleting_ignores_missing_ones(tmp_pat
     (directory / ".half-written.tmp").write_bytes(b"x")
     (directory / "notes.txt").write_text("x")
     assert records.list() == {(0, 0), (0, 1), (1, 0)}
-    records.delete([(0, 0), (0, 1), (0, 2)])
+    records.delete([(0, 2), (0, 0), (0, 1)])  # the missing one first: the others are deleted all the same
     assert records.list() == {(1, 0)}
     with pytest.raises(FileNotFoundError):
         records.read((0, 0))
     records.remove_all()
     assert not directory.exists() and records.list() == set()
+
+
+@pytest.mark.parametrize("location", ["local", "memory"])
+def test_records_on_a_local_disk_and_on_an_fsspec_store_behave_alike(tmp_path, location):
+    url = str(tmp_path / "out.zarr") if location == "local" else f"memory://records-{tmp_path.name}/out.zarr"
+    records = RecordStore(url)
+    for node in [(0, 0), (0, 1), (1, 0)]:
+        records.write(node, {"db": np.full(2, float(node[1]))}, [2] * (1 if node[0] == 0 else 2))
+    assert records.list() == {(0, 0), (0, 1), (1, 0)}
+    assert records.read((0, 1))[0]["db"].tolist() == [1.0, 1.0] and records.read_levels((1, 0), 2).tolist() == [2, 2]
+    records.delete([(0, 5), (0, 0), (0, 1)])
+    assert records.list() == {(1, 0)}
+    records.remove_all()
+    assert records.list() == set()
+
+
+def test_levels_are_read_after_a_header_longer_than_the_first_read(tmp_path):
+    """A record of many partials has a header longer than HEAD_BYTES: its level codes are still found."""
+    records = RecordStore(str(tmp_path / "out.zarr"))
+    arrays = {f"stats/partial_number_{i}": np.full(3, float(i)) for i in range(40)}
+    records.write((1, 0), arrays, np.arange(7, dtype=np.uint8))
+    path = tmp_path / "out.zarr" / "_progress" / "tree" / "1-0.npy"
+    with open(path, "rb") as file:
+        np.lib.format.read_magic(file)
+        np.lib.format.read_array_header_1_0(file)
+        assert file.tell() > HEAD_BYTES
+    assert records.read_levels((1, 0), 7).tolist() == list(range(7))
+    assert records.read((1, 0))[0]["stats/partial_number_39"].tolist() == [39.0] * 3

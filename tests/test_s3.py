@@ -32,7 +32,8 @@ import pytest
 import zarr
 
 import dconv
-from dconv.graph import CHUNK_PREFIX, ZarrBatches
+from dconv.graph import CHUNK_PREFIX
+from dconv.sources import ZarrBatches
 from dconv.job import JobResult
 from dconv.plan import plan_job
 from dconv.store import OutputStore

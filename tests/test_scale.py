@@ -20,9 +20,11 @@ import pytest
 import dconv
 from _fault_helpers import assert_bitwise_equal
 from conftest import wait_until
-from dconv.graph import CHUNK_PREFIX, COMBINE_PREFIX, WAVES_IN_FLIGHT, aggregate, level_counts
+from dconv.graph import CHUNK_PREFIX, COMBINE_PREFIX, aggregate
 from dconv.job import run_job
 from dconv.plan import plan_job
+from dconv.store.output import level_counts
+from dconv.waves import WAVES_IN_FLIGHT, Waves, compute_in_waves
 
 distributed = pytest.importorskip("distributed")
 
@@ -82,7 +84,7 @@ def run_in_waves(plan, wave_chunks: int = WAVE_CHUNKS, **where) -> dict:
     """Open (or resume) the output, compute its tree in waves, finish it; the finished values."""
     finished = plan.open_output()
     graph = plan.graph(stored=plan.out.frontier() if finished.any() else None, wave_chunks=wave_chunks)
-    total = graph.compute(**where)
+    total = compute_in_waves(graph, **where)
     values = aggregate(total, plan.out.layout)
     plan.out.finish(values, simd={"chunks": level_counts(total.levels)})
     return values
@@ -122,7 +124,7 @@ def test_a_resume_from_a_frontier_of_records_gives_the_same_bits(job, tmp_path):
     graph = first.graph()
     stored = [(2, 0), (1, 4), (0, 15), (3, 1)]  # chunks 0-8, 12-14, 15, 27-53 (of 108)
     for node in stored:
-        tasks = {**graph.subtree(node), graph.context_key: graph.context_task()}
+        tasks = {**graph.subtree(node), graph.context_key: graph.make_context_task()}
         dask.get(tasks, graph.key(node))
     # a combine drops its children's records: only the four nodes are left
     assert first.out.stored_nodes() == set(stored)
@@ -139,7 +141,7 @@ def test_wave_boundaries_do_not_change_the_bits(job, tmp_path, wave_chunks, dept
     """Waves of 3, 9 and 27 chunks (the reference ran as one wave), one after another in this process."""
     inputs, reference = job
     plan = plan_for(inputs, tmp_path / "out.zarr")
-    assert plan.graph(wave_chunks=wave_chunks).wave_depth == depth
+    assert Waves(plan.graph(wave_chunks=wave_chunks)).depth == depth
     run_in_waves(plan, wave_chunks, scheduler="threads")
     assert_bitwise_equal(tmp_path / "out.zarr", reference)
 

@@ -23,7 +23,7 @@ from dask.utils import format_bytes
 import dconv
 from dconv.cluster import ClusterOptions, check_workers, read_scheduler_file
 from dconv.sizing import worker_memory
-from dconv.progress import CHUNK_PREFIX
+from dconv.graph import CHUNK_PREFIX
 
 from _pipeline import read_inputs, read_output
 from conftest import _stop, dask_command, free_port, wait_until
@@ -228,7 +228,7 @@ def test_a_worker_that_joins_mid_job_gets_tasks(scheduler, job, tmp_path, monkey
     the job lasts while the worker starts.
     """
     monkeypatch.setattr(dconv.plan, "WAVE_CHUNKS", 2)
-    monkeypatch.setattr(dconv.graph, "WAVE_TASKS_PER_THREAD", 1)
+    monkeypatch.setattr(dconv.waves, "WAVE_TASKS_PER_THREAD", 1)
     options = {"batch_chunk": 1, "split_every": 2, "padding": 1}
 
     def slowly(block: np.ndarray) -> np.ndarray:

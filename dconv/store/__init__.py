@@ -40,7 +40,6 @@ from dconv.store.output import (
     open_output,
     open_result,
 )
-from dconv.store.records import tree_height, tree_nodes
 from dconv.store.summary import format_levels, format_summary, summarize
 from dconv.store.writer import InputWriter, torch_conv_params
 
@@ -82,6 +81,4 @@ __all__ = [
     "store_exists",
     "summarize",
     "torch_conv_params",
-    "tree_height",
-    "tree_nodes",
 ]

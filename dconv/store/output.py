@@ -48,9 +48,13 @@ from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
 from dconv.store.lease import LEASE_NAME
 from dconv.store.locations import create_group, is_local, open_group, public_location, store_exists
 from dconv.store.ownership import OUTPUT_MARKER, check_replaceable, remove_own
-from dconv.store.records import Node, RecordStore, covered, frontier, node_chunks
+from dconv.store.records import RecordStore
+from dconv.tree import Node, covered, frontier, node_chunks
 
-__all__ = ["ATTR", "LEVEL_CODES", "OutputStore", "ChunkProgress", "fingerprint", "open_output", "open_result"]
+__all__ = [
+    "ATTR", "LEVEL_CODES", "OutputStore", "ChunkProgress", "fingerprint", "level_code", "level_counts", "open_output",
+    "open_result",
+]
 
 ATTR = OUTPUT_MARKER
 """The group attribute that holds the provenance and the status ("dconv"); it marks an output as dconv's."""
@@ -63,6 +67,18 @@ the ``level`` array (its ``codes`` attribute), and read from there."""
 LEVEL_ARRAY = f"{PROGRESS}/level"
 LEGACY_DONE = f"{PROGRESS}/done"
 """Present only in outputs written before the records: one flag per chunk."""
+
+
+def level_code(level: str) -> int:
+    """The code of SIMD level ``level`` (a name of :data:`LEVEL_CODES`) in records and in ``_progress/level``."""
+    return LEVEL_CODES.index(level)
+
+
+def level_counts(codes: np.ndarray) -> dict[str, int]:
+    """``{level: chunks}`` from level codes (uint8, one per chunk), levels in name order."""
+    values, counts = np.unique(np.asarray(codes, dtype=np.uint8), return_counts=True)
+    found = {_level_name(LEVEL_CODES, code): int(n) for code, n in zip(values.tolist(), counts)}
+    return dict(sorted(found.items()))
 
 
 def fingerprint(identity: Mapping[str, Any]) -> str:
@@ -245,7 +261,7 @@ class OutputStore:
             block = values[entry.name]
             arrays[entry.name][start : start + block.shape[0]] = block
         sums = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.REDUCE)}
-        self.records.write((0, index), sums, [LEVEL_CODES.index(level)])
+        self.records.write((0, index), sums, [level_code(level)])
 
     def write_node(self, depth: int, index: int, sums: Mapping[str, np.ndarray], levels: np.ndarray) -> None:
         """Write combine node ``(depth, index)``'s record (depth >= 1).
@@ -253,7 +269,7 @@ class OutputStore:
         Parameters
         ----------
         sums : mapping
-            The node's REDUCE partials by entry name (a :class:`dconv.graph.Partial`'s ``sums``).
+            The node's REDUCE partials by entry name (a :class:`dconv.graph.Partial`'s ``reduced``).
         levels : ndarray of uint8, shape (chunks covered,)
             The level code of every chunk the node covers, in chunk order.
         """
