@@ -24,7 +24,6 @@ from dconv.sources import batch_bounds
 from dconv.store import OutputStore
 from dconv.store.output import LEVEL_CODES, level_code, level_counts
 from dconv.tree import children, level_width, tree_height, tree_nodes
-from dconv.waves import Waves, choose_wave_depth
 
 from _pipeline import read_inputs
 
@@ -152,35 +151,6 @@ def test_a_stored_frontier_replaces_the_subtrees_under_it(tmp_path, n_chunks, sp
     assert job.chunks_to_compute() == chunks
 
 
-@pytest.mark.parametrize("stored", [[], [(1, 0), (0, 4), (2, 1), (0, 40)]])
-@pytest.mark.parametrize("wave_chunks, depth", [(1, 1), (3, 1), (9, 2), (26, 2), (27, 3), (81, 4), (4096, 4)])
-def test_waves_cover_the_tree_once(tmp_path, stored, wave_chunks, depth):
-    """The waves (subtrees at the wave depth, in chunk order) and the combines above them are exactly the
-    tree's tasks, each once; every combine above the waves adds at most split_every children."""
-    n_chunks, split_every = 41, 3
-    job = synthetic_job(n_chunks, split_every, tmp_path, stored=stored, wave_chunks=wave_chunks)
-    assert Waves(job).depth == depth
-    whole = dict(job.to_delayed().__dask_graph__())
-    waves, combines = Waves(job).split()
-    assert all(node[0] == depth for node in waves) or waves == [job.root]
-    assert [index for _, index in waves] == sorted(index for _, index in waves)
-    keys = [key for node in waves for key in job.subtree(node)]
-    keys += [job.key(node) for node in combines] + [job.key(node) for node in stored if node[0] >= depth]
-    assert len(keys) == len(set(keys)) and set(keys) | {job.context_key} == set(whole)
-    for node, children in combines.items():
-        assert 1 <= len(children) <= split_every and children == job.children(node)
-
-
-@pytest.mark.parametrize(
-    "n_chunks, split_every, nbytes, expected",
-    [(10**6, 8, 8, 2), (10**6, 2, 8, 8), (10**6, 3, 8, 5), (10**6, 16, 8, 2), (10**6, 8, 18_900_000, 1),
-     (10**6, 2, 18_900_000, 5), (100, 8, 8, 2), (1, 8, 8, 1), (8, 8, 8, 1)],
-)
-def test_wave_depth(n_chunks, split_every, nbytes, expected):
-    """As many chunks as WAVE_CHUNKS (256) allow, fewer when their partials pass 1 GiB; at most the tree."""
-    assert choose_wave_depth(n_chunks, split_every, nbytes) == expected
-
-
 def test_chunk_tasks_carry_only_small_arguments(make_input, tmp_path):
     """W, the geometry, the output and the options are one shared key, fetched once per worker; a chunk
     task is its index and samples."""
@@ -260,39 +230,6 @@ def test_combine_partials_concatenates_the_level_codes():
     assert total.levels.tolist() == [LEVEL_CODES.index(level) for level in ("avx2", "numpy", "avx2", "avx2", "avx2")]
     assert level_counts(total.levels) == {"avx2": 4, "numpy": 1}
     assert [leaf.levels.tolist() for leaf in leaves] == [codes[level].tolist() for level in ("avx2", "numpy", "avx2")]
-
-
-@pytest.mark.parametrize(
-    "m, batch_chunk, bounds",
-    [
-        (10, 3, [(0, 3), (3, 6), (6, 9), (9, 10)]),
-        (9, 3, [(0, 3), (3, 6), (6, 9)]),
-        (2, 5, [(0, 2)]),
-        (1, 1, [(0, 1)]),
-        (4, np.int64(2), [(0, 2), (2, 4)]),
-    ],
-)
-def test_batch_bounds(m, batch_chunk, bounds):
-    assert batch_bounds(m, batch_chunk) == bounds
-
-
-@pytest.mark.parametrize("batch_chunk", [0, -1, 2.0, True, "4", None])
-def test_batch_bounds_rejects(batch_chunk):
-    with pytest.raises(InputError, match="batch_chunk must be an int >= 1"):
-        batch_bounds(10, batch_chunk)
-
-
-@pytest.mark.parametrize("value, expected", [(2, 2), (np.int32(5), 5), (64, 64)])
-def test_split_every_is_normalised_once_in_the_options(value, expected):
-    result = JobOptions(split_every=value).split_every
-    assert result == expected and type(result) is int
-    assert JobOptions().split_every == 8
-
-
-@pytest.mark.parametrize("value", [1, 0, -3, 2.0, True, "8", None])
-def test_split_every_rejects(value):
-    with pytest.raises(InputError, match="split_every must be an int >= 2"):
-        JobOptions(split_every=value)
 
 
 @pytest.mark.parametrize("n_chunks, split_every", [(1, 2), (7, 2), (9, 3), (65, 8), (5, 16)])

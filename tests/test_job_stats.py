@@ -90,7 +90,7 @@ def float32_figure_bounds(case: Case, arrays: dict, batch_chunk: int) -> dict:
     """Bounds on the error of a float32 job's statistics against the float64 truth.
 
     Each element ``e`` of ``dW_i`` is a sum of at most ``n = Hp * Wp + 1`` products of float32
-    inputs rounded in float32 (see tests/test_kernel_stats.py::float32_bound), so
+    inputs rounded in float32 (see tests/kernel/test_kernel_stats.py::float32_bound), so
     ``|e' - e| <= d_i = gamma_n (|A_i|^T |dZ_i|)``, ``gamma_n = n u / (1 - n u)``, ``u = 2**-24``;
     the statistics square and add in float64: ``|e'^2 - e^2| <= d_i (2|e| + d_i)``.
     A chunk's dW is one sum over its ``batch_chunk`` samples (one GEMM, or the compiled

@@ -111,32 +111,6 @@ def test_the_resume_command_is_the_input_the_output_and_the_cluster_flags(make_i
     assert resume_command(str(out), {"input": "<arrays>"}) is None
 
 
-def test_the_cluster_a_job_ran_on_is_recorded_with_absolute_paths(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    place = dconv.ClusterOptions(scheduler_file="sf.json").recorded_place()
-    assert place == {"scheduler_file": str(tmp_path / "sf.json")}
-    assert dconv.ClusterOptions(workers=2).recorded_place() == {"workers": 2}
-    assert dconv.ClusterOptions.from_dict(place).flags() == ["--scheduler-file", str(tmp_path / "sf.json")]
-
-
-def test_options_round_trip_through_what_an_output_records():
-    options = dconv.JobOptions(
-        stride=(2, 1), padding=((1, 0), (2, 2)), dilation=2, batch_chunk=7, split_every=3, stats=True,
-        dA_prev=False, check_finite=True, keep_partials=True, simd="avx2",
-    )
-    recorded = options.to_dict()
-    assert recorded["params"] == {"stride": [2, 1], "padding": [[1, 0], [2, 2]], "dilation": [2, 2]}
-    assert recorded["per_sample_stats"] is True and recorded["simd"] == {"requested": "avx2"}
-    assert dconv.JobOptions.from_dict(recorded) == dataclass_without(options, "max_memory", "overwrite", "resume")
-    assert dconv.JobOptions().to_dict() == {"split_every": 8}  # on/off options at their defaults are left out
-
-
-def dataclass_without(options, *names):
-    import dataclasses
-
-    return dataclasses.replace(options, **{name: dconv.JobOptions().__getattribute__(name) for name in names})
-
-
 def test_an_output_of_the_last_release_still_resumes(make_input, tmp_path):
     """Outputs written before this change have no carried options and no cluster in their provenance."""
     inp = make_input(m=20, chunk=4)

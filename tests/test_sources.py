@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
+from dconv import InputError
 from dconv.plan import plan_job
 from dconv.sources import DaskBatches, ZarrBatches, batch_bounds, batch_sources
 
@@ -44,3 +45,23 @@ def test_a_chunk_run_here_gives_the_same_bits_from_zarr_and_from_dask(make_input
     assert set(from_zarr.reduced) == set(from_dask.reduced)
     for entry, value in from_zarr.reduced.items():
         assert np.asarray(value).tobytes() == np.asarray(from_dask.reduced[entry]).tobytes(), entry
+
+
+@pytest.mark.parametrize(
+    "m, batch_chunk, bounds",
+    [
+        (10, 3, [(0, 3), (3, 6), (6, 9), (9, 10)]),
+        (9, 3, [(0, 3), (3, 6), (6, 9)]),
+        (2, 5, [(0, 2)]),
+        (1, 1, [(0, 1)]),
+        (4, np.int64(2), [(0, 2), (2, 4)]),
+    ],
+)
+def test_batch_bounds(m, batch_chunk, bounds):
+    assert batch_bounds(m, batch_chunk) == bounds
+
+
+@pytest.mark.parametrize("batch_chunk", [0, -1, 2.0, True, "4", None])
+def test_batch_bounds_rejects(batch_chunk):
+    with pytest.raises(InputError, match="batch_chunk must be an int >= 1"):
+        batch_bounds(10, batch_chunk)

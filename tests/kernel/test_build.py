@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-SOURCE = Path(__file__).resolve().parent.parent / "dconv" / "_flatconv.c"
+SOURCE = Path(__file__).resolve().parents[2] / "dconv" / "_flatconv.c"
 
 # pyproject.toml's extra-compile-args, -fPIC as for an extension module, and warnings as errors.
 # -Wno-unused-parameter: CPython's method signature leaves `self` (and METH_NOARGS's argument) unused.
@@ -188,7 +188,7 @@ STARTS: dict[str, Callable[[Path], Started]] = {
     "test_the_host_build_has_no_warning": start_host_build,
     "test_version_in_the_checkout_says_what_happened": lambda tmp: _from_the_checkout("-m", "dconv", "--version"),
     "test_python_m_pytest_in_the_checkout_tests_the_installed_package": lambda tmp: _from_the_checkout(
-        "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernel.py", "-k", "compiled_helper_is_built"
+        "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernel/test_kernel.py", "-k", "compiled_helper_is_built"
     ),
 }
 

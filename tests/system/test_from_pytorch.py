@@ -22,7 +22,7 @@ from _pipeline import rel_err
 
 torch = pytest.importorskip("torch")
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "FROM_PYTORCH.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "FROM_PYTORCH.md"
 
 # Relative error of the norms, dconv against torch's accumulated grads; the page states them.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}

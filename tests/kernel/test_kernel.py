@@ -491,7 +491,7 @@ def _peak_allocation(case: Case, threads: int) -> tuple[int, int]:
     tests leave threads running (distributed's IO loop, tqdm's monitor): in one CI
     run the peak came out about 100 KiB above its usual maximum.
     """
-    code = _PEAK_ALLOCATION.format(tests=str(Path(__file__).parent), case=case, threads=threads)
+    code = _PEAK_ALLOCATION.format(tests=str(Path(__file__).parents[1]), case=case, threads=threads)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     peak, bound = json.loads(result.stdout)

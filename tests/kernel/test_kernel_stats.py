@@ -341,7 +341,7 @@ def test_statistics_allocate_within_the_documented_bound():
     """tracemalloc's peak of one stats=True call within backward_working_set(stats=True), at the
     numpy level and a compiled one, in a fresh interpreter (other tests' threads allocate too)."""
     levels = ["numpy", *LEVELS[:1]]
-    code = _PEAK_ALLOCATIONS.format(tests=str(Path(__file__).parent), levels=levels, cases=MEMORY_CASES)
+    code = _PEAK_ALLOCATIONS.format(tests=str(Path(__file__).parents[1]), levels=levels, cases=MEMORY_CASES)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for level, case, peak, bound in json.loads(result.stdout):
