@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from dask.utils import format_bytes
 
@@ -70,6 +70,7 @@ __all__ = [
     "machine_memory",
     "BLAS_THREAD_VARIABLES",
     "WORKER_BLOCKED_SIGNALS",
+    "WORKER_MALLOC_ENV",
 ]
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -79,6 +80,22 @@ PROFILE_VARIABLE = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
 Profile page. dconv turns it off otherwise: a worker keeps up to an hour of its samples, so
 its memory grew with the job's length (measured, AMD EPYC Zen 3, 2 workers: the job's summed peak
 RSS grew 1.054x over 32x m with it, 1.045x without)."""
+
+WORKER_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TOP_PAD_": str(64 * 2**20),
+}
+"""glibc's malloc settings each embedded worker process starts with, in place of distributed's
+``MALLOC_TRIM_THRESHOLD_=65536``.
+
+distributed's setting fixes the mmap threshold at 128 KiB and hands freed memory back at once, so
+each of the kernel's temporaries (up to tens of MiB a chunk) is a fresh mapping whose pages fault in
+again. These keep temporaries up to 32 MiB (glibc's largest mmap threshold) on the heap, and the
+freed heap (up to 256 MiB, no more than a task's peak) for the next chunk. glibc reads them when the
+process starts, so they go in ``distributed.nanny.pre-spawn-environ``, not in the workers' ``env``
+(set once their Python runs): :func:`worker_malloc_environment`. benchmarks/bench_worker.py measures
+them."""
 
 WORKER_BLOCKED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Signals the embedded cluster's worker processes never receive: the client handles them."""
@@ -347,6 +364,30 @@ def withheld_from_new_processes(signals: tuple[int, ...] = WORKER_BLOCKED_SIGNAL
             signal.raise_signal(received[0])
 
 
+@contextlib.contextmanager
+def worker_malloc_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Worker processes started in the body start with ``env`` (glibc's ``MALLOC_*``) in their environment.
+
+    A nanny takes ``distributed.nanny.pre-spawn-environ`` when it is made, but a variable of this
+    process's environment wins over the config, and every nanny copies its own into this process's
+    environment (so one cluster's would win over the next's): ``env`` is put there for the body, and the
+    variables are restored at its end.
+    """
+    import dask
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in env.items()}):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def local_cluster_layout(workers: int | None) -> tuple[int, int]:
     """``(n_workers, blas_threads)`` so that workers x 1 thread x BLAS threads = cores."""
     cores = available_cores()
@@ -444,7 +485,7 @@ def _local_client(
     with contextlib.ExitStack() as stack:
         # A Ctrl-C meanwhile is raised here, and the cluster closed. The nannies hand this
         # process's Dask config (the profiler's setting) to the workers they start.
-        with withheld_from_new_processes(), dask.config.set(profiler):
+        with withheld_from_new_processes(), dask.config.set(profiler), worker_malloc_environment(WORKER_MALLOC_ENV):
             cluster = stack.enter_context(
                 distributed.LocalCluster(
                     n_workers=n_workers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import dask
@@ -166,3 +167,30 @@ def test_the_embedded_cluster_serves_its_dashboard_and_sets_the_memory_limit():
             page = response.read().decode("utf-8", "replace")
             assert response.status == 200
     assert "Dask needs bokeh" not in page and "<html" in page.lower(), page[:300]
+
+
+def _start_environment() -> dict[str, str]:
+    """This process's environment as it started (what glibc read), not as Python has changed it since."""
+    with open("/proc/self/environ", "rb") as f:
+        pairs = [entry.decode("utf-8", "replace").partition("=") for entry in f.read().split(b"\0") if entry]
+    return {name: value for name, _, value in pairs}
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/environ")
+def test_embedded_workers_start_with_dconvs_malloc_settings(monkeypatch):
+    """Each embedded worker process starts with WORKER_MALLOC_ENV (not distributed's
+    MALLOC_TRIM_THRESHOLD_=65536), even after another cluster left distributed's setting in this
+    process's environment; this process's environment is as it was once the cluster is up."""
+    import os
+
+    from dconv.cluster import BLAS_THREAD_VARIABLES, WORKER_MALLOC_ENV
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what a distributed nanny leaves behind
+    with connect(ClusterOptions(workers=1), quiet=True) as client:
+        [started] = client.run(_start_environment).values()
+        [now] = client.run(lambda: dict(os.environ)).values()
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    assert {name: started.get(name) for name in WORKER_MALLOC_ENV} == WORKER_MALLOC_ENV
+    blas_threads = str(local_cluster_layout(1)[1])
+    assert {name: now[name] for name in BLAS_THREAD_VARIABLES} == dict.fromkeys(BLAS_THREAD_VARIABLES, blas_threads)

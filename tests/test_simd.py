@@ -104,7 +104,8 @@ def test_the_extension_lists_known_levels_best_first():
 IMPORT_FROM_THE_TREE = (
     # an editable install's finder would hand the tree the installed compiled module: leave it out, as in
     # a clone whose package is installed elsewhere (or not at all)
-    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in str(getattr(f, '__module__', ''))]; "
+    "import sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in str(getattr(f, '__module__', ''))]; "
     "import dconv, dconv.simd, dconv.kernel; print(dconv.__file__)"
 )
 
