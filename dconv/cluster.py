@@ -493,7 +493,7 @@ def _local_client(
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",
-                    worker_dashboard_address="127.0.0.1:0",
+                    worker_dashboard_address=None,  # no worker dashboard: its bokeh import costs each worker start
                     silence_logs=logging.DEBUG if debug else logging.CRITICAL,
                     env=env,
                     memory_limit="auto" if memory_limit is None else memory_limit,

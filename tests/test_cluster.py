@@ -194,3 +194,23 @@ def test_embedded_workers_start_with_dconvs_malloc_settings(monkeypatch):
     assert {name: started.get(name) for name in WORKER_MALLOC_ENV} == WORKER_MALLOC_ENV
     blas_threads = str(local_cluster_layout(1)[1])
     assert {name: now[name] for name in BLAS_THREAD_VARIABLES} == dict.fromkeys(BLAS_THREAD_VARIABLES, blas_threads)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["inspect", "{out}"]])
+def test_commands_without_a_cluster_do_not_import_distributed(tmp_path, argv):
+    """`dconv --version` and `dconv inspect` never start a cluster, so they leave distributed unimported."""
+    import subprocess
+
+    from dconv import backward_job, make_inputs
+
+    make_inputs(str(tmp_path / "in.zarr"), m=8, chunk=4)
+    out = tmp_path / "out.zarr"
+    backward_job(str(tmp_path / "in.zarr"), str(out), batch_chunk=4, scheduler="threads")
+    code = (
+        "import sys\nfrom dconv.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:  # --version\n"
+        "    code = e.code or 0\n"
+        "print('distributed' in sys.modules, code)"
+    )
+    args = [part.format(out=out) for part in argv]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "False 0", result.stdout + result.stderr
