@@ -50,17 +50,15 @@ STEPS = {  # module, function: a step of a job, timed where it is called from
 }
 
 
-def timed_child(inputs: str, out: str) -> None:
-    """Run the embedded job here, printing each step's start and end (seconds since this process started)."""
+def timed_child(inputs: str, out: str, launched: float) -> None:
+    """Run the embedded job here, printing each step's start and end (seconds since ``launched``, the
+    ``time.time()`` at which the parent started this process)."""
     import contextlib
     import functools
     import importlib
 
-    import psutil
-
-    born = psutil.Process().create_time()
     marks: list[tuple[str, float, float]] = []
-    clock = lambda: time.time() - born  # noqa: E731
+    clock = lambda: time.time() - launched  # noqa: E731
     marks.append(("python start and imports up to dconv.job", 0.0, 0.0))
     import dconv.job  # noqa: F401
 
@@ -116,10 +114,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--m", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        timed_child(*args.child)
+        timed_child(args.child[0], args.child[1], float(args.child[2]))
         return
     work = tempfile.mkdtemp(prefix="bench_start-")
     try:
@@ -142,9 +140,9 @@ def main() -> None:
             print(f"{name:9} {seconds:6.2f} s (best of {args.rounds}; all {', '.join(f'{t:.2f}' for t in times[name])})")
         print(f"embedded / bare: {best['embedded'] / best['bare']:.2f}x; embedded / threads: "
               f"{best['embedded'] / best['threads']:.2f}x")
-        child = subprocess.run([sys.executable, __file__, "--child", "in.zarr", "out.zarr"], cwd=work, check=True,
-                               capture_output=True, text=True)
-        print("steps of one embedded job (seconds since its process started):")
+        child = subprocess.run([sys.executable, __file__, "--child", "in.zarr", "out.zarr", repr(time.time())],
+                               cwd=work, check=True, capture_output=True, text=True)
+        print("steps of one embedded job (seconds since its process was started):")
         for name, start, end in sorted(json.loads(child.stdout.strip().splitlines()[-1]), key=lambda mark: mark[1]):
             print(f"  {start:6.2f} -> {end:6.2f}  ({end - start:5.2f} s)  {name}")
     finally:

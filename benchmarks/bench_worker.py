@@ -12,8 +12,9 @@ thread, in
 - ``worker``: a worker of a 2-worker ``distributed.LocalCluster`` made as the embedded
   cluster makes it, one or both workers busy;
 
-each under two malloc environments, set before the process starts:
+each under three malloc environments, set before the process starts:
 
+- ``glibc``: no ``MALLOC_*`` variable (a plain process's default: dynamic mmap threshold);
 - ``distributed``: what distributed gives its workers (``MALLOC_TRIM_THRESHOLD_=65536``,
   from ``distributed.nanny.pre-spawn-environ``);
 - ``dconv``: what the embedded cluster gives them (:data:`dconv.cluster.WORKER_MALLOC_ENV`).
@@ -47,7 +48,7 @@ DISTRIBUTED_ENV = {"MALLOC_TRIM_THRESHOLD_": "65536"}
 def environments() -> dict[str, dict[str, str]]:
     from dconv.cluster import WORKER_MALLOC_ENV
 
-    return {"distributed": dict(DISTRIBUTED_ENV), "dconv": dict(WORKER_MALLOC_ENV)}
+    return {"glibc": {}, "distributed": dict(DISTRIBUTED_ENV), "dconv": dict(WORKER_MALLOC_ENV)}
 
 
 def blas() -> list[dict]:
