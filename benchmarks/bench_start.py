@@ -137,7 +137,8 @@ def main() -> None:
                 times[name].append(wall(command, work))
         best = {name: min(values) for name, values in times.items()}
         for name, seconds in best.items():
-            print(f"{name:9} {seconds:6.2f} s (best of {args.rounds}; all {', '.join(f'{t:.2f}' for t in times[name])})")
+            every = ", ".join(f"{t:.2f}" for t in times[name])
+            print(f"{name:9} {seconds:6.2f} s (best of {args.rounds}; all {every})")
         print(f"embedded / bare: {best['embedded'] / best['bare']:.2f}x; embedded / threads: "
               f"{best['embedded'] / best['threads']:.2f}x")
         child = subprocess.run([sys.executable, __file__, "--child", "in.zarr", "out.zarr", repr(time.time())],

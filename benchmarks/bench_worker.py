@@ -118,7 +118,7 @@ def worker(env: dict[str, str], busy: int, n_chunks: int, batch_chunk: int) -> l
     spawn = {f"distributed.nanny.pre-spawn-environ.{name}": None for name in MALLOC_VARIABLES}
     spawn.update({f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in env.items()})
     with dask.config.set(spawn), distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
         env={name: "1" for name in BLAS_THREAD_VARIABLES}, silence_logs=50,
     ) as cluster, distributed.Client(cluster) as client:
         addresses = sorted(client.scheduler_info()["workers"])[:busy]
@@ -198,9 +198,9 @@ def main() -> None:
               f"{row['minflt']:7.0f} minor faults per chunk  (env {row['env']})")
     for env_name in environments():
         for busy in (1, 2):
-            plain_ms = rows[f"plain  {'dconv':11} busy {busy}"]["wall_ms"]
-            ratio = rows[f"worker {env_name:11} busy {busy}"]["wall_ms"] / plain_ms
-            print(f"worker ({env_name}) / plain (dconv env), {busy} busy: {ratio:.2f}x")
+            plain, worker_row = rows[f"plain  {'dconv':11} busy {busy}"], rows[f"worker {env_name:11} busy {busy}"]
+            print(f"worker ({env_name}) / plain (dconv env), {busy} busy: {worker_row['wall_ms'] / plain['wall_ms']:.2f}x "
+                  f"wall, {worker_row['cpu_ms'] / plain['cpu_ms']:.2f}x CPU")
     for env_name, runs in jobs.items():
         best = min(runs, key=lambda run: run["kernel_ms"])
         print(f"job m={args.job_m} ({env_name} env), best of {len(runs)}: kernel {best['kernel_ms']:.1f} ms, read "
