@@ -1,8 +1,10 @@
 """Where a job runs: the embedded local cluster, or an existing Dask cluster.
 
 The embedded default is a ``distributed.LocalCluster`` bound to 127.0.0.1 with
-one single-threaded worker process per core, and BLAS threads set so that
-workers x threads x BLAS threads = cores. Each worker's memory limit comes from
+one single-threaded worker process per core, BLAS threads set so that
+workers x threads x BLAS threads = cores, glibc's malloc settings of
+:data:`WORKER_MALLOC_ENV`, and no dashboard per worker (the scheduler's serves the link
+dconv prints). Each worker's memory limit comes from
 the job's plan (:func:`dconv.plan.worker_memory`), and a plan whose workers would
 need more memory than the machine has is refused before the cluster starts
 (:func:`check_machine_memory`).
