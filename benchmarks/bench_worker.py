@@ -198,9 +198,9 @@ def main() -> None:
               f"{row['minflt']:7.0f} minor faults per chunk  (env {row['env']})")
     for env_name in environments():
         for busy in (1, 2):
-            plain, worker_row = rows[f"plain  {'dconv':11} busy {busy}"], rows[f"worker {env_name:11} busy {busy}"]
-            print(f"worker ({env_name}) / plain (dconv env), {busy} busy: {worker_row['wall_ms'] / plain['wall_ms']:.2f}x "
-                  f"wall, {worker_row['cpu_ms'] / plain['cpu_ms']:.2f}x CPU")
+            base, row = rows[f"plain  {'dconv':11} busy {busy}"], rows[f"worker {env_name:11} busy {busy}"]
+            print(f"worker ({env_name}) / plain (dconv env), {busy} busy: {row['wall_ms'] / base['wall_ms']:.2f}x "
+                  f"wall, {row['cpu_ms'] / base['cpu_ms']:.2f}x CPU")
     for env_name, runs in jobs.items():
         best = min(runs, key=lambda run: run["kernel_ms"])
         print(f"job m={args.job_m} ({env_name} env), best of {len(runs)}: kernel {best['kernel_ms']:.1f} ms, read "
