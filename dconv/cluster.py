@@ -1,8 +1,10 @@
 """Where a job runs: the embedded local cluster, or an existing Dask cluster.
 
 The embedded default is a ``distributed.LocalCluster`` bound to 127.0.0.1 with
-one single-threaded worker process per core, and BLAS threads set so that
-workers x threads x BLAS threads = cores. Each worker's memory limit comes from
+one single-threaded worker process per core, BLAS threads set so that
+workers x threads x BLAS threads = cores, glibc's malloc settings of
+:data:`WORKER_MALLOC_ENV`, and no dashboard per worker (the scheduler's serves the link
+dconv prints). Each worker's memory limit comes from
 the job's plan (:func:`dconv.plan.worker_memory`), and a plan whose workers would
 need more memory than the machine has is refused before the cluster starts
 (:func:`check_machine_memory`).
@@ -12,10 +14,9 @@ scheduler`` / ``dask worker``, dask-jobqueue, dask-kubernetes, ...), and
 ``--scheduler-file PATH`` to one that wrote its address to a file, Dask's HPC
 convention (``dask scheduler --scheduler-file``, dask-mpi, dask-jobqueue); its
 workers keep their own settings. A job there waits for ``wait_workers`` of them
-(:func:`wait_for_workers`), checks their memory limits and threads against its
-plan before a task runs (:func:`check_workers`), and sends its tasks only to
-those that hold one (:class:`FittingWorkers`). ``--scheduler threads`` (or
-``synchronous``) is no cluster: the job runs in this process.
+and checks them against its plan (:mod:`dconv.workers`; :func:`wait_for_workers`,
+:func:`check_workers` and :class:`FittingWorkers` are importable from here too).
+``--scheduler threads`` (or ``synchronous``) is no cluster: the job runs in this process.
 
 The embedded cluster's worker processes never receive SIGINT or SIGTERM (they
 start with both blocked: :func:`withheld_from_new_processes`). They share the
@@ -39,7 +40,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from dask.utils import format_bytes
 
@@ -54,6 +55,7 @@ from dconv.options import (
     positive_number,
     whole_number,
 )
+from dconv.workers import FittingWorkers, WorkerFit, check_workers, wait_for_workers
 
 if TYPE_CHECKING:
     from dconv.plan import WorkerMemory
@@ -70,6 +72,7 @@ __all__ = [
     "machine_memory",
     "BLAS_THREAD_VARIABLES",
     "WORKER_BLOCKED_SIGNALS",
+    "WORKER_MALLOC_ENV",
 ]
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -80,6 +83,22 @@ Profile page. dconv turns it off otherwise: a worker keeps up to an hour of its 
 its memory grew with the job's length (measured, AMD EPYC Zen 3, 2 workers: the job's summed peak
 RSS grew 1.054x over 32x m with it, 1.045x without)."""
 
+WORKER_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TOP_PAD_": str(64 * 2**20),
+}
+"""glibc's malloc settings each embedded worker process starts with, in place of distributed's
+``MALLOC_TRIM_THRESHOLD_=65536``.
+
+distributed's setting fixes the mmap threshold at 128 KiB and hands freed memory back at once, so
+each of the kernel's temporaries (up to tens of MiB a chunk) is a fresh mapping whose pages fault in
+again. These keep temporaries up to 32 MiB (glibc's largest mmap threshold) on the heap, and the
+freed heap (up to 256 MiB, no more than a task's peak) for the next chunk. glibc reads them when the
+process starts, so they go in ``distributed.nanny.pre-spawn-environ``, not in the workers' ``env``
+(set once their Python runs): :func:`worker_malloc_environment`. benchmarks/bench_worker.py measures
+them."""
+
 WORKER_BLOCKED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Signals the embedded cluster's worker processes never receive: the client handles them."""
 
@@ -88,12 +107,6 @@ PLACEMENTS = ("workers", "scheduler", "scheduler_file")
 
 LOCAL_SCHEDULERS = ("threads", "synchronous")
 """The ``scheduler`` values that run a job in this process, on a local Dask scheduler, with no cluster."""
-
-WAIT_POLL = 0.25
-"""Seconds between two looks at an existing cluster's workers while a job waits for them."""
-
-WAIT_SAY = 1.0
-"""While a job waits for workers, at most one ``waiting`` line in this many seconds."""
 
 
 def parse_scheduler(value: Any) -> str:
@@ -353,6 +366,30 @@ def withheld_from_new_processes(signals: tuple[int, ...] = WORKER_BLOCKED_SIGNAL
             signal.raise_signal(received[0])
 
 
+@contextlib.contextmanager
+def worker_malloc_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Worker processes started in the body start with ``env`` (glibc's ``MALLOC_*``) in their environment.
+
+    A nanny takes ``distributed.nanny.pre-spawn-environ`` when it is made, but a variable of this
+    process's environment wins over the config, and every nanny copies its own into this process's
+    environment (so one cluster's would win over the next's): ``env`` is put there for the body, and the
+    variables are restored at its end.
+    """
+    import dask
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in env.items()}):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def local_cluster_layout(workers: int | None) -> tuple[int, int]:
     """``(n_workers, blas_threads)`` so that workers x 1 thread x BLAS threads = cores."""
     cores = available_cores()
@@ -450,7 +487,7 @@ def _local_client(
     with contextlib.ExitStack() as stack:
         # A Ctrl-C meanwhile is raised here, and the cluster closed. The nannies hand this
         # process's Dask config (the profiler's setting) to the workers they start.
-        with withheld_from_new_processes(), dask.config.set(profiler):
+        with withheld_from_new_processes(), dask.config.set(profiler), worker_malloc_environment(WORKER_MALLOC_ENV):
             cluster = stack.enter_context(
                 distributed.LocalCluster(
                     n_workers=n_workers,
@@ -458,7 +495,7 @@ def _local_client(
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",
-                    worker_dashboard_address="127.0.0.1:0",
+                    worker_dashboard_address=None,  # no worker dashboard: its bokeh import costs each worker start
                     silence_logs=logging.DEBUG if debug else logging.CRITICAL,
                     env=env,
                     memory_limit="auto" if memory_limit is None else memory_limit,
@@ -504,171 +541,6 @@ def _existing_client(options: ClusterOptions, quiet: bool) -> Iterator["distribu
             source = "" if options.scheduler is not None else f" (from {options.scheduler_file})"
             print(f"dconv: scheduler {address}{source}, dashboard {client.dashboard_link}", file=sys.stderr)
         yield client
-
-
-def wait_for_workers(client: Any, n: int, timeout: float, say: Callable[[str], None]) -> None:
-    """Wait until ``n`` workers have joined ``client``'s scheduler; say so while waiting.
-
-    A scheduler is often up before its workers (on SLURM, the workers' jobs
-    may still be queued). While fewer than ``n`` have joined, ``say`` gets
-    ``dconv: waiting for workers (K of N)``: once at the start, then when K
-    changes, at most once in :data:`WAIT_SAY` seconds. Nothing is said when
-    they are there already.
-
-    Raises
-    ------
-    InputError
-        Fewer than ``n`` joined within ``timeout`` seconds: one line naming the
-        scheduler, the timeout and how many came.
-    """
-    deadline = time.monotonic() + timeout
-    said, said_at = None, 0.0
-    while True:
-        count = len(client.scheduler_info()["workers"])
-        if count >= n:
-            return
-        now = time.monotonic()
-        if now >= deadline:
-            who = "no worker" if count == 0 else "too few workers"
-            raise InputError(
-                f"{who} joined the scheduler at {client.scheduler.address} within {timeout:g} s (wait_timeout); "
-                f"{count} of {n} (wait_workers) arrived."
-            )
-        if said is None or (count != said and now - said_at >= WAIT_SAY):
-            say(f"dconv: waiting for workers ({count} of {n})")
-            said, said_at = count, now
-        time.sleep(WAIT_POLL)
-
-
-@dataclass(frozen=True)
-class WorkerFit:
-    """Which workers of a cluster can run a job's tasks (:func:`check_workers`).
-
-    Attributes
-    ----------
-    fitting : tuple of str
-        The addresses of the workers whose memory limit holds a task at one
-        thread (``WorkerMemory.limit``); a worker with no limit fits.
-    too_small : tuple of str
-        The others.
-    threads : int
-        The most threads a fitting worker has.
-    warnings : tuple of str
-        One line each, starting ``dconv: warning: ``: the workers left out,
-        and fitting workers whose threads together need more than their limit.
-    """
-
-    fitting: tuple[str, ...]
-    too_small: tuple[str, ...]
-    threads: int
-    warnings: tuple[str, ...]
-
-
-def _limit(info: Mapping[str, Any]) -> int:
-    """A worker's memory limit in bytes, 0 for none (``memory_limit`` 0 or None)."""
-    return int(info.get("memory_limit") or 0)
-
-
-def _holds(info: Mapping[str, Any], need: int) -> bool:
-    return _limit(info) == 0 or _limit(info) >= need
-
-
-class FittingWorkers:
-    """Called before each submission: the workers its tasks must go to, as of now.
-
-    Returns None when every worker holds a task (:func:`check_workers`), so
-    any may run them; else the addresses of those that do, so a fitting
-    worker that joins mid-job gets the next submissions' tasks. When none that
-    fits is there (they left), the last ones seen: the tasks wait for them.
-
-    Parameters
-    ----------
-    client : distributed.Client
-    memory : dconv.plan.WorkerMemory
-    fitting : sequence of str
-        The fitting workers :func:`check_workers` found.
-    """
-
-    def __init__(self, client: Any, memory: WorkerMemory, fitting: tuple[str, ...] | list[str]) -> None:
-        self.client, self.memory, self.last = client, memory, list(fitting)
-
-    def __call__(self) -> list[str] | None:
-        workers = self.client.scheduler_info()["workers"]
-        fitting = [address for address, info in workers.items() if _holds(info, self.memory.limit)]
-        if fitting and len(fitting) == len(workers):
-            return None
-        self.last = fitting or self.last
-        return self.last
-
-
-def check_workers(workers: Mapping[str, Mapping[str, Any]], memory: WorkerMemory) -> WorkerFit:
-    """Check a cluster's workers against a job's memory, before any task is submitted.
-
-    A worker holds a task when its ``memory_limit`` is at least
-    ``memory.limit``, the limit of a worker of one thread
-    (:meth:`dconv.plan.WorkerMemory.limit_for`), or when it has no limit. A
-    worker of T threads runs T tasks at once and needs ``memory.limit_for(T)``;
-    one that holds a task but not T of them is warned about, not left out.
-
-    Parameters
-    ----------
-    workers : mapping
-        ``client.scheduler_info()["workers"]``: address -> ``memory_limit`` (bytes) and ``nthreads``.
-    memory : dconv.plan.WorkerMemory
-        The job's (:meth:`dconv.plan.JobPlan.worker_memory`).
-
-    Raises
-    ------
-    InputError
-        No worker holds a task: one line with the ``--memory-limit`` they need and the largest they have.
-    """
-    from dconv.plan import mib_flag
-
-    fitting = [address for address, info in workers.items() if _holds(info, memory.limit)]
-    too_small = [address for address in workers if address not in fitting]
-    advice = f"start workers with --nthreads 1 --memory-limit {memory.flag}"
-    if not fitting:
-        largest = max(too_small, key=lambda address: _limit(workers[address]))
-        raise InputError(
-            f"no worker can hold a task: each needs --memory-limit {mib_flag(memory.limit)} (at 1 thread), the "
-            f"largest has {format_bytes(_limit(workers[largest]))} ({largest}); {advice}, or use a smaller "
-            f"batch_chunk or max_memory."
-        )
-    found = []
-    if too_small:
-        largest = max(_limit(workers[address]) for address in too_small)
-        found.append(
-            f"dconv: warning: {len(too_small)} of {len(workers)} workers cannot hold a task ({_some(too_small)}: "
-            f"memory limit {format_bytes(largest)} or less, a task needs --memory-limit {memory.flag} at 1 thread); "
-            f"the job runs on the other {len(fitting)}; {advice}"
-        )
-    found.extend(_thread_warnings({address: workers[address] for address in fitting}, memory, advice))
-    threads = max(int(workers[address].get("nthreads") or 1) for address in fitting)
-    return WorkerFit(tuple(fitting), tuple(too_small), threads, tuple(found))
-
-
-def _thread_warnings(workers: Mapping[str, Mapping[str, Any]], memory: WorkerMemory, advice: str) -> list[str]:
-    """One warning per (threads, limit) of the workers whose threads need more than their limit together."""
-    from dconv.plan import mib_flag
-
-    short: dict[tuple[int, int], list[str]] = {}
-    for address, info in workers.items():
-        threads, limit = int(info.get("nthreads") or 1), _limit(info)
-        if threads > 1 and limit and limit < memory.limit_for(threads):
-            short.setdefault((threads, limit), []).append(address)
-    return [
-        f"dconv: warning: {_some(addresses)} {'has' if len(addresses) == 1 else 'have'} {threads} threads and "
-        f"memory limit {format_bytes(limit)}: {format_bytes(limit // threads)} per thread, below the "
-        f"{format_bytes(memory.limit_for(threads) // threads)} per thread that {threads} tasks at once need "
-        f"(--memory-limit {mib_flag(memory.limit_for(threads))}); {advice}"
-        for (threads, limit), addresses in short.items()
-    ]
-
-
-def _some(addresses: list[str], shown: int = 2) -> str:
-    """``worker tcp://a``, ``workers tcp://a, tcp://b`` or ``workers tcp://a, tcp://b and 3 more``."""
-    more = f" and {len(addresses) - shown} more" if len(addresses) > shown else ""
-    return f"worker{'s' if len(addresses) > 1 else ''} {', '.join(addresses[:shown])}{more}"
 
 
 SCHEDULER_FILE = 'a Dask scheduler file (JSON with an "address", as dask scheduler --scheduler-file writes)'

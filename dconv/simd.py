@@ -41,6 +41,7 @@ __all__ = [
     "LEVELS",
     "version_text",
     "missing_loops_reason",
+    "warn_if_missing",
     "ENV_VAR",
     "simd_levels",
     "parse_word",
@@ -58,6 +59,10 @@ ENV_VAR = "DCONV_SIMD"
 
 CHOICES = ("auto", *LEVELS, "numpy")
 """What ``DCONV_SIMD`` accepts."""
+
+MISSING_SLOWDOWN = "30%"
+"""How much slower the kernel runs on the NumPy path than with the compiled loops, as the warning says it
+(benchmarks/README.md has the figures)."""
 
 _active: str | None = None
 
@@ -184,8 +189,8 @@ def version_text() -> str:
 
 
 def missing_loops_reason() -> str:
-    """Why the compiled loops are absent, and what to do: a source checkout shadowing the
-    installed package, or an install without a C compiler."""
+    """Why the compiled loops are absent, and what to do: a source checkout shadowing the installed
+    package, a source checkout that was never built, or an install without a C compiler."""
     from importlib import metadata
     from pathlib import Path
 
@@ -198,4 +203,27 @@ def missing_loops_reason() -> str:
             f"the compiled loops are not in {here}: Python imported dconv from this source checkout, not the "
             f"installed package ({elsewhere[0]}); run from another directory, or with python -P"
         )
+    if (here / "_flatconv.c").is_file():
+        return (
+            f"dconv is running from a source checkout without a build ({here}); build it with pip install -e ."
+        )
     return "the compiled loops were not built at install (no C compiler?); reinstall with one to get them"
+
+
+def warn_if_missing() -> None:
+    """Say once, on the ``dconv`` logger at WARNING, that the compiled loops are missing and why.
+
+    Silent when they are there, and when ``DCONV_SIMD=numpy`` asks for the NumPy path anyway. With
+    no logging configured, Python prints the line on stderr.
+    """
+    if _flatconv is not None or os.environ.get(ENV_VAR, "").strip().lower() == "numpy":
+        return
+    import logging
+
+    logging.getLogger("dconv").warning(
+        f"dconv: warning: the kernel runs without its compiled loops, about {MISSING_SLOWDOWN} slower: "
+        f"{missing_loops_reason()}"
+    )
+
+
+warn_if_missing()

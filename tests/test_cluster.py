@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import dask
@@ -166,3 +167,50 @@ def test_the_embedded_cluster_serves_its_dashboard_and_sets_the_memory_limit():
             page = response.read().decode("utf-8", "replace")
             assert response.status == 200
     assert "Dask needs bokeh" not in page and "<html" in page.lower(), page[:300]
+
+
+def _start_environment() -> dict[str, str]:
+    """This process's environment as it started (what glibc read), not as Python has changed it since."""
+    with open("/proc/self/environ", "rb") as f:
+        pairs = [entry.decode("utf-8", "replace").partition("=") for entry in f.read().split(b"\0") if entry]
+    return {name: value for name, _, value in pairs}
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/environ")
+def test_embedded_workers_start_with_dconvs_malloc_settings(monkeypatch):
+    """Each embedded worker process starts with WORKER_MALLOC_ENV (not distributed's
+    MALLOC_TRIM_THRESHOLD_=65536), even after another cluster left distributed's setting in this
+    process's environment; this process's environment is as it was once the cluster is up."""
+    import os
+
+    from dconv.cluster import BLAS_THREAD_VARIABLES, WORKER_MALLOC_ENV
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what a distributed nanny leaves behind
+    with connect(ClusterOptions(workers=1), quiet=True) as client:
+        [started] = client.run(_start_environment).values()
+        [now] = client.run(lambda: dict(os.environ)).values()
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    assert {name: started.get(name) for name in WORKER_MALLOC_ENV} == WORKER_MALLOC_ENV
+    blas_threads = str(local_cluster_layout(1)[1])
+    assert {name: now[name] for name in BLAS_THREAD_VARIABLES} == dict.fromkeys(BLAS_THREAD_VARIABLES, blas_threads)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["inspect", "{out}"]])
+def test_commands_without_a_cluster_do_not_import_distributed(tmp_path, argv):
+    """`dconv --version` and `dconv inspect` never start a cluster, so they leave distributed unimported."""
+    import subprocess
+
+    from dconv import backward_job, make_inputs
+
+    make_inputs(str(tmp_path / "in.zarr"), m=8, chunk=4)
+    out = tmp_path / "out.zarr"
+    backward_job(str(tmp_path / "in.zarr"), str(out), batch_chunk=4, scheduler="threads")
+    code = (
+        "import sys\nfrom dconv.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:  # --version\n"
+        "    code = e.code or 0\n"
+        "print('distributed' in sys.modules, code)"
+    )
+    args = [part.format(out=out) for part in argv]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "False 0", result.stdout + result.stderr

@@ -245,3 +245,16 @@ def test_the_worker_memory_formula():
         assert worker_memory(task).limit == 2 * (task + WORKER_BASELINE + memory.headroom)
     with dask.config.set({"distributed.worker.memory.pause": False}):
         assert worker_memory(task).pause == 0.95  # no pausing: below the point where the nanny restarts it
+
+
+def test_deploy_gives_remote_workers_the_embedded_clusters_malloc_settings():
+    """Every place docs/DEPLOY.md starts workers (the settings table, dask-jobqueue, SLURM, Kubernetes) names
+    the malloc values the embedded cluster gives its own (dconv.cluster.WORKER_MALLOC_ENV)."""
+    import re
+
+    from dconv.cluster import WORKER_MALLOC_ENV
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "DEPLOY.md").read_text(encoding="utf-8")
+    for name, value in WORKER_MALLOC_ENV.items():
+        given = re.findall(rf"{name}\W+(?:value\W+)?(\d+)", text)
+        assert len(given) >= 6 and set(given) == {value}, (name, given)

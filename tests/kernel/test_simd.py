@@ -97,3 +97,51 @@ def test_the_extension_lists_known_levels_best_first():
     assert levels and set(levels) <= set(simd.LEVELS)
     assert levels == sorted(levels, key=simd.LEVELS.index)
     assert simd.resolve_level("auto") == levels[0]
+
+
+# --------------------------------------------------------------------------- a source tree without the loops
+
+IMPORT_FROM_THE_TREE = (
+    # an editable install's finder would hand the tree the installed compiled module: leave it out, as in
+    # a clone whose package is installed elsewhere (or not at all)
+    "import sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in str(getattr(f, '__module__', ''))]; "
+    "import dconv, dconv.simd, dconv.kernel; print(dconv.__file__)"
+)
+
+
+def _source_tree(tmp_path, with_loops: bool):
+    """A copy of the package's source files (and, ``with_loops``, of its compiled module) under ``tmp_path``."""
+    import shutil
+    from pathlib import Path
+
+    package = Path(dconv.__file__).resolve().parent
+    skip = () if with_loops else ("*.so", "*.pyd")
+    shutil.copytree(package, tmp_path / "dconv", ignore=shutil.ignore_patterns("__pycache__", *skip))
+    return tmp_path
+
+
+@pytest.mark.parametrize("with_loops, simd_word, lines", [(False, None, 1), (False, "numpy", 0), (True, None, 0)])
+def test_a_tree_without_the_loops_says_so_once(tmp_path, with_loops, simd_word, lines):
+    """Importing dconv from a source tree without the compiled module prints one warning line on stderr,
+    naming the tree and how to build it; with the module, or with DCONV_SIMD=numpy, nothing."""
+    import os
+    import subprocess
+    import sys
+
+    if not simd.simd_levels():
+        pytest.skip("this install has no compiled loops to copy")
+    tree = _source_tree(tmp_path, with_loops)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH", simd.ENV_VAR)}
+    if simd_word is not None:
+        env[simd.ENV_VAR] = simd_word
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_FROM_THE_TREE], cwd=tree, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tree / "dconv" / "__init__.py")
+    warned = [line for line in result.stderr.splitlines() if "compiled loops" in line]
+    assert len(warned) == lines, result.stderr
+    if lines:
+        assert warned[0].startswith("dconv: warning: the kernel runs without its compiled loops")
+        assert str(tree / "dconv") in warned[0] and ("pip install -e ." in warned[0] or "python -P" in warned[0])
