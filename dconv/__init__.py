@@ -6,10 +6,15 @@ Layers, bottom up (docs/DESIGN.md draws them):
   :mod:`dconv.params` validates shapes and hyperparameters, :mod:`dconv.simd` picks
   the SIMD level of the compiled loops (``DCONV_SIMD``).
 - :mod:`dconv.classic`: the classic ``conv_forward`` / ``conv_backward(dZ, cache)`` API.
-- :mod:`dconv.store`: Zarr: input groups, the output layout table, completion, ``inspect``.
-- :mod:`dconv.graph`: the Dask computation, chunk -> combine -> aggregate.
-- :mod:`dconv.options`, :mod:`dconv.plan`, :mod:`dconv.job`, :mod:`dconv.cluster`:
-  the job's options, its plan, its run, and where it runs.
+- :mod:`dconv.options`: the job's options, each declared once (:mod:`dconv.option_fields`).
+- :mod:`dconv.tree`: the reduction tree's shape.
+- :mod:`dconv.store`: Zarr: input groups, the output layout table, records, the lease,
+  what ``--overwrite`` may replace, ``inspect``; :mod:`dconv.statistics`: the ``--stats`` figures.
+- :mod:`dconv.sources`, :mod:`dconv.graph`, :mod:`dconv.waves`: the Dask computation,
+  chunk -> combine -> aggregate, submitted in waves.
+- :mod:`dconv.plan`, :mod:`dconv.sizing`, :mod:`dconv.report`, :mod:`dconv.job`,
+  :mod:`dconv.cluster`, :mod:`dconv.workers`: the plan, its memory model and text, the run,
+  and where it runs.
 - :mod:`dconv.cli`, :mod:`dconv.spec`: the ``dconv`` command and pipeline specs.
 
 The kernel-level names import nothing but NumPy; the job-level names import
