@@ -30,9 +30,14 @@ from dconv.classic import conv_backward, conv_forward
 from dconv.errors import InputDtypeError, InputError, JobInterrupted, LeaseLost, SimdLevelError, SpecError
 from dconv.kernel import Gradients, GradientStats, GradientsWithStats, conv2d_backward, conv2d_forward
 from dconv.params import ConvParams
-from dconv.simd import simd_levels, version_text
+from dconv.simd import level_text, simd_levels
 
 __version__ = "0.1.0"
+
+
+def version_text() -> str:
+    """``dconv X.Y.Z; SIMD level ...``: what ``dconv --version`` prints (:func:`dconv.simd.level_text`)."""
+    return f"dconv {__version__}; {level_text()}"
 
 __all__ = [
     "ClusterOptions",

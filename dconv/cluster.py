@@ -136,11 +136,11 @@ def parse_scheduler(value: Any) -> str:
 
 
 def available_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    """Cores this process may run on: ``dask.system.cpu_count()``, the least of the machine's
+    cores, the affinity mask and a cgroup's CPU quota (a container gets its share, not the host's)."""
+    from dask.system import cpu_count
+
+    return cpu_count()
 
 
 @dataclass(frozen=True)

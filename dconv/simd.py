@@ -39,7 +39,7 @@ except ImportError:
 
 __all__ = [
     "LEVELS",
-    "version_text",
+    "level_text",
     "missing_loops_reason",
     "warn_if_missing",
     "ENV_VAR",
@@ -170,13 +170,11 @@ def level_report(requested: str | None) -> dict[str, Any]:
     return {"runs": simd_levels() + ["numpy"], "level": level, "error": error}
 
 
-def version_text() -> str:
-    """``dconv X.Y.Z``, the SIMD level ``DCONV_SIMD`` picks here, and the levels this machine runs.
+def level_text() -> str:
+    """The SIMD level ``DCONV_SIMD`` picks here, and the levels this machine runs, for ``dconv --version``.
 
     A bad ``DCONV_SIMD`` is reported in place of the level, not raised.
     """
-    import dconv
-
     word = os.environ.get(ENV_VAR) or "auto"
     levels = simd_levels()
     runs = ", ".join(levels + ["numpy"])
@@ -185,7 +183,7 @@ def version_text() -> str:
         level = f"SIMD level {resolve_level(word)} ({ENV_VAR}={word}; this machine runs {runs}{built})"
     except ValueError as e:
         level = f"no SIMD level: {e}"
-    return f"dconv {dconv.__version__}; {level}"
+    return level
 
 
 def missing_loops_reason() -> str:

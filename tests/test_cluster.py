@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -82,6 +83,13 @@ def test_layout_uses_every_core_once():
         n_workers, blas = local_cluster_layout(workers)
         assert n_workers == workers and blas == max(1, cores // workers)
         assert n_workers * blas <= max(cores, workers)
+
+
+def test_cores_are_dasks_count_within_the_affinity_mask():
+    """dask.system.cpu_count also honours a cgroup CPU quota, which the affinity mask does not show."""
+    from dask.system import cpu_count
+
+    assert available_cores() == cpu_count() <= len(os.sched_getaffinity(0))
 
 
 def test_no_tls_means_no_security():
