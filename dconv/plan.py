@@ -226,6 +226,8 @@ class JobPlan:
                 f"the input {self.input_location} does not exist yet (the plan comes from its recipe); "
                 "make it first (dconv.make_inputs), then plan the job with plan_job."
             )
+        # under the lease: what another job wrote since this one was planned is refused as it would have been then
+        self.out.check_target(None, overwrite=self.options.overwrite, resume=self.options.resume)
         stored = self.out.provenance() if self.options.resume else None
         if stored is not None:
             self.check_resumable(stored)

@@ -32,11 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -46,8 +44,8 @@ from dconv.errors import InputError
 from dconv.simd import LEVELS
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
 from dconv.store.lease import LEASE_NAME
-from dconv.store.locations import create_group, is_local, open_group, public_location, store_exists
-from dconv.store.ownership import OUTPUT_MARKER, check_replaceable, remove_own
+from dconv.store.locations import create_group, is_local, open_group, public_location
+from dconv.store.ownership import OUTPUT_MARKER, check_replaceable, is_vacant, remove_own
 from dconv.store.records import RecordStore
 from dconv.tree import Node, covered, frontier, node_chunks
 
@@ -147,7 +145,7 @@ class OutputStore:
         _check_apart_from_input(self.url, input_location)
         if overwrite and resume:
             raise InputError("give overwrite=True or resume=True, not both.")
-        if not store_exists(self.url, self.storage_options):
+        if is_vacant(self.url, self.storage_options):  # nothing, or only a job's lease
             return
         if not overwrite and not resume:
             raise InputError(
@@ -155,7 +153,7 @@ class OutputStore:
             )
         if overwrite:
             check_replaceable(self.url, self.storage_options, "output", name="out")
-        elif self.provenance() is None and not _is_empty_dir(self.url):
+        elif self.provenance() is None:
             raise InputError(
                 f"out {self.location!r} exists and is not a dconv output; refusing to resume it. Choose another path."
             )
@@ -217,8 +215,12 @@ class OutputStore:
         leaves either nothing or a group that ``resume`` recognises. The job's
         lease (:data:`dconv.store.lease.LEASE_NAME`) stays: the old members are
         removed one by one, then the group is created without a wipe (Zarr's
-        mode "w" would remove the lease too).
+        mode "w" would remove the lease too). An output being replaced says so
+        first (status "replacing"), so that one whose replacement is cut short
+        never claims to be complete.
         """
+        if self.provenance() is not None:
+            self.update_provenance(status="replacing")
         remove_own(self.url, self.storage_options, "output", keep=(LEASE_NAME,))
         attributes = {ATTR: {**provenance, "status": "running"}}
         group = create_group(self.url, self.storage_options, attributes=attributes)
@@ -454,11 +456,6 @@ def _check_apart_from_input(out: str, input_location: str | None) -> None:
         raise InputError(f"out {out_location!r} is inside the input store {input_location!r}; choose another path.")
     if input_location.startswith(out_location + "/"):
         raise InputError(f"the input store {input_location!r} is inside out {out_location!r}; choose another path.")
-
-
-def _is_empty_dir(url: str) -> bool:
-    path = Path(url)
-    return is_local(url) and path.is_dir() and not any(path.iterdir())
 
 
 def _level_name(codes: list[str] | tuple[str, ...], code: int) -> str:

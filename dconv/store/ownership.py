@@ -42,6 +42,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "LEGACY_INPUT_DIMENSIONS",
     "check_replaceable",
+    "is_vacant",
     "remove_own",
     "input_marker",
 ]
@@ -111,6 +112,17 @@ def check_replaceable(
         )
 
 
+def is_vacant(url: str, storage_options: Mapping[str, Any] | None) -> bool:
+    """True if nothing is at ``url`` but, at most, an empty directory and a job's lease files."""
+    listing = _list_top(url, storage_options)
+    return listing != "file" and all(_is_lease_file(name) for name in listing or ())
+
+
+def _is_lease_file(name: str) -> bool:
+    """The lease (:data:`~dconv.store.lease.LEASE_NAME`), or a lease file a renewal or takeover was cut short in."""
+    return name == LEASE_NAME or name.startswith(LEASE_NAME + ".")
+
+
 def remove_own(
     url: str, storage_options: Mapping[str, Any] | None, kind: Kind, *, keep: tuple[str, ...] = ()
 ) -> None:
@@ -120,6 +132,9 @@ def remove_own(
     (the lease of the job that replaces an output). Call :func:`check_replaceable` first.
     """
     names = sorted(_NAMES[kind] - {METADATA, *keep}) + [METADATA]
+    if kind == "output":  # a lease file a killed renewal or takeover left behind
+        names = [name for name in _list_top(url, storage_options) or () if _is_lease_file(name)
+                 and name not in keep and name != LEASE_NAME] + names
     if is_local(str(url)):
         for entry in names:
             path = os.path.join(url, entry)
@@ -143,10 +158,12 @@ def remove_own(
 def _foreign(url: str, storage_options: Mapping[str, Any] | None, kind: Kind) -> str | None:
     """None if ``url`` may be replaced by a ``kind`` group; else what is there, as words for the message."""
     listing = _list_top(url, storage_options)
-    if not listing:
-        return None
     if listing == "file":
         return f"is a file, not {_WHAT[kind]}"
+    if kind == "output":  # a job's lease, and the files a killed renewal or takeover left, are dconv's
+        listing = [name for name in listing or () if not _is_lease_file(name)]
+    if not listing:
+        return None
     metadata = _read_json(url, storage_options, METADATA) if METADATA in listing else None
     group = isinstance(metadata, Mapping) and metadata.get("node_type") == "group"
     found = _group_kind(url, storage_options, metadata, set(listing)) if group else None

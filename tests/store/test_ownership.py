@@ -292,3 +292,42 @@ def test_no_dimension_is_named_as_an_array_and_xarray_sees_no_coordinate(tmp_pat
     path = make_inputs(str(tmp_path / "in.zarr"), **SMALL)
     dataset = xarray.open_zarr(path, consolidated=False)
     assert set(dataset.data_vars) == {"A_prev", "dZ", "W", "b"} and not dataset.coords
+
+
+def test_a_job_planned_before_another_wrote_its_output_is_refused_when_it_runs(make_input, tmp_path):
+    """Two jobs planned on one new output, run one after the other: the second, under the lease, finds
+    what the first wrote and refuses it as its plan would have, instead of replacing it."""
+    from dconv.plan import plan_job
+
+    inputs, out = make_input(**SMALL), tmp_path / "out.zarr"
+    first, second = plan_job(inputs, out, batch_chunk=4), plan_job(inputs, out, batch_chunk=4)
+    dconv.run_job(first, scheduler="synchronous")
+    before = snapshot(out)
+    with pytest.raises(InputError, match="already exists; pass overwrite=True"):
+        dconv.run_job(second, scheduler="synchronous")
+    assert snapshot(out) == before
+
+
+def test_an_output_whose_replacement_is_cut_short_never_claims_to_be_complete(make_input, tmp_path, monkeypatch):
+    from dconv.store import output
+
+    inputs = make_input(**SMALL)
+    out = dconv_output(inputs, tmp_path / "out.zarr")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the job dies while the old output's arrays are being removed
+
+    monkeypatch.setattr(output, "remove_own", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dconv.backward_job(inputs, out, batch_chunk=4, scheduler="synchronous", overwrite=True)
+    assert zarr.open_group(out, mode="r").attrs["dconv"]["status"] == "replacing"
+    assert not dconv.summarize(str(out))["complete"]
+
+
+def test_lease_files_a_killed_renewal_or_takeover_left_are_dconvs_own(make_input, tmp_path):
+    inputs = make_input(**SMALL)
+    out = dconv_output(inputs, tmp_path / "out.zarr")
+    for leftover in (f"{LEASE}.0123abcd.tmp", f"{LEASE}.stale-0123abcd"):
+        (out / leftover).write_text("{}")
+    dconv.backward_job(inputs, out, batch_chunk=4, scheduler="synchronous", overwrite=True)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(LEASE)) == []
