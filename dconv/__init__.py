@@ -27,7 +27,15 @@ from importlib import import_module
 from typing import Any
 
 from dconv.classic import conv_backward, conv_forward
-from dconv.errors import InputDtypeError, InputError, JobInterrupted, LeaseLost, SimdLevelError, SpecError
+from dconv.errors import (
+    InputDtypeError,
+    InputError,
+    JobInterrupted,
+    LeaseLost,
+    NonFiniteInput,
+    SimdLevelError,
+    SpecError,
+)
 from dconv.kernel import Gradients, GradientStats, GradientsWithStats, conv2d_backward, conv2d_forward
 from dconv.params import ConvParams
 from dconv.simd import level_text, simd_levels
@@ -51,6 +59,7 @@ __all__ = [
     "InputWriter",
     "JobInterrupted",
     "LeaseLost",
+    "NonFiniteInput",
     "JobOptions",
     "JobPlan",
     "JobResult",

@@ -138,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 
-def _run_job(inputs: str, out: str, options: Any, cluster: Any, storage: dict, args: argparse.Namespace) -> int:
-    plan = dconv.plan_job(inputs, out, options, storage_options=storage)
+def _run_job(
+    inputs: str, out: str, base: Any, given: dict, cluster: Any, storage: dict, args: argparse.Namespace
+) -> int:
+    """Plan and run the job of ``base`` (a spec's options, or None) with the flags ``given`` over it:
+    given separately, so that a resume knows which options the command line set."""
+    plan = dconv.plan_job(inputs, out, base, storage_options=storage, **given)
     if args.dry_run:
         print(as_flags(dconv.describe_job(plan, cluster)))
         return EXIT_OK
@@ -176,9 +180,9 @@ def _lasting(name: str, url: str) -> str:
 def cmd_backward(args: argparse.Namespace) -> int:
     _lasting("INPUTS", args.inputs)
     _lasting("OUT", args.out)
-    options = dconv.JobOptions.build(None, **dconv.JobOptions.given(args))
+    given = dconv.JobOptions.given(args)
     cluster = dconv.ClusterOptions.build(None, **dconv.ClusterOptions.given(args))
-    return _run_job(args.inputs, args.out, options, cluster, dict(args.storage_options), args)
+    return _run_job(args.inputs, args.out, None, given, cluster, dict(args.storage_options), args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -187,7 +191,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _lasting("[input] path", spec.inputs)
     _lasting("[output] path", spec.out)
     spec.check_input()
-    options = dconv.JobOptions.build(spec.options, **dconv.JobOptions.given(args))
+    given = dconv.JobOptions.given(args)
+    options = dconv.JobOptions.build(spec.options, **given)
     cluster = dconv.ClusterOptions.build(spec.cluster, **dconv.ClusterOptions.given(args))
     storage = {**spec.storage, **dict(args.storage_options)}
     cluster.check_simd(options.simd)  # before the input is made
@@ -200,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"dconv: making synthetic input {spec.inputs} ({spec.make.describe()})", file=sys.stderr)
         dconv.make_inputs(spec.inputs, spec.make, storage_options=storage)
-    return _run_job(spec.inputs, spec.out, options, cluster, storage, args)
+    return _run_job(spec.inputs, spec.out, spec.options, given, cluster, storage, args)
 
 
 def cmd_make_inputs(args: argparse.Namespace) -> int:

@@ -125,8 +125,8 @@ def parse_scheduler(value: Any) -> str:
 
     try:
         scheme, location = parse_address(value)
-        if scheme in ("tcp", "tls"):
-            parse_host_port(location)
+        if scheme in ("tcp", "tls") and not 0 < parse_host_port(location)[1] < 2**16:
+            raise ValueError("the port is out of range")
     except ValueError as e:
         raise InputError(
             f"scheduler must be a Dask scheduler address such as tcp://host:8786, or one of "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal as _signal
 
-__all__ = ["InputError", "SpecError", "InputDtypeError", "SimdLevelError", "JobInterrupted", "LeaseLost"]
+__all__ = ["InputError", "SpecError", "InputDtypeError", "NonFiniteInput", "SimdLevelError", "JobInterrupted", "LeaseLost"]
 
 
 class InputError(ValueError):
@@ -28,6 +28,10 @@ class SpecError(InputError):
 
 class InputDtypeError(InputError, TypeError):
     """An input array has a dtype other than float32 or float64."""
+
+
+class NonFiniteInput(InputError):
+    """A chunk of the inputs holds NaN or Inf, and the job was asked to refuse them (``check_finite``)."""
 
 
 class SimdLevelError(InputError):

@@ -45,7 +45,7 @@ from dask.delayed import Delayed
 from dask.task_spec import DataNode, List, Task, TaskRef
 
 from dconv import simd
-from dconv.errors import InputError
+from dconv.errors import InputError, NonFiniteInput
 from dconv.kernel import backward_kernel
 from dconv.statistics import chunk_values
 from dconv.options import JobOptions
@@ -172,7 +172,7 @@ class JobContext:
 def _check_finite(name: str, array: np.ndarray, start: int) -> None:
     bad = count_nonfinite(array)
     if bad:
-        raise InputError(
+        raise NonFiniteInput(
             f"{name}[{start}:{start + array.shape[0]}] holds {bad} non-finite values (check_finite=True)."
         )
 

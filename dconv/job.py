@@ -21,6 +21,7 @@ already complete returns its stored result at once, without a cluster.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -42,7 +43,8 @@ from dconv.cluster import (
     local_cluster_layout,
     wait_for_workers,
 )
-from dconv.errors import InputError, JobInterrupted, SimdLevelError
+from dconv.errors import InputError, JobInterrupted, NonFiniteInput, SimdLevelError
+from dconv.workers import cluster_workers
 from dconv.graph import aggregate
 from dconv.options import JobOptions
 from dconv.plan import JobPlan, plan_job
@@ -51,7 +53,7 @@ from dconv.simd import level_report, resolve_level
 from dconv.store import InputGroup, format_levels, now
 from dconv.store.lease import Lease, hold
 from dconv.store.output import level_counts
-from dconv.store.summary import resume_command
+from dconv.store.summary import nonfinite_advice, resume_command
 from dconv.waves import compute_with_progress
 
 __all__ = ["backward_job", "run_job", "describe_job", "check_simd", "JobResult", "LOCAL_SCHEDULERS"]
@@ -180,7 +182,6 @@ def _run(
     resume command (:meth:`ClusterOptions.to_dict`).
     """
     t0 = time.perf_counter()
-    check_simd(plan.simd, client if scheduler is None else None)
     finished = plan.open_output(cluster=where)
     try:
         pending = int((~finished).sum())
@@ -205,7 +206,7 @@ def _run(
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (JobInterrupted, raised by _signals_interrupt), a lost lease
         lease.check()
         raise _interrupted(plan, getattr(e, "signal", "SIGINT"), where) from e
-    except InputError as e:  # a task refused its input (check_finite): mend it, then resume
+    except NonFiniteInput as e:  # a task refused its input (check_finite): mend it, then resume
         if lease.lost is None:
             with contextlib.suppress(Exception):
                 plan.out.mark_failed(e)
@@ -241,8 +242,9 @@ def _interrupted(plan: JobPlan, signal_name: str, where: Mapping[str, Any]) -> J
 
 @contextlib.contextmanager
 def _count_done(plan: JobPlan) -> Iterator[None]:
-    """On a :class:`JobInterrupted` out of the body, count the finished chunks into it: after the body's
-    cluster has closed, the count is the one ``inspect`` gives."""
+    """On a :class:`JobInterrupted` out of the body, count the finished chunks into it, once the body is
+    left: after the embedded cluster (or an in-process scheduler) has stopped, the count is the one
+    ``inspect`` gives; on a cluster that goes on, tasks that were running may still add a chunk or two."""
     try:
         yield
     except JobInterrupted as e:
@@ -394,6 +396,8 @@ def run_job(
     scheduler = _local_scheduler(scheduler, client, cluster)
     stored = _already_complete(plan)
     if stored is not None:
+        for line in nonfinite_warnings(plan, stored):
+            say(line)
         return stored
     with _signals_interrupt(), _held(plan, say) as lease, _count_done(plan):
         result = _run_on(plan, client, scheduler, cluster, progress, quiet, debug, say, lease)
@@ -421,7 +425,8 @@ def _run_on(
         return _run(plan, client=None, scheduler=scheduler, progress=progress, where=where, lease=lease)
     if client is not None:
         workers = _existing_workers(plan, client, cluster, quiet, say)
-        return _run(plan, client=client, scheduler=None, progress=progress, where={}, lease=lease, workers=workers)
+        where = _client_place(client)
+        return _run(plan, client=client, scheduler=None, progress=progress, where=where, lease=lease, workers=workers)
     cluster.check_simd(plan.simd)
     memory_limit = None
     if cluster.embedded:  # its layout and memory are known before it starts
@@ -437,6 +442,14 @@ def _run_on(
         )
 
 
+def _client_place(client: Any) -> dict[str, str]:
+    """Where a job on a caller's client runs, for its resume command: the scheduler's address if it is
+    one another process can reach (``tcp://``, ``tls://``), else nothing (the command then starts the
+    embedded cluster)."""
+    address = str(getattr(client.scheduler, "address", "") or "")
+    return {"scheduler": address} if address.startswith(("tcp://", "tls://")) else {}
+
+
 def nonfinite_warnings(plan: JobPlan, result: JobResult) -> list[str]:
     """One line if the job's dW or db holds NaN or Inf and ``check_finite`` did not look (its inputs hold some)."""
     counts = {name: n for name, n in (result.values.get("nonfinite") or {}).items() if name in ("dW", "db") and n}
@@ -445,7 +458,7 @@ def nonfinite_warnings(plan: JobPlan, result: JobResult) -> list[str]:
     held = " and ".join(f"{name} {n}" for name, n in counts.items())
     return [
         f"dconv: warning: the result is not finite (NaN or Inf values: {held}), so the inputs hold some; "
-        "a run with check_finite=True names the first chunk that does"
+        + nonfinite_advice()
     ]
 
 
@@ -465,7 +478,15 @@ def _local_scheduler(scheduler: str | None, client: Any, cluster: ClusterOptions
     if placed and (client is not None or scheduler is not None):
         given = "client" if client is not None else "scheduler"
         raise InputError(f"give either {given} or a cluster with {' and '.join(placed)}, not both.")
-    return scheduler or cluster.local
+    local = scheduler or cluster.local
+    waits = [spec.name for spec in dataclasses.fields(cluster)
+             if spec.name in ("wait_workers", "wait_timeout") and getattr(cluster, spec.name) != spec.default]
+    if waits and client is None and (local is not None or cluster.embedded):
+        raise InputError(
+            f"{' and '.join(waits)} wait for the workers of an existing cluster (scheduler, scheduler_file or "
+            "client); the embedded cluster and the local schedulers start their own."
+        )
+    return local
 
 
 def _local_threads(scheduler: str) -> int:
@@ -484,7 +505,7 @@ def _existing_workers(
     wait_for_workers(client, cluster.wait_workers, cluster.wait_timeout, say)
     check_simd(plan.simd, client)  # refused before the plan is said
     memory = plan.worker_memory()
-    fit = check_workers(client.scheduler_info()["workers"], memory)
+    fit = check_workers(cluster_workers(client), memory)
     _announce(plan, len(fit.fitting), fit.threads, None, quiet, say)
     for line in fit.warnings:
         say(line)

@@ -14,7 +14,9 @@ these objects, and all three read each field's declaration here:
   must match, or carried over to a resumed job that does not give it.
 
 What an output records is generated from these declarations (:meth:`Options.to_dict`,
-:meth:`Options.from_dict`), and so are the flags of the resume command
+:meth:`Options.from_dict`), and a resume takes from it every option it is not given
+(:meth:`JobOptions.resuming`), so the resume command names none of them; its cluster
+flags are generated from :class:`~dconv.cluster.ClusterOptions`' declarations
 (:meth:`Options.flags`). Adding an option means adding one field here (and, if
 tasks need it, passing it to the chunk function). The declaring machinery,
 :func:`option` and :class:`Options`, and the parsers are :mod:`dconv.option_fields`'s.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from dconv.errors import InputError
 from dconv.option_fields import (
@@ -205,11 +207,21 @@ class JobOptions(Options):
         """The fields a resumed job must match, as its output records them (:meth:`to_dict`)."""
         return self.to_dict("identity")
 
-    def resuming(self, stored: JobOptions, out: str) -> JobOptions:
+    def resuming(self, stored: JobOptions, out: str, given: Iterable[str] | None = None) -> JobOptions:
         """These options, for a resume of the output ``out`` whose recorded options are ``stored``.
 
-        Every recorded field left at its default takes the output's value, so
+        Every recorded field not ``given`` takes the output's value, so
         ``resume=True`` alone continues the job as it was started.
+
+        Parameters
+        ----------
+        stored : JobOptions
+            The output's (:meth:`from_dict` of its provenance).
+        out : str
+            The output, for the message.
+        given : iterable of str, optional
+            The fields the caller gave, even at their defaults; default: those
+            that differ from their defaults.
 
         Raises
         ------
@@ -217,13 +229,15 @@ class JobOptions(Options):
             A field of the identity is given with another value than the
             output's; the message names each, and never advises starting again.
         """
+        if given is None:
+            given = [spec.name for spec in self.recorded() if getattr(self, spec.name) != spec.default]
         values, conflicts = {}, []
         for spec in self.recorded():
-            given, recorded = getattr(self, spec.name), getattr(stored, spec.name)
-            if given == spec.default:
+            mine, recorded = getattr(self, spec.name), getattr(stored, spec.name)
+            if spec.name not in given:
                 values[spec.name] = recorded
-            elif spec.metadata["record"] == "identity" and given != recorded:
-                conflicts.append(f"{spec.name}: {plain_value(given)!r} here, {plain_value(recorded)!r} in out")
+            elif spec.metadata["record"] == "identity" and mine != recorded:
+                conflicts.append(f"{spec.name}: {plain_value(mine)!r} here, {plain_value(recorded)!r} in out")
         if conflicts:
             raise InputError(
                 f"cannot resume {out!r} with other options than it was made with ({'; '.join(conflicts)}); "

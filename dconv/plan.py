@@ -335,11 +335,14 @@ def plan_job(
         Anything wrong that the metadata shows; or another job holds a fresh lease on ``out``
         (:mod:`dconv.store.lease`), named with the age of its last heartbeat.
     """
+    given = set(values) | {  # the fields the caller set, even to their defaults: a resume keeps those
+        spec.name for spec in JobOptions.recorded() if options is not None and getattr(options, spec.name) != spec.default
+    }
     options = JobOptions.build(options, **values)
     storage_options = dict(storage_options or {})
     stored = OutputStore(absolute_location(out), storage_options).provenance() if options.resume else None
     if stored is not None:  # the output's own options, where none are given
-        options = options.resuming(JobOptions.from_dict(stored), public_location(str(out)))
+        options = options.resuming(JobOptions.from_dict(stored), public_location(str(out)), given)
     options = JobOptions.build(options, simd=parse_word(options.simd or os.environ.get(SIMD_ENV_VAR)))
     inputs = job_inputs(inputs, storage_options)
     params = resolve_params(options, inputs.hparameters)

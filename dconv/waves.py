@@ -146,8 +146,8 @@ def compute_in_waves(
     the other and the nodes above them are added in this process.
 
     ``workers``, on a cluster, is called before each submission (the
-    context, each wave, each node above the waves): the worker addresses
-    its tasks must run on (``allow_other_workers=False``), or None for any.
+    waves and the nodes above them): the worker addresses its tasks go to
+    while any of them is in the cluster (a loose restriction), or None for any.
     Asked again for each, it lets a worker that joins mid-job take the
     next waves.
     """
@@ -189,13 +189,13 @@ class _ClusterWaves:
     ) -> None:
         self.waves, self.graph, self.client, self.in_flight = waves, waves.graph, client, max(1, in_flight)
         self.workers = workers or (lambda: None)
-        key = self.graph.context_key
-        self.context = self.submit({key: self.graph.make_context_task()}, key)
+        key = self.graph.context_key  # on any worker: every wave needs it, wherever the wave may go
+        self.context = self.client.get({key: self.graph.make_context_task()}, key, sync=False, fifo_timeout=0)
 
     def submit(self, tasks: dict, key: Any) -> Any:
         """``tasks`` as one graph, restricted to ``self.workers()`` if that names any; the future of ``key``."""
         workers = self.workers()
-        restricted = {"workers": list(workers), "allow_other_workers": False} if workers else {}
+        restricted = {"workers": list(workers), "allow_other_workers": True} if workers else {}
         # fifo_timeout=0: each submission is a new generation, run after the ones before it
         return self.client.get(tasks, key, sync=False, fifo_timeout=0, **restricted)
 

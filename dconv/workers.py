@@ -18,9 +18,9 @@ from dask.utils import format_bytes
 from dconv.errors import InputError
 
 if TYPE_CHECKING:
-    from dconv.plan import WorkerMemory
+    from dconv.sizing import WorkerMemory
 
-__all__ = ["wait_for_workers", "WorkerFit", "FittingWorkers", "check_workers", "WAIT_POLL", "WAIT_SAY"]
+__all__ = ["cluster_workers", "wait_for_workers", "WorkerFit", "FittingWorkers", "check_workers", "WAIT_POLL", "WAIT_SAY"]
 
 WAIT_POLL = 0.25
 """Seconds between two looks at an existing cluster's workers while a job waits for them."""
@@ -47,7 +47,7 @@ def wait_for_workers(client: Any, n: int, timeout: float, say: Callable[[str], N
     deadline = time.monotonic() + timeout
     said, said_at = None, 0.0
     while True:
-        count = len(client.scheduler_info()["workers"])
+        count = len(cluster_workers(client))
         if count >= n:
             return
         now = time.monotonic()
@@ -96,18 +96,36 @@ def _holds(info: Mapping[str, Any], need: int) -> bool:
     return _limit(info) == 0 or _limit(info) >= need
 
 
+def cluster_workers(client: Any) -> dict[str, Mapping[str, Any]]:
+    """Every worker of ``client``'s cluster, by address: its ``memory_limit``, ``nthreads``, ...
+
+    ``scheduler_info()`` lists only 5 workers by default in some releases of
+    distributed (2025.4 to 2026.7); ``n_workers=-1`` asks for all of them,
+    where the argument exists.
+    """
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:  # a distributed from before the argument: it lists them all
+        info = client.scheduler_info()
+    return dict(info.get("workers", {}))
+
+
 class FittingWorkers:
     """Called before each submission: the workers its tasks must go to, as of now.
 
     Returns None when every worker holds a task (:func:`check_workers`), so
     any may run them; else the addresses of those that do, so a fitting
     worker that joins mid-job gets the next submissions' tasks. When none that
-    fits is there (they left), the last ones seen: the tasks wait for them.
+    fits is there (they left), the last ones seen. The restriction is loose
+    (``allow_other_workers=True``): Dask keeps the tasks to those workers while
+    any of them is in the cluster, and gives them to any other once none is, so
+    a job whose fitting workers all left goes on (or fails on a too-small
+    worker with the error of a killed worker) instead of waiting for ever.
 
     Parameters
     ----------
     client : distributed.Client
-    memory : dconv.plan.WorkerMemory
+    memory : dconv.sizing.WorkerMemory
     fitting : sequence of str
         The fitting workers :func:`check_workers` found.
     """
@@ -116,7 +134,7 @@ class FittingWorkers:
         self.client, self.memory, self.last = client, memory, list(fitting)
 
     def __call__(self) -> list[str] | None:
-        workers = self.client.scheduler_info()["workers"]
+        workers = cluster_workers(self.client)
         fitting = [address for address, info in workers.items() if _holds(info, self.memory.limit)]
         if fitting and len(fitting) == len(workers):
             return None
@@ -129,15 +147,15 @@ def check_workers(workers: Mapping[str, Mapping[str, Any]], memory: WorkerMemory
 
     A worker holds a task when its ``memory_limit`` is at least
     ``memory.limit``, the limit of a worker of one thread
-    (:meth:`dconv.plan.WorkerMemory.limit_for`), or when it has no limit. A
+    (:meth:`dconv.sizing.WorkerMemory.limit_for`), or when it has no limit. A
     worker of T threads runs T tasks at once and needs ``memory.limit_for(T)``;
     one that holds a task but not T of them is warned about, not left out.
 
     Parameters
     ----------
     workers : mapping
-        ``client.scheduler_info()["workers"]``: address -> ``memory_limit`` (bytes) and ``nthreads``.
-    memory : dconv.plan.WorkerMemory
+        ``cluster_workers(client)``: address -> ``memory_limit`` (bytes) and ``nthreads``.
+    memory : dconv.sizing.WorkerMemory
         The job's (:meth:`dconv.plan.JobPlan.worker_memory`).
 
     Raises
@@ -145,15 +163,15 @@ def check_workers(workers: Mapping[str, Mapping[str, Any]], memory: WorkerMemory
     InputError
         No worker holds a task: one line with the ``--memory-limit`` they need and the largest they have.
     """
-    from dconv.plan import mib_flag
-
+    if not workers:
+        raise InputError("no worker is left in the cluster (they all left after joining); start workers again.")
     fitting = [address for address, info in workers.items() if _holds(info, memory.limit)]
     too_small = [address for address in workers if address not in fitting]
     advice = f"start workers with --nthreads 1 --memory-limit {memory.flag}"
     if not fitting:
         largest = max(too_small, key=lambda address: _limit(workers[address]))
         raise InputError(
-            f"no worker can hold a task: each needs --memory-limit {mib_flag(memory.limit)} (at 1 thread), the "
+            f"no worker can hold a task: each needs --memory-limit {memory.flag} (at 1 thread), the "
             f"largest has {format_bytes(_limit(workers[largest]))} ({largest}); {advice}, or use a smaller "
             f"batch_chunk or max_memory."
         )
@@ -172,7 +190,7 @@ def check_workers(workers: Mapping[str, Mapping[str, Any]], memory: WorkerMemory
 
 def _thread_warnings(workers: Mapping[str, Mapping[str, Any]], memory: WorkerMemory, advice: str) -> list[str]:
     """One warning per (threads, limit) of the workers whose threads need more than their limit together."""
-    from dconv.plan import mib_flag
+    from dconv.sizing import mib_flag
 
     short: dict[tuple[int, int], list[str]] = {}
     for address, info in workers.items():

@@ -8,6 +8,7 @@
 - :mod:`~dconv.store.writer`: input groups written a batch at a time (``InputWriter``), e.g. from PyTorch.
 - :mod:`~dconv.store.summary`: what ``dconv inspect`` reports.
 - :mod:`~dconv.store.ownership`: the overwrite rule: what dconv may replace (its own groups) and how.
+- :mod:`~dconv.store.lease`: one writer per output: the lease a job holds on it.
 - :mod:`~dconv.store.locations`: local paths and fsspec URLs.
 - :mod:`~dconv.store.fastread`: the fast chunk reader, the only user of zarr's private API.
 """

@@ -84,7 +84,7 @@ def open_inputs(url: str, storage_options: Mapping[str, Any] | None = None) -> I
     Raises
     ------
     InputError
-        The store is missing, is not a Zarr v3 group, has corrupt metadata, or
+        The store is missing, is not a Zarr group (v3, or v2), has corrupt metadata, or
         an array is missing or has the wrong rank.
     InputDtypeError
         An array is not float32 or float64.

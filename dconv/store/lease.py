@@ -16,8 +16,8 @@ The lease is one small JSON object at the output's root, :data:`LEASE_NAME`::
   another job has taken it, the job stops with :class:`~dconv.errors.LeaseLost`
   instead of writing on.
 - The job **releases** it at the end, whatever the end (:func:`hold`).
-- A lease whose heartbeat is older than the timeout (the larger of the taker's
-  and the one the holder declared) belongs to a dead job (SIGKILL, a lost
+- A lease whose heartbeat is older than the timeout its holder declared in it
+  belongs to a dead job (SIGKILL, a lost
   node) and is **taken over**: locally, the stale lease is renamed aside (one
   atomic rename, which only one taker wins), checked to be the stale one, then
   the new lease is created exclusively; on an object store the stale object is
@@ -391,7 +391,8 @@ def acquire(
     url, storage_options
         The output (local path or fsspec URL) and its fsspec options.
     timeout : float
-        Seconds without a heartbeat after which a lease is stale (the holder's own timeout, if larger, wins).
+        This job's lease timeout: it renews every quarter of it. Another job's lease is stale after the
+        timeout that job declared in it.
     say : callable
         Gets the line that says a stale lease is taken over, and the warning on a store without exclusive create.
 
@@ -451,4 +452,8 @@ def hold(
     try:
         yield lease
     finally:
-        lease.release()
+        try:
+            lease.release()
+        except Exception as e:  # the store failed: the job's own result or error matters more
+            say(f"dconv: warning: could not remove the lease of {public_location(url)} ({type(e).__name__}: {e}); "
+                f"another job takes it over {lease.info.timeout:g} s after its last heartbeat")

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 
+from dconv.errors import InputError
 from dconv.options import JobOptions
 from dconv.statistics import STATS, format_stats
 from dconv.store.layout import OUTPUT_LAYOUT, Kind
@@ -27,6 +28,12 @@ from dconv.store.locations import is_local, public_location
 from dconv.store.output import OutputStore, open_output, output_arrays
 
 __all__ = ["summarize", "format_summary", "format_levels", "format_ranges", "chunk_ranges", "resume_command"]
+
+def nonfinite_advice(flags: bool = False) -> str:
+    """What to do about a result that is not finite, as the job's warning and ``inspect`` say it: in the
+    Python API's words, or (``flags``) the command line's."""
+    check, overwrite = ("--check-finite", "--overwrite") if flags else ("check_finite=True", "overwrite=True")
+    return f"a run with {check} to another out (or with {overwrite}) names the first chunk that holds them"
 
 MAX_LISTED = 50
 """Longest list of chunk ranges (missing ones, level runs) a summary spells out."""
@@ -107,7 +114,10 @@ def resume_command(location: str, provenance: Mapping[str, Any]) -> str | None:
     source = provenance.get("input")
     if not isinstance(source, str) or source.startswith("<"):
         return None
-    cluster = ClusterOptions.from_dict(provenance.get("cluster") or {})
+    try:
+        cluster = ClusterOptions.from_dict(provenance.get("cluster") or {})
+    except InputError:  # a recorded cluster this dconv no longer accepts: resume on the embedded one
+        cluster = ClusterOptions()
     return shlex.join(["dconv", "backward", source, location, "--resume", *cluster.flags()])
 
 
@@ -230,10 +240,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         nonfinite = summary.get("nonfinite") or {}
         lines.append("  non-finite values: " + ", ".join(f"{k} {v}" for k, v in nonfinite.items()))
         if nonfinite.get("dW") or nonfinite.get("db"):
-            lines.append(
-                "  warning: the result is not finite, so the inputs hold NaN or Inf; "
-                "a run with --check-finite names the first chunk that does"
-            )
+            lines.append(f"  warning: the result is not finite, so the inputs hold NaN or Inf; {nonfinite_advice(flags=True)}")
     if isinstance(summary.get("stats"), Mapping):
         lines.extend(format_stats(summary["stats"]))
     lines.append("  provenance:")
