@@ -163,9 +163,15 @@ def test_a_result_that_is_not_finite_is_named_without_check_finite(make_input, t
     assert counts["dW"] > 0 and counts["db"] == 1
     assert [line for line in said if "not finite" in line] == [
         f"dconv: warning: the result is not finite (NaN or Inf values: dW {counts['dW']} and db 1), so the inputs "
-        "hold some; a run with check_finite=True names the first chunk that does"
+        "hold some; a run with check_finite=True to another out (or with overwrite=True) names the first chunk "
+        "that holds them"
     ]
-    assert "a run with --check-finite names the first chunk" in dconv.format_summary(dconv.summarize(str(tmp_path / "out.zarr")))
+    text = dconv.format_summary(dconv.summarize(str(tmp_path / "out.zarr")))
+    assert "a run with --check-finite to another out (or with --overwrite) names the first chunk" in text
+    # the advice, followed as given: the chunk is named
+    with pytest.raises(dconv.NonFiniteInput, match=r"dZ\[8:12\] holds 1 non-finite values"):
+        dconv.backward_job(inp, tmp_path / "out.zarr", batch_chunk=4, check_finite=True, overwrite=True,
+                           scheduler="synchronous")
 
 
 def test_a_zarr_v2_input_is_read(tmp_path, rng):
