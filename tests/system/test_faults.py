@@ -83,7 +83,7 @@ def job_logs(log_dir: Path, name: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fraction", [0.25, 0.60], ids=["25pct", "60pct"])
+@pytest.mark.parametrize("fraction", [0.40], ids=["40pct"])  # one kill point: the resume path is the same at any
 def test_resume_after_sigkill_of_whole_job(big_job, tmp_path, fraction):
     out = tmp_path / "out.zarr"
     # a short lease timeout: the killed job's lease is taken over 2 s after its last heartbeat, not 60
