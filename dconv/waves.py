@@ -146,8 +146,9 @@ def compute_in_waves(
     the other and the nodes above them are added in this process.
 
     ``workers``, on a cluster, is called before each submission (the
-    waves and the nodes above them): the worker addresses its tasks go to
-    while any of them is in the cluster (a loose restriction), or None for any.
+    waves and the nodes above them): the worker addresses its tasks must run
+    on (``allow_other_workers=False``: a loose restriction would let Dask's
+    work stealing hand them to any worker), or None for any.
     Asked again for each, it lets a worker that joins mid-job take the
     next waves.
     """
@@ -195,7 +196,7 @@ class _ClusterWaves:
     def submit(self, tasks: dict, key: Any) -> Any:
         """``tasks`` as one graph, restricted to ``self.workers()`` if that names any; the future of ``key``."""
         workers = self.workers()
-        restricted = {"workers": list(workers), "allow_other_workers": True} if workers else {}
+        restricted = {"workers": list(workers), "allow_other_workers": False} if workers else {}
         # fifo_timeout=0: each submission is a new generation, run after the ones before it
         return self.client.get(tasks, key, sync=False, fifo_timeout=0, **restricted)
 

@@ -116,11 +116,9 @@ class FittingWorkers:
     Returns None when every worker holds a task (:func:`check_workers`), so
     any may run them; else the addresses of those that do, so a fitting
     worker that joins mid-job gets the next submissions' tasks. When none that
-    fits is there (they left), the last ones seen. The restriction is loose
-    (``allow_other_workers=True``): Dask keeps the tasks to those workers while
-    any of them is in the cluster, and gives them to any other once none is, so
-    a job whose fitting workers all left goes on (or fails on a too-small
-    worker with the error of a killed worker) instead of waiting for ever.
+    fits is there (they left), the last ones seen: the tasks wait for them (a
+    loose restriction would let Dask's work stealing give them to the workers
+    too small for them). The job's shared context is not restricted.
 
     Parameters
     ----------
