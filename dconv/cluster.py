@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 from dask.utils import format_bytes
 
 from dconv.errors import InputError
-from dconv.options import (
+from dconv.option_fields import (
     Options,
     any_string,
     option,
@@ -58,7 +58,7 @@ from dconv.options import (
 from dconv.workers import FittingWorkers, WorkerFit, check_workers, wait_for_workers
 
 if TYPE_CHECKING:
-    from dconv.plan import WorkerMemory
+    from dconv.sizing import WorkerMemory
 
 __all__ = [
     "ClusterOptions",

@@ -177,16 +177,9 @@ def plain_value(value: Any) -> Any:
 
 
 def _flag_text(value: Any) -> str:
-    """A recorded value as its flag takes it: ``2``, ``2,1``, pads as ``top,bottom,left,right``, words as they are."""
+    """A recorded value as its flag takes it: ``2``, a pair as ``2,1``, words as they are."""
     value = plain_value(value)
-    if isinstance(value, list):
-        flat = [item for part in value for item in (part if isinstance(part, list) else [part])]
-        if len(set(flat)) == 1:
-            return str(flat[0])
-        if isinstance(value[0], list) and value[0][0] == value[0][1] and value[1][0] == value[1][1]:
-            flat = [value[0][0], value[1][0]]
-        return ",".join(map(str, flat))
-    return str(value)
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 # --------------------------------------------------------------------------- declaring fields

@@ -43,7 +43,6 @@ from dconv.option_fields import (
     size_in_bytes,
     whole_number,
 )
-from dconv.option_fields import any_string, positive_float, suggest  # noqa: F401  (imported from here by cluster, spec)
 from dconv.params import padding_from_flat, parse_float_dtype, parse_padding, parse_pair
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word

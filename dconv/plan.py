@@ -26,7 +26,6 @@ from dconv.params import ConvGeometry, ConvParams, backward_geometry, result_dty
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
 from dconv.sizing import WorkerMemory, choose_batch_chunk, disk_bytes, task_memory, worker_memory
-from dconv.sizing import mib_flag  # noqa: F401  (dconv.cluster imports it from here)
 from dconv.sources import DaskBatches, ZarrBatches, batch_bounds, batch_sources
 from dconv.store import (
     InputGroup,
@@ -360,7 +359,7 @@ def plan_job(
         shapes, compute_dtype, batch_chunk, options.split_every, dA_prev=options.dA_prev, stats=options.stats
     )
     out_store = OutputStore(absolute_location(out), storage_options, layout)
-    check_unheld(out_store.url, storage_options, options.lease_timeout)  # another job writing it: nothing else matters
+    check_unheld(out_store.url, storage_options)  # another job writing it: nothing else matters
     out_store.check_target(inputs.zarr_location, overwrite=options.overwrite, resume=options.resume)
     plan = JobPlan(
         options=options,

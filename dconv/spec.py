@@ -46,7 +46,8 @@ from typing import Any, Mapping
 
 from dconv.cluster import ClusterOptions
 from dconv.errors import InputError, SpecError
-from dconv.options import InputRecipe, JobOptions, suggest
+from dconv.option_fields import suggest
+from dconv.options import InputRecipe, JobOptions
 from dconv.store.locations import is_local
 
 __all__ = ["PipelineSpec", "load_spec", "parse_spec"]

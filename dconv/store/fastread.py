@@ -312,7 +312,7 @@ class _Read:
         ``where`` is the chunk's bytes in a mapped shard file, or ``(store path,
         byte range)`` to fetch, or None for an empty inner chunk or a shard never written.
         """
-        sharding, rows, shard_rows = self.layout.sharding, self.layout.rows, self.layout.shard_rows
+        rows, shard_rows = self.layout.rows, self.layout.shard_rows
         per_shard = (shard_rows // rows,) + (1,) * (self.array.ndim - 1)
         shards = list(self._keys(shard_rows))
         if self.local:

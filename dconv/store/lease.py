@@ -112,11 +112,6 @@ class LeaseInfo:
         """Seconds since the last heartbeat, on this machine's clock."""
         return time.time() - datetime.fromisoformat(self.heartbeat).timestamp()
 
-    def limit(self, timeout: float) -> float:
-        """Seconds without a heartbeat after which another job takes this lease over: the holder's own
-        timeout, which it renews well within (``timeout``, the other job's own, is for its own lease)."""
-        return self.timeout
-
     def holder(self) -> str:
         return f"host {self.host}, pid {self.pid}"
 
@@ -271,16 +266,16 @@ def read_lease(url: str, storage_options: Mapping[str, Any] | None = None) -> Le
     return _parse(found)
 
 
-def held_message(url: str, held: LeaseInfo, timeout: float) -> str:
+def held_message(url: str, held: LeaseInfo) -> str:
     """The one line that refuses a job an output another job holds."""
     return (
         f"out {public_location(url)!r} is being written by another job ({held.holder()}, since {held.started}, "
         f"last heartbeat {held.age():.0f} s ago); wait for it, or if it is dead it is taken over after "
-        f"{held.limit(timeout):.0f} s without a heartbeat."
+        f"{held.timeout:.0f} s without a heartbeat."
     )
 
 
-def check_unheld(url: str, storage_options: Mapping[str, Any] | None, timeout: float) -> None:
+def check_unheld(url: str, storage_options: Mapping[str, Any] | None) -> None:
     """Refuse an output that another job holds a fresh lease on (read-only: for planning).
 
     Raises
@@ -289,8 +284,8 @@ def check_unheld(url: str, storage_options: Mapping[str, Any] | None, timeout: f
         One line naming the holder and the age of its last heartbeat.
     """
     held = read_lease(url, storage_options)
-    if held is not None and held.age() <= held.limit(timeout):
-        raise InputError(held_message(url, held, timeout))
+    if held is not None and held.age() <= held.timeout:
+        raise InputError(held_message(url, held))
 
 
 # --------------------------------------------------------------------------- holding it
@@ -425,14 +420,14 @@ def acquire(
             held = read_lease(store.url, store.storage_options)
         if held is None:
             continue  # released in between
-        if held.age() <= held.limit(timeout):
-            raise InputError(held_message(url, held, timeout))
+        if held.age() <= held.timeout:
+            raise InputError(held_message(url, held))
         say(
             f"dconv: taking over the lease of {public_location(url)} from host {held.host} pid {held.pid}: "
             f"no heartbeat for {held.age():.0f} s"
         )
         store.set_aside(held)
-    raise InputError(held_message(url, held, timeout) if held else f"could not take the lease on {url!r}.")
+    raise InputError(held_message(url, held) if held else f"could not take the lease on {url!r}.")
 
 
 @contextlib.contextmanager
