@@ -143,7 +143,7 @@ def _run_job(
 ) -> int:
     """Plan and run the job of ``base`` (a spec's options, or None) with the flags ``given`` over it:
     given separately, so that a resume knows which options the command line set."""
-    plan = dconv.plan_job(inputs, out, base, storage_options=storage, **given)
+    plan = dconv.plan_backward(inputs, out, base, storage_options=storage, **given)
     if args.dry_run:
         print(as_flags(dconv.describe_job(plan, cluster)))
         return EXIT_OK

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -46,17 +46,19 @@ from dconv.cluster import (
 from dconv.errors import InputError, JobInterrupted, NonFiniteInput, SimdLevelError
 from dconv.workers import cluster_workers
 from dconv.graph import aggregate
+from dconv.model import ModelPlan, ModelResult, is_model_group, plan_model
 from dconv.options import JobOptions
 from dconv.plan import JobPlan, plan_job
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import level_report, resolve_level
 from dconv.store import InputGroup, format_levels, now
 from dconv.store.lease import Lease, hold
+from dconv.store.model_output import model_figures
 from dconv.store.output import level_counts
 from dconv.store.summary import nonfinite_advice, resume_command
 from dconv.waves import compute_with_progress
 
-__all__ = ["backward_job", "run_job", "describe_job", "check_simd", "JobResult", "LOCAL_SCHEDULERS"]
+__all__ = ["backward_job", "plan_backward", "run_job", "describe_job", "check_simd", "JobResult", "LOCAL_SCHEDULERS"]
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def check_simd(word: str, client: Any = None) -> dict[str, str]:
 
 
 def _run(
-    plan: JobPlan,
+    plan: JobPlan | ModelPlan,
     *,
     client: Any,
     scheduler: str | None,
@@ -166,8 +168,13 @@ def _run(
     where: Mapping[str, Any],
     lease: Lease,
     workers: Callable[[], Any] | None = None,
-) -> JobResult:
+) -> JobResult | ModelResult:
     """Open the output, compute the graph, finish the output, while ``lease`` is held.
+
+    A model job (:class:`~dconv.model.ModelPlan`) opens its root, then each layer's
+    output; the layers already complete are read back, the others' graphs are
+    computed together (:func:`dconv.waves.compute_graphs_in_waves`) and each is
+    finished as its own job would be; then the model's results are written.
 
     ``workers`` is called before each submission to a cluster: the workers
     its tasks must go to, or None for any (:class:`dconv.cluster.FittingWorkers`).
@@ -182,66 +189,131 @@ def _run(
     resume command (:meth:`ClusterOptions.to_dict`).
     """
     t0 = time.perf_counter()
-    finished = plan.open_output(cluster=where)
+    model = isinstance(plan, ModelPlan)
+    layers = plan.plans if model else (plan,)
+    results: dict[int, JobResult] = {}
+    running, finished = _open_outputs(plan, layers, where, results)
     try:
-        pending = int((~finished).sum())
-        graph = plan.graph(stored=plan.out.frontier() if pending < finished.size else None)
+        pending = {i: int((~finished[i]).sum()) for i in running}
+        graphs = [
+            layers[i].graph(stored=layers[i].out.frontier() if pending[i] < finished[i].size else None)
+            for i in running
+        ]
         t1 = time.perf_counter()
-        total = compute_with_progress(
-            graph, plan.out.url, pending, client=client, scheduler=scheduler, show=progress and pending > 0,
-            workers=workers,
+
+        def finish(g: int, total: Any) -> None:  # as soon as a layer's tree is done: it never runs again
+            i = running[g]
+            lease.check()
+            results[i] = _finish(layers[i], total, pending[i], time.perf_counter() - t1, t0)
+
+        compute_with_progress(
+            graphs, [layers[i].out.url for i in running], sum(pending.values()), client=client, scheduler=scheduler,
+            show=progress and sum(pending.values()) > 0, workers=workers, finished=finish,
         )
         t2 = time.perf_counter()
-        values = aggregate(total, plan.out.layout)
-        levels = level_counts(total.levels)
-        seconds = {"compute": t2 - t1, **total.seconds}
-        lease.check()
-        plan.out.finish(
-            values,
-            keep_partials=plan.options.keep_partials,
-            finished=now(),
-            seconds={k: round(v, 3) for k, v in seconds.items()},
-            simd={"requested": plan.simd, "chunks": levels},
-        )
+        if model:
+            return _finish_model(plan, [results[i] for i in range(len(layers))], t2 - t1, t0, lease)
+        return results[0]
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (JobInterrupted, raised by _signals_interrupt), a lost lease
         lease.check()
         raise _interrupted(plan, getattr(e, "signal", "SIGINT"), where) from e
     except NonFiniteInput as e:  # a task refused its input (check_finite): mend it, then resume
         if lease.lost is None:
             with contextlib.suppress(Exception):
-                plan.out.mark_failed(e)
+                plan.mark_failed(e)
         command = resume_command(plan.out.location, {"input": plan.input_location, "cluster": where})
         raise type(e)(f"{e}; once the input is mended, resume with: {command}" if command else str(e)) from e
     except BaseException as e:
         if lease.lost is None:
             with contextlib.suppress(Exception):
-                plan.out.mark_failed(e)
+                plan.mark_failed(e)
         raise
-    seconds["total"] = time.perf_counter() - t0
+
+
+def _open_outputs(
+    plan: JobPlan | ModelPlan, layers: Sequence[JobPlan], where: Mapping[str, Any], results: dict[int, JobResult]
+) -> tuple[list[int], dict[int, np.ndarray]]:
+    """Open the outputs (a model's root first): the layers to run and the masks of their finished chunks.
+
+    The layers of a model already complete are read back into ``results``. An output that
+    may not be opened (another job's) is left as it is; a model's root is then marked failed.
+    """
+    if not isinstance(plan, ModelPlan):
+        return [0], {0: plan.open_output(cluster=where)}
+    plan.open_output(cluster=where)
+    try:
+        for i, layer in enumerate(layers):
+            stored = _already_complete(layer)
+            if stored is not None:
+                results[i] = stored
+        running = [i for i in range(len(layers)) if i not in results]
+        return running, {i: layers[i].open_output(cluster=where) for i in running}
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            plan.out.mark_failed(e)
+        raise
+
+
+def _finish(plan: JobPlan, total: Any, computed: int, compute_seconds: float, t0: float) -> JobResult:
+    """Finish one job's output from its root's partial ``total``; the :class:`JobResult`."""
+    values = aggregate(total, plan.out.layout)
+    levels = level_counts(total.levels)
+    seconds = {"compute": compute_seconds, **total.seconds}
+    plan.out.finish(
+        values,
+        keep_partials=plan.options.keep_partials,
+        finished=now(),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        simd={"requested": plan.simd, "chunks": levels},
+    )
     return JobResult(
         values=values,
         out=plan.out.location,
         n_chunks=len(plan.bounds),
-        computed_chunks=pending,
-        seconds=seconds,
+        computed_chunks=computed,
+        seconds={**seconds, "total": time.perf_counter() - t0},
         simd=levels,
     )
 
 
-def _interrupted(plan: JobPlan, signal_name: str, where: Mapping[str, Any]) -> JobInterrupted:
+def _finish_model(
+    plan: ModelPlan, results: Sequence[JobResult], compute_seconds: float, t0: float, lease: Lease
+) -> ModelResult:
+    """Write the model's results from its layers' (``stats``: the per-sample norms and figures); mark it complete."""
+    layers = dict(zip(plan.names, results))
+    stats = None
+    if plan.options.stats:
+        top = plan.out.write_sample_norms([layer.out.url for layer in plan.plans], plan.m)
+        stats = model_figures({name: result.values["stats"] for name, result in layers.items()}, plan.m, top)
+    seconds = {"compute": compute_seconds}
+    for result in results:
+        for step in ("read", "kernel", "write"):
+            if step in result.seconds and not result.already_complete:
+                seconds[step] = seconds.get(step, 0.0) + result.seconds[step]
+    lease.check()
+    result = ModelResult(layers=layers, out=plan.out.location, stats=stats, seconds=seconds)
+    plan.out.finish(
+        stats=stats,
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        simd={"requested": plan.simd, "chunks": result.simd},
+    )
+    return dataclasses.replace(result, seconds={**seconds, "total": time.perf_counter() - t0})
+
+
+def _interrupted(plan: JobPlan | ModelPlan, signal_name: str, where: Mapping[str, Any]) -> JobInterrupted:
     """Mark the output "interrupted" by ``signal_name``; the :class:`JobInterrupted` that says how to resume it.
 
     How far it got is counted once the cluster is closed (:func:`_count_done`),
     so that no task still running adds a chunk after the count.
     """
     with contextlib.suppress(Exception):  # the job stops either way; the store may be what failed
-        plan.out.mark_interrupted(signal_name)
+        plan.mark_interrupted(signal_name)
     command = resume_command(plan.out.location, {"input": plan.input_location, "cluster": where})
-    return JobInterrupted(signal_name, out=plan.out.location, total=len(plan.bounds), resume_command=command)
+    return JobInterrupted(signal_name, out=plan.out.location, total=plan.n_chunks, resume_command=command)
 
 
 @contextlib.contextmanager
-def _count_done(plan: JobPlan) -> Iterator[None]:
+def _count_done(plan: JobPlan | ModelPlan) -> Iterator[None]:
     """On a :class:`JobInterrupted` out of the body, count the finished chunks into it, once the body is
     left: after the embedded cluster (or an in-process scheduler) has stopped, the count is the one
     ``inspect`` gives; on a cluster that goes on, tasks that were running may still add a chunk or two."""
@@ -250,12 +322,12 @@ def _count_done(plan: JobPlan) -> Iterator[None]:
     except JobInterrupted as e:
         if e.out is not None and e.done is None:
             with contextlib.suppress(Exception):
-                e.done = int(plan.out.done_chunks().sum())
+                e.done = plan.done_chunks()
         raise
 
 
 @contextlib.contextmanager
-def _held(plan: JobPlan, say: Callable[[str], None]) -> Iterator[Lease]:
+def _held(plan: JobPlan | ModelPlan, say: Callable[[str], None]) -> Iterator[Lease]:
     """Hold the lease on the plan's output (:func:`dconv.store.lease.hold`) while the block runs.
 
     Raises
@@ -295,10 +367,12 @@ def _signals_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _already_complete(plan: JobPlan) -> JobResult | None:
+def _already_complete(plan: JobPlan | ModelPlan) -> JobResult | ModelResult | None:
     """With ``resume``, an output of this very job that is already complete: its stored result; else None."""
     if not plan.options.resume:
         return None
+    if isinstance(plan, ModelPlan):
+        return _model_already_complete(plan)
     t0 = time.perf_counter()
     stored = plan.out.provenance()
     if not stored or stored.get("status") != "complete" or plan.resume_differences(stored):
@@ -314,12 +388,30 @@ def _already_complete(plan: JobPlan) -> JobResult | None:
     )
 
 
+def _model_already_complete(plan: ModelPlan) -> ModelResult | None:
+    """A complete model output of this very job: its stored results, each layer's read back; else None."""
+    t0 = time.perf_counter()
+    stored = plan.out.provenance()
+    if not stored or stored.get("status") != "complete" or plan.resume_differences(stored):
+        return None
+    layers = {name: _already_complete(layer) for name, layer in zip(plan.names, plan.plans)}
+    if any(result is None for result in layers.values()):
+        return None  # a layer was changed since: running the job says what
+    return ModelResult(
+        layers=layers,
+        out=plan.out.location,
+        stats=stored.get("stats"),
+        seconds={"total": time.perf_counter() - t0},
+        already_complete=True,
+    )
+
+
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
 def run_job(
-    plan: JobPlan,
+    plan: JobPlan | ModelPlan,
     *,
     client: Any = None,
     scheduler: str | None = None,
@@ -407,7 +499,7 @@ def run_job(
 
 
 def _run_on(
-    plan: JobPlan,
+    plan: JobPlan | ModelPlan,
     client: Any,
     scheduler: str | None,
     cluster: ClusterOptions,
@@ -450,8 +542,15 @@ def _client_place(client: Any) -> dict[str, str]:
     return {"scheduler": address} if address.startswith(("tcp://", "tls://")) else {}
 
 
-def nonfinite_warnings(plan: JobPlan, result: JobResult) -> list[str]:
-    """One line if the job's dW or db holds NaN or Inf and ``check_finite`` did not look (its inputs hold some)."""
+def nonfinite_warnings(plan: JobPlan | ModelPlan, result: JobResult | ModelResult) -> list[str]:
+    """One line if the job's dW or db holds NaN or Inf and ``check_finite`` did not look (its inputs hold some);
+    for a model job, one per layer, naming it."""
+    if isinstance(plan, ModelPlan):
+        return [
+            line.replace("dconv: warning: ", f"dconv: warning: layer {name}: ", 1)
+            for name, layer in zip(plan.names, plan.plans)
+            for line in nonfinite_warnings(layer, result.layers[name])
+        ]
     counts = {name: n for name, n in (result.values.get("nonfinite") or {}).items() if name in ("dW", "db") and n}
     if not counts or plan.options.check_finite:
         return []
@@ -495,7 +594,7 @@ def _local_threads(scheduler: str) -> int:
 
 
 def _existing_workers(
-    plan: JobPlan, client: Any, cluster: ClusterOptions, quiet: bool, say: Callable[[str], None]
+    plan: JobPlan | ModelPlan, client: Any, cluster: ClusterOptions, quiet: bool, say: Callable[[str], None]
 ) -> FittingWorkers:
     """Wait for an existing cluster's workers, check them, say the plan and the warnings.
 
@@ -513,7 +612,7 @@ def _existing_workers(
 
 
 def _announce(
-    plan: JobPlan, n_workers: int, threads: int, cores: int | None, quiet: bool, say: Callable[[str], None]
+    plan: JobPlan | ModelPlan, n_workers: int, threads: int, cores: int | None, quiet: bool, say: Callable[[str], None]
 ) -> None:
     """The plan in one line (unless ``quiet``), then its warnings, one line each (always)."""
     if not quiet:
@@ -522,7 +621,7 @@ def _announce(
         say(line)
 
 
-def describe_job(plan: JobPlan, cluster: ClusterOptions | None = None) -> str:
+def describe_job(plan: JobPlan | ModelPlan, cluster: ClusterOptions | None = None) -> str:
     """What ``--dry-run`` prints: :meth:`JobPlan.describe`, the workers' memory limit
     (:meth:`JobPlan.worker_memory`) and what to give a remote cluster's workers, then the plan
     line and the warnings for the embedded local cluster ``cluster`` describes (for an
@@ -552,6 +651,16 @@ def describe_job(plan: JobPlan, cluster: ClusterOptions | None = None) -> str:
     return "\n".join([plan.describe(), *lines])
 
 
+def plan_backward(
+    inputs: Any, out: str | PathLike, options: JobOptions | None = None, *,
+    storage_options: Mapping[str, Any] | None = None, **values: Any,
+) -> JobPlan | ModelPlan:
+    """:func:`dconv.model.plan_model` for a model input group, else :func:`dconv.plan.plan_job`."""
+    if isinstance(inputs, (str, PathLike)) and is_model_group(str(inputs), storage_options):
+        return plan_model(inputs, out, options, storage_options=storage_options, **values)
+    return plan_job(inputs, out, options, storage_options=storage_options, **values)
+
+
 def backward_job(
     inputs: str | PathLike | InputGroup | Mapping[str, Any],
     out: str | PathLike,
@@ -565,9 +674,9 @@ def backward_job(
     quiet: bool = True,
     **values: Any,
 ) -> JobResult:
-    """Compute dA_prev, dW and db for a whole batch, chunk by chunk, on Dask.
+    """Compute dA_prev, dW and db for a whole batch, chunk by chunk, on Dask; of every layer of a model.
 
-    ``backward_job(inputs, out, **values)`` is ``run_job(plan_job(inputs, out,
+    ``backward_job(inputs, out, **values)`` is ``run_job(plan_backward(inputs, out,
     **values), ...)``.
 
     Parameters
@@ -575,7 +684,9 @@ def backward_job(
     inputs : str, path, InputGroup or mapping
         A Zarr v3 input group (local path or fsspec URL) with ``A_prev``
         (m, H, W, C_prev), ``dZ`` (m, n_H, n_W, C) and ``W`` (fh, fw, C_prev, C);
-        or a mapping with those keys holding NumPy or Dask arrays.
+        or a mapping with those keys holding NumPy or Dask arrays; or a model
+        input group (:mod:`dconv.store.model`): every layer (``layers=[...]``:
+        those named) in one job, each layer's output at ``out/layers/<name>``.
     out : str or path
         Where the output group goes (local path or fsspec URL).
     options : JobOptions, optional
@@ -590,7 +701,7 @@ def backward_job(
 
     Returns
     -------
-    JobResult
+    JobResult, or ModelResult for a model input group
     """
-    plan = plan_job(inputs, out, options, storage_options=storage_options, **values)
+    plan = plan_backward(inputs, out, options, storage_options=storage_options, **values)
     return run_job(plan, client=client, scheduler=scheduler, cluster=cluster, progress=progress, quiet=quiet)

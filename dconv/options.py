@@ -53,6 +53,23 @@ __all__ = ["JobOptions", "InputRecipe", "Options", "option"]
 # --------------------------------------------------------------------------- the job
 
 
+def layer_names(value: Any) -> tuple[str, ...]:
+    """``"a,b"`` or ``["a", "b"]`` as ``("a", "b")``: at least one name, each once."""
+    names = value.split(",") if isinstance(value, str) else value
+    if (
+        not isinstance(names, (list, tuple))
+        or not names
+        or not all(isinstance(name, str) and name.strip() for name in names)
+    ):
+        raise InputError(f"layers must be one or more layer names (a,b or a list of strings); got {value!r} instead.")
+    names = tuple(name.strip() for name in names)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"layers must name each layer once; got {', '.join(repeated)} more than once instead.")
+    return names
+
+
+
 @dataclass(frozen=True)
 class JobOptions(Options):
     """How a backward job computes. Every field has a default; see :func:`dconv.backward_job`.
@@ -91,6 +108,16 @@ class JobOptions(Options):
         cli=int_list,
         record="identity",
         path=("params", "dilation"),
+    )
+    layers: tuple[str, ...] | None = option(
+        None,
+        help="for a model input group: the layers to run, by name, comma-separated (default: every layer)",
+        parse=optional(layer_names),
+        table="job",
+        toml=(list,),
+        cli=str,
+        metavar="NAME,...",
+        record="identity",
     )
     batch_chunk: int | None = option(
         None,

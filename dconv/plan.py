@@ -110,6 +110,20 @@ class JobPlan:
         """The job's ``DCONV_SIMD`` word."""
         return self.options.simd
 
+    @property
+    def n_chunks(self) -> int:
+        return len(self.bounds)
+
+    def done_chunks(self) -> int:
+        """Chunks done in the output (their leaf records, or all of a complete output)."""
+        return int(self.out.done_chunks().sum())
+
+    def mark_interrupted(self, signal: str) -> None:
+        self.out.mark_interrupted(signal)
+
+    def mark_failed(self, error: BaseException) -> None:
+        self.out.mark_failed(error)
+
     def identity(self) -> dict[str, Any]:
         """What must match for ``resume`` to continue this job's output (JSON-friendly).
 
@@ -343,6 +357,7 @@ def plan_job(
     if stored is not None:  # the output's own options, where none are given
         options = options.resuming(JobOptions.from_dict(stored), public_location(str(out)), given)
     options = JobOptions.build(options, simd=parse_word(options.simd or os.environ.get(SIMD_ENV_VAR)))
+    _check_one_layer(inputs, options, storage_options)
     inputs = job_inputs(inputs, storage_options)
     params = resolve_params(options, inputs.hparameters)
     shapes = {name: tuple(int(n) for n in array.shape) for name, array in inputs.arrays.items()}
@@ -381,6 +396,22 @@ def plan_job(
     if stored is not None:
         plan.check_resumable(stored)
     return plan
+
+
+def _check_one_layer(inputs: Any, options: JobOptions, storage_options: Mapping[str, Any]) -> None:
+    """Refuse a model input group, and ``layers`` for a one-layer input (:mod:`dconv.model` plans models)."""
+    from dconv.store.model import is_model_group
+
+    if isinstance(inputs, (str, PathLike)) and is_model_group(str(inputs), storage_options):
+        raise InputError(
+            f"{public_location(str(inputs))!r} is a model input group: plan it with plan_model "
+            "(backward_job and dconv backward take either)."
+        )
+    if options.layers is not None:
+        raise InputError(
+            f"layers selects layers of a model input group; the input is an input group of one layer "
+            f"(got layers {list(options.layers)} instead of none)."
+        )
 
 
 def plan_recipe(

@@ -134,7 +134,8 @@ def noise_figures(grad_sum_norm2: float, sum_sample_norm2: float, m: int) -> dic
     Returns
     -------
     dict
-        ``m``; ``sum_sample_norm2``; ``mean_grad_norm2 = |S / m|^2``;
+        ``m``; ``sum_sample_norm2``; ``grad_sum_norm2 = |S|^2`` (a model job adds the
+        layers' ``|S_l|^2`` and ``sum_i |g_i^l|^2``); ``mean_grad_norm2 = |S / m|^2``;
         ``grad_norm2 = (|S|^2 - sum_i |g_i|^2) / (m (m - 1))``, the unbiased estimate of
         ``|G|^2``; ``trace_cov = (sum_i |g_i|^2 - |S|^2 / m) / (m - 1)``, the trace of the
         unbiased sample covariance; ``noise_scale = trace_cov / grad_norm2`` (B_simple of
@@ -147,6 +148,7 @@ def noise_figures(grad_sum_norm2: float, sum_sample_norm2: float, m: int) -> dic
     figures: dict[str, float | None] = {
         "m": int(m),
         "sum_sample_norm2": finite(sum_sample_norm2),
+        "grad_sum_norm2": finite(grad_sum_norm2),
         "mean_grad_norm2": finite(grad_sum_norm2 / m**2),
         "grad_norm2": None,
         "trace_cov": None,

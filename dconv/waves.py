@@ -20,6 +20,7 @@ addition is the tree's, so the bits are those of one graph of the whole tree.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -34,11 +35,13 @@ from dask.task_spec import Task, TaskRef
 from dconv.graph import CHUNK_PREFIX, JobGraph, Partial, read_stored_node, run_combine_stored_task, run_combine_task
 from dconv.progress import PLAIN_INTERVAL, progress_display, progress_topic
 from dconv.store import Kind, OutputLayout
+from dconv import tree
 from dconv.tree import Node, split_at_depth, tree_height
 
 __all__ = [
     "Waves",
     "compute_in_waves",
+    "compute_graphs_in_waves",
     "compute_with_progress",
     "choose_wave_depth",
     "partial_bytes",
@@ -137,27 +140,57 @@ def compute_in_waves(
 ) -> Partial:
     """Compute ``graph``'s tree wave by wave, on a distributed ``client`` or the local ``scheduler``.
 
-    Returns the root's :class:`~dconv.graph.Partial`.
+    Returns the root's :class:`~dconv.graph.Partial`: :func:`compute_graphs_in_waves` of one graph.
+    """
+    return compute_graphs_in_waves([graph], client=client, scheduler=scheduler, in_flight=in_flight, workers=workers)[0]
 
-    Each wave is one subtree, submitted as one graph. On a cluster at most
-    ``in_flight`` waves are unfinished at a time (the next one is queued
-    while one runs), and a wave has at least :data:`WAVE_TASKS_PER_THREAD`
-    chunks per worker thread. On a local scheduler the waves run one after
-    the other and the nodes above them are added in this process.
+
+def compute_graphs_in_waves(
+    graphs: Sequence[JobGraph],
+    *,
+    client: Any = None,
+    scheduler: str | None = None,
+    in_flight: int = WAVES_IN_FLIGHT,
+    workers: Callable[[], Sequence[str] | None] | Sequence[Callable[[], Sequence[str] | None] | None] | None = None,
+    finished: Callable[[int, Partial], None] | None = None,
+) -> list[Partial]:
+    """Compute the trees of ``graphs`` (the layers of a model job) together, wave by wave; their roots' partials.
+
+    Each wave is one subtree of one graph, submitted as one graph. On a cluster
+    the waves of all the graphs are submitted in one order that takes a wave of
+    each graph in turn, and waves are submitted while fewer than ``in_flight``
+    of the largest waves' chunks are unfinished (the next one is queued while
+    one runs): a small layer never leaves a worker idle while another layer has
+    chunks. A wave has at least :data:`WAVE_TASKS_PER_THREAD` chunks per worker
+    thread. On a local scheduler the graphs run one after the other, and the
+    waves of each too, and the nodes above the waves are added in this process.
 
     ``workers``, on a cluster, is called before each submission (the
     waves and the nodes above them): the worker addresses its tasks must run
     on (``allow_other_workers=False``: a loose restriction would let Dask's
-    work stealing hand them to any worker), or None for any.
-    Asked again for each, it lets a worker that joins mid-job take the
-    next waves.
+    work stealing hand them to any worker), or None for any. One callable for
+    every graph, or one per graph. Asked again for each, it lets a worker that
+    joins mid-job take the next waves.
+
+    Each graph's tree is that of its own job, added in the same order, so each
+    result is bitwise that of the graph computed alone.
+
+    ``finished(i, partial)``, if given, is called as soon as graph ``i``'s root
+    is computed (a model job finishes that layer's output then, before the others).
     """
-    if graph.root in graph.stored:
-        return read_stored_node(graph.context, *graph.root)
-    if client is not None:
-        waves = Waves(graph).on_threads(sum(client.nthreads().values()))
-        return _ClusterWaves(waves, client, in_flight, workers).run()
-    return _compute_locally(Waves(graph), dask.base.get_scheduler(scheduler=scheduler or "threads"))
+    graphs = list(graphs)
+    finished = finished or (lambda i, partial: None)
+    if client is None:
+        get = dask.base.get_scheduler(scheduler=scheduler or "threads")
+        results = []
+        for i, graph in enumerate(graphs):
+            results.append(_compute_locally(Waves(graph), get))
+            finished(i, results[-1])
+        return results
+    threads = sum(client.nthreads().values())
+    choosers = list(workers) if isinstance(workers, Sequence) else [workers] * len(graphs)
+    waves = [Waves(graph).on_threads(threads) for graph in graphs]
+    return _ClusterWaves(waves, client, in_flight, choosers, finished).run()
 
 
 def _compute_locally(waves: Waves, get: Any) -> Partial:
@@ -176,22 +209,29 @@ def _compute_locally(waves: Waves, get: Any) -> Partial:
     return compute(graph.root)
 
 
-class _ClusterWaves:
-    """:class:`Waves` run on a distributed cluster, wave by wave.
+class _GraphWaves:
+    """One graph's state while :class:`_ClusterWaves` runs it: its waves, the nodes above them, what is missing."""
 
-    The job's context is one task whose key every wave refers to; this client
-    holds its future, so the scheduler keeps it (and can compute it again if
-    its workers are lost). A wave's last task returns only its step times; once
-    this client has them, it releases the wave, which the scheduler then forgets.
-    """
-
-    def __init__(
-        self, waves: Waves, client: Any, in_flight: int, workers: Callable[[], Sequence[str] | None] | None = None
-    ) -> None:
-        self.waves, self.graph, self.client, self.in_flight = waves, waves.graph, client, max(1, in_flight)
+    def __init__(self, waves: Waves, client: Any, workers: Callable[[], Sequence[str] | None] | None) -> None:
+        self.waves, self.graph, self.client = waves, waves.graph, client
         self.workers = workers or (lambda: None)
-        key = self.graph.context_key  # on any worker: every wave needs it, wherever the wave may go
-        self.context = self.client.get({key: self.graph.make_context_task()}, key, sync=False, fifo_timeout=0)
+        graph = self.graph
+        self.done = graph.root in graph.stored
+        self.roots, self.combines = ([], {}) if self.done else waves.split()
+        self.parent = {child: node for node, children in self.combines.items() for child in children}
+        self.missing = {
+            node: sum(child not in graph.stored for child in children) for node, children in self.combines.items()
+        }
+        self.seconds: dict = {}
+        self.result: Partial | None = read_stored_node(graph.context, *graph.root) if self.done else None
+        self.context = None
+        if not self.done:  # on any worker: every wave needs it, wherever the wave may go
+            key = graph.context_key
+            self.context = client.get({key: graph.make_context_task()}, key, sync=False, fifo_timeout=0)
+
+    def wave_chunks(self, node: Node) -> int:
+        """Chunks of the wave under ``node`` (its last one may have fewer than the others)."""
+        return len(tree.node_chunks(*node, self.graph.split_every, self.graph.n_chunks))
 
     def submit(self, tasks: dict, key: Any) -> Any:
         """``tasks`` as one graph, restricted to ``self.workers()`` if that names any; the future of ``key``."""
@@ -209,51 +249,99 @@ class _ClusterWaves:
         tasks = {**graph.subtree(node), key: Task(key, step_times, TaskRef(graph.key(node)))}
         return self.submit(tasks, key)
 
-    def submit_combine(self, node: Node, children: Sequence[Node]) -> Any:
+    def submit_combine(self, node: Node) -> Any:
         key = self.graph.key(node)
-        indices = [index for _, index in children]
+        indices = [index for _, index in self.combines[node]]
         task = Task(key, run_combine_stored_task, TaskRef(self.graph.context_key), *node, indices)
         return self.submit({key: task}, key)
 
-    def run(self) -> Partial:
+    def ready_combines(self) -> list[Node]:
+        """The nodes above the waves whose children were all stored by an earlier run."""
+        return [node for node, count in self.missing.items() if count == 0]
+
+
+class _ClusterWaves:
+    """The :class:`Waves` of one or more graphs run on a distributed cluster, wave by wave.
+
+    Each job's context is one task whose key every wave of its graph refers to;
+    this client holds its future, so the scheduler keeps it (and can compute it
+    again if its workers are lost). A wave's last task returns only its step
+    times; once this client has them, it releases the wave, which the scheduler
+    then forgets.
+    """
+
+    def __init__(
+        self,
+        waves: Sequence[Waves],
+        client: Any,
+        in_flight: int,
+        workers: Sequence[Callable[[], Sequence[str] | None] | None],
+        finished: Callable[[int, Partial], None],
+    ) -> None:
+        self.graphs = [_GraphWaves(w, client, chooser) for w, chooser in zip(waves, workers)]
+        self.finished = finished
+        largest = max((g.wave_chunks(node) for g in self.graphs for node in g.roots), default=1)
+        self.budget = max(1, in_flight) * largest  # chunks unfinished at most, but always one wave
+
+    def order(self) -> list[tuple[int, Node]]:
+        """Every wave to compute, as (graph, wave root): a wave of each graph in turn, each graph's in chunk order."""
+        queues = [[(g, node) for node in graph.roots] for g, graph in enumerate(self.graphs)]
+        return [item for turn in itertools.zip_longest(*queues) for item in turn if item is not None]
+
+    def run(self) -> list[Partial]:
         from distributed import as_completed
 
-        graph = self.graph
-        waves, combines = self.waves.split()
-        parent = {child: node for node, children in combines.items() for child in children}
-        missing = {node: sum(child not in graph.stored for child in children) for node, children in combines.items()}
-        node_of: dict = {}
         running = as_completed()
+        node_of: dict = {}
+        upcoming = iter(self.order())
+        unfinished = 0  # chunks of the waves submitted and not finished
 
-        def submit(future: Any, node: Node) -> None:
-            node_of[future.key] = node
+        def submit(g: int, node: Node, future: Any, chunks: int = 0) -> None:
+            node_of[future.key] = (g, node, chunks)
             running.add(future)
 
-        upcoming = iter(waves)
-        for node in waves[: self.in_flight]:
-            submit(self.submit_wave(next(upcoming)), node)
-        for node, count in missing.items():
-            if count == 0:
-                submit(self.submit_combine(node, combines[node]), node)
-        seconds: dict = {}
+        def submit_waves() -> None:
+            nonlocal unfinished
+            while unfinished == 0 or unfinished < self.budget:
+                following = next(upcoming, None)
+                if following is None:
+                    return
+                g, node = following
+                chunks = self.graphs[g].wave_chunks(node)
+                submit(g, node, self.graphs[g].submit_wave(node), chunks)
+                unfinished += chunks
+
+        submit_waves()
+        for g, graph in enumerate(self.graphs):
+            if graph.done:  # stored whole by an earlier run
+                self.finished(g, graph.result)
+            for node in graph.ready_combines():
+                submit(g, node, graph.submit_combine(node))
         for future in running:
             if future.status != "finished":
                 future.result()  # raises the task's error
-            node = node_of.pop(future.key)
-            if node == graph.root:
+            g, node, chunks = node_of.pop(future.key)
+            graph = self.graphs[g]
+            if node == graph.graph.root:
                 total = future.result()
-                return Partial(total.reduced, _add_seconds(seconds, total.seconds), total.levels)
-            is_wave = node[0] <= self.waves.depth
-            if is_wave:  # only a wave's step times come back; a node above the waves is read from its record
-                seconds = _add_seconds(seconds, future.result())
+                graph.result = Partial(total.reduced, _add_seconds(graph.seconds, total.seconds), total.levels)
+                graph.done = True
+                self.finished(g, graph.result)
+            elif node[0] <= graph.waves.depth:  # only a wave's step times come back
+                graph.seconds = _add_seconds(graph.seconds, future.result())
             future.release()  # before the next wave is submitted: the scheduler forgets this one first
-            following = next(upcoming, None) if is_wave else None
-            if following is not None:
-                submit(self.submit_wave(following), following)
-            missing[parent[node]] -= 1
-            if missing[parent[node]] == 0:
-                submit(self.submit_combine(parent[node], combines[parent[node]]), parent[node])
-        raise RuntimeError("the job's tree has no root")  # unreachable: the root is always submitted last
+            unfinished -= chunks
+            submit_waves()
+            if node != graph.graph.root:
+                parent = graph.parent[node]
+                graph.missing[parent] -= 1
+                if graph.missing[parent] == 0:
+                    submit(g, parent, graph.submit_combine(parent))
+            if all(graph.done for graph in self.graphs):
+                return [graph.result for graph in self.graphs]
+        if all(graph.done for graph in self.graphs):  # every graph was stored whole
+            return [graph.result for graph in self.graphs]
+        raise RuntimeError("a job's tree has no root")  # unreachable: each root is submitted last
 
 
 def step_times(partial: Partial) -> dict:
@@ -279,7 +367,7 @@ class _LocalChunkProgress(Callback):
 
 def compute_with_progress(
     graph: Any,
-    url: str,
+    url: str | Sequence[str],
     total: int,
     *,
     client: Any = None,
@@ -288,40 +376,52 @@ def compute_with_progress(
     file: TextIO | None = None,
     interval: float = PLAIN_INTERVAL,
     workers: Any = None,
+    finished: Callable[[int, Partial], None] | None = None,
 ) -> Any:
     """Compute ``graph`` on ``client`` (or the local ``scheduler``), showing the progress of ``total`` chunks.
 
     Parameters
     ----------
-    graph : dask collection or JobGraph
+    graph : dask collection, JobGraph or list of JobGraph
         A :class:`dconv.graph.JobGraph` is computed in waves
-        (:func:`compute_in_waves`); its chunk tasks are counted
-        across all of them.
-    url : str
-        The job's output, whose chunk tasks announce themselves (:func:`dconv.progress.report_chunk_done`).
+        (:func:`compute_in_waves`), a list of them together (the layers of a
+        model job, :func:`compute_graphs_in_waves`: a list of results comes
+        back); their chunk tasks are counted across all of them.
+    url : str or list of str
+        The output of the job (of each job of the list), whose chunk tasks announce
+        themselves (:func:`dconv.progress.report_chunk_done`).
     show : bool
         Show the progress; False computes the same way, silently.
     file : text stream, optional
         Where the progress goes; default ``sys.stderr``. A terminal gets a tqdm
         bar, anything else a plain line every ``interval`` seconds and one at
         the end (:class:`dconv.progress.PlainProgress`).
-    workers : callable, optional
-        On a cluster, for a JobGraph: the workers each submission goes to
-        (see :func:`compute_in_waves`).
+    workers : callable or list of callables, optional
+        On a cluster, for JobGraphs: the workers each submission goes to
+        (see :func:`compute_graphs_in_waves`).
+    finished : callable, optional
+        For JobGraphs: called with ``(i, partial)`` as soon as graph ``i`` is computed.
     """
     file = sys.stderr if file is None else file
     collection = dask.is_dask_collection(graph)
+    several = isinstance(graph, (list, tuple))
+    graphs = list(graph) if several else [graph]
+    urls = [url] if isinstance(url, str) else list(url)
     with progress_display(total, file, show, interval) as bar:
         if scheduler is not None:
             with _LocalChunkProgress(bar):
                 if collection:
                     return dask.compute(graph, scheduler=scheduler)[0]
-                return compute_in_waves(graph, scheduler=scheduler)
-        topic = progress_topic(url)
-        client.subscribe_topic(topic, lambda event: bar.update(1))
+                results = compute_graphs_in_waves(graphs, scheduler=scheduler, finished=finished)
+                return results if several else results[0]
+        topics = [progress_topic(one) for one in urls]
+        for topic in topics:
+            client.subscribe_topic(topic, lambda event: bar.update(1))
         try:
             if collection:
                 return client.compute(graph).result()
-            return compute_in_waves(graph, client=client, workers=workers)
+            results = compute_graphs_in_waves(graphs, client=client, workers=workers, finished=finished)
+            return results if several else results[0]
         finally:
-            client.unsubscribe_topic(topic)
+            for topic in topics:
+                client.unsubscribe_topic(topic)

@@ -38,6 +38,7 @@ from dconv.store.locations import is_local, public_location
 __all__ = [
     "INPUT_MARKER",
     "OUTPUT_MARKER",
+    "MODEL_OUTPUT_MARKER",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "LEGACY_INPUT_DIMENSIONS",
@@ -47,13 +48,16 @@ __all__ = [
     "input_marker",
 ]
 
-Kind = Literal["input", "output"]
+Kind = Literal["input", "output", "model_output"]
 
 INPUT_MARKER = "dconv_input"
 """The group attribute that marks an input group dconv wrote: ``{"writer": ..., "version": ...}``."""
 
 OUTPUT_MARKER = "dconv"
 """The group attribute of an output: its provenance and status (:data:`dconv.store.output.ATTR`)."""
+
+MODEL_OUTPUT_MARKER = "dconv_model_output"
+"""The group attribute of a model job's output (:mod:`dconv.store.model_output`): its provenance and status."""
 
 METADATA = "zarr.json"
 
@@ -65,6 +69,9 @@ OUTPUT_NAMES = frozenset(
 )
 """Everything dconv writes at the top of an output: the layout's arrays and subgroups, ``_progress``, the lease."""
 
+MODEL_OUTPUT_NAMES = frozenset({METADATA, LEASE_NAME, "layers", "stats"})
+"""Everything dconv writes at the top of a model job's output; ``layers/`` holds one dconv output per layer."""
+
 LEGACY_INPUT_DIMENSIONS = {
     "A_prev": ["m", "H", "W", "C_prev"],
     "dZ": ["m", "n_H", "n_W", "C"],
@@ -73,8 +80,10 @@ LEGACY_INPUT_DIMENSIONS = {
 }
 """The dimension names of input arrays written before the ``dconv_input`` marker."""
 
-_NAMES = {"input": INPUT_NAMES, "output": OUTPUT_NAMES}
-_WHAT = {"input": "a dconv input group", "output": "a dconv output"}
+_NAMES = {"input": INPUT_NAMES, "output": OUTPUT_NAMES, "model_output": MODEL_OUTPUT_NAMES}
+_WHAT = {"input": "a dconv input group", "output": "a dconv output", "model_output": "a dconv model output"}
+_MARKERS = {"input": INPUT_MARKER, "output": OUTPUT_MARKER, "model_output": MODEL_OUTPUT_MARKER}
+_LEASED = ("output", "model_output")
 
 
 def input_marker(writer: str) -> dict[str, str]:
@@ -131,8 +140,11 @@ def remove_own(
     Anything else under ``url`` is left alone, and so are the names in ``keep``
     (the lease of the job that replaces an output). Call :func:`check_replaceable` first.
     """
+    if kind == "model_output":  # each layer's output by the output rule, then the model's own names
+        for layer in _layer_names(url, storage_options):
+            remove_own(_join(url, f"layers/{layer}"), storage_options, "output")
     names = sorted(_NAMES[kind] - {METADATA, *keep}) + [METADATA]
-    if kind == "output":  # a lease file a killed renewal or takeover left behind
+    if kind in _LEASED:  # a lease file a killed renewal or takeover left behind
         names = [name for name in _list_top(url, storage_options) or () if _is_lease_file(name)
                  and name not in keep and name != LEASE_NAME] + names
     if is_local(str(url)):
@@ -160,7 +172,7 @@ def _foreign(url: str, storage_options: Mapping[str, Any] | None, kind: Kind) ->
     listing = _list_top(url, storage_options)
     if listing == "file":
         return f"is a file, not {_WHAT[kind]}"
-    if kind == "output":  # a job's lease, and the files a killed renewal or takeover left, are dconv's
+    if kind in _LEASED:  # a job's lease, and the files a killed renewal or takeover left, are dconv's
         listing = [name for name in listing or () if not _is_lease_file(name)]
     if not listing:
         return None
@@ -176,8 +188,32 @@ def _foreign(url: str, storage_options: Mapping[str, Any] | None, kind: Kind) ->
     if not group:
         return f"is not {_WHAT[kind]} (it has no Zarr group metadata dconv can read)"
     if found is None:
-        marker = INPUT_MARKER if kind == "input" else OUTPUT_MARKER
-        return f"is a Zarr group dconv did not write (it has no {marker!r} attribute), not {_WHAT[kind]}"
+        return f"is a Zarr group dconv did not write (it has no {_MARKERS[kind]!r} attribute), not {_WHAT[kind]}"
+    if kind == "model_output":
+        return _foreign_layers(url, storage_options)
+    return None
+
+
+def _join(url: str, name: str) -> str:
+    return os.path.join(url, name) if is_local(str(url)) else f"{str(url).rstrip('/')}/{name}"
+
+
+def _layer_names(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """The names in a model output's ``layers/`` directory (none if it has none)."""
+    listing = _list_top(_join(url, "layers"), storage_options)
+    return [] if listing == "file" or listing is None else sorted(listing)
+
+
+def _foreign_layers(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    """None if every entry of a model output's ``layers/`` is a dconv output and nothing more; else what is there."""
+    if _list_top(_join(url, "layers"), storage_options) == "file":
+        return "holds a file 'layers', not the layers of a dconv model output"
+    for layer in _layer_names(url, storage_options):
+        if layer == METADATA:
+            continue
+        found = _foreign(_join(url, f"layers/{layer}"), storage_options, "output")
+        if found is not None:
+            return f"holds layers/{layer}, which {found}"
     return None
 
 
@@ -186,6 +222,8 @@ def _group_kind(
 ) -> Kind | None:
     """Which of dconv's groups the group whose ``zarr.json`` is ``metadata`` is, if any."""
     attributes = metadata.get("attributes") or {}
+    if isinstance(attributes.get(MODEL_OUTPUT_MARKER), Mapping):
+        return "model_output"
     if isinstance(attributes.get(OUTPUT_MARKER), Mapping):
         return "output"
     if isinstance(attributes.get(INPUT_MARKER), Mapping):

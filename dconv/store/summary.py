@@ -155,11 +155,18 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
     ``age`` in seconds and whether it is ``fresh``), None if no job holds one;
     ``running`` is True only for a "running" output whose lease is fresh.
 
+    A model job's output is summarised by :func:`dconv.store.model_summary.summarize_model`
+    (``"kind": "model"``).
+
     Raises
     ------
     InputError
         ``url`` does not exist or is not a dconv output.
     """
+    from dconv.store.model_summary import is_model_output, summarize_model
+
+    if is_model_output(url, storage_options):
+        return summarize_model(url, storage_options)
     location = public_location(url)
     group, provenance = open_output(url, storage_options)
     status = provenance.pop("status", "unknown")
@@ -202,6 +209,10 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The human-readable form of :func:`summarize`'s result."""
+    if summary.get("kind") == "model":
+        from dconv.store.model_summary import format_model_summary
+
+        return format_model_summary(summary)
     chunks, provenance, status = summary["chunks"], summary["provenance"], summary["status"]
     lines = [f"{summary['location']}: {status}"]
     if status == "running" and not summary["running"]:
