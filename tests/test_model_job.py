@@ -217,3 +217,64 @@ def test_dry_run_describes_every_layer(model, tmp_path):
     for name, (kind, _) in LAYERS.items():
         assert f"layer {name} ({kind}):" in result.stdout
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_in_the_second_layer(tmp_path):
+    """SIGKILL of the whole job (client and workers) while the second layer is half done; inspect's resume
+    command, run as printed once the lease is stale, finishes the job with the bits of an uninterrupted one."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+
+    from conftest import dconv_command, wait_until
+    from _fault_helpers import done_count, inspect_json, kill_group, live_group_members
+
+    model = model_group(tmp_path / "model.zarr", m=1600, chunk=8)
+    reference = tmp_path / "reference.zarr"
+    dconv.backward_job(model, reference, batch_chunk=8, stats=True, scheduler="threads")
+    out = tmp_path / "out.zarr"
+    args = ["backward", model, out, "--batch-chunk", "8", "--stats", "--workers", "2", "--lease-timeout", "2"]
+    with open(tmp_path / "job.err", "w") as err:
+        job = subprocess.Popen(dconv_command() + [str(a) for a in args], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        assert wait_until(lambda: done_count(out / "layers/conv2") >= 40 or job.poll() is not None, timeout=120)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=10)
+    finally:
+        kill_group(job)
+    assert job.returncode == -signal.SIGKILL, (tmp_path / "job.err").read_text()
+    assert wait_until(lambda: not live_group_members(job.pid), timeout=10)
+    done = done_count(out / "layers/conv2")
+    assert 40 <= done < 200, f"{done} of 200 chunks of conv2 done: the kill came too late to test anything"
+
+    code, summary = inspect_json(out)
+    assert code == 3 and summary["kind"] == "model" and not summary["complete"]
+    command = summary["resume_command"]
+    assert command == shlex.join(["dconv", "backward", model, str(out), "--resume", "--workers", "2"])
+    from dconv.store.lease import read_lease
+
+    assert wait_until(lambda: read_lease(out) is None or read_lease(out).age() > 2.5, timeout=10)
+    resumed = run_cli(shlex.split(command)[1:], timeout=240)
+    assert resumed.returncode == 0, describe(resumed)
+    for name in LAYERS:
+        for array in ARRAYS:
+            assert np.array_equal(read(out / "layers" / name, array), read(reference / "layers" / name, array))
+    assert np.array_equal(read(out, "stats/sample_grad_norm2"), read(reference, "stats/sample_grad_norm2"))
+    assert run_cli(["inspect", out]).returncode == 0
+
+
+def test_the_model_pipeline_spec_runs(tmp_path):
+    from pathlib import Path
+
+    model_group(tmp_path / "out" / "model.zarr", m=24)
+    spec = Path(__file__).resolve().parent.parent / "pipelines" / "model.toml"
+    result = run_cli(["run", spec, "--scheduler", "threads"], cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    assert "3 layers, 3 of 3 chunks computed" in result.stdout, result.stdout
+    out = tmp_path / "out" / "model-grads.zarr"
+    assert "dA_prev" not in zarr.open_group(str(out / "layers" / "conv1"))
+    assert read(out, "stats/sample_grad_norm2").shape == (24,)
+    assert run_cli(["inspect", out]).returncode == 0
