@@ -98,8 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    backward = commands.add_parser("backward", help="run a backward job on an input group")
-    backward.add_argument("inputs", metavar="INPUTS", help="input Zarr group (path or fsspec URL)")
+    backward = commands.add_parser(
+        "backward",
+        help="run a backward job on an input group, or on every layer of a model input group",
+        description="Compute dA_prev, dW and db of a conv layer over a whole batch, chunk by chunk, on Dask. "
+        "Given a model input group (dconv.capture), run every layer (or those --layers names) in one job: "
+        "each layer's output goes to OUT/layers/<name>, and with --stats the model's per-sample |g_i|^2 to "
+        "OUT/stats/sample_grad_norm2 and its noise scale and per-layer table to the provenance.",
+    )
+    backward.add_argument("inputs", metavar="INPUTS", help="input Zarr group, or model input group (path or fsspec URL)")
     backward.add_argument("out", metavar="OUT", help="output Zarr group (path or fsspec URL)")
     _add_job_options(backward)
     _add_common(backward)
@@ -126,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="summarise an output group (exit 3 if incomplete)",
         description="Summarise a dconv output group: status, arrays, SIMD levels, norms of dW and db, NaN/Inf "
         "counts, provenance; for a --stats job, the gradient noise scale, its terms and the 10 samples with the "
-        "largest |g_i|^2 (from the provenance: the m norms are not read). Exit 3 if the job is not complete.",
+        "largest |g_i|^2 (from the provenance: the m norms are not read). For a model job's output: a line per "
+        "layer (status, chunks, norms, its share of the model's sum_i |g_i|^2 and |S|^2) and the model's figures. "
+        "Exit 3 if the job is not complete.",
     )
-    inspect.add_argument("out", metavar="OUT", help="a dconv output group (path or fsspec URL)")
+    inspect.add_argument("out", metavar="OUT", help="a dconv output group, or model output (path or fsspec URL)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     _add_common(inspect)
     inspect.set_defaults(handler=cmd_inspect)
