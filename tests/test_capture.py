@@ -13,15 +13,12 @@ import dconv
 from dconv import InputDtypeError, InputError
 from dconv.store import open_model_inputs
 
+from _pipeline import rel_err
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 TOL = 1e-10  # relative error of the norms, float64
-
-
-def rel_err(x, y) -> float:
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    return float(np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
 @pytest.fixture(autouse=True)
