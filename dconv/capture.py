@@ -157,6 +157,7 @@ class Capture:
 
     @property
     def m(self) -> int:
+        """Samples appended so far."""
         return 0 if self._writer is None else self._writer.m
 
     def index(self, index: Any) -> None:
