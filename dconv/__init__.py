@@ -9,7 +9,8 @@ Layers, bottom up (docs/DESIGN.md draws them):
 - :mod:`dconv.options`: the job's options, each declared once (:mod:`dconv.option_fields`).
 - :mod:`dconv.tree`: the reduction tree's shape.
 - :mod:`dconv.store`: Zarr: input groups (one layer's, or a whole model's), the output layout
-  table, records, the lease, what ``--overwrite`` may replace, ``inspect``; :mod:`dconv.statistics`: the ``--stats`` figures.
+  table, records, the lease, what ``--overwrite`` may replace, ``inspect``;
+  :mod:`dconv.statistics`: the ``--stats`` figures.
 - :mod:`dconv.sources`, :mod:`dconv.graph`, :mod:`dconv.waves`: the Dask computation,
   chunk -> combine -> aggregate, submitted in waves.
 - :mod:`dconv.plan`, :mod:`dconv.sizing`, :mod:`dconv.report`, :mod:`dconv.job`,

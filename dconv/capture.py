@@ -398,7 +398,9 @@ def _captured_modules(torch: Any, model: Any, layers: str | Iterable[str] | None
     candidates = [name for name, module in named.items() if isinstance(module, kinds)]
     if layers is None:
         if not candidates:
-            raise InputError(f"model has no nn.Conv2d or nn.Linear module to capture; its modules are {_listed(named)}.")
+            raise InputError(
+                f"model has no nn.Conv2d or nn.Linear module to capture; its modules are {_listed(named)}."
+            )
         return {name: named[name] for name in candidates}
     wanted = [layers] if isinstance(layers, str) else list(layers)
     if not wanted:

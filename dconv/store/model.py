@@ -45,10 +45,10 @@ from dconv.store.ownership import (
 )
 from dconv.store.writer import (
     InputWriter,
-    _bias,
-    _weights,
     check_batch,
     default_chunk,
+    parse_bias,
+    parse_weights,
     sample_bytes,
     sample_layout,
 )
@@ -141,14 +141,14 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InputError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {self.kind!r} instead.")
-        W = _weights(self.W)
+        W = parse_weights(self.W)
         params = ConvParams.parse(self.stride, self.padding, self.dilation)
         if self.kind == "linear" and W.shape[:2] != (1, 1):
             raise InputError(f"W of a linear layer must have shape (1, 1, in, out); got {W.shape} instead.")
         if self.kind == "linear" and params != ConvParams.parse():
             raise InputError(f"a linear layer has stride 1, padding 0 and dilation 1; got {params.describe()} instead.")
         object.__setattr__(self, "W", W)
-        object.__setattr__(self, "b", _bias(self.b, W.shape[3]))
+        object.__setattr__(self, "b", parse_bias(self.b, W.shape[3]))
         object.__setattr__(self, "params", params)
 
     @classmethod
@@ -465,7 +465,9 @@ class ModelWriter:
         return {
             "writer": self._writer_name,
             "version": __version__,
-            "layers": [{"name": name, "kind": spec.kind, "path": _layer_path(name)} for name, spec in self.layers.items()],
+            "layers": [
+                {"name": name, "kind": spec.kind, "path": _layer_path(name)} for name, spec in self.layers.items()
+            ],
             "sample_index": sample_index,
         }
 
@@ -583,9 +585,10 @@ class ModelInputs:
         wanted = [names] if isinstance(names, str) else list(names)
         unknown = [name for name in wanted if name not in self.names]
         if unknown:
+            what = "is not a layer" if len(unknown) == 1 else "are not layers"
             raise InputError(
-                f"select: {', '.join(map(repr, unknown))} {'is not a layer' if len(unknown) == 1 else 'are not layers'} "
-                f"of {self.location!r}; its layers are {', '.join(map(repr, self.names))}."
+                f"select: {', '.join(map(repr, unknown))} {what} of {self.location!r}; "
+                f"its layers are {', '.join(map(repr, self.names))}."
             )
         if not wanted:
             raise InputError(f"select needs at least one layer name; got none. The layers are {', '.join(self.names)}.")

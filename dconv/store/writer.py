@@ -29,7 +29,18 @@ from dconv.store.inputs import check_input_target, compressor, create_input_grou
 from dconv.store.layout import DIMENSIONS
 from dconv.store.locations import public_location
 
-__all__ = ["InputWriter", "torch_conv_params", "check_batch", "default_chunk", "DEFAULT_CHUNK", "CHUNK_BYTES"]
+__all__ = [
+    "InputWriter",
+    "torch_conv_params",
+    "check_batch",
+    "parse_weights",
+    "parse_bias",
+    "sample_layout",
+    "sample_bytes",
+    "default_chunk",
+    "DEFAULT_CHUNK",
+    "CHUNK_BYTES",
+]
 
 DEFAULT_CHUNK = 256
 """Samples per Zarr chunk along m, as many as dconv's default batch chunk."""
@@ -97,10 +108,8 @@ def check_batch(
     for name, array in batch.items():
         check_float_dtype(name, array.dtype)
     backward_geometry(batch["dZ"].shape, batch["A_prev"].shape, w_shape, params)
-    for name, array in batch.items():
-        if samples is None:
-            continue
-        shape, dtype = samples[name]
+    for name, (shape, dtype) in (samples or {}).items():
+        array = batch[name]
         if array.shape[1:] != shape:
             raise InputError(
                 f"{name} samples must have shape {shape}, as in the first batch; got {array.shape[1:]} "
@@ -231,8 +240,8 @@ class InputWriter:
         self.url = str(url)
         self._location = public_location(self.url)
         self._params = ConvParams.parse(stride, padding, dilation)
-        W = _weights(W)
-        b = _bias(b, W.shape[3])
+        W = parse_weights(W)
+        b = parse_bias(b, W.shape[3])
         if chunk is not None and (not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1):
             raise InputError(f"chunk must be a whole number >= 1; got {chunk!r} instead.")
         self.chunk = None if chunk is None else int(chunk)
@@ -376,7 +385,8 @@ class InputWriter:
         self._filled = 0
 
 
-def _weights(W: Any) -> np.ndarray:
+def parse_weights(W: Any) -> np.ndarray:
+    """``W`` (fh, fw, C_prev, C) as a contiguous, native-order float32 or float64 array; InputError otherwise."""
     W = np.asarray(W)
     check_float_dtype("W", W.dtype)
     if W.ndim != 4 or min(W.shape) < 1:
@@ -384,7 +394,8 @@ def _weights(W: Any) -> np.ndarray:
     return np.ascontiguousarray(W, W.dtype.newbyteorder("="))
 
 
-def _bias(b: Any, channels: int) -> np.ndarray | None:
+def parse_bias(b: Any, channels: int) -> np.ndarray | None:
+    """``b`` (C,) or (1, 1, 1, C) as a contiguous (1, 1, 1, C) array, or None; InputError otherwise."""
     if b is None:
         return None
     b = np.asarray(b)

@@ -162,7 +162,8 @@ def test_default_chunk_is_the_smallest_layers(rng, tmp_path):
     small = LayerSpec.linear(rng.standard_normal((4, 1)))
     A_big = rng.standard_normal((2, 100, 100, 4))
     with ModelWriter(tmp_path / "m.zarr", {"big": big, "small": small}) as writer:
-        writer.append({"big": (A_big, rng.standard_normal((2, 100, 100, 1))), "small": (np.ones((2, 4)), np.ones((2, 1)))})
+        dZ_big = rng.standard_normal((2, 100, 100, 1))
+        writer.append({"big": (A_big, dZ_big), "small": (np.ones((2, 4)), np.ones((2, 1)))})
         assert writer.chunk == default_chunk(A_big[0].nbytes + A_big[0].nbytes // 4) == 128
 
 
@@ -301,7 +302,8 @@ def test_pytorch_module_names_are_valid_layer_names(rng, tmp_path):
     "make, error, message",
     [
         (lambda W: LayerSpec("conv3d", W), InputError, "^kind must be one of 'conv2d', 'linear'; got 'conv3d' instead"),
-        (lambda W: LayerSpec.linear(W), InputError, r"^W of a linear layer must be 2-D \(in, out\); got shape \(3, 3, 2, 4\)"),
+        (lambda W: LayerSpec.linear(W), InputError,
+         r"^W of a linear layer must be 2-D \(in, out\); got shape \(3, 3, 2, 4\)"),
         (lambda W: LayerSpec("linear", W), InputError, r"^W of a linear layer must have shape \(1, 1, in, out\)"),
         (lambda W: LayerSpec("linear", W[:1, :1], stride=2), InputError, "^a linear layer has stride 1, padding 0"),
         (lambda W: LayerSpec.conv2d(W[0]), InputError, "^W must be 4-D"),
@@ -409,7 +411,9 @@ def test_overwrite_refuses_what_is_not_its_own_model_group(target, found, net, t
     with pytest.raises(InputError) as error:
         ModelWriter(path, net.specs, overwrite=True)
     message = str(error.value)
-    assert message == f"{str(path)!r} exists and {found}; refusing to overwrite it. Choose another path or remove it yourself."
+    assert message == (
+        f"{str(path)!r} exists and {found}; refusing to overwrite it. Choose another path or remove it yourself."
+    )
     assert snapshot(path) == before
 
 
