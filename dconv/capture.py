@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import threading
 import warnings
 from typing import Any, Iterable, Mapping
 
@@ -154,6 +155,7 @@ class Capture:
         self._weights: dict[str, tuple[Any, Any]] = {}  # each layer's (weight, bias) at the first captured batch
         self._warned = False
         self._state = "new"
+        self._lock = threading.Lock()  # autograd may run tensor hooks on its device threads
 
     @property
     def m(self) -> int:
@@ -283,17 +285,18 @@ class Capture:
 
     def _gradient(self, current: _Pass, name: str, dZ: Any) -> None:
         """Tensor hook on a layer's output: its ``dZ``; the batch is appended when every layer's has come."""
-        if current.dropped:
-            return
-        current.grads[name] = (dZ, dZ._version)  # dZ itself, not a view: autograd must not reuse its memory
-        if len(current.grads) < len(current.inputs):
-            if current not in self._partial:
-                self._partial.append(current)
-            return
-        if current in self._partial:
-            self._partial.remove(current)
-        grads, current.grads = current.grads, {}  # a graph backpropagated again appends its batch again
-        self._append(current, grads)
+        with self._lock:
+            if current.dropped:
+                return
+            current.grads[name] = (dZ, dZ._version)  # dZ itself, not a view: autograd must not reuse its memory
+            if len(current.grads) < len(current.inputs):
+                if current not in self._partial:
+                    self._partial.append(current)
+                return
+            if current in self._partial:
+                self._partial.remove(current)
+            grads, current.grads = current.grads, {}  # a graph backpropagated again appends its batch again
+            self._append(current, grads)
 
     # ----------------------------------------------------------------------- batches
 
