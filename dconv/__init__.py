@@ -8,14 +8,17 @@ Layers, bottom up (docs/DESIGN.md draws them):
 - :mod:`dconv.classic`: the classic ``conv_forward`` / ``conv_backward(dZ, cache)`` API.
 - :mod:`dconv.options`: the job's options, each declared once (:mod:`dconv.option_fields`).
 - :mod:`dconv.tree`: the reduction tree's shape.
-- :mod:`dconv.store`: Zarr: input groups, the output layout table, records, the lease,
-  what ``--overwrite`` may replace, ``inspect``; :mod:`dconv.statistics`: the ``--stats`` figures.
+- :mod:`dconv.store`: Zarr: input groups (one layer's, or a whole model's), the output layout
+  table, records, the lease, what ``--overwrite`` may replace, ``inspect``;
+  :mod:`dconv.statistics`: the ``--stats`` figures.
 - :mod:`dconv.sources`, :mod:`dconv.graph`, :mod:`dconv.waves`: the Dask computation,
   chunk -> combine -> aggregate, submitted in waves.
 - :mod:`dconv.plan`, :mod:`dconv.sizing`, :mod:`dconv.report`, :mod:`dconv.job`,
   :mod:`dconv.cluster`, :mod:`dconv.workers`: the plan, its memory model and text, the run,
   and where it runs.
 - :mod:`dconv.cli`, :mod:`dconv.spec`: the ``dconv`` command and pipeline specs.
+- :func:`dconv.capture`: a PyTorch model's layers, captured into a model input group
+  (imports torch only when called).
 
 The kernel-level names import nothing but NumPy; the job-level names import
 Dask and Zarr on first use.
@@ -26,6 +29,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from dconv.capture import capture
 from dconv.classic import conv_backward, conv_forward
 from dconv.errors import (
     InputDtypeError,
@@ -63,21 +67,26 @@ __all__ = [
     "JobOptions",
     "JobPlan",
     "JobResult",
+    "LayerSpec",
     "ModelPlan",
     "ModelResult",
+    "ModelWriter",
     "PipelineSpec",
     "SimdLevelError",
     "SpecError",
     "__version__",
     "backward_job",
+    "capture",
     "conv2d_backward",
     "conv2d_forward",
     "conv_backward",
     "conv_forward",
     "describe_job",
     "format_summary",
+    "is_model_group",
     "load_spec",
     "make_inputs",
+    "open_model_inputs",
     "open_result",
     "plan_backward",
     "plan_job",
@@ -116,6 +125,10 @@ _LAZY = {
     "InputWriter": "dconv.store",
     "torch_conv_params": "dconv.store",
     "format_summary": "dconv.store",
+    "LayerSpec": "dconv.store",
+    "ModelWriter": "dconv.store",
+    "open_model_inputs": "dconv.store",
+    "is_model_group": "dconv.store",
 }
 
 

@@ -6,6 +6,8 @@
 - :mod:`~dconv.store.inputs`: input groups: open and check, read rows (and what a read holds), write
   synthetic ones, or give their metadata in memory.
 - :mod:`~dconv.store.writer`: input groups written a batch at a time (``InputWriter``), e.g. from PyTorch.
+- :mod:`~dconv.store.model`: model input groups, one input group per layer of a network (``ModelWriter``,
+  ``open_model_inputs``).
 - :mod:`~dconv.store.summary`: what ``dconv inspect`` reports.
 - :mod:`~dconv.store.ownership`: the overwrite rule: what dconv may replace (its own groups) and how.
 - :mod:`~dconv.store.lease`: one writer per output: the lease a job holds on it.
@@ -41,6 +43,14 @@ from dconv.store.output import (
     open_output,
     open_result,
 )
+from dconv.store.model import (
+    LayerSpec,
+    ModelInputs,
+    ModelLayer,
+    ModelWriter,
+    is_model_group,
+    open_model_inputs,
+)
 from dconv.store.summary import format_levels, format_summary, summarize
 from dconv.store.writer import InputWriter, torch_conv_params
 
@@ -55,6 +65,10 @@ __all__ = [
     "InputGroup",
     "InputWriter",
     "Kind",
+    "LayerSpec",
+    "ModelInputs",
+    "ModelLayer",
+    "ModelWriter",
     "OutputEntry",
     "OutputLayout",
     "OutputStore",
@@ -65,11 +79,13 @@ __all__ = [
     "format_levels",
     "format_summary",
     "is_local",
+    "is_model_group",
     "job_inputs",
     "make_inputs",
     "now",
     "open_group",
     "open_inputs",
+    "open_model_inputs",
     "open_output",
     "open_result",
     "place_layout",

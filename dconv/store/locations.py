@@ -13,7 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 import zarr
 
 __all__ = [
-    "public_location", "is_local", "is_memory", "absolute_location", "open_group", "create_group", "store_exists"
+    "public_location", "is_local", "is_memory", "absolute_location", "child_url", "open_group", "create_group",
+    "store_exists",
 ]
 
 
@@ -45,6 +46,20 @@ def is_memory(url: str) -> bool:
 def absolute_location(url: str | os.PathLike) -> str:
     """Local paths made absolute (workers may run in another directory); URLs unchanged."""
     return os.path.abspath(url) if is_local(str(url)) else str(url)
+
+
+def child_url(url: str | os.PathLike, path: str) -> str:
+    """The store at ``path`` (``"layers/conv1"``) inside the store at ``url``: a local path or an fsspec URL.
+
+    A URL's query and fragment stay at its end (``s3://b/m.zarr?x`` -> ``s3://b/m.zarr/layers/conv1?x``).
+    """
+    url = str(url)
+    if is_local(url):
+        return os.path.join(url, *path.split("/"))
+    head, sep, tail = url.rpartition("::")  # a chained URL: the path is the last link's
+    parts = urlsplit(tail)
+    tail = urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{path}"))
+    return f"{head}{sep}{tail}"
 
 
 def open_group(

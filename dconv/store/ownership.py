@@ -6,9 +6,12 @@ a backward job's output) when ``overwrite=True`` (``--overwrite``, a spec's
 
 - nothing is there, or an empty directory; or
 - it is a group dconv wrote, of the kind being written: its ``zarr.json``
-  carries dconv's marker (``dconv_input`` for an input group, ``dconv`` for an
-  output), and its top level holds nothing but names dconv writes there
-  (:data:`INPUT_NAMES`, :data:`OUTPUT_NAMES`).
+  carries dconv's marker (``dconv_input`` for an input group, ``dconv_model``
+  for a model input group, ``dconv`` for an output), and its top level holds
+  nothing but names dconv writes there (:data:`INPUT_NAMES`,
+  :data:`MODEL_NAMES`, :data:`OUTPUT_NAMES`). A model input group's
+  ``layers/`` may hold nothing but the layers its marker names, each an input
+  group dconv may replace by the same rule.
 
 Anything else (a file, a directory with other content, a Zarr group dconv did
 not write, a dconv group of the other kind) is refused with one
@@ -20,7 +23,8 @@ each an array with the dimension names dconv gave it then
 
 :func:`remove_own` then deletes only those names, ``zarr.json`` last (a
 removal cut short leaves a group still recognised as dconv's), so a file
-dropped in meanwhile survives.
+dropped in meanwhile survives. A model input group's layers go first, each as
+an input group, then ``layers/zarr.json`` and ``sample_index``.
 """
 
 from __future__ import annotations
@@ -33,25 +37,32 @@ from typing import Any, Literal, Mapping
 from dconv.errors import InputError
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS
 from dconv.store.lease import LEASE_NAME
-from dconv.store.locations import is_local, public_location
+from dconv.store.locations import child_url, is_local, public_location
 
 __all__ = [
     "INPUT_MARKER",
+    "MODEL_MARKER",
     "OUTPUT_MARKER",
     "MODEL_OUTPUT_MARKER",
     "INPUT_NAMES",
+    "MODEL_NAMES",
     "OUTPUT_NAMES",
+    "MODEL_OUTPUT_NAMES",
     "LEGACY_INPUT_DIMENSIONS",
     "check_replaceable",
     "is_vacant",
     "remove_own",
     "input_marker",
+    "group_attributes",
 ]
 
-Kind = Literal["input", "output", "model_output"]
+Kind = Literal["input", "model", "output", "model_output"]
 
 INPUT_MARKER = "dconv_input"
 """The group attribute that marks an input group dconv wrote: ``{"writer": ..., "version": ...}``."""
+
+MODEL_MARKER = "dconv_model"
+"""The group attribute of a model input group (:mod:`dconv.store.model`): its writer, version and layers."""
 
 OUTPUT_MARKER = "dconv"
 """The group attribute of an output: its provenance and status (:data:`dconv.store.output.ATTR`)."""
@@ -63,6 +74,9 @@ METADATA = "zarr.json"
 
 INPUT_NAMES = frozenset({METADATA, "A_prev", "dZ", "W", "b"})
 """Everything dconv writes at the top of an input group."""
+
+MODEL_NAMES = frozenset({METADATA, "layers", "sample_index"})
+"""Everything dconv writes at the top of a model input group (``layers/`` holds one input group per layer)."""
 
 OUTPUT_NAMES = frozenset(
     {METADATA, PROGRESS, LEASE_NAME, *(entry.name.split("/")[0] for entry in OUTPUT_LAYOUT if entry.has_array)}
@@ -80,10 +94,16 @@ LEGACY_INPUT_DIMENSIONS = {
 }
 """The dimension names of input arrays written before the ``dconv_input`` marker."""
 
-_NAMES = {"input": INPUT_NAMES, "output": OUTPUT_NAMES, "model_output": MODEL_OUTPUT_NAMES}
-_WHAT = {"input": "a dconv input group", "output": "a dconv output", "model_output": "a dconv model output"}
-_MARKERS = {"input": INPUT_MARKER, "output": OUTPUT_MARKER, "model_output": MODEL_OUTPUT_MARKER}
+_NAMES = {"input": INPUT_NAMES, "model": MODEL_NAMES, "output": OUTPUT_NAMES, "model_output": MODEL_OUTPUT_NAMES}
+_WHAT = {
+    "input": "a dconv input group",
+    "model": "a dconv model input group",
+    "output": "a dconv output",
+    "model_output": "a dconv model output",
+}
+_MARKERS = {"input": INPUT_MARKER, "model": MODEL_MARKER, "output": OUTPUT_MARKER, "model_output": MODEL_OUTPUT_MARKER}
 _LEASED = ("output", "model_output")
+"""The kinds a job holds a lease on: its lease files are dconv's."""
 
 
 def input_marker(writer: str) -> dict[str, str]:
@@ -91,6 +111,16 @@ def input_marker(writer: str) -> dict[str, str]:
     from dconv import __version__
 
     return {"writer": writer, "version": __version__}
+
+
+def group_attributes(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The attributes in the ``zarr.json`` of the Zarr v3 group at ``url``; None if there is none (or it is
+    missing, unreadable, or an array's)."""
+    metadata = _read_json(url, storage_options, METADATA)
+    if not isinstance(metadata, Mapping) or metadata.get("node_type") != "group":
+        return None
+    attributes = metadata.get("attributes") or {}
+    return dict(attributes) if isinstance(attributes, Mapping) else None
 
 
 def check_replaceable(
@@ -102,7 +132,7 @@ def check_replaceable(
     ----------
     url : str
         Local path or fsspec URL.
-    kind : {"input", "output"}
+    kind : {"input", "model", "output"}
         What is about to be written there.
     name : str, optional
         The argument's name, to start the message (``"out"``).
@@ -140,13 +170,46 @@ def remove_own(
     Anything else under ``url`` is left alone, and so are the names in ``keep``
     (the lease of the job that replaces an output). Call :func:`check_replaceable` first.
     """
-    if kind == "model_output":  # each layer's output by the output rule, then the model's own names
-        for layer in _layer_names(url, storage_options):
-            remove_own(_join(url, f"layers/{layer}"), storage_options, "output")
     names = sorted(_NAMES[kind] - {METADATA, *keep}) + [METADATA]
+    if kind == "model":  # layer by layer: a file put in layers/ meanwhile stays
+        _remove_layers(url, storage_options)
+        names.remove("layers")
+    if kind == "model_output":  # each layer's output by the output rule
+        _remove_output_layers(url, storage_options)
+        names.remove("layers")
     if kind in _LEASED:  # a lease file a killed renewal or takeover left behind
         names = [name for name in _list_top(url, storage_options) or () if _is_lease_file(name)
                  and name not in keep and name != LEASE_NAME] + names
+    _delete(url, storage_options, names)
+
+
+def _remove_layers(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Delete the layers of the model input group at ``url`` (each as an input group), then ``layers/zarr.json``."""
+    layers = child_url(url, "layers")
+    if _list_top(layers, storage_options) in (None, "file"):
+        return
+    for name in _layer_names(_read_json(url, storage_options, METADATA)) or ():
+        layer = child_url(layers, name)
+        if _list_top(layer, storage_options) not in (None, "file"):
+            remove_own(layer, storage_options, "input")
+            _remove_empty_directory(layer)
+    _delete(layers, storage_options, [METADATA])
+    _remove_empty_directory(layers)
+
+
+def _remove_output_layers(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Delete each layer output of the model output at ``url`` (by the output rule), then ``layers/zarr.json``."""
+    layers = child_url(url, "layers")
+    for name in _output_layer_names(url, storage_options):
+        layer = child_url(layers, name)
+        remove_own(layer, storage_options, "output")
+        _remove_empty_directory(layer)
+    _delete(layers, storage_options, [METADATA])
+    _remove_empty_directory(layers)
+
+
+def _delete(url: str, storage_options: Mapping[str, Any] | None, names: list[str]) -> None:
+    """Delete each of ``names`` (a file or a whole directory) under ``url``, in order; missing ones are skipped."""
     if is_local(str(url)):
         for entry in names:
             path = os.path.join(url, entry)
@@ -162,6 +225,15 @@ def remove_own(
         if entry in present:
             fs.rm(f"{root}/{entry}", recursive=True)
     fs.invalidate_cache(root)
+
+
+def _remove_empty_directory(url: str) -> None:
+    """Remove the local directory ``url`` if it is empty (object stores have no empty directories)."""
+    if is_local(str(url)):
+        try:
+            os.rmdir(url)
+        except OSError:  # missing, or something else was put there: it stays
+            pass
 
 
 # --------------------------------------------------------------------------- what is there
@@ -183,38 +255,71 @@ def _foreign(url: str, storage_options: Mapping[str, Any] | None, kind: Kind) ->
         return f"is {_WHAT[found]}, not {_WHAT[kind]}"
     strangers = sorted(set(listing) - _NAMES[kind])
     if strangers:
-        shown = ", ".join(map(repr, strangers[:3])) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
-        return f"is not {_WHAT[kind]} (it holds {shown})"
+        return f"is not {_WHAT[kind]} (it holds {_shown(strangers)})"
     if not group:
         return f"is not {_WHAT[kind]} (it has no Zarr group metadata dconv can read)"
     if found is None:
         return f"is a Zarr group dconv did not write (it has no {_MARKERS[kind]!r} attribute), not {_WHAT[kind]}"
+    if kind == "model":
+        return _foreign_layers(url, storage_options, metadata)
     if kind == "model_output":
-        return _foreign_layers(url, storage_options)
+        return _foreign_output_layers(url, storage_options)
     return None
 
 
-def _join(url: str, name: str) -> str:
-    return os.path.join(url, name) if is_local(str(url)) else f"{str(url).rstrip('/')}/{name}"
+def _output_layer_names(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """The entries of a model output's ``layers/`` directory but its ``zarr.json`` (none if it has none)."""
+    listing = _list_top(child_url(url, "layers"), storage_options)
+    return [] if listing in (None, "file") else sorted(set(listing) - {METADATA})
 
 
-def _layer_names(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
-    """The names in a model output's ``layers/`` directory (none if it has none)."""
-    listing = _list_top(_join(url, "layers"), storage_options)
-    return [] if listing == "file" or listing is None else sorted(listing)
-
-
-def _foreign_layers(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
+def _foreign_output_layers(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
     """None if every entry of a model output's ``layers/`` is a dconv output and nothing more; else what is there."""
-    if _list_top(_join(url, "layers"), storage_options) == "file":
-        return "holds a file 'layers', not the layers of a dconv model output"
-    for layer in _layer_names(url, storage_options):
-        if layer == METADATA:
-            continue
-        found = _foreign(_join(url, f"layers/{layer}"), storage_options, "output")
+    if _list_top(child_url(url, "layers"), storage_options) == "file":
+        return f"is not {_WHAT['model_output']} (its 'layers' is a file)"
+    for name in _output_layer_names(url, storage_options):
+        found = _foreign(child_url(child_url(url, "layers"), name), storage_options, "output")
         if found is not None:
-            return f"holds layers/{layer}, which {found}"
+            return f"holds layers/{name}, which {found}"
     return None
+
+
+def _foreign_layers(url: str, storage_options: Mapping[str, Any] | None, metadata: Mapping[str, Any]) -> str | None:
+    """None if the ``layers/`` of the model input group at ``url`` holds only input groups of the layers it names."""
+    names = _layer_names(metadata)
+    if names is None:
+        return f"is {_WHAT['model']} whose {MODEL_MARKER!r} attribute dconv cannot read"
+    layers = child_url(url, "layers")
+    listing = _list_top(layers, storage_options)
+    if listing == "file":
+        return f"is not {_WHAT['model']} (its 'layers' is a file)"
+    strangers = sorted(set(listing or ()) - {METADATA, *names})
+    if strangers:
+        return f"is not {_WHAT['model']} (its layers/ holds {_shown(strangers)}, which it does not name as layers)"
+    for name in sorted(set(listing or ()) & set(names)):
+        found = _foreign(child_url(layers, name), storage_options, "input")
+        if found is not None:
+            return f"is not {_WHAT['model']} (its layer {name!r} {found})"
+    return None
+
+
+def _layer_names(metadata: Any) -> list[str] | None:
+    """The directory names under ``layers/`` that a model input group's ``zarr.json`` names; None if unreadable."""
+    try:
+        layers = metadata["attributes"][MODEL_MARKER]["layers"]
+        paths = [layer["path"] for layer in layers]
+    except (KeyError, TypeError):
+        return None
+    if not all(isinstance(path, str) and path.startswith("layers/") and path.count("/") == 1 for path in paths):
+        return None
+    names = [path.split("/", 1)[1] for path in paths]
+    return names if all(name and not name.startswith(".") for name in names) else None
+
+
+def _shown(names: list[str]) -> str:
+    """Up to three of ``names``, quoted, and how many more."""
+    return ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
 
 
 def _group_kind(
@@ -226,6 +331,8 @@ def _group_kind(
         return "model_output"
     if isinstance(attributes.get(OUTPUT_MARKER), Mapping):
         return "output"
+    if isinstance(attributes.get(MODEL_MARKER), Mapping):
+        return "model"
     if isinstance(attributes.get(INPUT_MARKER), Mapping):
         return "input"
     if set(attributes) == {"hparameters"} and names <= INPUT_NAMES and _legacy_arrays(url, storage_options, names):

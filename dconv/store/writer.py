@@ -29,7 +29,18 @@ from dconv.store.inputs import check_input_target, compressor, create_input_grou
 from dconv.store.layout import DIMENSIONS
 from dconv.store.locations import public_location
 
-__all__ = ["InputWriter", "torch_conv_params", "default_chunk", "DEFAULT_CHUNK", "CHUNK_BYTES"]
+__all__ = [
+    "InputWriter",
+    "torch_conv_params",
+    "check_batch",
+    "parse_weights",
+    "parse_bias",
+    "sample_layout",
+    "sample_bytes",
+    "default_chunk",
+    "DEFAULT_CHUNK",
+    "CHUNK_BYTES",
+]
 
 DEFAULT_CHUNK = 256
 """Samples per Zarr chunk along m, as many as dconv's default batch chunk."""
@@ -59,6 +70,64 @@ def default_chunk(sample_bytes: int) -> int:
     while chunk > 1 and chunk * sample_bytes > CHUNK_BYTES:
         chunk //= 2
     return chunk
+
+
+def check_batch(
+    A_prev: Any,
+    dZ: Any,
+    w_shape: tuple[int, ...],
+    params: ConvParams,
+    samples: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+) -> dict[str, np.ndarray]:
+    """The checks of :meth:`InputWriter.append`, which writes nothing: one batch against ``W`` and earlier batches.
+
+    Parameters
+    ----------
+    A_prev : array, shape (m_k, H, W, C_prev)
+    dZ : array, shape (m_k, n_H, n_W, C)
+    w_shape : (fh, fw, C_prev, C)
+        The shape of the layer's ``W``.
+    params : ConvParams
+        The layer's stride, padding and dilation.
+    samples : dict, optional
+        ``{"A_prev": (sample shape, dtype), "dZ": ...}`` of the first batch; None for the first batch itself.
+
+    Returns
+    -------
+    dict
+        ``{"A_prev": ..., "dZ": ...}`` as NumPy arrays (not copied).
+
+    Raises
+    ------
+    InputError
+        The shapes do not fit ``W`` and ``params``, or each other, or ``samples``.
+    InputDtypeError
+        A dtype is not float32 or float64, or is not the one in ``samples``.
+    """
+    batch = {"A_prev": np.asarray(A_prev), "dZ": np.asarray(dZ)}
+    for name, array in batch.items():
+        check_float_dtype(name, array.dtype)
+    backward_geometry(batch["dZ"].shape, batch["A_prev"].shape, w_shape, params)
+    for name, (shape, dtype) in (samples or {}).items():
+        array = batch[name]
+        if array.shape[1:] != shape:
+            raise InputError(
+                f"{name} samples must have shape {shape}, as in the first batch; got {array.shape[1:]} "
+                f"(batch of shape {array.shape}) instead."
+            )
+        if array.dtype.newbyteorder("=") != dtype:
+            raise InputDtypeError(f"{name} must have dtype {dtype}, as in the first batch; got {array.dtype} instead.")
+    return batch
+
+
+def sample_layout(batch: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{name: (sample shape, native-order dtype)}`` of a batch that passed :func:`check_batch`."""
+    return {name: (array.shape[1:], array.dtype.newbyteorder("=")) for name, array in batch.items()}
+
+
+def sample_bytes(samples: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """Bytes of one sample of every array in ``samples`` (:func:`sample_layout`) together."""
+    return sum(dtype.itemsize * int(np.prod(shape)) for shape, dtype in samples.values())
 
 
 def torch_conv_params(
@@ -171,8 +240,8 @@ class InputWriter:
         self.url = str(url)
         self._location = public_location(self.url)
         self._params = ConvParams.parse(stride, padding, dilation)
-        W = _weights(W)
-        b = _bias(b, W.shape[3])
+        W = parse_weights(W)
+        b = parse_bias(b, W.shape[3])
         if chunk is not None and (not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1):
             raise InputError(f"chunk must be a whole number >= 1; got {chunk!r} instead.")
         self.chunk = None if chunk is None else int(chunk)
@@ -212,23 +281,9 @@ class InputWriter:
         """
         if self._closed:
             raise InputError(f"append: the writer of {self._location!r} is closed; open a new InputWriter.")
-        batch = {"A_prev": np.asarray(A_prev), "dZ": np.asarray(dZ)}
-        for name, array in batch.items():
-            check_float_dtype(name, array.dtype)
-        backward_geometry(batch["dZ"].shape, batch["A_prev"].shape, self._w_shape, self._params)
+        batch = check_batch(A_prev, dZ, self._w_shape, self._params, self._sample or None)
         if not self._sample:
             self._start(batch)
-        for name, array in batch.items():
-            shape, dtype = self._sample[name]
-            if array.shape[1:] != shape:
-                raise InputError(
-                    f"{name} samples must have shape {shape}, as in the first batch; got {array.shape[1:]} "
-                    f"(batch of shape {array.shape}) instead."
-                )
-            if array.dtype.newbyteorder("=") != dtype:
-                raise InputDtypeError(
-                    f"{name} must have dtype {dtype}, as in the first batch; got {array.dtype} instead."
-                )
         if self._group is None:
             self._group = self._create()
         rows, start = batch["A_prev"].shape[0], 0
@@ -299,10 +354,9 @@ class InputWriter:
 
     def _start(self, batch: dict[str, np.ndarray]) -> None:
         """Fix the sample shapes, dtypes and chunk from the first batch, and allocate the buffers."""
-        self._sample = {name: (array.shape[1:], array.dtype.newbyteorder("=")) for name, array in batch.items()}
+        self._sample = sample_layout(batch)
         if self.chunk is None:
-            sample_bytes = sum(dtype.itemsize * int(np.prod(shape)) for shape, dtype in self._sample.values())
-            self.chunk = default_chunk(sample_bytes)
+            self.chunk = default_chunk(sample_bytes(self._sample))
         self._buffers = {name: np.empty((self.chunk, *shape), dtype) for name, (shape, dtype) in self._sample.items()}
 
     def _write(self, *, last: bool) -> None:
@@ -331,7 +385,8 @@ class InputWriter:
         self._filled = 0
 
 
-def _weights(W: Any) -> np.ndarray:
+def parse_weights(W: Any) -> np.ndarray:
+    """``W`` (fh, fw, C_prev, C) as a contiguous, native-order float32 or float64 array; InputError otherwise."""
     W = np.asarray(W)
     check_float_dtype("W", W.dtype)
     if W.ndim != 4 or min(W.shape) < 1:
@@ -339,7 +394,8 @@ def _weights(W: Any) -> np.ndarray:
     return np.ascontiguousarray(W, W.dtype.newbyteorder("="))
 
 
-def _bias(b: Any, channels: int) -> np.ndarray | None:
+def parse_bias(b: Any, channels: int) -> np.ndarray | None:
+    """``b`` (C,) or (1, 1, 1, C) as a contiguous (1, 1, 1, C) array, or None; InputError otherwise."""
     if b is None:
         return None
     b = np.asarray(b)

@@ -1,8 +1,9 @@
 """Optional: docs/FROM_PYTORCH.md, run as written, against PyTorch's own gradients. Skipped without torch.
 
 The Python blocks of the page are executed in order in one namespace, so the page and
-this test cannot drift: the recipe (``conv_writer``, ``capture``) and the example's
-``conv``, ``result``, ``dW``, ``db`` and ``rel_err`` are the page's.
+this test cannot drift: the whole-model example's ``cnn`` and ``model.zarr``, the recipe
+(``conv_writer``, ``capture``) and the example's ``conv``, ``result``, ``dW``, ``db`` and
+``rel_err`` are the page's.
 """
 
 from __future__ import annotations
@@ -72,6 +73,20 @@ def test_page_runs_and_matches_torch(default_dtype, tmp_path, monkeypatch):
     assert page["rel_err"](result.db.ravel(), page["db"]) <= tol
     # the stored W is the layer's weight, HWIO
     np.testing.assert_array_equal(inputs.W[...], page["conv"].weight.detach().permute(2, 3, 1, 0).numpy())
+    # the whole-model section: every layer of the page's `cnn`, its rows summing to torch's grads
+    model = dconv.open_model_inputs("model.zarr")
+    assert (model.names, model.m, model.sample_index) == (("0", "2", "6"), 100, "given")
+    assert sorted(model.read_sample_index()) == list(range(100)) and page["convolutions"].names == ("0", "2")
+    for name in model.names:
+        group, module = model.open_layer(name), page["cnn"].get_submodule(name)
+        hp = group.hparameters
+        grads = dconv.conv2d_backward(
+            group.dZ[...], group.A_prev[...], group.W[...], stride=hp["stride"], padding=hp["pad"],
+            dilation=hp["dilation"],
+        )
+        weight = module.weight.grad
+        dW = weight.permute(2, 3, 1, 0) if weight.ndim == 4 else weight.T.reshape(1, 1, *weight.T.shape)
+        assert rel_err(grads.dW, dW) <= tol and rel_err(grads.db.ravel(), module.bias.grad) <= tol, name
 
 
 def test_page_shell_commands_parse():
