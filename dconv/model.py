@@ -305,13 +305,19 @@ def plan_model(
     storage_options = dict(storage_options or {})
     model = inputs if isinstance(inputs, ModelInputs) else open_model_inputs(str(inputs), storage_options)
     if options.layers is not None:  # in model order, as recorded
+        unknown = [name for name in options.layers if name not in model.names]
+        if unknown:
+            raise InputError(
+                f"layers must name layers of {model.location!r} ({', '.join(model.names)}); "
+                f"got {', '.join(unknown)} instead."
+            )
         options = JobOptions.build(options, layers=[layer.name for layer in model.select(options.layers).layers])
     model_out = ModelOutput(absolute_location(out), storage_options)
     stored = model_out.provenance() if options.resume else None
     if stored is not None:  # the output's own options, where none are given
         options = options.resuming(JobOptions.from_dict(stored), public_location(str(out)), given)
     options = JobOptions.build(options, simd=parse_word(options.simd or os.environ.get(SIMD_ENV_VAR)))
-    model = model.select(options.layers)
+    model = model if options.layers is None else model.select(options.layers)
     check_unheld(model_out.url, storage_options)
     model_out.check_target(model.url, overwrite=options.overwrite, resume=options.resume)
     layer_options = dataclasses.replace(options, layers=None)

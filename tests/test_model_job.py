@@ -120,7 +120,7 @@ def test_layers_selects_and_is_recorded(model, tmp_path, client):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--layers", "conv9"], "layers must be layers of"),
+        (["--layers", "conv9"], "--layers must name layers of"),
         (["--layers", "conv1,conv1"], "layers must name each layer once"),
     ],
 )
