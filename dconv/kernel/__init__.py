@@ -329,7 +329,9 @@ def conv2d_backward(
     dilation: Any = 1,
     threads: int | None = None,
     stats: bool = False,
-) -> Gradients | GradientsWithStats:
+    queries: Any = None,
+    projections: Any = None,
+) -> Gradients | GradientsWithStats | GradientsWithProducts:
     """Gradients of :func:`conv2d_forward` with respect to ``A_prev``, ``W`` and ``b``.
 
     Parameters
@@ -356,6 +358,10 @@ def conv2d_backward(
         ``= sum_i db_i * db_i``, all float64. dA_prev, dW and db do not change.
         With dZ from a loss averaged over ``M`` samples, each statistic is
         ``1 / M**2`` times that of the per-example gradients.
+    queries, projections : optional
+        Per-sample inner products ``<G_i, Q_j>`` and sketches ``P_in G_i P_out^T``
+        of ``G_i = [dW_i.reshape(K, C); db_i]``, as for :func:`backward_kernel`
+        (:mod:`dconv.kernel.sketch`).
 
     Returns
     -------
@@ -364,7 +370,8 @@ def conv2d_backward(
         ``(fh, fw, C_prev, C)`` and ``(1, 1, 1, C)``. All three have the
         promoted dtype of the inputs: float32 if every input is float32,
         float64 otherwise. With ``stats=True``, a :class:`GradientsWithStats`:
-        ``(dA_prev, dW, db, stats)``.
+        ``(dA_prev, dW, db, stats)``. With ``queries`` or ``projections``, a
+        :class:`GradientsWithProducts`: ``(dA_prev, dW, db, stats, sample_dot, sketch)``.
 
     Raises
     ------
@@ -392,4 +399,6 @@ def conv2d_backward(
         geometry,
         threads=int(threads),
         stats=bool(stats),
+        queries=queries,
+        projections=projections,
     )

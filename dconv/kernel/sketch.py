@@ -40,8 +40,9 @@ float64 rounding. The Kronecker route runs ``U`` and ``V`` as GEMMs in the input
 and ``P_in[:, K] (db_i @ P_out.T)``, are float64 on both routes.
 
 Memory: beyond the outputs, each route holds at most :data:`~dconv.kernel.stats.BLOCK_BYTES` of per-sample
-products at a time (or one sample's, if larger): a block of ``dW_i`` and its float64 copy, or a block's im2col
-rows with its ``U`` and ``V``.
+products at a time (or one sample's, if larger) per buffer: a block of ``dW_i``, its float64 copy and
+``dW_i @ P_out.T``; or a block's padded images, im2col rows, ``U`` and ``V``.
+:func:`products_working_set` bounds the whole.
 
 Projections: :func:`gaussian_projections` (JL: ``E <sketch_i, sketch_j> = <G_i, G_j>``) and
 :func:`orthogonal_projections` (rows of a Haar orthogonal matrix: with ``k_in = K + 1`` and ``k_out = C``,
@@ -302,7 +303,8 @@ class ProductSink:
             if self.route == "kronecker":
                 kronecker_sketch(A_prev, dZ, self.geometry, self.p_in[:, :-1], self.p_out, self.sketch)
             bias_part = db_each @ self.p_out64.T                                   # "mc,oc->mo"
-            self.sketch += self.p_in[:, -1].astype(np.float64)[None, :, None] * bias_part[:, None, :]  # "i,mo->mio"
+            for row, weight in enumerate(self.p_in[:, -1].astype(np.float64)):   # "i,mo->mio", no (m, k_in, k_out) temporary
+                self.sketch[:, row] += weight * bias_part
         return SampleProducts(self.sample_dot, self.sketch)
 
 
@@ -327,7 +329,7 @@ def kronecker_sketch(
     pixels, (k_in, k), k_out = n_h * n_w, p_in_w.shape, p_out.shape[0]
     dtype = dZ.dtype
     p_in_w, p_out = p_in_w.astype(dtype, copy=False), p_out.astype(dtype, copy=False)
-    step = max(1, BLOCK_BYTES // (dtype.itemsize * pixels * (k + k_in + k_out)))
+    step = max(1, BLOCK_BYTES // kronecker_sample_bytes(geometry, A_prev.shape[3], k, k_in, k_out, dtype.itemsize))
     pointwise = is_pointwise(geometry)
     for lo in range(0, m, step):
         hi = min(m, lo + step)
@@ -338,6 +340,36 @@ def kronecker_sketch(
         U = (cols @ p_in_w.T).reshape(hi - lo, pixels, k_in)                       # "lk,ik->li"
         V = (dZ[lo:hi].reshape(-1, c_out) @ p_out.T).reshape(hi - lo, pixels, k_out)  # "lc,oc->lo"
         np.matmul(U.transpose(0, 2, 1).astype(np.float64), V.astype(np.float64), out=out[lo:hi])  # "gli,glo->gio"
+
+
+def kronecker_sample_bytes(geometry: ConvGeometry, c_prev: int, k: int, k_in: int, k_out: int, itemsize: int) -> int:
+    """What one sample takes in a block of :func:`kronecker_sketch`: its padded image, im2col rows, ``U``
+    and ``V``, and their float64 copies."""
+    (n_h, n_w), (rows, cols) = geometry.out_hw, geometry.padded_hw
+    pixels = n_h * n_w
+    return itemsize * (rows * cols * c_prev + pixels * (k + k_in + k_out)) + 8 * pixels * (k_in + k_out)
+
+
+def products_working_set(
+    m: int, geometry: ConvGeometry, c_prev: int, c_out: int, itemsize: int, n_q: int = 0, k_in: int = 0,
+    k_out: int = 0, threads: int = 1,
+) -> int:
+    """Upper bound, in bytes, of what ``queries`` and ``projections`` add to a :func:`dconv.kernel.backward_kernel`
+    call: add it to :func:`dconv.kernel.backward_working_set` with ``stats=True`` (the statistics' machinery
+    runs whenever the products need each ``dW_i``).
+
+    ``8 * m * (n_q + k_in * k_out)`` for the outputs (twice with ``threads > 1``: the slices' and their
+    concatenation), ``8 * m * (C + k_out)`` for each ``db_i`` and its projection; per thread, the float64 and
+    input-dtype copies of the projections, and at most four blocks of :data:`~dconv.kernel.stats.BLOCK_BYTES`
+    or of one sample's products (the compiled loop's ``dW_i`` buffer, its float64 copy, ``dW_i @ P_out.T``,
+    or a Kronecker block, :func:`kronecker_sample_bytes`).
+    """
+    fh, fw = geometry.kernel_hw
+    k = fh * fw * c_prev
+    outputs = 8 * m * (n_q + k_in * k_out) * (2 if threads > 1 else 1) + 8 * m * (c_out + k_out)
+    copies = (8 + itemsize) * (k_in * (k + 1) + k_out * c_out)
+    sample = max(8 * k * max(c_out, k_out), kronecker_sample_bytes(geometry, c_prev, k, k_in, k_out, itemsize))
+    return outputs + threads * (copies + 4 * max(BLOCK_BYTES, sample))
 
 
 def concatenate_products(parts: list[SampleProducts]) -> SampleProducts:

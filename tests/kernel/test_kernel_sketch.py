@@ -287,6 +287,62 @@ def test_the_route_follows_the_flops_on_the_benchmark_layers():
     assert sketch_route(geometry_of(pointwise), pointwise.w_shape, 32, 32) == "kronecker"
 
 
+# --- memory ----------------------------------------------------------------------------------
+
+
+_PEAK_ALLOCATIONS = """
+import json, sys, tracemalloc
+sys.path.insert(0, {tests!r})
+import numpy as np
+import dconv
+from _kernel_cases import Case, make_arrays
+from dconv.kernel import backward_kernel, backward_working_set
+from dconv.kernel.sketch import gaussian_projections, products_working_set
+from dconv.params import ConvParams, backward_geometry
+peaks = []
+for level in {levels!r}:
+    dconv.simd.set_level(level)
+    for case in {cases!r}:
+        for dtype in (np.float32, np.float64):
+            a, w, _, dz = make_arrays(case, dtype, 0)
+            geometry = backward_geometry(dz.shape, a.shape, w.shape, ConvParams.parse(**case.kwargs))
+            k1, c = int(np.prod(w.shape[:3])) + 1, w.shape[3]
+            queries = np.ones((16, k1, c))
+            proj = gaussian_projections(8, 8, k1, c, 0)
+            for route in ("gram", "kronecker"):
+                for stats in (False, True):
+                    args = dict(stats=stats, queries=queries, projections=proj._replace(route=route))
+                    backward_kernel(dz, a, w, geometry, **args)   # warm up
+                    tracemalloc.start()
+                    backward_kernel(dz, a, w, geometry, **args)
+                    peak = tracemalloc.get_traced_memory()[1]
+                    tracemalloc.stop()
+                    m, itemsize = a.shape[0], a.itemsize
+                    bound = (backward_working_set(m, geometry, a.shape[3], c, itemsize, stats=True)
+                             + products_working_set(m, geometry, a.shape[3], c, itemsize, 16, 8, 8))
+                    peaks.append([level, repr(case), route, stats, peak, bound])
+print(json.dumps(peaks))
+"""
+
+
+def test_products_allocate_within_the_documented_bound():
+    """tracemalloc's peak of one call with 16 queries and an 8 x 8 sketch within ``backward_working_set(stats=True)``
+    plus ``products_working_set``, at the numpy level and a compiled one, in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_kernel_stats import LEVELS, MEMORY_CASES
+
+    levels = ["numpy", *LEVELS[:1]]
+    code = _PEAK_ALLOCATIONS.format(tests=str(Path(__file__).parents[1]), levels=levels, cases=MEMORY_CASES)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for level, case, route, stats, peak, bound in json.loads(result.stdout):
+        assert peak <= bound, (level, case, route, stats, peak, bound)
+
+
 # --- the surface -----------------------------------------------------------------------------
 
 
