@@ -22,10 +22,15 @@ both float64. Two ways to a sketch:
 
 :func:`sketch_route` picks by shapes alone (never by a timing, so the bits never depend on one): Kronecker when
 its flops are fewer than the gram route's, counting ``dW_i`` as formed for the sketch (``2 L K C``). On the
-benchmark layers (``benchmarks/bench_sketch.py``, k_in = k_out = 32) that gives gram for
-32x32x16->32 3x3 (L = 1024: Kronecker would be 6.8 Mflop a sample, gram 5.0 of which dW_i is 4.7 and shared),
-Kronecker for 16x16x64->128 3x3 stride 2 (1.5 against 7.7) and 8x8x128->128 1x1 (0.59 against 1.7).
+benchmark layers (k_in = k_out = 32), in millions of multiply-adds per sample, that gives gram for
+32x32x16->32 3x3 (L = 1024: Kronecker 6.8, gram 5.0 of which dW_i is 4.7), Kronecker for 16x16x64->128 3x3
+stride 2 (1.5 against 7.7) and 8x8x128->128 1x1 (0.59 against 1.7). The timings agree
+(``benchmarks/bench_sketch.py``, float32, m = 256, one thread, AMD EPYC Zen 4 at the avx512 level, medians
+of 21 interleaved rounds, ms for the chunk with ``stats=True``: 74, 108 and 28 alone; with the gram sketch
+80, 147 and 39; with the Kronecker sketch 145, 124 and 36).
 The inner products always take the gram route: the trace ``<cols_i.T dZ_i, Q_j>`` costs ``2 L K C`` per query.
+Their cost is reading ``Q`` once per block of samples (``8 n_q K C`` bytes: 9.4 MB for 16 queries of the
+stride-2 layer, whose block is one sample), so it is bound by the cache's bandwidth, not by flops.
 
 Precision. ``dW_i`` is float64 where the compiled loop summed it, and rounded to the input dtype where a
 NumPy GEMM did (:mod:`dconv.kernel.stats`). The gram route converts each block of ``dW_i`` to float64 and runs
@@ -263,7 +268,7 @@ class ProductSink:
             p_in, p_out, route = projections
             self.route = sketch_route(geometry, w_shape, p_in.shape[0], p_out.shape[0]) if route == "auto" else route
             self.p_in, self.p_out = p_in, p_out
-            self.p_in64, self.p_out64 = p_in[:, :-1].astype(np.float64), p_out.astype(np.float64)
+            self.p_in_w64, self.p_out64 = p_in[:, :-1].astype(np.float64), p_out.astype(np.float64)   # weight columns of P_in
             self.sketch = np.zeros((m, p_in.shape[0], p_out.shape[0]))
 
     @property
@@ -286,7 +291,7 @@ class ProductSink:
                 self.sample_dot[at] = block @ self.weight_queries                 # "gn,nq->gq", n = K * C
             if self.route == "gram":
                 right = (block.reshape(-1, c_out) @ self.p_out64.T).reshape(block.shape[0], k, k_out)  # "gkc,oc->gko"
-                np.matmul(self.p_in64, right, out=self.sketch[at])                # "ik,gko->gio"
+                np.matmul(self.p_in_w64, right, out=self.sketch[at])                # "ik,gko->gio"
 
     def finish(self, A_prev: np.ndarray, dZ: np.ndarray) -> SampleProducts:
         """The bias rows' terms, and the Kronecker route's sketch, added: the finished :class:`SampleProducts`.
