@@ -9,6 +9,12 @@ thread, single-threaded BLAS, ``float64_sums=True``, with dA_prev), it times ``s
 with 16 queries, and with a 32 x 32 Gaussian sketch by the route :func:`dconv.kernel.sketch.sketch_route`
 picks, and by each route forced. The variants are interleaved in each round, their order rotating
 from round to round; each one's median counts. It prints the ratios to ``stats=True`` alone.
+
+With ``--tasks``, it also estimates what the products would cost a ``--stats`` job: it writes a Zarr
+input of ``--task-chunks`` chunks of m samples per layer, plans a ``stats=True`` job, and times whole
+chunk tasks in this process (``JobPlan.run_chunk``: read, compute, write), their kernel call made to
+compute the queries' inner products or the sketch as well (and drop them: the job layer does not store
+them yet, so their writes, 8 * m * 16 and 8 * m * 32 * 32 bytes a chunk, are not in the figure).
 """
 
 from __future__ import annotations
@@ -60,6 +66,43 @@ def variants(w_shape, n_queries: int, k_in: int, k_out: int) -> dict[str, dict]:
     }
 
 
+def run_tasks(args: argparse.Namespace, layer: str, workdir: Path) -> dict:
+    """Median seconds of one chunk task of a ``stats=True`` job, per variant (see the module docstring)."""
+    import dconv
+    import dconv.graph
+    from dconv.kernel import GradientsWithStats
+    from dconv.store import make_inputs
+
+    (height, width, c_prev), w_shape, kwargs = LAYERS[layer]
+    path, out = str(workdir / f"in-{layer.split()[0]}.zarr"), str(workdir / "out.zarr")
+    make_inputs(path, m=args.m * args.task_chunks, chunk=args.m, dtype="float32", overwrite=True, seed=1,
+                height=height, width=width, in_channels=c_prev, out_channels=w_shape[3], kernel=w_shape[0], **kwargs)
+    plan = dconv.plan_job(path, out, batch_chunk=args.m, overwrite=True, stats=True)
+    plan.open_output()
+    calls = variants(w_shape, args.queries, *args.k)
+    names = ["stats", f"+{args.queries} queries", f"+sketch {args.k[0]}x{args.k[1]}"]
+    kernel = dconv.graph.backward_kernel
+    times: dict[str, list[float]] = {name: [] for name in names}
+    products_made = []
+    try:
+        for round_ in range(args.rounds):
+            for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+                def with_products(*call_args, **call_kwargs):
+                    grads = kernel(*call_args, **call_kwargs, **calls[name])
+                    products_made.append(len(grads) > 4)
+                    return GradientsWithStats(*grads[:4]) if calls[name] else grads
+                dconv.graph.backward_kernel = with_products
+                index = round_ % args.task_chunks
+                start = time.perf_counter()
+                plan.run_chunk(index)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        dconv.graph.backward_kernel = kernel
+    if sum(products_made) != 2 * args.rounds:
+        raise RuntimeError(f"the chunk tasks did not call the patched kernel: {products_made}")
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--m", type=int, default=256)
@@ -68,6 +111,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs=2, default=(32, 32), metavar=("K_IN", "K_OUT"))
     parser.add_argument("--layers", nargs="*", default=list(LAYERS), choices=list(LAYERS), metavar="LAYER")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--tasks", action="store_true", help="also time whole chunk tasks of a --stats job")
+    parser.add_argument("--task-chunks", type=int, default=4)
+    parser.add_argument("--workdir", default=None, help="where --tasks writes its Zarr stores (default: a temp dir)")
     args = parser.parse_args()
 
     print(cpu_description())
@@ -94,6 +140,15 @@ def main() -> None:
             print(f"\n{layer} (auto route: {route}):")
             for name in names:
                 print(f"  {name:20s} median {1e3 * median[name]:8.2f} ms   {median[name] / median['stats']:.2f}x stats")
+            if args.tasks:
+                import tempfile
+
+                workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dconv-bench-sketch-"))
+                task = run_tasks(args, layer, workdir)
+                results["layers"][layer]["task_median"] = task
+                print("  whole chunk tasks of a --stats job (read, compute, write):")
+                for name, seconds in task.items():
+                    print(f"  {name:20s} median {1e3 * seconds:8.2f} ms   {seconds / task['stats']:.2f}x stats")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 
