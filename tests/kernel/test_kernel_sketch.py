@@ -148,6 +148,40 @@ def test_blocks_of_samples_cover_the_batch(monkeypatch):
             assert_products_match_oracle(SKETCH_CASES[case_id], np.float64, seed=8, route=route)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_non_finite_input_restarts_the_products_on_the_im2col_path():
+    """inf in one sample's input sends a stride-1 layer from the flat path to im2col after the flat path
+    has fed some products: the im2col path writes every sample's again, and the other samples keep their
+    finite values, equal to their products computed alone."""
+    case = Case((3, 6, 5, 2), (3, 3, 2, 3), padding=1)
+    geometry = geometry_of(case)
+    a, w, _, dz = make_arrays(case, np.float64, 2)
+    a[1, 2, 2, 1] = np.inf
+    queries, proj = products_of(case, 2)
+    got = backward_kernel(dz, a, w, geometry, queries=queries, projections=proj._replace(route="gram"))
+    assert not np.isfinite(got.sample_dot[1]).all()
+    one = geometry_of(case._replace(a_shape=(1, *case.a_shape[1:])))
+    for i in (0, 2):
+        alone = backward_kernel(dz[i : i + 1], a[i : i + 1], w, one, queries=queries, projections=proj._replace(route="gram"))
+        np.testing.assert_allclose(got.sample_dot[i], alone.sample_dot[0], rtol=1e-12)
+        np.testing.assert_allclose(got.sketch[i], alone.sketch[0], rtol=1e-12, atol=1e-12 * np.abs(alone.sketch).max())
+
+
+@pytest.mark.skipif(not dconv.simd_levels(), reason="the compiled helper was not built")
+def test_the_compiled_samples_buffer_needs_the_statistics():
+    from dconv import _flatconv
+
+    P, dZ, dW, offsets = np.zeros((100, 4)), np.zeros((1, 3, 3, 8)), np.zeros((1, 4, 8)), np.zeros(1, np.intp)
+    wargs = (100, 1, 25, 10, 2, 3, 3, 4, 4, 8)
+    level = dconv.simd_levels()[0]
+    with pytest.raises(ValueError, match="samples needs dW_sq and norm2"):
+        _flatconv.weight_grad(level, P, dZ, offsets, *wargs, dW, None, None, np.zeros((1, 4, 8)))
+    with pytest.raises(ValueError, match="samples must be a native float buffer of at least 32 items"):
+        _flatconv.weight_grad(level, P, dZ, offsets, *wargs, dW, np.zeros((1, 4, 8)), np.zeros(1), np.zeros(10))
+    samples = np.zeros((1, 4, 8))
+    _flatconv.weight_grad(level, P, dZ, offsets, *wargs, dW, np.zeros((1, 4, 8)), np.zeros(1), samples)
+
+
 # --- the bits of everything else -----------------------------------------------------------
 
 
