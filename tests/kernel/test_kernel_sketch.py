@@ -137,15 +137,28 @@ def test_threaded_slices_match_the_per_sample_oracle(case_id, path_level, monkey
             assert_products_match_oracle(SKETCH_CASES[case_id], dtype, seed=6, route=route, threads=2)
 
 
-def test_blocks_of_samples_cover_the_batch(monkeypatch):
+def test_blocks_of_samples_cover_the_batch(path_level, monkeypatch):  # noqa: F811
     """BLOCK_BYTES small enough that every block holds one sample: the compiled loop's blocks, the
-    sink's float64 blocks and the Kronecker route's im2col blocks all cut the batch."""
+    sink's float64 blocks and the Kronecker route's im2col blocks all cut the batch. The compiled loop
+    run block by block gives dW and the statistics the bits of one call over the batch."""
+    case_ids = ("s2_pad1", "s1_pad1", "pointwise")
+    whole = {}
+    for case_id in case_ids:
+        a, w, _, dz = make_arrays(SKETCH_CASES[case_id], np.float32, 8)
+        whole[case_id] = backward_kernel(dz, a, w, geometry_of(SKETCH_CASES[case_id]), 1, True, stats=True)
     monkeypatch.setattr(dconv.kernel.stats, "BLOCK_BYTES", 1)
     monkeypatch.setattr(dconv.kernel.dispatch, "BLOCK_BYTES", 1)
     monkeypatch.setattr(dconv.kernel.sketch, "BLOCK_BYTES", 1)
-    for case_id in ("s2_pad1", "s1_pad1"):
+    for case_id in case_ids:
         for route in ROUTES:
             assert_products_match_oracle(SKETCH_CASES[case_id], np.float64, seed=8, route=route)
+        a, w, _, dz = make_arrays(SKETCH_CASES[case_id], np.float32, 8)
+        blocked = backward_kernel(dz, a, w, geometry_of(SKETCH_CASES[case_id]), 1, True, stats=True,
+                                  queries=products_of(SKETCH_CASES[case_id], 8)[0])
+        for name in ("dA_prev", "dW", "db"):
+            np.testing.assert_array_equal(getattr(blocked, name), getattr(whole[case_id], name), err_msg=name)
+        for name in GradientStats._fields:
+            np.testing.assert_array_equal(getattr(blocked.stats, name), getattr(whole[case_id].stats, name), err_msg=name)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
