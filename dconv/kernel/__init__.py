@@ -45,7 +45,7 @@ from dconv.kernel import dispatch
 from dconv.kernel.flat import backward_flat
 from dconv.kernel.layout import pad_input
 from dconv.kernel.memory import backward_working_set
-from dconv.kernel.sketch import ProductSink, Projections, SampleProducts, parse_products
+from dconv.kernel.sketch import ProductSink, Projections, parse_products
 from dconv.kernel.stats import GradientStats, gradient_stats, new_weight_stats
 from dconv.kernel.strided import backward_im2col, backward_pointwise, im2col, is_pointwise
 from dconv.kernel.threads import backward_threads, batch_slices, blas_threads, single_threaded
@@ -168,9 +168,8 @@ def _backward_one(
     """
     sink = None if products is None else ProductSink(*products, dZ.shape[0], geometry, W.shape)
     feed = sink if sink is not None and sink.needs_samples else None
-    stats_out = stats
-    stats = stats or feed is not None
-    weight_stats = new_weight_stats(dZ.shape[0], W.shape, feed) if stats else None
+    squares = stats or feed is not None               # the statistics' machinery hands each dW_i to the sink
+    weight_stats = new_weight_stats(dZ.shape[0], W.shape, feed) if squares else None
     if is_pointwise(geometry):
         result = backward_pointwise(dZ, A_prev, W, weight_stats, input_grad)
     elif geometry.stride == (1, 1):
@@ -178,13 +177,13 @@ def _backward_one(
     else:
         result = None
     if result is None:
-        weight_stats = new_weight_stats(dZ.shape[0], W.shape, feed) if stats else None   # the flat path may have begun it
+        weight_stats = new_weight_stats(dZ.shape[0], W.shape, feed) if squares else None   # the flat path may have begun it
         result = backward_im2col(dZ, A_prev, W, geometry, out, weight_stats, input_grad)
     dA_prev, dW = result
     if out is not None and dA_prev is not None and dA_prev is not out:
         out[...] = dA_prev
         dA_prev = out
-    sample_stats = gradient_stats(weight_stats, dZ) if stats_out else None
+    sample_stats = gradient_stats(weight_stats, dZ) if stats else None
     return dA_prev, dW, bias_grad(dZ), sample_stats, (sink.finish(A_prev, dZ) if sink is not None else None)
 
 
