@@ -24,6 +24,8 @@
  *   With the per-sample statistics, the same sums also build each sample's own float64 dW_n
  *   (one sample's at a time), whose squares go into dW_sq and whose squared norm into norm2[n];
  *   dW gets the same additions in the same order with or without them, and may be left out.
+ *   Given a samples buffer, every sample's dW_n stays there, for the per-sample inner products
+ *   and sketches of dconv.kernel.sketch.
  *
  * Both are compiled once per SIMD level in this one file (_flatconv_loops.h, included under
  * each level's target pragma) and chosen per call by name; levels() says which this CPU runs:
@@ -256,9 +258,9 @@ typedef struct {
     void (*f64_input_grad)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
                            idx, double *, out_layout);
     void (*f32_weight_grad)(const float *, const float *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx, idx,
-                            idx, double *, double *, double *, double *);
+                            idx, double *, double *, idx, double *, double *);
     void (*f64_weight_grad)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
-                            idx, idx, double *, double *, double *, double *);
+                            idx, idx, double *, double *, idx, double *, double *);
 } simd_level;
 
 #define LEVEL_ENTRY(NAME, RUNS)                                                                     \
@@ -472,10 +474,10 @@ static PyObject *input_grad(PyObject *self, PyObject *args)
 static PyObject *weight_grad(PyObject *self, PyObject *args)
 {
     const char *level_name;
-    PyObject *P_obj, *G_obj, *off_obj, *out_obj, *sq_obj = Py_None, *norm_obj = Py_None;
+    PyObject *P_obj, *G_obj, *off_obj, *out_obj, *sq_obj = Py_None, *norm_obj = Py_None, *each_obj = Py_None;
     idx p_rows, m, sample, row_step, col_step, n_h, n_w, Cp, R, C;
-    if (!PyArg_ParseTuple(args, "sOOOnnnnnnnnnnO|OO", &level_name, &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample,
-                          &row_step, &col_step, &n_h, &n_w, &Cp, &R, &C, &out_obj, &sq_obj, &norm_obj))
+    if (!PyArg_ParseTuple(args, "sOOOnnnnnnnnnnO|OOO", &level_name, &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample,
+                          &row_step, &col_step, &n_h, &n_w, &Cp, &R, &C, &out_obj, &sq_obj, &norm_obj, &each_obj))
         return NULL;
     const simd_level *level = find_level(level_name);
     if (level == NULL)
@@ -487,7 +489,9 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "weight_grad: dW_sq and norm2 must be given together");
     if (!stats && out_obj == Py_None)
         return PyErr_Format(PyExc_ValueError, "weight_grad: out may be None only with dW_sq and norm2");
-    Py_buffer v[6]; /* offsets, P, dZ, out, dW_sq, norm2 */
+    if (!stats && each_obj != Py_None)
+        return PyErr_Format(PyExc_ValueError, "weight_grad: samples needs dW_sq and norm2");
+    Py_buffer v[7]; /* offsets, P, dZ, out, dW_sq, norm2, samples */
     int held = 0;
     if (get_buffer(off_obj, &v[held], 0, 'n', 1, "offsets") < 0)
         return NULL;
@@ -515,12 +519,21 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
             goto fail;
         norm2 = v[held++].buf;
     }
+    double *each = NULL; /* every sample's own dW, if asked for */
+    if (each_obj != Py_None) {
+        if (get_buffer(each_obj, &v[held], 1, 'd', m * K * R * C, "samples") < 0)
+            goto fail;
+        each = v[held++].buf;
+    }
     idx last = (m - 1) * sample + (n_h - 1) * row_step + (n_w - 1) * col_step; /* the last output pixel's row */
     /* the last element read: R values from the last output pixel's pixel of the last tap */
     int fits = m > 0 && n_h > 0 && n_w > 0 && offsets[0] >= 0 && (last + offsets[K - 1]) * Cp + R <= p_rows * Cp;
     int lanes_ok = C % (type == 'f' ? 16 : 8) == 0;
     double *sample_dW = NULL; /* one sample's dW at a time, for the statistics */
-    if (fits && lanes_ok && stats && (sample_dW = PyMem_RawMalloc((size_t)(K * R * C) * sizeof(double))) == NULL) {
+    idx sample_stride = each ? K * R * C : 0;
+    if (each)
+        sample_dW = each;
+    else if (fits && lanes_ok && stats && (sample_dW = PyMem_RawMalloc((size_t)(K * R * C) * sizeof(double))) == NULL) {
         release(v, held);
         return PyErr_NoMemory();
     }
@@ -528,13 +541,14 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         if (type == 'f')
             level->f32_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C,
-                                   out, sample_dW, dW_sq, norm2);
+                                   out, sample_dW, sample_stride, dW_sq, norm2);
         else
             level->f64_weight_grad(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C,
-                                   out, sample_dW, dW_sq, norm2);
+                                   out, sample_dW, sample_stride, dW_sq, norm2);
         Py_END_ALLOW_THREADS
     }
-    PyMem_RawFree(sample_dW);
+    if (!each)
+        PyMem_RawFree(sample_dW);
     release(v, held);
     if (!fits)
         return PyErr_Format(PyExc_ValueError, "weight_grad: the output pixels do not fit the %zd rows of P", p_rows);
@@ -625,11 +639,12 @@ static PyMethodDef methods[] = {
      "or (K, C_prev, C) when C_prev is narrow (at most 4 and not a multiple of the vector width)."},
     {"weight_grad", weight_grad, METH_VARARGS,
      "weight_grad(level, P, dZ, offsets, p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, rows, C, out\n"
-     "            [, dW_sq, norm2])\n\n"
+     "            [, dW_sq, norm2[, samples]])\n\n"
      "Add dW into out, float64, shape (K, C_prev, C). Output pixel (n, i, j) reads row\n"
      "n*sample + i*row_step + j*col_step + offsets[k] of the padded input P and dZ[n, i, j].\n"
      "With dW_sq (float64, shaped like out) and norm2 (float64, (m,)): also add each sample's dW_n * dW_n\n"
-     "into dW_sq and write |dW_n|^2 to norm2[n]; out may then be None (the statistics only)."},
+     "into dW_sq and write |dW_n|^2 to norm2[n]; out may then be None (the statistics only).\n"
+     "With samples (float64, (m, K, C_prev, C)) too: each sample's dW_n is left in samples[n]."},
     {"column_sums", column_sums, METH_VARARGS,
      "column_sums(x, rows, C, out)\n\nAdd the column sums of float32 x (rows, C) into float64 out (C,)."},
     {"square_sums", square_sums, METH_VARARGS,

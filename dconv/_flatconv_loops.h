@@ -277,12 +277,13 @@ static void F(input_grad)(const T *D, const T *Wt, const idx *offsets, idx K, id
 }
 
 /* weight_grad: each sample's dW, block by block, added into the float64 dW (if not NULL). C a
- * multiple of LANES. With the statistics (sample_dW not NULL: scratch of K*R*C doubles), each
- * sample's dW is also summed on its own into sample_dW, and then sample_squares adds its squares
- * into dW_sq and their sum into norm2[n]: dW gets the same additions in the same order either way. */
+ * multiple of LANES. With the statistics (sample_dW not NULL: K*R*C doubles per sample), each
+ * sample's dW is also summed on its own into sample_dW + n * sample_stride (a stride of 0 reuses
+ * one scratch; K*R*C keeps every sample's), and then sample_squares adds its squares into dW_sq
+ * and their sum into norm2[n]: dW gets the same additions in the same order either way. */
 static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, idx m, idx sample, idx row_step,
                            idx col_step, idx n_h, idx n_w, idx Cp, idx R, idx C, double *dW, double *sample_dW,
-                           double *dW_sq, double *norm2)
+                           idx sample_stride, double *dW_sq, double *norm2)
 {
     const F(weight_block) *blocks = F(weight_blocks_1);
     const F(sample_block) *sample_blocks = F(sample_blocks_1);
@@ -294,6 +295,7 @@ static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, id
     idx n_blocks = (R + max_rows - 1) / max_rows;
     idx tile = n_w < WEIGHT_TILE_PIXELS ? WEIGHT_TILE_PIXELS / n_w : 1; /* output rows per tile */
     for (idx n = 0; n < m; n++) {
+        double *own = sample_dW ? sample_dW + n * sample_stride : NULL; /* this sample's dW */
         for (idx i0 = 0; i0 < n_h; i0 += tile) {
             idx tile_h = n_h - i0 < tile ? n_h - i0 : tile;
             const T *a = P + (n * sample + i0 * row_step) * Cp;
@@ -303,17 +305,17 @@ static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, id
                     rows = (R - c0) / (n_blocks - b);
                     for (idx p0 = 0; p0 < C; p0 += width) {
                         idx at = (k * R + c0) * C + p0;
-                        if (sample_dW)
+                        if (own)
                             sample_blocks[rows](a + offsets[k] * Cp + c0, g + p0, row_step, col_step, tile_h, n_w,
-                                                Cp, C, dW ? dW + at : NULL, sample_dW + at, i0 == 0);
+                                                Cp, C, dW ? dW + at : NULL, own + at, i0 == 0);
                         else
                             blocks[rows](a + offsets[k] * Cp + c0, g + p0, row_step, col_step, tile_h, n_w, Cp, C,
                                          dW + at);
                     }
                 }
         }
-        if (sample_dW)
-            norm2[n] = sample_squares(sample_dW, K * R * C, dW_sq);
+        if (own)
+            norm2[n] = sample_squares(own, K * R * C, dW_sq);
     }
 }
 

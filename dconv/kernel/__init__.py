@@ -19,6 +19,7 @@ Modules::
     threads    the batch cut into slices, each on a thread of its own with a single-threaded BLAS
     memory     backward_working_set: the bound on what one backward_kernel call allocates
     stats      the per-sample statistics (GradientStats): |g_i|^2, sum_i dW_i^2, sum_i db_i^2
+    sketch     per-sample inner products <G_i, Q_j> and sketches P_in G_i P_out^T (ProductSink), projections
 
 The backward pass is GEMMs plus data movement. :func:`backward_kernel` takes,
 per layer: two GEMMs for a 1x1 kernel at stride 1 with no padding
@@ -28,7 +29,9 @@ dW holds NaN or inf; im2col for other strides
 (:func:`~dconv.kernel.strided.backward_im2col`). db is dZ summed over m, n_H,
 n_W in float64 (:func:`bias_grad`). With ``stats=True`` every path also gives
 the per-sample statistics (:mod:`dconv.kernel.stats`), dW and db keeping their
-bits; with ``dA_prev=False`` the input-gradient half is skipped.
+bits; with ``dA_prev=False`` the input-gradient half is skipped. With ``queries`` or
+``projections``, the per-sample inner products and sketches (:mod:`dconv.kernel.sketch`)
+come beside them, dW, db, dA_prev and the statistics again keeping their bits.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dconv.kernel import dispatch
 from dconv.kernel.flat import backward_flat
 from dconv.kernel.layout import pad_input
 from dconv.kernel.memory import backward_working_set
+from dconv.kernel.sketch import ProductSink, Projections, parse_products
 from dconv.kernel.stats import GradientStats, gradient_stats, new_weight_stats
 from dconv.kernel.strided import backward_im2col, backward_pointwise, im2col, is_pointwise
 from dconv.kernel.threads import backward_threads, batch_slices, blas_threads, single_threaded
@@ -57,7 +61,9 @@ from dconv.params import (
 __all__ = [
     "GradientStats",
     "Gradients",
+    "GradientsWithProducts",
     "GradientsWithStats",
+    "Projections",
     "as_float_array",
     "backward_kernel",
     "backward_working_set",
@@ -99,6 +105,29 @@ class GradientsWithStats(NamedTuple):
     stats: GradientStats
 
 
+class GradientsWithProducts(NamedTuple):
+    """What ``queries`` or ``projections`` make :func:`backward_kernel` return (:mod:`dconv.kernel.sketch`).
+
+    Attributes
+    ----------
+    dA_prev : ndarray, shape (m, H, W, C_prev), or None when dA_prev was skipped
+    dW : ndarray, shape (fh, fw, C_prev, C)
+    db : ndarray, shape (1, 1, 1, C)
+    stats : GradientStats, or None without ``stats``
+    sample_dot : ndarray, float64, shape (m, n_q), or None without ``queries``
+        ``<G_i, Q_j>``.
+    sketch : ndarray, float64, shape (m, k_in, k_out), or None without ``projections``
+        ``P_in @ G_i @ P_out.T``.
+    """
+
+    dA_prev: np.ndarray | None
+    dW: np.ndarray
+    db: np.ndarray
+    stats: GradientStats | None
+    sample_dot: np.ndarray | None
+    sketch: np.ndarray | None
+
+
 def as_float_array(name: str, value: Any) -> np.ndarray:
     """``np.asarray(value)``, refusing anything but float32/float64 with InputDtypeError."""
     if isinstance(value, np.ndarray):
@@ -126,15 +155,21 @@ def bias_grad(dZ: np.ndarray) -> np.ndarray:
 
 def _backward_one(
     dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None, stats: bool = False,
-    input_grad: bool = True,
+    input_grad: bool = True, products: tuple | None = None,
 ):
-    """``(dA_prev, dW, db, stats)`` of one batch on the calling thread; db in float64, shape (C,), and dW in
-    float64 where the compiled loop summed it.
+    """``(dA_prev, dW, db, stats, products)`` of one batch on the calling thread; db in float64, shape (C,),
+    and dW in float64 where the compiled loop summed it.
 
     dA_prev is ``out`` when given (C-contiguous, shaped like A_prev): the compiled loops write it there;
     None without ``input_grad``. ``stats`` is a :class:`GradientStats` with ``stats=True``, else None.
+    ``products``: ``(queries, projections)`` from :func:`~dconv.kernel.sketch.parse_products`, whose
+    :class:`~dconv.kernel.sketch.SampleProducts` come back as ``products`` (else None). Where they need
+    each ``dW_i``, the statistics' machinery runs to hand it over, whether or not ``stats`` asks for them.
     """
-    weight_stats = new_weight_stats(dZ.shape[0], W.shape) if stats else None
+    sink = None if products is None else ProductSink(*products, dZ.shape[0], geometry, W.shape)
+    feed = sink if sink is not None and sink.needs_samples else None
+    squares = stats or feed is not None               # the statistics' machinery hands each dW_i to the sink
+    weight_stats = new_weight_stats(dZ.shape[0], W.shape, feed) if squares else None
     if is_pointwise(geometry):
         result = backward_pointwise(dZ, A_prev, W, weight_stats, input_grad)
     elif geometry.stride == (1, 1):
@@ -142,13 +177,14 @@ def _backward_one(
     else:
         result = None
     if result is None:
-        weight_stats = new_weight_stats(dZ.shape[0], W.shape) if stats else None   # the flat path may have begun it
+        weight_stats = new_weight_stats(dZ.shape[0], W.shape, feed) if squares else None   # the flat path may have begun it
         result = backward_im2col(dZ, A_prev, W, geometry, out, weight_stats, input_grad)
     dA_prev, dW = result
     if out is not None and dA_prev is not None and dA_prev is not out:
         out[...] = dA_prev
         dA_prev = out
-    return dA_prev, dW, bias_grad(dZ), (gradient_stats(weight_stats, dZ) if stats else None)
+    sample_stats = gradient_stats(weight_stats, dZ) if stats else None
+    return dA_prev, dW, bias_grad(dZ), sample_stats, (sink.finish(A_prev, dZ) if sink is not None else None)
 
 
 def backward_kernel(
@@ -161,7 +197,9 @@ def backward_kernel(
     *,
     stats: bool = False,
     dA_prev: bool = True,
-) -> Gradients | GradientsWithStats:
+    queries: np.ndarray | None = None,
+    projections: Projections | tuple | None = None,
+) -> Gradients | GradientsWithStats | GradientsWithProducts:
     """The backward pass on already-validated arrays of one dtype.
 
     The graph layer calls this once per batch chunk, with ``threads=1``. Use
@@ -194,10 +232,19 @@ def backward_kernel(
     dA_prev : bool
         False: skip the input gradient; ``dA_prev`` is None, ``dW`` and ``db``
         are the same bit for bit.
+    queries : array_like, shape (n_q, K + 1, C), optional
+        ``Q_j``, ``K = fh * fw * C_prev``: rows ``(kh, kw, c_prev)`` of a weight
+        gradient, then a bias gradient (:func:`dconv.kernel.sketch.stack_queries`).
+        Also return ``sample_dot[i, j] = <G_i, Q_j>`` (m, n_q), float64.
+    projections : Projections or (P_in, P_out), optional
+        ``P_in`` (k_in, K + 1), ``P_out`` (k_out, C): also return
+        ``sketch[i] = P_in @ G_i @ P_out.T`` (m, k_in, k_out), float64.
+        With either, the result is a :class:`GradientsWithProducts`; ``dA_prev``,
+        ``dW``, ``db`` and the statistics are the same bit for bit as without.
 
     Returns
     -------
-    Gradients, or GradientsWithStats with ``stats``
+    Gradients, GradientsWithStats with ``stats``, or GradientsWithProducts with ``queries`` or ``projections``
         C-contiguous ``dA_prev``, ``dW``, ``db`` in the dtype of the inputs
         (``dW`` and ``db`` in float64 with ``float64_sums``). For a given
         ``threads`` and shapes the result is the same bit for bit on every
@@ -208,14 +255,19 @@ def backward_kernel(
     fh, fw, c_prev, c_out = W.shape
     flops = 4.0 * dZ.shape[0] * n_h * n_w * fh * fw * c_prev * c_out
     slices = batch_slices(dZ.shape[0], threads if single_threaded(geometry, dZ.dtype, c_prev, c_out) else 1, flops)
+    wanted = queries is not None or projections is not None
     options = {} if not stats and dA_prev else {"stats": bool(stats), "input_grad": bool(dA_prev)}
+    if wanted:
+        options["products"] = parse_products(queries, projections, W.shape)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate silently, as IEEE says
         if len(slices) == 1:
-            dA, dW, db, sample_stats = _backward_one(dZ, A_prev, W, geometry, **options)
+            dA, dW, db, sample_stats, products = _backward_one(dZ, A_prev, W, geometry, **options)
         else:
-            dA, dW, db, sample_stats = backward_threads(_backward_one, dZ, A_prev, W, geometry, slices, **options)
+            dA, dW, db, sample_stats, products = backward_threads(_backward_one, dZ, A_prev, W, geometry, slices, **options)
     sums = np.float64 if float64_sums else dZ.dtype
     grads = Gradients(dA, dW.astype(sums, copy=False), db.astype(sums, copy=False).reshape(1, 1, 1, c_out))
+    if wanted:
+        return GradientsWithProducts(*grads, sample_stats, *products)
     return GradientsWithStats(*grads, sample_stats) if stats else grads
 
 
@@ -276,7 +328,9 @@ def conv2d_backward(
     dilation: Any = 1,
     threads: int | None = None,
     stats: bool = False,
-) -> Gradients | GradientsWithStats:
+    queries: Any = None,
+    projections: Any = None,
+) -> Gradients | GradientsWithStats | GradientsWithProducts:
     """Gradients of :func:`conv2d_forward` with respect to ``A_prev``, ``W`` and ``b``.
 
     Parameters
@@ -303,6 +357,10 @@ def conv2d_backward(
         ``= sum_i db_i * db_i``, all float64. dA_prev, dW and db do not change.
         With dZ from a loss averaged over ``M`` samples, each statistic is
         ``1 / M**2`` times that of the per-example gradients.
+    queries, projections : optional
+        Per-sample inner products ``<G_i, Q_j>`` and sketches ``P_in G_i P_out^T``
+        of ``G_i = [dW_i.reshape(K, C); db_i]``, as for :func:`backward_kernel`
+        (:mod:`dconv.kernel.sketch`).
 
     Returns
     -------
@@ -311,7 +369,8 @@ def conv2d_backward(
         ``(fh, fw, C_prev, C)`` and ``(1, 1, 1, C)``. All three have the
         promoted dtype of the inputs: float32 if every input is float32,
         float64 otherwise. With ``stats=True``, a :class:`GradientsWithStats`:
-        ``(dA_prev, dW, db, stats)``.
+        ``(dA_prev, dW, db, stats)``. With ``queries`` or ``projections``, a
+        :class:`GradientsWithProducts`: ``(dA_prev, dW, db, stats, sample_dot, sketch)``.
 
     Raises
     ------
@@ -339,4 +398,6 @@ def conv2d_backward(
         geometry,
         threads=int(threads),
         stats=bool(stats),
+        queries=queries,
+        projections=projections,
     )

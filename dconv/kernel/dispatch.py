@@ -45,7 +45,7 @@ import numpy as np
 
 from dconv import simd
 from dconv.kernel.layout import FlatGrid, flat_grid
-from dconv.kernel.stats import WeightStats
+from dconv.kernel.stats import BLOCK_BYTES, WeightStats
 from dconv.params import ConvGeometry
 from dconv.simd import _flatconv  # the compiled loops, or None
 
@@ -191,6 +191,10 @@ def weight_grad_compiled(
     stats : WeightStats, optional
         Filled with each sample's ``|dW_i|^2`` and ``sum_i dW_i * dW_i``, ``dW_i``
         the float64 sum of sample ``i``'s tiles; dW gets the same bits as without.
+        With ``stats.sink``, the loop runs on blocks of samples
+        (:data:`dconv.kernel.stats.BLOCK_BYTES` of ``dW_i``, or one sample), leaves each
+        block's ``dW_i`` in a buffer, and hands it to the sink: the same additions, in the
+        same order, so dW and the statistics keep their bits.
     sums : bool
         False: the statistics only (``stats`` required), no dW.
 
@@ -211,9 +215,28 @@ def weight_grad_compiled(
     args = (compiled_level(), P, dZ, offsets, P.shape[0], m, grid.rows * cols, sh * cols, sw, n_h, n_w, c_prev, rows, c_out, dW)
     if stats is None:
         _flatconv.weight_grad(*args)
-    else:                                                        # dW_sq has the layout of dW: (K', rows, C)
+    elif stats.sink is None:                                     # dW_sq has the layout of dW: (K', rows, C)
         _flatconv.weight_grad(*args, stats.dW_sq, stats.norm2)
+    else:
+        _weight_grad_samples(args, stats)
     return None if dW is None else dW.reshape(w_shape)
+
+
+def _weight_grad_samples(args: tuple, stats: WeightStats) -> None:
+    """The compiled loop with ``args`` (as :func:`weight_grad_compiled` builds them) on blocks of samples, each
+    block's float64 ``dW_i`` left in a buffer of at most :data:`~dconv.kernel.stats.BLOCK_BYTES` (or one
+    sample's) and given to ``stats.sink``. A block's samples start at row ``first * sample`` of ``P``: every
+    row a sample's output pixels read lies inside that sample's padded image."""
+    level, P, dZ, offsets, _, m, sample, *steps, dW = args
+    per_sample = int(stats.dW_sq.size)
+    step = max(1, BLOCK_BYTES // (8 * per_sample))
+    buffer = np.empty((min(step, m), per_sample))
+    for first in range(0, m, step):
+        last = min(m, first + step)
+        block, rows = buffer[: last - first], P[first * sample :]
+        _flatconv.weight_grad(level, rows, dZ[first:last], offsets, rows.shape[0], last - first, sample, *steps, dW,
+                              stats.dW_sq, stats.norm2[first:last], block)
+        stats.sink.add(block, first)
 
 
 def weight_stats_compiled(padded: np.ndarray, dZ: np.ndarray, w_shape, geometry: ConvGeometry, stats: WeightStats) -> None:

@@ -29,7 +29,7 @@ pixels in float64 (:func:`bias_stats`), an array of ``m * C`` float64.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -72,15 +72,19 @@ class WeightStats(NamedTuple):
         ``|dW_i|^2``.
     dW_sq : ndarray, float64, shape (fh, fw, C_prev, C)
         ``sum_i dW_i * dW_i``.
+    sink : ProductSink, optional
+        Also given each block of ``dW_i`` (:meth:`dconv.kernel.sketch.ProductSink.add`), for the
+        per-sample inner products and sketches; None: the squares only.
     """
 
     norm2: np.ndarray
     dW_sq: np.ndarray
+    sink: Any = None
 
 
-def new_weight_stats(m: int, w_shape: tuple[int, int, int, int]) -> WeightStats:
-    """Zeroed :class:`WeightStats` for ``m`` samples and weights of shape ``w_shape``."""
-    return WeightStats(np.zeros(m), np.zeros(w_shape))
+def new_weight_stats(m: int, w_shape: tuple[int, int, int, int], sink: Any = None) -> WeightStats:
+    """Zeroed :class:`WeightStats` for ``m`` samples and weights of shape ``w_shape``, feeding ``sink`` if given."""
+    return WeightStats(np.zeros(m), np.zeros(w_shape), sink)
 
 
 def add_sample_squares(per_sample: np.ndarray, stats: WeightStats, first: int) -> None:
@@ -91,9 +95,12 @@ def add_sample_squares(per_sample: np.ndarray, stats: WeightStats, first: int) -
     per_sample : ndarray, shape (g, ...) with ``prod(...) = fh * fw * C_prev * C``
         The dW of each of ``g`` consecutive samples, in the order of ``stats.dW_sq``.
     stats : WeightStats
-        ``norm2[first : first + g]`` is written, ``dW_sq`` added to.
+        ``norm2[first : first + g]`` is written, ``dW_sq`` added to; ``stats.sink``, if any, is given
+        the rows too.
     """
     rows = per_sample.reshape(per_sample.shape[0], -1)
+    if stats.sink is not None:
+        stats.sink.add(rows, first)
     dW_sq = stats.dW_sq.reshape(-1)
     if _compiled() and rows.flags.c_contiguous:  # in C: no float64 temporaries
         _flatconv.square_sums(rows, rows.shape[0], rows.shape[1], dW_sq, stats.norm2[first : first + rows.shape[0]])
@@ -129,6 +136,25 @@ def add_sample_products(columns: np.ndarray, grads: np.ndarray, stats: WeightSta
         add_sample_squares(group, stats, lo)
 
 
+def sample_bias_grads(dZ: np.ndarray) -> np.ndarray:
+    """Each sample's ``db_i``: dZ (m, n_H, n_W, C) of sample ``i`` summed over its pixels in float64.
+
+    Returns
+    -------
+    ndarray, float64, shape (m, C)
+    """
+    m, c_out = dZ.shape[0], dZ.shape[3]
+    grads = dZ.reshape(m, -1, c_out)
+    if dZ.dtype == np.float64:
+        return np.matmul(np.ones(grads.shape[1]), grads)                   # "l,mlc->mc", BLAS
+    if _compiled() and dZ.flags.c_contiguous:
+        db_each = np.zeros((m, c_out))                                     # float32 summed in float64, in C
+        for i in range(m):
+            _flatconv.column_sums(grads[i], grads.shape[1], c_out, db_each[i])
+        return db_each
+    return grads.sum(axis=1, dtype=np.float64)
+
+
 def bias_stats(dZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(|db_i|^2 per sample, sum_i db_i * db_i)`` with ``db_i`` dZ of sample ``i`` summed in float64.
 
@@ -141,16 +167,7 @@ def bias_stats(dZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     norm2 : ndarray, float64, shape (m,)
     db_sq : ndarray, float64, shape (C,)
     """
-    m, c_out = dZ.shape[0], dZ.shape[3]
-    grads = dZ.reshape(m, -1, c_out)
-    if dZ.dtype == np.float64:
-        db_each = np.matmul(np.ones(grads.shape[1]), grads)                # "l,mlc->mc", BLAS
-    elif _compiled() and dZ.flags.c_contiguous:
-        db_each = np.zeros((m, c_out))                                     # float32 summed in float64, in C
-        for i in range(m):
-            _flatconv.column_sums(grads[i], grads.shape[1], c_out, db_each[i])
-    else:
-        db_each = grads.sum(axis=1, dtype=np.float64)
+    db_each = sample_bias_grads(dZ)
     squares = db_each * db_each
     return squares.sum(axis=1), squares.sum(axis=0)
 

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from dconv.kernel import dispatch
+from dconv.kernel.sketch import concatenate_products
 from dconv.kernel.stats import concatenate_stats
 from dconv.kernel.strided import is_pointwise
 from dconv.params import ConvGeometry
@@ -79,13 +80,15 @@ def backward_threads(backward_one: Callable, dZ, A_prev, W, geometry: ConvGeomet
     The calling thread runs the first slice, so the call needs
     ``len(slices) - 1`` pool threads. Each slice writes its dA_prev in place;
     the slices' dW and db are added in float64, in slice order, and so are
-    their statistics, if any (:func:`dconv.kernel.stats.concatenate_stats`).
+    their statistics, if any (:func:`dconv.kernel.stats.concatenate_stats`); their
+    per-sample products are concatenated in slice order
+    (:func:`dconv.kernel.sketch.concatenate_products`).
     If a slice raises, the call waits for the others before the error propagates.
 
     Parameters
     ----------
     backward_one : callable
-        ``backward_one(dZ, A_prev, W, geometry, out=dA_prev, **options) -> (dA_prev, dW, db[, stats])`` on
+        ``backward_one(dZ, A_prev, W, geometry, out=dA_prev, **options) -> (dA_prev, dW, db, stats, products)`` on
         one slice, writing its dA_prev into ``out``: :func:`dconv.kernel._backward_one`.
     dZ : ndarray, shape (m, n_H, n_W, C), C-contiguous
     A_prev : ndarray, shape (m, H, W, C_prev)
@@ -93,7 +96,7 @@ def backward_threads(backward_one: Callable, dZ, A_prev, W, geometry: ConvGeomet
     slices : list of slice
         From :func:`batch_slices`, at least two.
     **options
-        Passed on to ``backward_one`` (``stats``, ``input_grad``). With ``input_grad=False``
+        Passed on to ``backward_one`` (``stats``, ``input_grad``, ``products``). With ``input_grad=False``
         there is no dA_prev: ``out`` is None.
 
     Returns
@@ -102,14 +105,14 @@ def backward_threads(backward_one: Callable, dZ, A_prev, W, geometry: ConvGeomet
     dW : ndarray, float64, shape (fh, fw, C_prev, C)
     db : ndarray, float64, shape (C,)
     stats : GradientStats or None
+    products : SampleProducts or None
     """
     dA_prev = np.empty(A_prev.shape, dtype=A_prev.dtype) if options.get("input_grad", True) else None
 
     def run(batch: slice):
         out = None if dA_prev is None else dA_prev[batch]
         with np.errstate(invalid="ignore", over="ignore"):
-            _, dW_part, db_part, *stats_part = backward_one(dZ[batch], A_prev[batch], W, geometry, out=out, **options)
-        return dW_part, db_part, *stats_part
+            return backward_one(dZ[batch], A_prev[batch], W, geometry, out=out, **options)[1:]
 
     with _blas_controller().limit(limits=1, user_api="blas"):
         others = [_thread_pool(len(slices) - 1).submit(run, batch) for batch in slices[1:]]
@@ -120,5 +123,6 @@ def backward_threads(backward_one: Callable, dZ, A_prev, W, geometry: ConvGeomet
         parts += [future.result() for future in others]
     dW = np.sum([part[0] for part in parts], axis=0, dtype=np.float64)
     db = np.sum([part[1] for part in parts], axis=0)
-    stats = [part[2] for part in parts if len(part) > 2 and part[2] is not None]
-    return dA_prev, dW, db, (concatenate_stats(stats) if stats else None)
+    stats = [part[2] for part in parts if part[2] is not None]
+    products = [part[3] for part in parts if part[3] is not None]
+    return dA_prev, dW, db, (concatenate_stats(stats) if stats else None), (concatenate_products(products) if products else None)
