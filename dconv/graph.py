@@ -84,7 +84,13 @@ CONTEXT_PREFIX = "dconv-job"
 
 
 def chunk_partial(
-    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, options: JobOptions, start: int = 0
+    dZ: np.ndarray,
+    A_prev: np.ndarray,
+    W: np.ndarray,
+    geometry: ConvGeometry,
+    options: JobOptions,
+    start: int = 0,
+    bias: bool = True,
 ) -> dict[str, Any]:
     """One chunk's values: one per BLOCK and REDUCE entry of the job's layout (:data:`dconv.store.layout.OUTPUT_LAYOUT`).
 
@@ -99,6 +105,8 @@ def chunk_partial(
         The job's options: ``dA_prev`` and ``stats`` say which values there are.
     start : int
         The batch index of the chunk's first sample (the statistics' top samples name samples by it).
+    bias : bool
+        The layer has a bias; without one the statistics leave ``db_i`` out of ``g_i``.
 
     Returns
     -------
@@ -111,7 +119,8 @@ def chunk_partial(
     """
     # threads=1: Dask runs the chunks in parallel, and a chunk's bits must not depend on the worker
     grads = backward_kernel(
-        dZ, A_prev, W, geometry, threads=1, float64_sums=True, stats=options.stats, dA_prev=options.dA_prev
+        dZ, A_prev, W, geometry, threads=1, float64_sums=True, stats=options.stats, dA_prev=options.dA_prev,
+        bias=bias,
     )
     values: dict[str, Any] = {"dW": grads.dW, "db": grads.db.reshape(-1)}
     if options.dA_prev:
@@ -223,7 +232,7 @@ def run_chunk_task(
             _check_finite("dZ", dZ, start)
             _check_finite("A_prev", A_prev, start)
     with times("kernel"):
-        values = chunk_partial(dZ, A_prev, W, context.geometry, options, start)
+        values = chunk_partial(dZ, A_prev, W, context.geometry, options, start, context.out.layout.bias)
     with times("write"):
         context.out.write_chunk(index, start, values, level)
     report_chunk_done(context.out.url, index)

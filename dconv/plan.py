@@ -183,6 +183,7 @@ class JobPlan:
             "n_chunks": len(self.bounds),
             "versions": _versions(),
             "simd": {"requested": self.simd},
+            **({} if self.out.layout.bias else {"bias": False}),
         }
 
     def task_memory(self) -> int:
@@ -371,7 +372,8 @@ def plan_job(
     bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
 
     layout = place_layout(
-        shapes, compute_dtype, batch_chunk, options.split_every, dA_prev=options.dA_prev, stats=options.stats
+        shapes, compute_dtype, batch_chunk, options.split_every, dA_prev=options.dA_prev, stats=options.stats,
+        bias=inputs.bias,
     )
     out_store = OutputStore(absolute_location(out), storage_options, layout)
     check_unheld(out_store.url, storage_options)  # another job writing it: nothing else matters

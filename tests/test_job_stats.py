@@ -422,3 +422,27 @@ def test_shared_inputs_add_one_pattern_to_every_sample(tmp_path):
     np.testing.assert_array_equal(shared["W"][...], plain["W"][...])
     with pytest.raises(dconv.InputError, match="shared must be a number >= 0; got -1"):
         make_inputs(str(tmp_path / "bad.zarr"), m=2, shared=-1)
+
+
+@pytest.mark.parametrize("path", ["group", "mapping"])
+def test_a_layer_without_bias_leaves_db_out_of_the_statistics(path, tmp_path):
+    """A conv without bias (an input group without ``b``, or ``"b": None``): g_i = dW_i alone; db is still written."""
+    case = LAYERS["s2_same"]
+    arrays = batch(case, 12, np.float64)
+    if path == "group":
+        with dconv.InputWriter(tmp_path / "in.zarr", arrays["W"], stride=2, padding="same") as writer:
+            writer.append(arrays["A_prev"], arrays["dZ"])
+        inputs, conv = str(tmp_path / "in.zarr"), {}
+    else:
+        inputs, conv = {**arrays, "b": None}, case.kwargs
+    result = dconv.backward_job(inputs, tmp_path / "out.zarr", batch_chunk=5, stats=True, scheduler="threads", **conv)
+    dW, db = per_sample(case, arrays)
+    norm2 = (dW * dW).reshape(12, -1).sum(axis=1)
+    out = zarr.open_group(str(tmp_path / "out.zarr"))
+    np.testing.assert_allclose(out["stats/sample_grad_norm2"][...], norm2, rtol=1e-10)
+    assert not np.asarray(out["stats/db_sq"][...]).any()
+    np.testing.assert_allclose(out["db"][...].ravel(), db.sum(axis=0), rtol=1e-10)
+    S2 = float((dW.sum(axis=0) ** 2).sum())
+    assert result.stats["grad_sum_norm2"] == pytest.approx(S2, rel=1e-10)
+    assert result.stats["sum_sample_norm2"] == pytest.approx(norm2.sum(), rel=1e-10)
+    assert out.attrs["dconv"]["bias"] is False

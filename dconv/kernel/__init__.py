@@ -155,7 +155,7 @@ def bias_grad(dZ: np.ndarray) -> np.ndarray:
 
 def _backward_one(
     dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, geometry: ConvGeometry, out=None, stats: bool = False,
-    input_grad: bool = True, products: tuple | None = None,
+    input_grad: bool = True, products: tuple | None = None, bias: bool = True,
 ):
     """``(dA_prev, dW, db, stats, products)`` of one batch on the calling thread; db in float64, shape (C,),
     and dW in float64 where the compiled loop summed it.
@@ -183,7 +183,7 @@ def _backward_one(
     if out is not None and dA_prev is not None and dA_prev is not out:
         out[...] = dA_prev
         dA_prev = out
-    sample_stats = gradient_stats(weight_stats, dZ) if stats else None
+    sample_stats = gradient_stats(weight_stats, dZ, bias) if stats else None
     return dA_prev, dW, bias_grad(dZ), sample_stats, (sink.finish(A_prev, dZ) if sink is not None else None)
 
 
@@ -199,6 +199,7 @@ def backward_kernel(
     dA_prev: bool = True,
     queries: np.ndarray | None = None,
     projections: Projections | tuple | None = None,
+    bias: bool = True,
 ) -> Gradients | GradientsWithStats | GradientsWithProducts:
     """The backward pass on already-validated arrays of one dtype.
 
@@ -241,6 +242,9 @@ def backward_kernel(
         ``sketch[i] = P_in @ G_i @ P_out.T`` (m, k_in, k_out), float64.
         With either, the result is a :class:`GradientsWithProducts`; ``dA_prev``,
         ``dW``, ``db`` and the statistics are the same bit for bit as without.
+    bias : bool
+        The layer has a bias. False: the statistics take ``g_i = dW_i`` (``db_sq`` is zero);
+        ``db`` is returned all the same.
 
     Returns
     -------
@@ -259,6 +263,8 @@ def backward_kernel(
     options = {} if not stats and dA_prev else {"stats": bool(stats), "input_grad": bool(dA_prev)}
     if wanted:
         options["products"] = parse_products(queries, projections, W.shape)
+    if not bias:
+        options["bias"] = False
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate silently, as IEEE says
         if len(slices) == 1:
             dA, dW, db, sample_stats, products = _backward_one(dZ, A_prev, W, geometry, **options)

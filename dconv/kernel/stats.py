@@ -172,8 +172,13 @@ def bias_stats(dZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return squares.sum(axis=1), squares.sum(axis=0)
 
 
-def gradient_stats(weight: WeightStats, dZ: np.ndarray) -> GradientStats:
-    """The finished :class:`GradientStats`: the dW half from a path, the db half from ``dZ`` (m, n_H, n_W, C)."""
+def gradient_stats(weight: WeightStats, dZ: np.ndarray, bias: bool = True) -> GradientStats:
+    """The finished :class:`GradientStats`: the dW half from a path, the db half from ``dZ`` (m, n_H, n_W, C).
+
+    Without a ``bias`` a sample's gradient is ``dW_i`` alone: no db half (``db_sq`` zero).
+    """
+    if not bias:
+        return GradientStats(weight.norm2, weight.dW_sq, np.zeros((1, 1, 1, dZ.shape[3])))
     db_norm2, db_sq = bias_stats(dZ)
     return GradientStats(weight.norm2 + db_norm2, weight.dW_sq, db_sq.reshape(1, 1, 1, -1))
 

@@ -139,12 +139,16 @@ class JobInputs:
         Where they came from, without credentials (``"<in-memory arrays>"`` for arrays).
     zarr_location : str or None
         The input group's location; None for in-memory arrays.
+    bias : bool
+        The layer has a bias: a group with ``b``, or a mapping without ``"b": None``. Without one,
+        a sample's gradient ``g_i`` is ``dW_i`` alone (the statistics leave ``db_i`` out; ``db`` is still written).
     """
 
     arrays: dict[str, Any]
     hparameters: dict | None
     location: str
     zarr_location: str | None
+    bias: bool = True
 
 
 def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) -> JobInputs:
@@ -159,7 +163,7 @@ def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) ->
         inputs = open_inputs(str(inputs), storage_options)
     if isinstance(inputs, InputGroup):
         arrays = {name: getattr(inputs, name) for name in INPUT_ARRAYS}
-        return JobInputs(arrays, inputs.hparameters, inputs.location, inputs.location)
+        return JobInputs(arrays, inputs.hparameters, inputs.location, inputs.location, bias=inputs.b is not None)
     if not isinstance(inputs, Mapping):
         raise InputError(
             f"inputs must be a Zarr group path/URL or a mapping of arrays; got {type(inputs).__name__} instead."
@@ -174,7 +178,7 @@ def job_inputs(inputs: Any, storage_options: Mapping[str, Any] | None = None) ->
             array = np.asarray(array)
         check_float_dtype(name, array.dtype)
         arrays[name] = array
-    return JobInputs(arrays, None, "<in-memory arrays>", None)
+    return JobInputs(arrays, None, "<in-memory arrays>", None, bias=not ("b" in inputs and inputs["b"] is None))
 
 
 def _open_node(group: zarr.Group, name: str, location: str) -> zarr.Array | zarr.Group | None:

@@ -242,6 +242,9 @@ class OutputLayout:
         The reduction tree's fan-in: its nodes are the records' nodes (:mod:`dconv.store.records`).
     m : int
         The batch size.
+    bias : bool
+        The layer has a bias. Without one, a sample's gradient is ``dW_i`` alone: the statistics
+        and their figures leave ``db`` out.
     """
 
     entries: tuple[PlacedEntry, ...]
@@ -249,6 +252,7 @@ class OutputLayout:
     n_chunks: int
     split_every: int = 8
     m: int = 0
+    bias: bool = True
 
     def of_kind(self, kind: Kind) -> tuple[PlacedEntry, ...]:
         return tuple(entry for entry in self.entries if entry.kind is kind)
@@ -277,6 +281,7 @@ def place_layout(
     *,
     dA_prev: bool = True,
     stats: bool = False,
+    bias: bool = True,
 ) -> OutputLayout:
     """Work out ``table`` for one job: the entries of the parts it has, with their shapes and dtypes.
 
@@ -291,6 +296,8 @@ def place_layout(
         The reduction tree's fan-in.
     dA_prev, stats : bool
         The job writes dA_prev, and the gradient statistics (the entries of those ``part``\\ s).
+    bias : bool
+        The layer has a bias (:attr:`OutputLayout.bias`).
     """
     m = shapes["A_prev"][0]
     compute = str(np.dtype(compute_dtype))
@@ -324,9 +331,14 @@ def place_layout(
                 figure=entry.figure,
             )
         )
-    return OutputLayout(tuple(placed), batch_chunk, -(-m // batch_chunk), split_every, m)
+    return OutputLayout(tuple(placed), batch_chunk, -(-m // batch_chunk), split_every, m, bias)
 
 
 def figures(layout: OutputLayout, finished: Mapping[str, Any], sums: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The FIGURE entries of ``layout``, computed from the reduced values (see :class:`OutputEntry`)."""
+    """The FIGURE entries of ``layout``, computed from the reduced values (see :class:`OutputEntry`).
+
+    For a layer without a bias the figures see ``db`` as zero: it is no part of a sample's gradient.
+    """
+    if not layout.bias and "db" in sums:
+        sums = {**sums, "db": np.zeros_like(sums["db"])}
     return {entry.name: entry.figure(finished, sums, layout.m) for entry in layout.of_kind(Kind.FIGURE)}
