@@ -101,7 +101,7 @@ def test_shipped_pipeline_specs_parse(path):
 @pytest.mark.parametrize(
     "document, message",
     [
-        ({**MINIMAL, "job": {"batch_chunks": 4}}, "unknown key 'batch_chunks' in [job]; known keys: batch_chunk, "
+        ({**MINIMAL, "job": {"batch_chunks": 4}}, "unknown key 'batch_chunks' in [job]; known keys: layers, batch_chunk, "
                                                    "max_memory, split_every, check_finite, simd, dA_prev, stats. Did you mean 'batch_chunk'?"),
         ({**MINIMAL, "job": {"split_evry": 4}}, "Did you mean 'split_every'?"),
         ({**MINIMAL, "output": {"path": "o", "overwrit": True}}, "Did you mean 'overwrite'?"),
@@ -125,7 +125,7 @@ def test_unknown_keys_suggest_the_close_match(document, message):
 def test_unknown_key_without_a_close_match_lists_the_known_ones():
     with pytest.raises(InputError) as info:
         parse_spec({**MINIMAL, "job": {"zzz": 1}})
-    assert "known keys: batch_chunk, max_memory, split_every, check_finite, simd" in str(info.value)
+    assert "known keys: layers, batch_chunk, max_memory, split_every, check_finite, simd" in str(info.value)
     assert "Did you mean" not in str(info.value)
 
 
