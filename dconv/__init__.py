@@ -98,6 +98,9 @@ __all__ = [
     "summarize",
     "torch_conv_params",
     "version_text",
+    "write_queries",
+    "queries_from_inputs",
+    "queries_from_output",
 ]
 
 # Job-level names, imported lazily so that `import dconv` stays NumPy-only.
@@ -124,6 +127,9 @@ _LAZY = {
     "store_exists": "dconv.store",
     "InputWriter": "dconv.store",
     "torch_conv_params": "dconv.store",
+    "write_queries": "dconv.store.queries",
+    "queries_from_inputs": "dconv.store.queries",
+    "queries_from_output": "dconv.store.queries",
     "format_summary": "dconv.store",
     "LayerSpec": "dconv.store",
     "ModelWriter": "dconv.store",

@@ -128,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(make)
     make.set_defaults(handler=cmd_make_inputs)
 
+    queries = commands.add_parser(
+        "queries",
+        help="write a query group for --dot: a few samples' per-sample gradients, or an output's batch gradient",
+        description="Write a query group (QUERIES/dW (n_q, fh, fw, C_prev, C), QUERIES/db (n_q, C); for a model, "
+        "one pair per layer under layers/<name>) for dconv backward --dot QUERIES, which writes each sample's "
+        "exact inner products <g_i, q_j> to dots/sample_dot.",
+    )
+    queries.add_argument("out", metavar="QUERIES", help="the query group to write (path or fsspec URL)")
+    source = queries.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-inputs", metavar="INPUTS", help="an input group or model input group of at most "
+                        "4096 samples: one query per sample, its own gradient")
+    source.add_argument("--from-output", metavar="OUT", help="a complete output (or model output): one query, its "
+                        "dW and db, the batch gradient")
+    queries.add_argument("--overwrite", action="store_true", help="replace QUERIES if it is a query group dconv wrote")
+    _add_common(queries)
+    queries.set_defaults(handler=cmd_queries)
+
     inspect = commands.add_parser(
         "inspect",
         help="summarise an output group (exit 3 if incomplete)",
@@ -222,6 +239,22 @@ def cmd_make_inputs(args: argparse.Namespace) -> int:
     recipe = dconv.InputRecipe.build(None, **dconv.InputRecipe.given(args))
     dconv.make_inputs(args.out, recipe, overwrite=args.overwrite, storage_options=dict(args.storage_options))
     print(f"dconv: wrote input group {args.out} ({recipe.describe()})")
+    return EXIT_OK
+
+
+def cmd_queries(args: argparse.Namespace) -> int:
+    from dconv.store.queries import queries_from_inputs, queries_from_output
+
+    _lasting("QUERIES", args.out)
+    storage = dict(args.storage_options)
+    if args.from_inputs is not None:
+        queries_from_inputs(args.from_inputs, args.out, overwrite=args.overwrite, storage_options=storage)
+    else:
+        queries_from_output(args.from_output, args.out, overwrite=args.overwrite, storage_options=storage)
+    from dconv.store.locations import open_group
+
+    n_q = open_group(args.out, "r", storage).attrs["dconv_queries"]["n_q"]
+    print(f"dconv: wrote query group {args.out} ({n_q} queries)")
     return EXIT_OK
 
 

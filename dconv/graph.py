@@ -53,7 +53,7 @@ from dconv.params import ConvGeometry
 from dconv.progress import report_chunk_done
 from dconv.sources import BatchBounds, BatchSource, ZarrBatches
 from dconv.store import OUTPUT_LAYOUT, Kind, OutputLayout, OutputStore
-from dconv.store.layout import count_nonfinite, figures
+from dconv.store.layout import SAMPLE_DOT, SKETCH_VALUES, count_nonfinite, figures
 from dconv.store.output import level_code
 from dconv import tree
 from dconv.tree import Node
@@ -91,6 +91,8 @@ def chunk_partial(
     options: JobOptions,
     start: int = 0,
     bias: bool = True,
+    queries: np.ndarray | None = None,
+    projections: Any = None,
 ) -> dict[str, Any]:
     """One chunk's values: one per BLOCK and REDUCE entry of the job's layout (:data:`dconv.store.layout.OUTPUT_LAYOUT`).
 
@@ -107,6 +109,10 @@ def chunk_partial(
         The batch index of the chunk's first sample (the statistics' top samples name samples by it).
     bias : bool
         The layer has a bias; without one the statistics leave ``db_i`` out of ``g_i``.
+    queries : ndarray, shape (n_q, K + 1, C), optional
+        With ``options.dot``: ``dots/sample_dot`` (b, n_q), float64.
+    projections : Projections, optional
+        With ``options.sketch``: ``sketch/values`` (b, k_in, k_out), in ``options.sketch_dtype``.
 
     Returns
     -------
@@ -120,13 +126,17 @@ def chunk_partial(
     # threads=1: Dask runs the chunks in parallel, and a chunk's bits must not depend on the worker
     grads = backward_kernel(
         dZ, A_prev, W, geometry, threads=1, float64_sums=True, stats=options.stats, dA_prev=options.dA_prev,
-        bias=bias,
+        bias=bias, queries=queries, projections=projections,
     )
     values: dict[str, Any] = {"dW": grads.dW, "db": grads.db.reshape(-1)}
     if options.dA_prev:
         values.update({"dA_prev": grads.dA_prev, "nonfinite_dA_prev": count_nonfinite(grads.dA_prev)})
     if options.stats:
         values.update(chunk_values(grads.stats, start))
+    if queries is not None:
+        values[SAMPLE_DOT] = grads.sample_dot
+    if projections is not None:
+        values[SKETCH_VALUES] = grads.sketch.astype(options.sketch_dtype or "float32")
     return values
 
 
@@ -168,6 +178,10 @@ class JobContext:
     options : JobOptions
     dZ, A_prev : ZarrBatches, optional
         The inputs a task reads itself (a source's ``reader``); None when they come as Dask blocks.
+    queries : ndarray, optional
+        With ``dot``: the query gradients (n_q, K + 1, C).
+    projections : Projections, optional
+        With ``sketch``: the sketches' projections.
     """
 
     W: np.ndarray
@@ -176,6 +190,8 @@ class JobContext:
     options: JobOptions
     dZ: ZarrBatches | None = None
     A_prev: ZarrBatches | None = None
+    queries: np.ndarray | None = None
+    projections: Any = None
 
 
 def _check_finite(name: str, array: np.ndarray, start: int) -> None:
@@ -232,7 +248,10 @@ def run_chunk_task(
             _check_finite("dZ", dZ, start)
             _check_finite("A_prev", A_prev, start)
     with times("kernel"):
-        values = chunk_partial(dZ, A_prev, W, context.geometry, options, start, context.out.layout.bias)
+        values = chunk_partial(
+            dZ, A_prev, W, context.geometry, options, start, context.out.layout.bias, context.queries,
+            context.projections,
+        )
     with times("write"):
         context.out.write_chunk(index, start, values, level)
     report_chunk_done(context.out.url, index)
@@ -462,6 +481,8 @@ def backward_graph(
     options: JobOptions,
     stored: Sequence[Node] | None = None,
     wave_chunks: int | None = None,
+    queries: np.ndarray | None = None,
+    projections: Any = None,
 ) -> JobGraph:
     """The whole job as a :class:`JobGraph`, whose root is the reduced :class:`Partial`.
 
@@ -482,11 +503,13 @@ def backward_graph(
         nodes read back from their records instead of computed.
     wave_chunks : int, optional
         At most this many chunks in one wave (default :data:`dconv.waves.WAVE_CHUNKS`).
+    queries, projections : optional
+        The per-sample products' query gradients and projections (:class:`JobContext`).
     """
     if not isinstance(bounds, BatchBounds):
         raise InputError(f"bounds must be a BatchBounds (batch_bounds); got {type(bounds).__name__} instead.")
-    token = dask.base.tokenize(out.url, geometry, bounds, options, W)
+    token = dask.base.tokenize(out.url, geometry, bounds, options, W, queries, projections)
     readers = (source.reader if source is not None else None for source in (dz_sources, a_sources))
-    context = JobContext(W, geometry, out, options, *readers)
+    context = JobContext(W, geometry, out, options, *readers, queries, projections)
     stored_nodes = frozenset(tuple(node) for node in (stored or ()))
     return JobGraph(context, bounds, options.split_every, token, stored_nodes, dz_sources, a_sources, wave_chunks)

@@ -282,6 +282,8 @@ def _finish_model(
     """Write the model's results from its layers' (``stats``: the per-sample norms and figures); mark it complete."""
     layers = dict(zip(plan.names, results))
     stats = None
+    if plan.options.dot is not None:
+        plan.out.write_sample_dots([layer.out.url for layer in plan.plans], plan.m)
     if plan.options.stats:
         top = plan.out.write_sample_norms([layer.out.url for layer in plan.plans], plan.m)
         stats = model_figures({name: result.values["stats"] for name, result in layers.items()}, plan.m, top)

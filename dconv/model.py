@@ -23,7 +23,7 @@ import numpy as np
 
 from dconv.errors import InputError
 from dconv.options import JobOptions
-from dconv.plan import JobPlan, _versions, plan_job
+from dconv.plan import JobPlan, _absolute_paths, _versions, plan_job
 from dconv.report import count
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
@@ -301,7 +301,7 @@ def plan_model(
     given = set(values) | {
         spec.name for spec in JobOptions.recorded() if options is not None and getattr(options, spec.name) != spec.default
     }
-    options = JobOptions.build(options, **values)
+    options = _absolute_paths(JobOptions.build(options, **values))
     storage_options = dict(storage_options or {})
     model = inputs if isinstance(inputs, ModelInputs) else open_model_inputs(str(inputs), storage_options)
     if options.layers is not None:  # in model order, as recorded
@@ -321,8 +321,10 @@ def plan_model(
     check_unheld(model_out.url, storage_options)
     model_out.check_target(model.url, overwrite=options.overwrite, resume=options.resume)
     layer_options = dataclasses.replace(options, layers=None)
+    position = {name: index for index, name in enumerate(open_model_inputs(model.url, storage_options).names)}
     plans = tuple(
-        _plan_layer(layer, model.layer_url(layer.name), model_out.layer_url(layer.name), layer_options, storage_options)
+        _plan_layer(layer, position[layer.name], model.layer_url(layer.name), model_out.layer_url(layer.name),
+                    layer_options, storage_options)
         for layer in model.layers
     )
     plan = ModelPlan(
@@ -340,10 +342,10 @@ def plan_model(
 
 
 def _plan_layer(
-    layer: ModelLayer, inputs: str, out: str, options: JobOptions, storage_options: Mapping[str, Any]
+    layer: ModelLayer, index: int, inputs: str, out: str, options: JobOptions, storage_options: Mapping[str, Any]
 ) -> JobPlan:
-    """:func:`plan_job` for one layer; its refusal names the layer."""
+    """:func:`plan_job` for layer ``index`` of the model; its refusal names the layer."""
     try:
-        return plan_job(inputs, out, options, storage_options=storage_options)
+        return plan_job(inputs, out, options, storage_options=storage_options, model_layer=(layer.name, index))
     except InputError as e:
         raise type(e)(f"layer {layer.name}: {e}") from e

@@ -165,6 +165,15 @@ def any_string(name: str) -> Callable[[Any], str]:
     return parse
 
 
+def choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise InputError(f"{name} must be one of {', '.join(choices)}; got {value!r} instead.")
+        return value
+
+    return parse
+
+
 def _path(spec: dataclasses.Field) -> tuple[str, ...]:
     return spec.metadata.get("path") or (spec.name,)
 

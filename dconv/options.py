@@ -31,6 +31,8 @@ from typing import Any, Iterable
 from dconv.errors import InputError
 from dconv.option_fields import (
     Options,
+    any_string,
+    choice,
     flag,
     int_list,
     non_negative,
@@ -47,10 +49,21 @@ from dconv.params import padding_from_flat, parse_float_dtype, parse_padding, pa
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
 
-__all__ = ["JobOptions", "InputRecipe", "Options", "option"]
+__all__ = ["JobOptions", "InputRecipe", "Options", "option", "SKETCH_KINDS"]
+
+SKETCH_KINDS = ("gaussian", "orthogonal")
+"""The projections of ``sketch_kind`` (:mod:`dconv.kernel.sketch`)."""
 
 
 # --------------------------------------------------------------------------- the job
+
+
+def sketch_size(value: Any) -> tuple[int, int]:
+    """``(k_in, k_out)`` from a pair of whole numbers >= 1, or one for both."""
+    pair = value if isinstance(value, (list, tuple)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pair):
+        raise InputError(f"sketch must be K_IN,K_OUT, two whole numbers >= 1; got {value!r} instead.")
+    return int(pair[0]), int(pair[1])
 
 
 def layer_names(value: Any) -> tuple[str, ...]:
@@ -205,6 +218,75 @@ class JobOptions(Options):
         record="identity",
         path=("per_sample_stats",),  # the provenance's "stats" holds the figures
     )
+    dot: str | None = option(
+        None,
+        help="a query group (dconv queries) of n_q gradients of the layer, or of every layer of a model: also "
+        "write dots/sample_dot (m, n_q), each sample's exact inner product <g_i, q_j> (float64)",
+        parse=optional(any_string("dot")),
+        table="job",
+        toml=(str,),
+        cli=str,
+        metavar="QUERIES",
+        record="identity",
+        path=("dots", "queries"),
+    )
+    sketch: Any = option(
+        None,
+        help="also write each sample's sketch P_in G_i P_out^T (m, K_IN, K_OUT) to sketch/values, the "
+        "projections to sketch/P_in and sketch/P_out (G_i = [dW_i as (fh*fw*C_prev, C); db_i])",
+        parse=optional(sketch_size),
+        table="job",
+        toml=(int, list),
+        cli=int_list,
+        metavar="K_IN,K_OUT",
+        record="identity",
+        path=("sketch", "size"),
+    )
+    sketch_kind: str | None = option(
+        None,
+        help="gaussian (entries N(0, 1/k)) or orthogonal (rows of a random orthogonal matrix; at full size "
+        "the sketches' inner products are exact) (default gaussian)",
+        parse=optional(choice("sketch_kind", SKETCH_KINDS)),
+        table="job",
+        toml=(str,),
+        cli=str,
+        metavar="KIND",
+        record="identity",
+        path=("sketch", "kind"),
+    )
+    sketch_seed: int | None = option(
+        None,
+        help="seed of the projections: layer l of a model draws from the stream (seed, l) (default 0)",
+        parse=optional(whole_number("sketch_seed", 0)),
+        table="job",
+        toml=(int,),
+        cli=int,
+        metavar="SEED",
+        record="identity",
+        path=("sketch", "seed"),
+    )
+    sketch_like: str | None = option(
+        None,
+        help="take the projections (and the sketch size) from this dconv output, so that sketches compare",
+        parse=optional(any_string("sketch_like")),
+        table="job",
+        toml=(str,),
+        cli=str,
+        metavar="OUT",
+        record="identity",
+        path=("sketch", "like"),
+    )
+    sketch_dtype: str | None = option(
+        None,
+        help="float32, float16 or float64: the dtype of sketch/values (default float32)",
+        parse=optional(choice("sketch_dtype", ("float32", "float16", "float64"))),
+        table="job",
+        toml=(str,),
+        cli=str,
+        metavar="DTYPE",
+        record="identity",
+        path=("sketch", "dtype"),
+    )
     lease_timeout: float = option(
         60.0,
         help="seconds without a heartbeat after which another job takes over OUT's lease (the job that "
@@ -228,6 +310,17 @@ class JobOptions(Options):
     def check(self) -> None:
         if self.overwrite and self.resume:
             raise InputError("give overwrite=True or resume=True, not both.")
+        alone = [name for name in ("sketch_kind", "sketch_seed", "sketch_dtype")
+                 if getattr(self, name) is not None and self.sketch is None and self.sketch_like is None]
+        if alone:
+            raise InputError(f"{alone[0]} shapes the sketches: give sketch (K_IN,K_OUT) or sketch_like too.")
+        if self.sketch_like is not None and (self.sketch_kind is not None or self.sketch_seed is not None):
+            raise InputError("sketch_like takes the projections of another output: give no sketch_kind or sketch_seed.")
+
+    @property
+    def sketching(self) -> bool:
+        """The job writes sketches (``sketch`` or ``sketch_like``)."""
+        return self.sketch is not None or self.sketch_like is not None
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed job must match, as its output records them (:meth:`to_dict`)."""

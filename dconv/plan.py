@@ -21,6 +21,7 @@ import zarr
 from dconv import report
 from dconv.errors import InputError
 from dconv.graph import JobGraph, Partial, backward_graph
+from dconv.products import job_projections, job_queries, write_projections
 from dconv.options import InputRecipe, JobOptions
 from dconv.params import ConvGeometry, ConvParams, backward_geometry, result_dtype
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
@@ -82,6 +83,10 @@ class JobPlan:
     input_recipe : InputRecipe or None
         Set by :func:`plan_recipe`: the input does not exist yet and this recipe
         would make it; such a plan describes the job but cannot run it.
+    queries : ndarray or None, shape (n_q, fh * fw * C_prev + 1, C)
+        With ``dot``: the query gradients (:func:`dconv.products.job_queries`).
+    projections : Projections or None
+        With ``sketch``: ``P_in`` (k_in, K + 1) and ``P_out`` (k_out, C) (:func:`dconv.products.job_projections`).
     """
 
     options: JobOptions
@@ -100,6 +105,8 @@ class JobPlan:
     input_chunks: dict[str, int] = field(default_factory=dict)
     input_reads: dict[str, str | None] = field(default_factory=dict)
     input_recipe: InputRecipe | None = None
+    queries: np.ndarray | None = field(default=None, repr=False)
+    projections: Any = field(default=None, repr=False)
 
     @property
     def m(self) -> int:
@@ -192,10 +199,23 @@ class JobPlan:
         Input chunks that a task cuts count whole (:func:`dconv.store.read_memory`).
         """
         size = min(self.batch_chunk, self.m)
+        products = self.queries is not None or self.projections is not None
         return task_memory(
             size, self.shapes, self.geometry, self.compute_dtype, self.input_chunks, self.dtypes,
-            stats=self.options.stats, input_reads=self.input_reads,
-        )
+            stats=self.options.stats or products, input_reads=self.input_reads,
+        ) + self._products_memory(size)
+
+    def _products_memory(self, size: int) -> int:
+        """What the per-sample products add to a task: the kernel's (:func:`products_working_set`) and the cast sketch."""
+        if self.queries is None and self.projections is None:
+            return 0
+        from dconv.kernel.sketch import products_working_set
+
+        n_q = 0 if self.queries is None else self.queries.shape[0]
+        k_in, k_out = (0, 0) if self.projections is None else (self.projections.p_in.shape[0], self.projections.p_out.shape[0])
+        fh, fw, c_prev, c_out = self.shapes["W"]
+        return products_working_set(size, self.geometry, c_prev, c_out, np.dtype(self.compute_dtype).itemsize,
+                                    n_q, k_in, k_out) + size * k_in * k_out * 4
 
     def worker_memory(self) -> WorkerMemory:
         """The memory limit a worker of one thread needs for this job's tasks (:func:`dconv.sizing.worker_memory`)."""
@@ -246,12 +266,15 @@ class JobPlan:
         if stored is not None:
             self.check_resumable(stored)
         carried = {**self.options.to_dict("carried"), "cluster": dict(cluster or {})}
-        return self.out.open(
+        finished = self.out.open(
             self.identity(),
             {**self.provenance(), **carried},
             resume=stored is not None,
             resumed={**carried, "simd": {"requested": self.simd}},
         )
+        if self.projections is not None:  # stored with the output: a resume and sketch_like read them back
+            write_projections(self.out.group(), self.projections)
+        return finished
 
     def graph(self, stored: Sequence[tuple[int, int]] | None = None, wave_chunks: int | None = None) -> JobGraph:
         """The job's reduction tree (:func:`dconv.graph.backward_graph`), reading the ``stored`` nodes back.
@@ -274,6 +297,8 @@ class JobPlan:
             self.options,
             stored=stored,
             wave_chunks=wave_chunks,
+            queries=self.queries,
+            projections=self.projections,
         )
 
     def run_chunk(self, index: int) -> Partial:
@@ -332,6 +357,7 @@ def plan_job(
     options: JobOptions | None = None,
     *,
     storage_options: Mapping[str, Any] | None = None,
+    model_layer: tuple[str, int] | None = None,
     **values: Any,
 ) -> JobPlan:
     """Validate a job without writing anything.
@@ -342,6 +368,9 @@ def plan_job(
         As for :func:`dconv.backward_job`.
     options : JobOptions, optional
         How the job computes; ``values`` (any :class:`JobOptions` field) replace its fields.
+    model_layer : (name, index), optional
+        The layer of a model this job is (:mod:`dconv.model`): its queries in a model's query group,
+        its projections' stream (:mod:`dconv.products`).
 
     Raises
     ------
@@ -352,7 +381,7 @@ def plan_job(
     given = set(values) | {  # the fields the caller set, even to their defaults: a resume keeps those
         spec.name for spec in JobOptions.recorded() if options is not None and getattr(options, spec.name) != spec.default
     }
-    options = JobOptions.build(options, **values)
+    options = _absolute_paths(JobOptions.build(options, **values))
     storage_options = dict(storage_options or {})
     stored = OutputStore(absolute_location(out), storage_options).provenance() if options.resume else None
     if stored is not None:  # the output's own options, where none are given
@@ -371,9 +400,15 @@ def plan_job(
     batch_chunk = choose_batch_chunk(options, shapes, geometry, compute_dtype, input_chunks, dtypes, input_reads)
     bounds = batch_bounds(shapes["A_prev"][0], batch_chunk)
 
+    name = None if model_layer is None else model_layer[0]
+    queries = job_queries(options, shapes["W"], inputs.bias, name, storage_options)
+    projections = job_projections(options, shapes["W"], inputs.bias, absolute_location(out), model_layer,
+                                  storage_options, resume=stored is not None)
     layout = place_layout(
         shapes, compute_dtype, batch_chunk, options.split_every, dA_prev=options.dA_prev, stats=options.stats,
-        bias=inputs.bias,
+        bias=inputs.bias, queries=None if queries is None else queries.shape[0],
+        sketch=None if projections is None else (projections.p_in.shape[0], projections.p_out.shape[0]),
+        sketch_dtype=options.sketch_dtype or "float32",
     )
     out_store = OutputStore(absolute_location(out), storage_options, layout)
     check_unheld(out_store.url, storage_options)  # another job writing it: nothing else matters
@@ -394,10 +429,19 @@ def plan_job(
         input_location=inputs.location,
         input_chunks=input_chunks,
         input_reads=input_reads,
+        queries=queries,
+        projections=projections,
     )
     if stored is not None:
         plan.check_resumable(stored)
     return plan
+
+
+def _absolute_paths(options: JobOptions) -> JobOptions:
+    """``dot`` and ``sketch_like`` as absolute paths (workers and resumes may run elsewhere); URLs as given."""
+    paths = {name: absolute_location(getattr(options, name)) for name in ("dot", "sketch_like")
+             if getattr(options, name) is not None}
+    return JobOptions.build(options, **paths) if paths else options
 
 
 def _check_one_layer(inputs: Any, options: JobOptions, storage_options: Mapping[str, Any]) -> None:

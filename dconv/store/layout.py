@@ -52,7 +52,19 @@ from dconv.statistics import (
     merge_top,
 )
 
+SAMPLE_DOT = "dots/sample_dot"
+"""Each sample's exact inner products with the query gradients, ``<G_i, Q_j>``: float64, (m, n_q)."""
+
+SKETCH_VALUES = "sketch/values"
+"""Each sample's sketch ``P_in G_i P_out^T``: (m, k_in, k_out), float32 or float16."""
+
+SKETCH_PROJECTIONS = ("sketch/P_in", "sketch/P_out")
+"""The projections of the sketches, float64: (k_in, K + 1) and (k_out, C), written when the output is made."""
+
 __all__ = [
+    "SAMPLE_DOT",
+    "SKETCH_VALUES",
+    "SKETCH_PROJECTIONS",
     "Kind",
     "OutputEntry",
     "OUTPUT_LAYOUT",
@@ -186,6 +198,14 @@ OUTPUT_LAYOUT: tuple[OutputEntry, ...] = (
         part=STATS,
     ),
     OutputEntry(STATS, Kind.FIGURE, figure=gradient_figures, part=STATS),
+    OutputEntry(
+        SAMPLE_DOT, Kind.BLOCK, shape=lambda s: (s["A_prev"][0], s["queries"][0]), dims=("m", "query"),
+        dtype="float64", part="dot",
+    ),
+    OutputEntry(
+        SKETCH_VALUES, Kind.BLOCK, shape=lambda s: (s["A_prev"][0], *s["sketch"]), dims=("m", "k_in", "k_out"),
+        dtype="sketch", part="sketch",
+    ),
 )
 """What a backward job writes. See the module docstring for the kinds."""
 
@@ -282,6 +302,9 @@ def place_layout(
     dA_prev: bool = True,
     stats: bool = False,
     bias: bool = True,
+    queries: int | None = None,
+    sketch: tuple[int, int] | None = None,
+    sketch_dtype: str = "float32",
 ) -> OutputLayout:
     """Work out ``table`` for one job: the entries of the parts it has, with their shapes and dtypes.
 
@@ -298,10 +321,15 @@ def place_layout(
         The job writes dA_prev, and the gradient statistics (the entries of those ``part``\\ s).
     bias : bool
         The layer has a bias (:attr:`OutputLayout.bias`).
+    queries : int, optional
+        With ``n_q`` query gradients: ``dots/sample_dot`` (m, n_q).
+    sketch : (k_in, k_out), optional
+        With sketches: ``sketch/values`` (m, k_in, k_out) in ``sketch_dtype``.
     """
     m = shapes["A_prev"][0]
     compute = str(np.dtype(compute_dtype))
-    parts = {"dA_prev": dA_prev, STATS: stats}
+    parts = {"dA_prev": dA_prev, STATS: stats, "dot": queries is not None, "sketch": sketch is not None}
+    shapes = {**shapes, "queries": (queries or 0,), "sketch": tuple(sketch or (0, 0))}
     placed = []
     for entry in table:
         if entry.part is not None and not parts[entry.part]:
@@ -320,7 +348,7 @@ def place_layout(
                 name=entry.name,
                 kind=entry.kind,
                 shape=shape,
-                dtype=compute if entry.dtype == "compute" else entry.dtype,
+                dtype={"compute": compute, "sketch": sketch_dtype}.get(entry.dtype, entry.dtype),
                 chunks=chunks,
                 dims=entry.dims,
                 partial_shape=partial_shape,

@@ -7,6 +7,8 @@
     OUT/layers/<name>/            each layer's output, exactly a single-layer job's (dconv.store.output)
     OUT/stats/sample_grad_norm2   (m,) float64, with --stats: each sample's whole-model |g_i|^2,
                                   the sum of its layers' stats/sample_grad_norm2
+    OUT/dots/sample_dot           (m, n_q) float64, with --dot: each sample's inner products with the
+                                  whole-model queries, the sum of its layers' dots/sample_dot
 
 The root's status is that of the whole job: "running", "interrupted", "failed",
 "complete"; each layer output keeps its own, so a resumed job skips the layers
@@ -24,6 +26,7 @@ import zarr
 
 from dconv.errors import InputError
 from dconv.statistics import SAMPLE_GRAD_NORM2, merge_top, noise_figures, top_samples
+from dconv.store.layout import SAMPLE_DOT
 from dconv.store.lease import LEASE_NAME
 from dconv.store.locations import create_group, open_group, public_location
 from dconv.store.output import _check_apart_from_input, fingerprint, now
@@ -128,22 +131,35 @@ class ModelOutput:
     def write_sample_norms(self, layer_urls: Sequence[str], m: int) -> np.ndarray:
         """``stats/sample_grad_norm2`` (m,): the layers' per-sample ``|g_i|^2`` added, in layer order, a block
         of :data:`NORM_BLOCK` samples at a time; returns the model's top list (:func:`dconv.statistics.top_samples`)."""
-        group = self.group()
-        stats = group.require_group("stats")
-        array = stats.create_array(
-            "sample_grad_norm2", shape=(m,), chunks=(min(max(m, 1), NORM_BLOCK),), dtype="float64",
-            fill_value=0, compressors=None, dimension_names=["m"], overwrite=True,
-        )
-        layers = [open_group(url, "r", self.storage_options)[SAMPLE_GRAD_NORM2] for url in layer_urls]
         top = None
-        for start, stop in _blocks(m, NORM_BLOCK):
-            total = np.zeros(stop - start)
-            for layer in layers:
-                total += np.asarray(layer[start:stop], dtype=np.float64)
-            array[start:stop] = total
+        for start, total in self._add_layers(SAMPLE_GRAD_NORM2, layer_urls, m, ("m",)):
             block_top = top_samples(total, start)
             top = block_top if top is None else merge_top(top, block_top)
         return top
+
+    def write_sample_dots(self, layer_urls: Sequence[str], m: int) -> None:
+        """``dots/sample_dot`` (m, n_q): the layers' inner products with their queries added, in layer order."""
+        for _ in self._add_layers(SAMPLE_DOT, layer_urls, m, ("m", "query")):
+            pass
+
+    def _add_layers(
+        self, name: str, layer_urls: Sequence[str], m: int, dims: tuple[str, ...]
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Write array ``name`` of the root, the sum of the layers' arrays ``name`` (float64, along m), a block of
+        :data:`NORM_BLOCK` samples at a time, adding in layer order; yields each block's first sample and sum."""
+        layers = [open_group(url, "r", self.storage_options)[name] for url in layer_urls]
+        tail = tuple(layers[0].shape[1:])
+        rows = max(1, min(max(m, 1), NORM_BLOCK // max(1, int(np.prod(tail)))))
+        array = self.group().create_array(
+            name, shape=(m, *tail), chunks=(rows, *tail), dtype="float64", fill_value=0, compressors=None,
+            dimension_names=list(dims), overwrite=True,
+        )
+        for start, stop in _blocks(m, rows):
+            total = np.zeros((stop - start, *tail))
+            for layer in layers:
+                total += np.asarray(layer[start:stop], dtype=np.float64)
+            array[start:stop] = total
+            yield start, total
 
     def finish(self, **provenance: Any) -> None:
         """Record the model's results and set status "complete" (the job's last write)."""

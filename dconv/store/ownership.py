@@ -56,7 +56,7 @@ __all__ = [
     "group_attributes",
 ]
 
-Kind = Literal["input", "model", "output", "model_output"]
+Kind = Literal["input", "model", "output", "model_output", "queries"]
 
 INPUT_MARKER = "dconv_input"
 """The group attribute that marks an input group dconv wrote: ``{"writer": ..., "version": ...}``."""
@@ -69,6 +69,9 @@ OUTPUT_MARKER = "dconv"
 
 MODEL_OUTPUT_MARKER = "dconv_model_output"
 """The group attribute of a model job's output (:mod:`dconv.store.model_output`): its provenance and status."""
+
+QUERIES_MARKER = "dconv_queries"
+"""The group attribute of a query group (:mod:`dconv.store.queries`)."""
 
 METADATA = "zarr.json"
 
@@ -83,8 +86,11 @@ OUTPUT_NAMES = frozenset(
 )
 """Everything dconv writes at the top of an output: the layout's arrays and subgroups, ``_progress``, the lease."""
 
-MODEL_OUTPUT_NAMES = frozenset({METADATA, LEASE_NAME, "layers", "stats"})
+MODEL_OUTPUT_NAMES = frozenset({METADATA, LEASE_NAME, "layers", "stats", "dots"})
 """Everything dconv writes at the top of a model job's output; ``layers/`` holds one dconv output per layer."""
+
+QUERIES_NAMES = frozenset({METADATA, "dW", "db", "layers"})
+"""Everything dconv writes at the top of a query group; ``layers/<name>/`` holds ``dW`` and ``db``."""
 
 LEGACY_INPUT_DIMENSIONS = {
     "A_prev": ["m", "H", "W", "C_prev"],
@@ -94,14 +100,27 @@ LEGACY_INPUT_DIMENSIONS = {
 }
 """The dimension names of input arrays written before the ``dconv_input`` marker."""
 
-_NAMES = {"input": INPUT_NAMES, "model": MODEL_NAMES, "output": OUTPUT_NAMES, "model_output": MODEL_OUTPUT_NAMES}
+_NAMES = {
+    "input": INPUT_NAMES,
+    "model": MODEL_NAMES,
+    "output": OUTPUT_NAMES,
+    "model_output": MODEL_OUTPUT_NAMES,
+    "queries": QUERIES_NAMES,
+}
 _WHAT = {
     "input": "a dconv input group",
     "model": "a dconv model input group",
     "output": "a dconv output",
     "model_output": "a dconv model output",
+    "queries": "a dconv query group",
 }
-_MARKERS = {"input": INPUT_MARKER, "model": MODEL_MARKER, "output": OUTPUT_MARKER, "model_output": MODEL_OUTPUT_MARKER}
+_MARKERS = {
+    "input": INPUT_MARKER,
+    "model": MODEL_MARKER,
+    "output": OUTPUT_MARKER,
+    "model_output": MODEL_OUTPUT_MARKER,
+    "queries": QUERIES_MARKER,
+}
 _LEASED = ("output", "model_output")
 """The kinds a job holds a lease on: its lease files are dconv's."""
 
@@ -264,6 +283,21 @@ def _foreign(url: str, storage_options: Mapping[str, Any] | None, kind: Kind) ->
         return _foreign_layers(url, storage_options, metadata)
     if kind == "model_output":
         return _foreign_output_layers(url, storage_options)
+    if kind == "queries":
+        return _foreign_query_layers(url, storage_options)
+    return None
+
+
+def _foreign_query_layers(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    """None if each entry of a query group's ``layers/`` holds only ``dW``, ``db`` and ``zarr.json``."""
+    layers = child_url(url, "layers")
+    listing = _list_top(layers, storage_options)
+    if listing == "file":
+        return f"is not {_WHAT['queries']} (its 'layers' is a file)"
+    for name in sorted(set(listing or ()) - {METADATA}):
+        inside = _list_top(child_url(layers, name), storage_options)
+        if inside == "file" or set(inside or ()) - {METADATA, "dW", "db"}:
+            return f"is not {_WHAT['queries']} (its layers/{name} holds what dconv did not write)"
     return None
 
 
@@ -329,6 +363,8 @@ def _group_kind(
     attributes = metadata.get("attributes") or {}
     if isinstance(attributes.get(MODEL_OUTPUT_MARKER), Mapping):
         return "model_output"
+    if isinstance(attributes.get(QUERIES_MARKER), Mapping):
+        return "queries"
     if isinstance(attributes.get(OUTPUT_MARKER), Mapping):
         return "output"
     if isinstance(attributes.get(MODEL_MARKER), Mapping):
