@@ -390,6 +390,33 @@ def worker_malloc_environment(env: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def main_module_withheld() -> Iterator[None]:
+    """While the block starts worker processes, they do not import the script that started them.
+
+    Python's ``spawn`` runs the parent's main module again in each child (its imports
+    and top level, but the ``if __name__ == "__main__":`` block): a script that imports
+    PyTorch would give every worker of the embedded cluster a few hundred MiB more than
+    the plan's memory limit allows, and the nannies would kill them at start, again and
+    again. The embedded cluster's workers run only dconv's tasks, which need nothing of
+    the script, so while the block runs the main module shows no file and no module
+    name, and ``spawn`` leaves it alone. A worker a nanny restarts later imports it again.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    try:
+        if main is not None:
+            if "__file__" in saved:
+                del main.__file__
+            main.__spec__ = None
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+        if main is not None and "__spec__" not in saved and hasattr(main, "__spec__"):
+            del main.__spec__
+
+
 def local_cluster_layout(workers: int | None) -> tuple[int, int]:
     """``(n_workers, blas_threads)`` so that workers x 1 thread x BLAS threads = cores."""
     cores = available_cores()
@@ -487,7 +514,8 @@ def _local_client(
     with contextlib.ExitStack() as stack:
         # A Ctrl-C meanwhile is raised here, and the cluster closed. The nannies hand this
         # process's Dask config (the profiler's setting) to the workers they start.
-        with withheld_from_new_processes(), dask.config.set(profiler), worker_malloc_environment(WORKER_MALLOC_ENV):
+        with withheld_from_new_processes(), dask.config.set(profiler), worker_malloc_environment(WORKER_MALLOC_ENV), \
+                main_module_withheld():
             cluster = stack.enter_context(
                 distributed.LocalCluster(
                     n_workers=n_workers,

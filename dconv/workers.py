@@ -208,3 +208,4 @@ def _some(addresses: list[str], shown: int = 2) -> str:
     """``worker tcp://a``, ``workers tcp://a, tcp://b`` or ``workers tcp://a, tcp://b and 3 more``."""
     more = f" and {len(addresses) - shown} more" if len(addresses) > shown else ""
     return f"worker{'s' if len(addresses) > 1 else ''} {', '.join(addresses[:shown])}{more}"
+

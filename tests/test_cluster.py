@@ -222,3 +222,22 @@ def test_commands_without_a_cluster_do_not_import_distributed(tmp_path, argv):
     args = [part.format(out=out) for part in argv]
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "False 0", result.stdout + result.stderr
+
+
+def test_the_embedded_workers_do_not_import_the_script_that_starts_them(tmp_path):
+    """A script whose top level holds 300 MiB (as one importing PyTorch does): spawned workers that ran it again
+    would hold more than their memory limit and be killed at start, again and again; the job must just run."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import numpy as np\n"
+        "import dconv\n"
+        "BALLAST = np.ones(300 * 2**20, dtype=np.uint8)  # touched: resident in every process that runs this\n"
+        "dconv.make_inputs('in.zarr', m=16, height=6, width=6, in_channels=2, out_channels=3)\n"
+        "print(dconv.backward_job('in.zarr', 'out.zarr', cluster=dconv.ClusterOptions(workers=1)).describe())\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "1 of 1 chunks computed" in result.stdout
