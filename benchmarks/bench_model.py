@@ -14,8 +14,9 @@ Run from the repository root, with the machine's OpenBLAS overrides unset for th
 3. Whole commands, interleaved in each of ``--rounds`` rounds (order alternating):
    ``dconv backward MODEL OUT --stats --no-dA-prev`` against one such command per layer,
    run one after the other. Medians; the ratio model / separate.
-4. The task stream of the model job on a 2-worker LocalCluster (in this process): each
-   worker's idle time between its first and last chunk task, and the longest gap.
+4. The task stream of the model job, twice, on one 2-worker LocalCluster (in this process):
+   each worker's idle time between its first and last task (chunks, combines, the shared
+   context), and the longest gap.
 """
 
 from __future__ import annotations
@@ -113,27 +114,30 @@ def run(args: list) -> float:
     return time.perf_counter() - t0
 
 
-def idle_report(model: str, work: Path) -> dict:
-    """Each worker's idle seconds between its first and last chunk task of the model job, and the longest gap."""
+def idle_report(model: str, work: Path, runs: int = 2) -> list[dict]:
+    """Per run of the model job on one 2-worker LocalCluster (the first on fresh workers): each worker's
+    idle seconds between its first and last task, and the longest gap."""
     import distributed
 
+    reports = []
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
-        with distributed.get_task_stream(client) as stream:
-            dconv.backward_job(model, work / "stream.zarr", stats=True, dA_prev=False, client=client, overwrite=True)
-        busy: dict = {}
-        for task in stream.data:
-            if "dconv-chunk" not in str(task["key"]):
-                continue
-            span = [s for s in task["startstops"] if s["action"] == "compute"]
-            busy.setdefault(task["worker"], []).extend((s["start"], s["stop"]) for s in span)
-    report = {}
-    for worker, spans in busy.items():
-        spans.sort()
-        gaps = [max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])]
-        report[worker] = {"tasks": len(spans), "span_s": spans[-1][1] - spans[0][0], "idle_s": sum(gaps),
-                          "longest_gap_s": max(gaps, default=0.0)}
-    return report
+        for _ in range(runs):
+            with distributed.get_task_stream(client) as stream:
+                dconv.backward_job(model, work / "stream.zarr", stats=True, dA_prev=False, client=client,
+                                   overwrite=True)
+            busy: dict = {}
+            for task in stream.data:
+                span = [s for s in task["startstops"] if s["action"] == "compute"]
+                busy.setdefault(task["worker"], []).extend((s["start"], s["stop"]) for s in span)
+            report = {}
+            for worker, spans in busy.items():
+                spans.sort()
+                gaps = [max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])]
+                report[worker] = {"tasks": len(spans), "span_s": spans[-1][1] - spans[0][0], "idle_s": sum(gaps),
+                                  "longest_gap_s": max(gaps, default=0.0)}
+            reports.append(report)
+    return reports
 
 
 def main() -> None:
@@ -190,9 +194,10 @@ def main() -> None:
         print(f"median: model job {medians['model']:.2f} s, {len(layers)} separate jobs {medians['separate']:.2f} s, "
               f"ratio {ratio:.2f}")
         idle = idle_report(str(model), work)
-        for worker, figures in idle.items():
-            print(f"worker {worker}: {figures['tasks']} chunk tasks over {figures['span_s']:.2f} s, idle "
-                  f"{figures['idle_s']:.3f} s between them, longest gap {figures['longest_gap_s'] * 1e3:.1f} ms")
+        for run, report in enumerate(idle, start=1):
+            for worker, figures in report.items():
+                print(f"task stream, run {run}: worker {worker}: {figures['tasks']} tasks over {figures['span_s']:.2f} s, "
+                      f"idle {figures['idle_s']:.3f} s between them, longest gap {figures['longest_gap_s'] * 1e3:.1f} ms")
         if args.json:
             args.json.write_text(json.dumps({"cpu": cpu_description(), "m": args.m, "layers": layers,
                                              "errors": errors, "times": times, "ratio": ratio, "idle": idle},

@@ -282,6 +282,8 @@ class _ClusterWaves:
         self.finished = finished
         largest = max((g.wave_chunks(node) for g in self.graphs for node in g.roots), default=1)
         self.budget = max(1, in_flight) * largest  # chunks unfinished at most, but always one wave
+        if len(self.graphs) > 1:  # small layers' whole trees are small waves: keep a full wave's chunks queued
+            self.budget = max(self.budget, waves[0].wave_chunks)
 
     def order(self) -> list[tuple[int, Node]]:
         """Every wave to compute, as (graph, wave root): a wave of each graph in turn, each graph's in chunk order."""
@@ -326,12 +328,13 @@ class _ClusterWaves:
                 total = future.result()
                 graph.result = Partial(total.reduced, _add_seconds(graph.seconds, total.seconds), total.levels)
                 graph.done = True
-                self.finished(g, graph.result)
             elif node[0] <= graph.waves.depth:  # only a wave's step times come back
                 graph.seconds = _add_seconds(graph.seconds, future.result())
             future.release()  # before the next wave is submitted: the scheduler forgets this one first
             unfinished -= chunks
             submit_waves()
+            if graph.done:  # after the next waves are submitted: the workers go on while this one is written
+                self.finished(g, graph.result)
             if node != graph.graph.root:
                 parent = graph.parent[node]
                 graph.missing[parent] -= 1
