@@ -23,7 +23,7 @@ import numpy as np
 
 from dconv.errors import InputError
 from dconv.options import JobOptions
-from dconv.plan import JobPlan, _absolute_paths, _versions, plan_job
+from dconv.plan import JobPlan, _absolute_paths, _versions, check_resumable, identity_differences, plan_job
 from dconv.report import count
 from dconv.simd import ENV_VAR as SIMD_ENV_VAR
 from dconv.simd import parse_word
@@ -95,25 +95,11 @@ class ModelPlan:
 
     def resume_differences(self, stored: Mapping[str, Any]) -> list[str]:
         """How this job differs from the one that wrote the root provenance ``stored``."""
-        there = {
-            **{key: stored.get(key) for key in ("input", "m", "model_layers")},
-            **JobOptions.from_dict(stored).identity(),
-        }
-        here = self.identity()
-        return [
-            f"{key}: {here.get(key)!r} here, {there.get(key)!r} in out"
-            for key in dict.fromkeys([*here, *there])
-            if here.get(key) != there.get(key)
-        ]
+        return identity_differences(self.identity(), stored, ("input", "m", "model_layers"))
 
     def check_resumable(self, stored: Mapping[str, Any]) -> None:
         """Raises InputError naming what differs if another job made the model output to resume."""
-        differences = self.resume_differences(stored)
-        if differences:
-            raise InputError(
-                f"cannot resume {self.out.location!r}: it was made by another job ({'; '.join(differences)}); "
-                "give the input it was made from, or write to another out."
-            )
+        check_resumable(self.out.location, self.resume_differences(stored))
 
     def task_memory(self) -> int:
         """Bytes the largest task of any layer holds at its peak."""

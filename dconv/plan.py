@@ -158,14 +158,7 @@ class JobPlan:
 
     def resume_differences(self, stored: Mapping[str, Any]) -> list[str]:
         """How this job differs from the one that wrote the provenance ``stored``: ``"key: here, in out"`` each."""
-        recorded = {key: stored.get(key) for key in ("input", "shapes", "dtypes")}
-        there = {**recorded, **JobOptions.from_dict(stored).identity()}
-        here = self.identity()
-        return [
-            f"{key}: {here.get(key)!r} here, {there.get(key)!r} in out"
-            for key in dict.fromkeys([*here, *there])
-            if here.get(key) != there.get(key)
-        ]
+        return identity_differences(self.identity(), stored, ("input", "shapes", "dtypes"))
 
     def check_resumable(self, stored: Mapping[str, Any]) -> None:
         """Refuse to resume the output whose provenance is ``stored`` if another job made it.
@@ -176,12 +169,7 @@ class JobPlan:
             Naming what differs; the options were taken from the output
             (:meth:`JobOptions.resuming`), so what differs is the input.
         """
-        differences = self.resume_differences(stored)
-        if differences:
-            raise InputError(
-                f"cannot resume {self.out.location!r}: it was made by another job ({'; '.join(differences)}); "
-                "give the input it was made from, or write to another out."
-            )
+        check_resumable(self.out.location, self.resume_differences(stored))
 
     def provenance(self) -> dict[str, Any]:
         """The ``dconv`` attribute of a new output, less identity, status and times."""
@@ -304,6 +292,26 @@ class JobPlan:
     def run_chunk(self, index: int) -> Partial:
         """Run chunk ``index``'s task here, as a worker would: read, compute, write (the output must be open)."""
         return self.graph().run_chunk(index)
+
+
+def identity_differences(here: Mapping[str, Any], stored: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    """How the identity ``here`` differs from the one a provenance ``stored`` recorded (its ``keys`` and its
+    options'): ``"key: here, in out"`` each."""
+    there = {**{key: stored.get(key) for key in keys}, **JobOptions.from_dict(stored).identity()}
+    return [
+        f"{key}: {here.get(key)!r} here, {there.get(key)!r} in out"
+        for key in dict.fromkeys([*here, *there])
+        if here.get(key) != there.get(key)
+    ]
+
+
+def check_resumable(location: str, differences: Sequence[str]) -> None:
+    """Raises InputError naming ``differences`` if there are any: another job made the output at ``location``."""
+    if differences:
+        raise InputError(
+            f"cannot resume {location!r}: it was made by another job ({'; '.join(differences)}); "
+            "give the input it was made from, or write to another out."
+        )
 
 
 def _versions() -> dict[str, str]:

@@ -24,13 +24,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import zarr
 
-from dconv.errors import InputError
 from dconv.statistics import SAMPLE_GRAD_NORM2, merge_top, noise_figures, top_samples
 from dconv.store.layout import SAMPLE_DOT
 from dconv.store.lease import LEASE_NAME
 from dconv.store.locations import create_group, open_group, public_location
-from dconv.store.output import _check_apart_from_input, fingerprint, now
-from dconv.store.ownership import MODEL_OUTPUT_MARKER, check_replaceable, is_vacant, remove_own
+from dconv.store.output import check_output_target, fingerprint, now
+from dconv.store.ownership import MODEL_OUTPUT_MARKER, remove_own
 
 __all__ = ["ModelOutput", "MODEL_ATTR", "LAYERS", "model_figures", "NORM_BLOCK"]
 
@@ -86,22 +85,7 @@ class ModelOutput:
         ------
         InputError
         """
-        _check_apart_from_input(self.url, input_location)
-        if overwrite and resume:
-            raise InputError("give overwrite=True or resume=True, not both.")
-        if is_vacant(self.url, self.storage_options):
-            return
-        if not overwrite and not resume:
-            raise InputError(
-                f"out {self.location!r} already exists; pass overwrite=True to replace it or resume=True to continue it."
-            )
-        if overwrite:
-            check_replaceable(self.url, self.storage_options, "model_output", name="out")
-        elif self.provenance() is None:
-            raise InputError(
-                f"out {self.location!r} exists and is not a dconv model output; refusing to resume it. "
-                "Choose another path."
-            )
+        check_output_target(self, input_location, overwrite=overwrite, resume=resume, kind="model_output")
 
     def open(self, identity: Mapping[str, Any], provenance: Mapping[str, Any], *, resume: bool,
              resumed: Mapping[str, Any] | None = None) -> None:

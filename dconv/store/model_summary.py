@@ -17,7 +17,7 @@ from dconv.store.lease import read_lease
 from dconv.store.locations import open_group, public_location
 from dconv.store.model_output import MODEL_ATTR, ModelOutput
 from dconv.store.output import OutputStore
-from dconv.store.summary import _format_lease, _format_resume, _json_float, resume_command
+from dconv.store.summary import _format_resume, _json_float, resume_command, status_lines
 
 __all__ = ["is_model_output", "summarize_model", "format_model_summary"]
 
@@ -81,13 +81,7 @@ def summarize_model(url: str, storage_options: Mapping[str, Any] | None = None) 
 def format_model_summary(summary: Mapping[str, Any]) -> str:
     """The human-readable form of :func:`summarize_model`'s result."""
     status, layers = summary["status"], summary["layers"]
-    lines = [f"{summary['location']}: {status} (model of {len(layers)} layers, m = {summary['m']})"]
-    if status == "running" and not summary["running"]:
-        held = "its lease is stale" if summary["lease"] else "no job holds its lease"
-        lines = [f"{summary['location']}: not running any more (its status says running, but {held}: "
-                 "its job was killed or lost its node)"]
-    if summary["lease"]:
-        lines.append(_format_lease(summary["lease"]))
+    lines = status_lines(summary, f"{summary['location']}: {status} (model of {len(layers)} layers, m = {summary['m']})")
     if not summary["complete"]:
         chunks = summary["chunks"]
         lines.append(f"  INCOMPLETE: {chunks['done']} of {chunks['total']} batch chunks of the started layers done")

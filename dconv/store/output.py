@@ -142,21 +142,7 @@ class OutputStore:
         ------
         InputError
         """
-        _check_apart_from_input(self.url, input_location)
-        if overwrite and resume:
-            raise InputError("give overwrite=True or resume=True, not both.")
-        if is_vacant(self.url, self.storage_options):  # nothing, or only a job's lease
-            return
-        if not overwrite and not resume:
-            raise InputError(
-                f"out {self.location!r} already exists; pass overwrite=True to replace it or resume=True to continue it."
-            )
-        if overwrite:
-            check_replaceable(self.url, self.storage_options, "output", name="out")
-        elif self.provenance() is None:
-            raise InputError(
-                f"out {self.location!r} exists and is not a dconv output; refusing to resume it. Choose another path."
-            )
+        check_output_target(self, input_location, overwrite=overwrite, resume=resume, kind="output")
 
     def open(
         self,
@@ -443,6 +429,27 @@ def _block_arrays(url: str, options_key: str, layout: OutputLayout) -> dict[str,
     return {
         entry.name: group[entry.name].with_config({"write_empty_chunks": True}) for entry in layout.of_kind(Kind.BLOCK)
     }
+
+
+def check_output_target(
+    out: Any, input_location: str | None, *, overwrite: bool, resume: bool, kind: str
+) -> None:
+    """:meth:`OutputStore.check_target` for an output of ``kind`` (``"output"``, ``"model_output"``): ``out``
+    has ``url``, ``storage_options``, ``location`` and ``provenance()`` (None where it is not one of that kind)."""
+    _check_apart_from_input(out.url, input_location)
+    if overwrite and resume:
+        raise InputError("give overwrite=True or resume=True, not both.")
+    if is_vacant(out.url, out.storage_options):  # nothing, or only a job's lease
+        return
+    if not overwrite and not resume:
+        raise InputError(
+            f"out {out.location!r} already exists; pass overwrite=True to replace it or resume=True to continue it."
+        )
+    if overwrite:
+        check_replaceable(out.url, out.storage_options, kind, name="out")
+    elif out.provenance() is None:
+        what = "a dconv model output" if kind == "model_output" else "a dconv output"
+        raise InputError(f"out {out.location!r} exists and is not {what}; refusing to resume it. Choose another path.")
 
 
 def _check_apart_from_input(out: str, input_location: str | None) -> None:

@@ -214,13 +214,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
         return format_model_summary(summary)
     chunks, provenance, status = summary["chunks"], summary["provenance"], summary["status"]
-    lines = [f"{summary['location']}: {status}"]
-    if status == "running" and not summary["running"]:
-        held = "its lease is stale" if summary["lease"] else "no job holds its lease"
-        lines = [f"{summary['location']}: not running any more (its status says running, but {held}: "
-                 "its job was killed or lost its node)"]
-    if summary["lease"]:
-        lines.append(_format_lease(summary["lease"]))
+    lines = status_lines(summary, f"{summary['location']}: {status}")
     if not summary["complete"]:
         listed = sum(last - first + 1 for first, last in chunks["missing"])
         more = " ..." if chunks["missing_count"] > listed else ""
@@ -261,6 +255,18 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if key in provenance and provenance[key] not in ({}, None):
             lines.append(f"    {key}: {provenance[key]}")
     return "\n".join(lines)
+
+
+def status_lines(summary: Mapping[str, Any], first: str) -> list[str]:
+    """``first`` (the location and status), or that the job is not running any more, then the lease's line."""
+    lines = [first]
+    if summary["status"] == "running" and not summary["running"]:
+        held = "its lease is stale" if summary["lease"] else "no job holds its lease"
+        lines = [f"{summary['location']}: not running any more (its status says running, but {held}: "
+                 "its job was killed or lost its node)"]
+    if summary["lease"]:
+        lines.append(_format_lease(summary["lease"]))
+    return lines
 
 
 def _format_lease(lease: Mapping[str, Any]) -> str:
