@@ -194,9 +194,9 @@ def main() -> None:
         print(f"median: model job {medians['model']:.2f} s, {len(layers)} separate jobs {medians['separate']:.2f} s, "
               f"ratio {ratio:.2f}")
         idle = idle_report(str(model), work)
-        for run, report in enumerate(idle, start=1):
+        for number, report in enumerate(idle, start=1):
             for worker, figures in report.items():
-                print(f"task stream, run {run}: worker {worker}: {figures['tasks']} tasks over {figures['span_s']:.2f} s, "
+                print(f"task stream, run {number}: worker {worker}: {figures['tasks']} tasks over {figures['span_s']:.2f} s, "
                       f"idle {figures['idle_s']:.3f} s between them, longest gap {figures['longest_gap_s'] * 1e3:.1f} ms")
         if args.json:
             args.json.write_text(json.dumps({"cpu": cpu_description(), "m": args.m, "layers": layers,
