@@ -102,7 +102,8 @@ def test_shipped_pipeline_specs_parse(path):
     "document, message",
     [
         ({**MINIMAL, "job": {"batch_chunks": 4}}, "unknown key 'batch_chunks' in [job]; known keys: layers, batch_chunk, "
-                                                   "max_memory, split_every, check_finite, simd, dA_prev, stats. Did you mean 'batch_chunk'?"),
+                                                   "max_memory, split_every, check_finite, simd, dA_prev, stats, dot, sketch, "
+                                                   "sketch_kind, sketch_seed, sketch_like, sketch_dtype. Did you mean 'batch_chunk'?"),
         ({**MINIMAL, "job": {"split_evry": 4}}, "Did you mean 'split_every'?"),
         ({**MINIMAL, "output": {"path": "o", "overwrit": True}}, "Did you mean 'overwrite'?"),
         ({**MINIMAL, "conv": {"strides": 2}}, "Did you mean 'stride'?"),
