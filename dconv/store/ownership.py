@@ -7,9 +7,9 @@ a backward job's output) when ``overwrite=True`` (``--overwrite``, a spec's
 - nothing is there, or an empty directory; or
 - it is a group dconv wrote, of the kind being written: its ``zarr.json``
   carries dconv's marker (``dconv_input`` for an input group, ``dconv_model``
-  for a model input group, ``dconv`` for an output), and its top level holds
-  nothing but names dconv writes there (:data:`INPUT_NAMES`,
-  :data:`MODEL_NAMES`, :data:`OUTPUT_NAMES`). A model input group's
+  for a model input group, ``dconv`` for an output, ``dconv_score`` for a
+  score output), and its top level holds nothing but names dconv writes there
+  (:data:`INPUT_NAMES`, :data:`MODEL_NAMES`, :data:`OUTPUT_NAMES`, :data:`SCORE_NAMES`). A model input group's
   ``layers/`` may hold nothing but the layers its marker names, each an input
   group dconv may replace by the same rule.
 
@@ -44,10 +44,12 @@ __all__ = [
     "MODEL_MARKER",
     "OUTPUT_MARKER",
     "MODEL_OUTPUT_MARKER",
+    "SCORE_MARKER",
     "INPUT_NAMES",
     "MODEL_NAMES",
     "OUTPUT_NAMES",
     "MODEL_OUTPUT_NAMES",
+    "SCORE_NAMES",
     "LEGACY_INPUT_DIMENSIONS",
     "check_replaceable",
     "is_vacant",
@@ -56,7 +58,7 @@ __all__ = [
     "group_attributes",
 ]
 
-Kind = Literal["input", "model", "output", "model_output"]
+Kind = Literal["input", "model", "output", "model_output", "score"]
 
 INPUT_MARKER = "dconv_input"
 """The group attribute that marks an input group dconv wrote: ``{"writer": ..., "version": ...}``."""
@@ -69,6 +71,9 @@ OUTPUT_MARKER = "dconv"
 
 MODEL_OUTPUT_MARKER = "dconv_model_output"
 """The group attribute of a model job's output (:mod:`dconv.store.model_output`): its provenance and status."""
+
+SCORE_MARKER = "dconv_score"
+"""The group attribute of a score output (:mod:`dconv.store.score_output`): its provenance and status."""
 
 METADATA = "zarr.json"
 
@@ -86,6 +91,9 @@ OUTPUT_NAMES = frozenset(
 MODEL_OUTPUT_NAMES = frozenset({METADATA, LEASE_NAME, "layers", "stats"})
 """Everything dconv writes at the top of a model job's output; ``layers/`` holds one dconv output per layer."""
 
+SCORE_NAMES = frozenset({METADATA, LEASE_NAME, PROGRESS, "top", "scores"})
+"""Everything dconv writes at the top of a score output (``dconv score``)."""
+
 LEGACY_INPUT_DIMENSIONS = {
     "A_prev": ["m", "H", "W", "C_prev"],
     "dZ": ["m", "n_H", "n_W", "C"],
@@ -94,15 +102,18 @@ LEGACY_INPUT_DIMENSIONS = {
 }
 """The dimension names of input arrays written before the ``dconv_input`` marker."""
 
-_NAMES = {"input": INPUT_NAMES, "model": MODEL_NAMES, "output": OUTPUT_NAMES, "model_output": MODEL_OUTPUT_NAMES}
+_NAMES = {"input": INPUT_NAMES, "model": MODEL_NAMES, "output": OUTPUT_NAMES, "model_output": MODEL_OUTPUT_NAMES,
+          "score": SCORE_NAMES}
 _WHAT = {
     "input": "a dconv input group",
     "model": "a dconv model input group",
     "output": "a dconv output",
     "model_output": "a dconv model output",
+    "score": "a dconv score output",
 }
-_MARKERS = {"input": INPUT_MARKER, "model": MODEL_MARKER, "output": OUTPUT_MARKER, "model_output": MODEL_OUTPUT_MARKER}
-_LEASED = ("output", "model_output")
+_MARKERS = {"input": INPUT_MARKER, "model": MODEL_MARKER, "output": OUTPUT_MARKER, "model_output": MODEL_OUTPUT_MARKER,
+            "score": SCORE_MARKER}
+_LEASED = ("output", "model_output", "score")
 """The kinds a job holds a lease on: its lease files are dconv's."""
 
 
@@ -327,6 +338,8 @@ def _group_kind(
 ) -> Kind | None:
     """Which of dconv's groups the group whose ``zarr.json`` is ``metadata`` is, if any."""
     attributes = metadata.get("attributes") or {}
+    if isinstance(attributes.get(SCORE_MARKER), Mapping):
+        return "score"
     if isinstance(attributes.get(MODEL_OUTPUT_MARKER), Mapping):
         return "model_output"
     if isinstance(attributes.get(OUTPUT_MARKER), Mapping):
