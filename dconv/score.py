@@ -405,7 +405,7 @@ def _open(plan: ScorePlan, where: Mapping[str, Any]) -> set[tree.Node]:
         return plan.out.records.list()
     from dconv.plan import _versions
 
-    plan.out.create({**plan.identity(), "cluster": dict(where), "versions": _versions()}, m_train=plan.m_train,
+    plan.out.create({**plan.identity(), "split_every": SPLIT_EVERY, "cluster": dict(where), "versions": _versions()}, m_train=plan.m_train,
                     m_query=plan.m_query, top=plan.top, full=plan.full, block=plan.block)
     return set()
 
