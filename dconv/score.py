@@ -29,6 +29,7 @@ import contextlib
 import math
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from os import PathLike
@@ -40,7 +41,7 @@ import numpy as np
 from dconv.cluster import ClusterOptions, connect
 from dconv.errors import InputError, JobInterrupted
 from dconv.graph import CHUNK_PREFIX
-from dconv.kernel.topk import TopLists, merge_top, tile_top
+from dconv.kernel.topk import TopLists, merge_top, panel_extremes, tile_top
 from dconv.progress import report_chunk_done
 from dconv.store.lease import DEFAULT_TIMEOUT, check_unheld, hold
 from dconv.store.locations import absolute_location
@@ -275,8 +276,26 @@ def plan_score(
 # --------------------------------------------------------------------------- the tasks
 
 
+def _hold_blas_to_one_thread() -> None:
+    """Hold BLAS to one thread in this process from now on, if it is not already.
+
+    A task runs on a worker thread of its own: a limit set and restored by each task
+    would race with the others'. On a distributed worker the limit stays (the embedded
+    cluster's workers start with one BLAS thread anyway); a local run sets it once
+    around the whole computation (:func:`_local_blas`), so its tasks find it set.
+    """
+    from dconv.kernel.threads import _blas_controller, blas_threads
+
+    if blas_threads() > 1:
+        _blas_controller().limit(limits=1, user_api="blas")
+
+
 @contextlib.contextmanager
-def _one_blas_thread():
+def _local_blas(scheduler: str | None):
+    """One BLAS thread while a local scheduler runs the tasks in this process, restored afterwards."""
+    if scheduler is None:
+        yield
+        return
     from dconv.kernel.threads import _blas_controller
 
     with _blas_controller().limit(limits=1, user_api="blas"):
@@ -300,10 +319,25 @@ def load_queries(plan: ScorePlan) -> np.ndarray | None:
     return features
 
 
-def block_tile(plan: ScorePlan, queries: np.ndarray | None, index: int) -> tuple[np.ndarray, int]:
-    """Block ``index``'s score tile (n_panels, m_query, PANEL) and the train index of its column 0.
+def _scratch(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 buffer of ``shape`` this thread keeps for its next block: a tile of 100 MiB, allocated
+    anew for each task, would cost its page faults each time (glibc maps it fresh above 32 MiB)."""
+    held = getattr(_SCRATCH, "tile", None)
+    if held is None or held.shape != shape:
+        _SCRATCH.tile = held = None  # let the old one go first
+        _SCRATCH.tile = held = np.empty(shape, dtype=np.float32)
+    return held
 
-    The panels are aligned to multiples of :data:`PANEL`; columns outside the block are NaN.
+
+_SCRATCH = threading.local()
+
+
+def block_tile(plan: ScorePlan, queries: np.ndarray | None, index: int) -> tuple[np.ndarray, int, Any]:
+    """Block ``index``'s score tile (n_panels, m_query, PANEL), the train index of its column 0, and the
+    panels' elementwise ``(max, min)`` (sketch mode; None in dot mode) for :func:`tile_top`.
+
+    The panels are aligned to multiples of :data:`PANEL`; columns outside the block are NaN. In sketch
+    mode the tile is this thread's scratch buffer (:func:`_scratch`): valid until its next block.
     """
     start, stop = plan.bounds(index)
     first = start // PANEL * PANEL
@@ -314,29 +348,33 @@ def block_tile(plan: ScorePlan, queries: np.ndarray | None, index: int) -> tuple
             rows = rows * _scale(plan.train.read_norms(start, stop))[:, None] * queries[None, :]
         padded = np.full((n_panels * PANEL, plan.m_query), np.nan)
         padded[start - first : stop - first] = rows
-        return np.ascontiguousarray(padded.reshape(n_panels, PANEL, plan.m_query).transpose(0, 2, 1)), first
+        return np.ascontiguousarray(padded.reshape(n_panels, PANEL, plan.m_query).transpose(0, 2, 1)), first, None
     features = np.zeros((n_panels * PANEL, plan.train.features), dtype=np.float32)
     features[start - first : stop - first] = plan.train.read_features(start, stop)
     if plan.normalize:
         features[start - first : stop - first] *= _scale(plan.train.read_norms(start, stop)).astype(np.float32)[:, None]
-    tile = np.empty((n_panels, plan.m_query, PANEL), dtype=np.float32)
-    with _one_blas_thread():
-        for p in range(n_panels):
-            # tile[p, q, j] = sum_f queries[q, f] * features[p * PANEL + j, f]
-            np.matmul(queries, features[p * PANEL : (p + 1) * PANEL].T, out=tile[p])
-    tile[0, :, : start - first] = np.nan
-    tile[-1, :, stop - first - (n_panels - 1) * PANEL :] = np.nan
-    return tile, first
+    tile = _scratch((n_panels, plan.m_query, PANEL))
+    _hold_blas_to_one_thread()
+    extremes = None
+    for p in range(n_panels):
+        # tile[p, q, j] = sum_f queries[q, f] * features[p * PANEL + j, f]
+        np.matmul(queries, features[p * PANEL : (p + 1) * PANEL].T, out=tile[p])
+        if p == 0:
+            tile[0, :, : start - first] = np.nan
+        if p == n_panels - 1:
+            tile[-1, :, stop - first - (n_panels - 1) * PANEL :] = np.nan
+        extremes = panel_extremes(tile, p, extremes)   # while the panel is in cache
+    return tile, first, extremes
 
 
 def run_block(plan: ScorePlan, queries: np.ndarray | None, index: int) -> TopLists:
     """Block task ``index``: its tile, its rows of ``scores`` (``full``), its lists, then its record."""
     start, stop = plan.bounds(index)
-    tile, first = block_tile(plan, queries, index)
+    tile, first, extremes = block_tile(plan, queries, index)
     if plan.full:
         rows = tile.transpose(0, 2, 1).reshape(-1, plan.m_query)[start - first : stop - first]
         plan.out.write_scores(start, rows)
-    lists = tile_top(tile, first, plan.top)
+    lists = tile_top(tile, first, plan.top, extremes)
     plan.out.records.write((0, index), lists.arrays(), np.zeros(1, np.uint8))
     report_chunk_done(plan.out.url, index)
     return lists
@@ -418,8 +456,9 @@ def _compute(plan: ScorePlan, client: Any, scheduler: str | None, progress: bool
     stored = _open(plan, where)
     try:
         graph, blocks = build_graph(plan, stored)
-        lists = compute_with_progress(graph, plan.out.url, blocks, client=client, scheduler=scheduler,
-                                      show=progress and blocks > 0)
+        with _local_blas(scheduler):
+            lists = compute_with_progress(graph, plan.out.url, blocks, client=client, scheduler=scheduler,
+                                          show=progress and blocks > 0)
         lease.check()
         seconds = time.perf_counter() - t0
         plan.out.finish(lists.arrays(), seconds=round(seconds, 3))

@@ -53,8 +53,10 @@ def pair(tmp_path, rng):
     return paths, features([train]), features([query]), norms
 
 
-def test_blockwise_equals_dense_bitwise_across_blocks(pair, tmp_path):
+@pytest.mark.parametrize("split_every", [SPLIT_EVERY, 2])
+def test_blockwise_equals_dense_bitwise_across_blocks_and_trees(pair, tmp_path, monkeypatch, split_every):
     (train, query), F, Q, _ = pair
+    monkeypatch.setattr(score_module, "SPLIT_EVERY", split_every)
     expected = dense_top(panel_products(F, Q), TOP)
     for block in (7, 16, M_TRAIN):
         result = score_job(train, query, tmp_path / f"s{block}.zarr", top=TOP, block=block, scheduler="synchronous")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TopLists", "tile_top", "merge_top", "dense_top"]
+__all__ = ["TopLists", "tile_top", "panel_extremes", "merge_top", "dense_top"]
 
 
 
@@ -71,12 +71,14 @@ def _select(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, t
     return out_index, out_score
 
 
-def _group_extreme(tile: np.ndarray, largest: bool) -> np.ndarray:
+def _group_extreme(tile: np.ndarray, largest: bool, extreme: np.ndarray | None = None) -> np.ndarray:
     """Each group's largest (smallest) score, NaN left out; -inf (+inf) for a group of NaN only.
 
     ``tile`` (n_panels, n_q, P): group ``(q, j)`` is ``tile[:, q, j]``. Returns (n_q, P).
+    ``extreme``: ``tile.max(axis=0)`` (``min``) if the caller has it already (it is completed in place).
     """
-    extreme = tile.max(axis=0) if largest else tile.min(axis=0)   # elementwise over whole panels
+    if extreme is None:
+        extreme = tile.max(axis=0) if largest else tile.min(axis=0)   # elementwise over whole panels
     nan = np.isnan(extreme)                                   # a NaN in the group: look again, without it
     if nan.any():
         query, column = np.nonzero(nan)
@@ -85,7 +87,9 @@ def _group_extreme(tile: np.ndarray, largest: bool) -> np.ndarray:
     return extreme
 
 
-def _candidates(tile: np.ndarray, top: int, largest: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _candidates(
+    tile: np.ndarray, top: int, largest: bool, extreme: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(panel, query, column)`` of the scores of ``tile`` (n_panels, n_q, P) that may be in a list.
 
     Group ``(q, j)`` is query ``q``'s scores in column ``j`` of every panel. The
@@ -99,7 +103,7 @@ def _candidates(tile: np.ndarray, top: int, largest: bool) -> tuple[np.ndarray, 
     n_panels, n_q, width = tile.shape
     if width <= top:                                          # fewer groups than the list: every score
         return np.nonzero(~np.isnan(tile))
-    extreme = _group_extreme(tile, largest)                   # (n_q, P)
+    extreme = _group_extreme(tile, largest, extreme)          # (n_q, P)
     kth = width - top if largest else top - 1
     bound = np.partition(extreme, kth, axis=1)[:, kth]        # (n_q,)
     query, column = np.nonzero(extreme >= bound[:, None] if largest else extreme <= bound[:, None])
@@ -109,7 +113,9 @@ def _candidates(tile: np.ndarray, top: int, largest: bool) -> tuple[np.ndarray, 
     return panel, query[pair], column[pair]
 
 
-def tile_top(tile: np.ndarray, first: int, top: int) -> TopLists:
+def tile_top(
+    tile: np.ndarray, first: int, top: int, extremes: tuple[np.ndarray, np.ndarray] | None = None
+) -> TopLists:
     """The lists of a score tile.
 
     Parameters
@@ -121,6 +127,9 @@ def tile_top(tile: np.ndarray, first: int, top: int) -> TopLists:
         The train index of ``tile[0, :, 0]``.
     top : int
         Length of each list (>= 1).
+    extremes : (ndarray, ndarray), optional
+        ``tile.max(axis=0)`` and ``tile.min(axis=0)`` (n_q, P), NaN propagated, if the caller made
+        them while the panels were in cache (:func:`panel_extremes`); they are overwritten.
 
     Returns
     -------
@@ -129,12 +138,21 @@ def tile_top(tile: np.ndarray, first: int, top: int) -> TopLists:
     """
     n_q, width = tile.shape[1], tile.shape[2]
     lists = []
-    for largest in (True, False):
-        panel, query, column = _candidates(tile, top, largest)
+    for largest, extreme in zip((True, False), extremes or (None, None)):
+        panel, query, column = _candidates(tile, top, largest, extreme)
         score = tile[panel, query, column].astype(np.float64)
         index = first + panel.astype(np.int64) * width + column
         lists.append(_select(query, index, score, n_q, top, largest))
     return TopLists(*lists[0], *lists[1])
+
+
+def panel_extremes(tile: np.ndarray, p: int, extremes: tuple[np.ndarray, np.ndarray] | None):
+    """Fold panel ``p`` of ``tile`` into the running ``(max, min)`` over panels (new arrays for ``p == 0``)."""
+    if extremes is None:
+        return tile[p].copy(), tile[p].copy()
+    np.maximum(extremes[0], tile[p], out=extremes[0])
+    np.minimum(extremes[1], tile[p], out=extremes[1])
+    return extremes
 
 
 def merge_top(parts: list[TopLists], top: int) -> TopLists:
