@@ -26,8 +26,6 @@ so the result has the same bits for every block size, tree and worker count::
 from __future__ import annotations
 
 import contextlib
-import math
-import shlex
 import sys
 import threading
 import time
@@ -37,6 +35,7 @@ from typing import Any, Callable, Mapping
 
 import dask
 import numpy as np
+from dask.delayed import Delayed
 
 from dconv.cluster import ClusterOptions, connect
 from dconv.errors import InputError, JobInterrupted
@@ -46,10 +45,10 @@ from dconv.progress import report_chunk_done
 from dconv.store.lease import DEFAULT_TIMEOUT, check_unheld, hold
 from dconv.store.locations import absolute_location
 from dconv.store.output import now
-from dconv.store.score_output import ScoreOutput, ScoreSource, open_source
+from dconv.store.score_output import ScoreOutput, ScoreSource, open_source, resume_command
 from dconv import tree
 
-__all__ = ["ScorePlan", "ScoreResult", "plan_score", "run_score", "score_job", "choose_block", "PANEL"]
+__all__ = ["ScorePlan", "ScoreResult", "plan_score", "run_score", "score_job", "choose_block", "resume_command", "PANEL"]
 
 PANEL = 256
 """Train rows per GEMM: every product is computed in a GEMM of this shape, so its bits never depend on the block."""
@@ -417,23 +416,10 @@ def build_graph(plan: ScorePlan, stored: set[tree.Node]) -> tuple[Any, int]:
         return key
 
     root = add((tree.tree_height(plan.n_blocks, SPLIT_EVERY), 0))
-    from dask.delayed import Delayed
-
     return Delayed(root, graph), blocks
 
 
 # --------------------------------------------------------------------------- running
-
-
-def resume_command(location: str, provenance: Mapping[str, Any]) -> str:
-    """``dconv score TRAIN QUERY OUT --resume`` (``-`` for no QUERY, ``--dots`` in dot mode) and the cluster flags."""
-    try:
-        cluster = ClusterOptions.from_dict(provenance.get("cluster") or {})
-    except InputError:  # a recorded cluster this dconv no longer accepts: resume on the embedded one
-        cluster = ClusterOptions()
-    dots = ["--dots"] if provenance.get("mode") == "dot" else []
-    return shlex.join(["dconv", "score", str(provenance.get("train")), str(provenance.get("query") or "-"), location,
-                       "--resume", *dots, *cluster.flags()])
 
 
 def _open(plan: ScorePlan, where: Mapping[str, Any]) -> set[tree.Node]:
@@ -443,8 +429,9 @@ def _open(plan: ScorePlan, where: Mapping[str, Any]) -> set[tree.Node]:
         return plan.out.records.list()
     from dconv.plan import _versions
 
-    plan.out.create({**plan.identity(), "split_every": SPLIT_EVERY, "cluster": dict(where), "versions": _versions()}, m_train=plan.m_train,
-                    m_query=plan.m_query, top=plan.top, full=plan.full, block=plan.block)
+    provenance = {**plan.identity(), "split_every": SPLIT_EVERY, "cluster": dict(where), "versions": _versions()}
+    plan.out.create(provenance, m_train=plan.m_train, m_query=plan.m_query, top=plan.top, full=plan.full,
+                    block=plan.block)
     return set()
 
 

@@ -25,6 +25,7 @@ The score output::
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -45,7 +46,7 @@ from dconv.store.ownership import (
 )
 from dconv.store.records import RecordStore
 
-__all__ = ["ScoreSource", "ScoreOutput", "open_source", "SCORE_ATTR", "TOP_ARRAYS", "SKETCH", "DOTS", "NORMS"]
+__all__ = ["ScoreSource", "ScoreOutput", "open_source", "SCORE_ATTR", "resume_command", "TOP_ARRAYS", "SKETCH", "DOTS", "NORMS"]
 
 SCORE_ATTR = SCORE_MARKER
 """The group attribute of a score output: its provenance and status."""
@@ -123,6 +124,19 @@ class ScoreSource:
         """Each layer's ``(P_in, P_out)``."""
         return [(np.asarray(self._group(url)[P_IN][...]), np.asarray(self._group(url)[P_OUT][...]))
                 for _, url in self.layers]
+
+
+def resume_command(location: str, provenance: Mapping[str, Any]) -> str:
+    """``dconv score TRAIN QUERY OUT --resume`` (``-`` for no QUERY, ``--dots`` in dot mode) and the cluster flags."""
+    from dconv.cluster import ClusterOptions
+
+    try:
+        cluster = ClusterOptions.from_dict(provenance.get("cluster") or {})
+    except InputError:  # a recorded cluster this dconv no longer accepts: resume on the embedded one
+        cluster = ClusterOptions()
+    dots = ["--dots"] if provenance.get("mode") == "dot" else []
+    return shlex.join(["dconv", "score", str(provenance.get("train")), str(provenance.get("query") or "-"), location,
+                       "--resume", *dots, *cluster.flags()])
 
 
 def _attrs(url: str, storage_options: Mapping[str, Any] | None, name: str) -> dict[str, Any]:

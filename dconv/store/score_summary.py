@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from dconv.errors import InputError
 from dconv.store.lease import read_lease
-from dconv.store.score_output import ScoreOutput
+from dconv.store.score_output import ScoreOutput, resume_command
 from dconv.store.summary import _format_lease
 from dconv.tree import covered, frontier
 
@@ -56,8 +56,6 @@ def summarize_score(url: str, storage_options: Mapping[str, Any] | None = None) 
         summary["first_queries"] = {name: out.read_top(name, SHOWN_QUERIES).tolist()
                                     for name in ("positive_index", "negative_index")}
     else:
-        from dconv.score import resume_command
-
         summary["resume_command"] = resume_command(out.location, provenance)
     return summary
 
