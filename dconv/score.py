@@ -37,7 +37,7 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
-from dconv.cluster import ClusterOptions, connect
+from dconv.cluster import ClusterOptions, connect, wait_for_workers
 from dconv.errors import InputError, JobInterrupted
 from dconv.graph import CHUNK_PREFIX
 from dconv.kernel.topk import TopLists, merge_top, panel_extremes, tile_top
@@ -510,8 +510,11 @@ def run_score(
             if scheduler is not None:
                 return _compute(plan, None, scheduler, progress, {"scheduler": scheduler}, lease)
             if client is not None:
+                wait_for_workers(client, cluster.wait_workers, cluster.wait_timeout, say)
                 return _compute(plan, client, None, progress, _client_place(client), lease)
             with connect(cluster, quiet=quiet, debug=debug) as new_client:
+                if not cluster.embedded:
+                    wait_for_workers(new_client, cluster.wait_workers, cluster.wait_timeout, say)
                 return _compute(plan, new_client, None, progress, cluster.recorded_place(), lease)
         except JobInterrupted as e:
             with contextlib.suppress(Exception):
