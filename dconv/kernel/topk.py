@@ -60,8 +60,25 @@ def _select(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, t
     """
     # lexsort: the last key is the primary one
     order = np.lexsort((index, -score if largest else score, query))
-    query, index, score = query[order], index[order], score[order]
-    first = np.searchsorted(query, np.arange(n_q))              # each query's first candidate
+    return _first(query[order], index[order], score[order], n_q, top)
+
+
+def _select_float32(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, top: int, largest: bool):
+    """:func:`_select` for float32 scores whose candidates are in index order within each query: one stable
+    sort of a uint64 key, ``query`` in the high half, the score's order-preserving bits in the low half
+    (-0.0 taken as 0.0, as the comparison of :func:`_select` does)."""
+    bits = (score + np.float32(0)).view(np.uint32)            # -0.0 + 0.0 = 0.0
+    ordered = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))  # larger score, larger key
+    if largest:
+        ordered = ~ordered
+    key = (query.astype(np.uint64) << np.uint64(32)) | ordered.astype(np.uint64)
+    order = np.argsort(key, kind="stable")                    # ties keep the index order
+    return _first(query[order], index[order], score[order].astype(np.float64), n_q, top)
+
+
+def _first(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, top: int):
+    """The first ``top`` of each query's run of sorted candidates, as (n_q, top) arrays padded with -1 and NaN."""
+    first = np.searchsorted(query, np.arange(n_q))             # each query's first candidate
     rank = np.arange(query.size) - first[query]
     keep = rank < top
     out_index = np.full((n_q, top), -1, dtype=np.int64)
@@ -139,10 +156,13 @@ def tile_top(
     n_q, width = tile.shape[1], tile.shape[2]
     lists = []
     for largest, extreme in zip((True, False), extremes or (None, None)):
-        panel, query, column = _candidates(tile, top, largest, extreme)
-        score = tile[panel, query, column].astype(np.float64)
+        panel, query, column = _candidates(tile, top, largest, extreme)   # in index order within a query
+        score = tile[panel, query, column]
         index = first + panel.astype(np.int64) * width + column
-        lists.append(_select(query, index, score, n_q, top, largest))
+        if score.dtype == np.float32:
+            lists.append(_select_float32(query, index, score, n_q, top, largest))
+        else:
+            lists.append(_select(query, index, score.astype(np.float64), n_q, top, largest))
     return TopLists(*lists[0], *lists[1])
 
 
