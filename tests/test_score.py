@@ -250,3 +250,38 @@ def test_python_api_is_exported(pair, tmp_path):
     summary = dconv.summarize(str(tmp_path / "s.zarr"))
     assert summary["kind"] == "score" and summary["complete"]
     json.dumps(summary)
+
+
+def _tiles_top(scores: np.ndarray, block: int, width: int, top: int):
+    """The lists of ``scores`` (m, n_q) cut into blocks of ``block`` rows, each a tile of panels of ``width``."""
+    from dconv.kernel.topk import merge_top, tile_top
+
+    m, n_q = scores.shape
+    parts = []
+    for start in range(0, m, block):
+        stop, first = min(start + block, m), start // width * width
+        panels = -(-(stop - first) // width)
+        tile = np.full((panels * width, n_q), np.nan, scores.dtype)
+        tile[start - first : stop - first] = scores[start:stop]
+        parts.append(tile_top(np.ascontiguousarray(tile.reshape(panels, width, n_q).transpose(0, 2, 1)), first, top))
+    return merge_top(parts, top)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_topk_kernel_ties_signed_zeros_nan(rng, dtype):
+    scores = rng.standard_normal((300, 9)).astype(dtype)
+    scores[[5, 9, 120]] = scores[40]                       # ties across blocks
+    scores[:, 0] = 0.0
+    scores[::2, 0] = -0.0                                  # -0.0 ranks as 0.0: ties by index
+    scores[10, 0], scores[30, 0] = 1.0, -1.0
+    scores[3, 4] = np.nan
+    scores[:, 8] = np.nan                                  # a query with no finite score: empty lists
+    expected = dense_top(scores, 6)
+    for block, width in ((1, 4), (7, 4), (64, 16), (300, 256)):
+        lists = _tiles_top(scores, block, width, 6)
+        for name in ("positive_index", "negative_index"):
+            np.testing.assert_array_equal(getattr(lists, name), getattr(expected, name), err_msg=f"{block} {name}")
+        for name in ("positive_score", "negative_score"):  # the same values (0.0 and -0.0 compare equal)
+            np.testing.assert_array_equal(getattr(lists, name), getattr(expected, name))
+    assert (expected.positive_index[8] == -1).all() and np.isnan(expected.positive_score[8]).all()
+    assert expected.positive_index[0].tolist() == [10, 0, 1, 2, 3, 4]  # then the zeros, by index, whatever sign
