@@ -16,6 +16,8 @@ Layers, bottom up (docs/DESIGN.md draws them):
 - :mod:`dconv.plan`, :mod:`dconv.sizing`, :mod:`dconv.report`, :mod:`dconv.job`,
   :mod:`dconv.cluster`, :mod:`dconv.workers`: the plan, its memory model and text, the run,
   and where it runs.
+- :mod:`dconv.score`: ``dconv score``, train samples scored against queries by their gradient
+  sketches, each query's top lists (:mod:`dconv.kernel.topk`, :mod:`dconv.store.score_output`).
 - :mod:`dconv.cli`, :mod:`dconv.spec`: the ``dconv`` command and pipeline specs.
 - :func:`dconv.capture`: a PyTorch model's layers, captured into a model input group
   (imports torch only when called).
@@ -93,6 +95,11 @@ __all__ = [
     "plan_model",
     "plan_recipe",
     "run_job",
+    "run_score",
+    "plan_score",
+    "score_job",
+    "ScorePlan",
+    "ScoreResult",
     "simd_levels",
     "store_exists",
     "summarize",
@@ -116,6 +123,11 @@ _LAZY = {
     "backward_job": "dconv.job",
     "run_job": "dconv.job",
     "plan_backward": "dconv.job",
+    "score_job": "dconv.score",
+    "plan_score": "dconv.score",
+    "run_score": "dconv.score",
+    "ScorePlan": "dconv.score",
+    "ScoreResult": "dconv.score",
     "ModelPlan": "dconv.model",
     "ModelResult": "dconv.model",
     "plan_model": "dconv.model",

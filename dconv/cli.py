@@ -145,6 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(queries)
     queries.set_defaults(handler=cmd_queries)
 
+    score = commands.add_parser(
+        "score",
+        help="score train samples against queries by their gradient sketches (or exact dots); keep the top lists",
+        description="For every query sample, the --top train samples with the largest and the smallest scores "
+        "(index and score), the score being the inner product of the samples' gradient sketches (the backward "
+        "outputs' sketch/values, layers concatenated), or with --dots TRAIN_OUT's exact dots/sample_dot against "
+        "its job's queries (QUERY_OUT is then '-', or the queries' output for --normalize). Ties break by train "
+        "index; NaN scores are in no list. Resume an interrupted run with --resume.",
+    )
+    score.add_argument("train", metavar="TRAIN_OUT", help="backward output (one layer's or a model's) of the train samples")
+    score.add_argument("query", metavar="QUERY_OUT", help="backward output of the query samples, same projections; "
+                       "'-' with --dots")
+    score.add_argument("out", metavar="SCORES_OUT", help="the score output group to write")
+    job = score.add_argument_group("scoring")
+    job.add_argument("--top", type=int, default=None, help="list length per query (default 10)")
+    job.add_argument("--normalize", action="store_true", default=None,
+                     help="cosine scores: divide by sqrt(|g_i|^2 |g_j|^2) from both outputs' stats/sample_grad_norm2")
+    job.add_argument("--full", action="store_true", default=None,
+                     help="also write scores (m_train, m_query) float32")
+    job.add_argument("--block", type=int, default=None, help="train rows per task (default: about 128 MiB a task)")
+    job.add_argument("--dots", action="store_true", help="score by TRAIN_OUT's dots/sample_dot")
+    job.add_argument("--overwrite", action="store_true", help="replace SCORES_OUT if it is a score output dconv wrote")
+    job.add_argument("--resume", action="store_true", help="continue an interrupted SCORES_OUT from its records")
+    job.add_argument("--quiet", action="store_true", help="no progress bar or dashboard link")
+    cluster = score.add_argument_group("cluster (default: a local cluster, one worker per core)")
+    dconv.ClusterOptions.add_arguments({"cluster": cluster})
+    _add_common(score)
+    score.set_defaults(handler=cmd_score)
+
     inspect = commands.add_parser(
         "inspect",
         help="summarise an output group (exit 3 if incomplete)",
@@ -255,6 +284,22 @@ def cmd_queries(args: argparse.Namespace) -> int:
 
     n_q = open_group(args.out, "r", storage).attrs["dconv_queries"]["n_q"]
     print(f"dconv: wrote query group {args.out} ({n_q} queries)")
+    return EXIT_OK
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    for name, url in (("TRAIN_OUT", args.train), ("QUERY_OUT", args.query), ("SCORES_OUT", args.out)):
+        if url != "-":
+            _lasting(name, url)
+    cluster = dconv.ClusterOptions.build(None, **dconv.ClusterOptions.given(args))
+    plan = dconv.plan_score(
+        args.train, args.query, args.out, top=args.top, normalize=args.normalize, full=args.full, block=args.block,
+        dots=args.dots, overwrite=args.overwrite, resume=args.resume, storage_options=dict(args.storage_options),
+    )
+    if not args.quiet:
+        print(plan.describe(), file=sys.stderr)
+    result = dconv.run_score(plan, cluster=cluster, progress=not args.quiet, quiet=args.quiet, debug=args.debug)
+    print(result.describe())
     return EXIT_OK
 
 

@@ -7,9 +7,9 @@ a backward job's output) when ``overwrite=True`` (``--overwrite``, a spec's
 - nothing is there, or an empty directory; or
 - it is a group dconv wrote, of the kind being written: its ``zarr.json``
   carries dconv's marker (``dconv_input`` for an input group, ``dconv_model``
-  for a model input group, ``dconv`` for an output), and its top level holds
-  nothing but names dconv writes there (:data:`INPUT_NAMES`,
-  :data:`MODEL_NAMES`, :data:`OUTPUT_NAMES`). A model input group's
+  for a model input group, ``dconv`` for an output, ``dconv_score`` for a
+  score output), and its top level holds nothing but names dconv writes there
+  (:data:`INPUT_NAMES`, :data:`MODEL_NAMES`, :data:`OUTPUT_NAMES`, :data:`SCORE_NAMES`). A model input group's
   ``layers/`` may hold nothing but the layers its marker names, each an input
   group dconv may replace by the same rule.
 
@@ -44,10 +44,12 @@ __all__ = [
     "MODEL_MARKER",
     "OUTPUT_MARKER",
     "MODEL_OUTPUT_MARKER",
+    "SCORE_MARKER",
     "INPUT_NAMES",
     "MODEL_NAMES",
     "OUTPUT_NAMES",
     "MODEL_OUTPUT_NAMES",
+    "SCORE_NAMES",
     "LEGACY_INPUT_DIMENSIONS",
     "check_replaceable",
     "is_vacant",
@@ -56,7 +58,7 @@ __all__ = [
     "group_attributes",
 ]
 
-Kind = Literal["input", "model", "output", "model_output", "queries"]
+Kind = Literal["input", "model", "output", "model_output", "queries", "score"]
 
 INPUT_MARKER = "dconv_input"
 """The group attribute that marks an input group dconv wrote: ``{"writer": ..., "version": ...}``."""
@@ -72,6 +74,9 @@ MODEL_OUTPUT_MARKER = "dconv_model_output"
 
 QUERIES_MARKER = "dconv_queries"
 """The group attribute of a query group (:mod:`dconv.store.queries`)."""
+
+SCORE_MARKER = "dconv_score"
+"""The group attribute of a score output (:mod:`dconv.store.score_output`): its provenance and status."""
 
 METADATA = "zarr.json"
 
@@ -92,6 +97,9 @@ MODEL_OUTPUT_NAMES = frozenset({METADATA, LEASE_NAME, "layers", "stats", "dots"}
 QUERIES_NAMES = frozenset({METADATA, "dW", "db", "layers"})
 """Everything dconv writes at the top of a query group; ``layers/<name>/`` holds ``dW`` and ``db``."""
 
+SCORE_NAMES = frozenset({METADATA, LEASE_NAME, PROGRESS, "top", "scores"})
+"""Everything dconv writes at the top of a score output (``dconv score``)."""
+
 LEGACY_INPUT_DIMENSIONS = {
     "A_prev": ["m", "H", "W", "C_prev"],
     "dZ": ["m", "n_H", "n_W", "C"],
@@ -106,6 +114,7 @@ _NAMES = {
     "output": OUTPUT_NAMES,
     "model_output": MODEL_OUTPUT_NAMES,
     "queries": QUERIES_NAMES,
+    "score": SCORE_NAMES,
 }
 _WHAT = {
     "input": "a dconv input group",
@@ -113,6 +122,7 @@ _WHAT = {
     "output": "a dconv output",
     "model_output": "a dconv model output",
     "queries": "a dconv query group",
+    "score": "a dconv score output",
 }
 _MARKERS = {
     "input": INPUT_MARKER,
@@ -120,8 +130,9 @@ _MARKERS = {
     "output": OUTPUT_MARKER,
     "model_output": MODEL_OUTPUT_MARKER,
     "queries": QUERIES_MARKER,
+    "score": SCORE_MARKER,
 }
-_LEASED = ("output", "model_output")
+_LEASED = ("output", "model_output", "score")
 """The kinds a job holds a lease on: its lease files are dconv's."""
 
 
@@ -361,6 +372,8 @@ def _group_kind(
 ) -> Kind | None:
     """Which of dconv's groups the group whose ``zarr.json`` is ``metadata`` is, if any."""
     attributes = metadata.get("attributes") or {}
+    if isinstance(attributes.get(SCORE_MARKER), Mapping):
+        return "score"
     if isinstance(attributes.get(MODEL_OUTPUT_MARKER), Mapping):
         return "model_output"
     if isinstance(attributes.get(QUERIES_MARKER), Mapping):

@@ -156,7 +156,8 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
     ``running`` is True only for a "running" output whose lease is fresh.
 
     A model job's output is summarised by :func:`dconv.store.model_summary.summarize_model`
-    (``"kind": "model"``).
+    (``"kind": "model"``), a score output by :func:`dconv.store.score_summary.summarize_score`
+    (``"kind": "score"``).
 
     Raises
     ------
@@ -164,9 +165,12 @@ def summarize(url: str, storage_options: Mapping[str, Any] | None = None) -> dic
         ``url`` does not exist or is not a dconv output.
     """
     from dconv.store.model_summary import is_model_output, summarize_model
+    from dconv.store.score_summary import is_score_output, summarize_score
 
     if is_model_output(url, storage_options):
         return summarize_model(url, storage_options)
+    if is_score_output(url, storage_options):
+        return summarize_score(url, storage_options)
     location = public_location(url)
     group, provenance = open_output(url, storage_options)
     status = provenance.pop("status", "unknown")
@@ -213,6 +217,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         from dconv.store.model_summary import format_model_summary
 
         return format_model_summary(summary)
+    if summary.get("kind") == "score":
+        from dconv.store.score_summary import format_score_summary
+
+        return format_score_summary(summary)
     chunks, provenance, status = summary["chunks"], summary["provenance"], summary["status"]
     lines = status_lines(summary, f"{summary['location']}: {status}")
     if not summary["complete"]:
