@@ -172,3 +172,25 @@ def test_bad_product_options_are_one_line(tmp_path, args, message):
     assert result.returncode == 2, describe(result)
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_model_sketches_score_against_a_query_model(tmp_path, client):
+    """Train and query model jobs sketched with the same projections (sketch_like), then dconv score:
+    the lists are those of the dense product of the layers' concatenated sketches."""
+    train = model_group(tmp_path / "train.zarr", m=30)
+    query = model_group(tmp_path / "query.zarr", m=3, seed=21)
+    dconv.backward_job(train, tmp_path / "train-out.zarr", sketch=(6, 2), dA_prev=False, client=client)
+    dconv.backward_job(query, tmp_path / "query-out.zarr", sketch_like=str(tmp_path / "train-out.zarr"),
+                       dA_prev=False, client=client)
+    result = dconv.score_job(tmp_path / "train-out.zarr", tmp_path / "query-out.zarr", tmp_path / "scores.zarr",
+                             top=4, client=client)
+
+    def features(out):
+        return np.concatenate(
+            [read(out / "layers" / name, "sketch/values").reshape(-1, 12) for name in MODEL_LAYERS], axis=1
+        )
+
+    scores = features(tmp_path / "train-out.zarr").astype(np.float64) @ features(tmp_path / "query-out.zarr").T
+    for j in range(3):
+        assert set(result.lists.positive_index[j]) == set(np.argsort(-scores[:, j])[:4])
+        assert set(result.lists.negative_index[j]) == set(np.argsort(scores[:, j])[:4])
