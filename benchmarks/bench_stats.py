@@ -68,7 +68,11 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", default=list(LAYERS), choices=list(LAYERS), metavar="LAYER")
     parser.add_argument("--workdir", default=None, help="where the Zarr stores go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--products", action="store_true",
+                        help="instead: --stats alone against --stats with --dot of 16 queries and with --sketch 32,32")
     args = parser.parse_args()
+    if args.products:
+        return products(args)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dconv-bench-stats-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +119,45 @@ def main() -> None:
             print(f"  one task's peak: plain {plain_peak / 2**20:.1f} MiB (bound {entry['task_bound']['plain'] / 2**20:.1f}), "
                   f"--stats {stats_peak / 2**20:.1f} MiB (bound {entry['task_bound']['stats'] / 2**20:.1f}): "
                   f"{stats_peak / plain_peak:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+def products(args: argparse.Namespace) -> None:
+    """Whole jobs with --stats, --stats --dot (16 random query gradients) and --stats --sketch 32,32, interleaved."""
+    import numpy as np
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dconv-bench-products-"))
+    print(cpu_description())
+    print(f"BLAS: {blas_info()}")
+    print(f"m = {args.m}, float32, batch_chunk {args.batch_chunk}, {args.workers} workers x 1 thread, "
+          f"{args.rounds} interleaved rounds (medians of the job time)")
+    results: dict = {"cpu": cpu_info(), "m": args.m, "layers": {}}
+    with connect(ClusterOptions(workers=args.workers), quiet=True) as client:
+        for layer in args.layers:
+            recipe = LAYERS[layer]
+            path = str(workdir / f"in-{layer.split()[0]}.zarr")
+            make_inputs(path, m=args.m, chunk=args.batch_chunk, dtype="float32", overwrite=True, seed=1, shared=0.5,
+                        **recipe)
+            k = recipe["kernel"]
+            rng = np.random.default_rng(0)
+            queries = str(workdir / f"q-{layer.split()[0]}.zarr")
+            dconv.write_queries(queries, {None: (rng.standard_normal((16, k, k, recipe["in_channels"], recipe["out_channels"])),
+                                                 rng.standard_normal((16, recipe["out_channels"])))}, overwrite=True)
+            variants = {"stats": {"stats": True}, "dot16": {"stats": True, "dot": queries},
+                        "sketch32": {"stats": True, "sketch": (32, 32)}}
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            dconv.backward_job(path, workdir / "warm.zarr", client=client, batch_chunk=args.batch_chunk, overwrite=True)
+            names = list(variants)
+            for round_ in range(args.rounds):
+                for name in names[round_ % 3:] + names[: round_ % 3]:
+                    result = dconv.backward_job(path, workdir / f"out-{name}.zarr", client=client,
+                                                batch_chunk=args.batch_chunk, overwrite=True, **variants[name])
+                    times[name].append(result.seconds["compute"])
+            median = {name: statistics.median(values) for name, values in times.items()}
+            results["layers"][layer] = {"seconds": times, "median": median}
+            print(f"{layer}: --stats {median['stats']:.2f} s; --dot 16 queries {median['dot16'] / median['stats']:.2f}x; "
+                  f"--sketch 32,32 {median['sketch32'] / median['stats']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 
