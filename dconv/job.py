@@ -422,8 +422,8 @@ def run_job(
     quiet: bool = True,
     debug: bool = False,
     say: Callable[[str], None] = _to_stderr,
-) -> JobResult:
-    """Run a planned job (:func:`dconv.plan_job`).
+) -> JobResult | ModelResult:
+    """Run a planned job (:func:`dconv.plan_job`, or a model's: :func:`dconv.plan_model`).
 
     On an existing cluster (``client``, or ``cluster`` with a ``scheduler`` or
     ``scheduler_file``), the job first waits until ``cluster.wait_workers``
@@ -675,7 +675,7 @@ def backward_job(
     progress: bool = False,
     quiet: bool = True,
     **values: Any,
-) -> JobResult:
+) -> JobResult | ModelResult:
     """Compute dA_prev, dW and db for a whole batch, chunk by chunk, on Dask; of every layer of a model.
 
     ``backward_job(inputs, out, **values)`` is ``run_job(plan_backward(inputs, out,
