@@ -160,7 +160,7 @@ def compute_graphs_in_waves(
     the waves of all the graphs are submitted in one order that takes a wave of
     each graph in turn, and waves are submitted while fewer than ``in_flight``
     of the largest waves' chunks are unfinished (the next one is queued while
-    one runs): a small layer never leaves a worker idle while another layer has
+    one runs): a small layer does not leave a worker idle while another layer has
     chunks. A wave has at least :data:`WAVE_TASKS_PER_THREAD` chunks per worker
     thread. On a local scheduler the graphs run one after the other, and the
     waves of each too, and the nodes above the waves are added in this process.
