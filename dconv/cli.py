@@ -283,7 +283,7 @@ def cmd_queries(args: argparse.Namespace) -> int:
     from dconv.store.locations import open_group
 
     n_q = open_group(args.out, "r", storage).attrs["dconv_queries"]["n_q"]
-    print(f"dconv: wrote query group {args.out} ({n_q} queries)")
+    print(f"dconv: wrote query group {args.out} ({n_q} {'query' if n_q == 1 else 'queries'})")
     return EXIT_OK
 
 

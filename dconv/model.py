@@ -17,9 +17,9 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import numpy as np
+from dask.utils import format_bytes
 
 from dconv.errors import InputError
 from dconv.options import JobOptions
@@ -167,7 +167,7 @@ class ModelPlan:
         """The plan in one line, said before the job starts."""
         return (
             f"dconv: model of {count(len(self.layers), 'layer')}, {count(self.n_chunks, 'task')} in all "
-            f"(m = {self.m}), at most {_format_bytes(self.task_memory())} each; "
+            f"(m = {self.m}), at most {format_bytes(self.task_memory())} each; "
             f"{count(n_workers, 'worker')} x {count(threads_per_worker, 'thread')}"
         )
 
@@ -186,12 +186,6 @@ class ModelPlan:
                 if line not in found:
                     found.append(line)
         return found
-
-
-def _format_bytes(n: int) -> str:
-    from dask.utils import format_bytes
-
-    return format_bytes(n)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def test_the_batch_gradient_as_query_sums_to_S_squared(tmp_path):
     inputs = dconv.make_inputs(str(tmp_path / "in.zarr"), m=16, dtype="float64", shared=0.5, **CASES["s2_pad1"])
     first = dconv.backward_job(inputs, tmp_path / "first.zarr", stats=True, scheduler="threads")
     made = run_cli(["queries", tmp_path / "S.zarr", "--from-output", tmp_path / "first.zarr"])
-    assert made.returncode == 0 and "(1 queries)" in made.stdout, describe(made)
+    assert made.returncode == 0 and "(1 query)" in made.stdout, describe(made)
     dconv.backward_job(inputs, tmp_path / "second.zarr", dot=str(tmp_path / "S.zarr"), scheduler="threads")
     dots = read(tmp_path / "second.zarr", "dots/sample_dot")
     assert dots.shape == (16, 1)

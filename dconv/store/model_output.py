@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
-import zarr
 
 from dconv.statistics import SAMPLE_GRAD_NORM2, merge_top, noise_figures, top_samples
 from dconv.store.layout import SAMPLE_DOT
 from dconv.store.lease import LEASE_NAME
-from dconv.store.locations import create_group, open_group, public_location
-from dconv.store.output import check_output_target, fingerprint, now
+from dconv.store.locations import create_group, open_group
+from dconv.store.output import StatusGroup, check_output_target, fingerprint, now
 from dconv.store.ownership import MODEL_OUTPUT_MARKER, remove_own
 
 __all__ = ["ModelOutput", "MODEL_ATTR", "LAYERS", "model_figures", "NORM_BLOCK"]
@@ -44,7 +43,7 @@ NORM_BLOCK = 2**20
 
 
 @dataclass(frozen=True)
-class ModelOutput:
+class ModelOutput(StatusGroup):
     """A picklable handle on a model job's output group.
 
     Attributes
@@ -58,24 +57,11 @@ class ModelOutput:
     url: str
     storage_options: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def location(self) -> str:
-        return public_location(self.url)
+    ATTRIBUTE: ClassVar[str] = MODEL_ATTR
 
     def layer_url(self, name: str) -> str:
         """Where layer ``name``'s output goes."""
         return f"{self.url.rstrip('/')}/{LAYERS}/{name}"
-
-    def group(self, mode: str = "r+") -> zarr.Group:
-        return open_group(self.url, mode, self.storage_options)
-
-    def provenance(self) -> dict[str, Any] | None:
-        """The root attribute of an existing model output, or None if ``url`` is not one."""
-        try:
-            stored = self.group("r").attrs.get(MODEL_ATTR)
-        except Exception:  # missing, not a group, unreadable metadata
-            return None
-        return dict(stored) if isinstance(stored, Mapping) else None
 
     def check_target(self, input_location: str | None, *, overwrite: bool, resume: bool) -> None:
         """Refuse an ``out`` that would lose data, as :meth:`dconv.store.output.OutputStore.check_target` does,
@@ -100,17 +86,6 @@ class ModelOutput:
                       "status": "running"}
         group = create_group(self.url, self.storage_options, attributes={MODEL_ATTR: attributes})
         group.create_group(LAYERS)
-
-    def update(self, **entries: Any) -> None:
-        group = self.group()
-        group.attrs[MODEL_ATTR] = {**group.attrs[MODEL_ATTR], **entries}
-
-    def mark_failed(self, error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self.update(status="failed", reason=reason[:2000], failed=now())
-
-    def mark_interrupted(self, signal: str) -> None:
-        self.update(status="interrupted", signal=signal, interrupted=now())
 
     def write_sample_norms(self, layer_urls: Sequence[str], m: int) -> np.ndarray:
         """``stats/sample_grad_norm2`` (m,): the layers' per-sample ``|g_i|^2`` added, in layer order, a block

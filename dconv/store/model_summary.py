@@ -12,10 +12,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from dconv.errors import InputError
-from dconv.statistics import format_stats
+from dconv.statistics import _figure, format_stats
 from dconv.store.lease import read_lease
 from dconv.store.locations import open_group, public_location
-from dconv.store.model_output import MODEL_ATTR, ModelOutput
+from dconv.store.model_output import ModelOutput
 from dconv.store.output import OutputStore
 from dconv.store.summary import _format_resume, _json_float, resume_command, status_lines
 
@@ -119,7 +119,3 @@ def format_model_summary(summary: Mapping[str, Any]) -> str:
 
 def _percent(value: float | None) -> str:
     return "undefined" if value is None else f"{100 * value:.1f}%"
-
-
-def _figure(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.6g}"

@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import numpy as np
 import zarr
@@ -89,8 +89,46 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class StatusGroup:
+    """A dconv group whose attribute :attr:`ATTRIBUTE` holds its provenance and status: an output, a model
+    output, a score output. A subclass is a dataclass with ``url`` and ``storage_options``."""
+
+    ATTRIBUTE: ClassVar[str]
+    url: str
+    storage_options: dict
+
+    @property
+    def location(self) -> str:
+        return public_location(self.url)
+
+    def group(self, mode: str = "r+") -> zarr.Group:
+        return open_group(self.url, mode, self.storage_options)
+
+    def provenance(self) -> dict[str, Any] | None:
+        """The group's attribute :attr:`ATTRIBUTE`, or None if ``url`` is not such a group."""
+        try:
+            stored = self.group("r").attrs.get(self.ATTRIBUTE)
+        except Exception:  # missing, not a group, unreadable metadata
+            return None
+        return dict(stored) if isinstance(stored, Mapping) else None
+
+    def update(self, **entries: Any) -> None:
+        """Set ``entries`` in the attribute, keeping the others."""
+        group = self.group()
+        group.attrs[self.ATTRIBUTE] = {**group.attrs[self.ATTRIBUTE], **entries}
+
+    def mark_failed(self, error: BaseException) -> None:
+        """Record ``status: "failed"`` and the error that stopped the job."""
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        self.update(status="failed", reason=reason[:2000], failed=now())
+
+    def mark_interrupted(self, signal: str) -> None:
+        """Record ``status: "interrupted"``, the signal that stopped the job (``"SIGINT"``, ``"SIGTERM"``) and when."""
+        self.update(status="interrupted", signal=signal, interrupted=now())
+
+
 @dataclass(frozen=True)
-class OutputStore:
+class OutputStore(StatusGroup):
     """A picklable handle on an output group; the workers write their chunks through it.
 
     Attributes
@@ -107,11 +145,10 @@ class OutputStore:
     storage_options: dict = field(default_factory=dict, repr=False)
     layout: OutputLayout | None = field(default=None, repr=False)
 
-    @property
-    def location(self) -> str:
-        return public_location(self.url)
+    ATTRIBUTE: ClassVar[str] = ATTR
 
     def group(self, mode: str = "r+") -> zarr.Group:
+        """The group; a missing one says where a worker looked (the paths must be shared)."""
         try:
             return open_group(self.url, mode, self.storage_options)
         except FileNotFoundError as e:
@@ -121,14 +158,6 @@ class OutputStore:
                 f"output {self.location!r} is not there: it was never created, or this worker "
                 "cannot see it (local paths must be on storage every worker shares)."
             ) from e
-
-    def provenance(self) -> dict[str, Any] | None:
-        """The ``dconv`` attribute of an existing output, or None if ``url`` is not a dconv output."""
-        try:
-            stored = self.group("r").attrs.get(ATTR)
-        except Exception:  # missing, not a group, unreadable metadata
-            return None
-        return dict(stored) if isinstance(stored, Mapping) else None
 
     # ----------------------------------------------------------------------- before the job
 
@@ -177,7 +206,7 @@ class OutputStore:
         """
         finished = self._resume() if resume else None
         if finished is not None:
-            self.update_provenance(status="running", resumed=now(), **dict(resumed or {}))
+            self.update(status="running", resumed=now(), **dict(resumed or {}))
             return finished
         self.create({**identity, **provenance, "fingerprint": fingerprint(identity), "started": now()})
         return np.zeros(self.layout.n_chunks, dtype=bool)
@@ -206,7 +235,7 @@ class OutputStore:
         never claims to be complete.
         """
         if self.provenance() is not None:
-            self.update_provenance(status="replacing")
+            self.update(status="replacing")
         remove_own(self.url, self.storage_options, "output", keep=(LEASE_NAME,))
         attributes = {ATTR: {**provenance, "status": "running"}}
         group = create_group(self.url, self.storage_options, attributes=attributes)
@@ -357,19 +386,6 @@ class OutputStore:
             attributes={"codes": list(LEVEL_CODES)},
             overwrite=True,
         )[...] = codes
-
-    def update_provenance(self, **entries: Any) -> None:
-        group = self.group()
-        group.attrs[ATTR] = {**group.attrs[ATTR], **entries}
-
-    def mark_failed(self, error: BaseException) -> None:
-        """Record ``status: "failed"`` and the error that stopped the job."""
-        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self.update_provenance(status="failed", reason=reason[:2000], failed=now())
-
-    def mark_interrupted(self, signal: str) -> None:
-        """Record ``status: "interrupted"``, the signal that stopped the job (``"SIGINT"``, ``"SIGTERM"``) and when."""
-        self.update_provenance(status="interrupted", signal=signal, interrupted=now())
 
     def read_values(self) -> dict[str, Any]:
         """The finished values of a complete output, as the job that finished it returned them.

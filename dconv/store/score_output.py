@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import zarr
@@ -35,7 +35,7 @@ import zarr
 from dconv.errors import InputError
 from dconv.store.lease import LEASE_NAME
 from dconv.store.locations import child_url, create_group, open_group, public_location
-from dconv.store.output import _check_apart_from_input, now
+from dconv.store.output import StatusGroup, _check_apart_from_input, now
 from dconv.store.ownership import (
     MODEL_OUTPUT_MARKER,
     OUTPUT_MARKER,
@@ -215,30 +215,17 @@ def open_source(url: str, storage_options: Mapping[str, Any] | None, name: str) 
 
 
 @dataclass(frozen=True)
-class ScoreOutput:
+class ScoreOutput(StatusGroup):
     """A picklable handle on a score output group; the tasks write their records (and scores) through it."""
 
     url: str
     storage_options: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def location(self) -> str:
-        return public_location(self.url)
+    ATTRIBUTE: ClassVar[str] = SCORE_ATTR
 
     @property
     def records(self) -> RecordStore:
         return RecordStore(self.url, self.storage_options)
-
-    def group(self, mode: str = "r+") -> zarr.Group:
-        return open_group(self.url, mode, self.storage_options)
-
-    def provenance(self) -> dict[str, Any] | None:
-        """The ``dconv_score`` attribute of an existing score output, or None if ``url`` is not one."""
-        try:
-            stored = self.group("r").attrs.get(SCORE_ATTR)
-        except Exception:  # missing, not a group, unreadable metadata
-            return None
-        return dict(stored) if isinstance(stored, Mapping) else None
 
     def check_target(self, inputs: list[str], *, overwrite: bool, resume: bool) -> None:
         """Refuse an ``out`` that would lose data: inside (or around) an input; there already,
@@ -280,17 +267,6 @@ class ScoreOutput:
                 SCORES, shape=(m_train, m_query), chunks=(block, m_query), dtype="float32", fill_value=np.nan,
                 compressors=None, dimension_names=["train", "query"],
             )
-
-    def update(self, **entries: Any) -> None:
-        group = self.group()
-        group.attrs[SCORE_ATTR] = {**group.attrs[SCORE_ATTR], **entries}
-
-    def mark_failed(self, error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self.update(status="failed", reason=reason[:2000], failed=now())
-
-    def mark_interrupted(self, signal: str) -> None:
-        self.update(status="interrupted", signal=signal, interrupted=now())
 
     def write_scores(self, start: int, scores: np.ndarray) -> None:
         """Rows ``start`` to ``start + len(scores)`` of ``scores`` (a task writes its block: whole chunks)."""

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from dconv.errors import InputError
 from dconv.store.lease import read_lease
 from dconv.store.score_output import ScoreOutput, resume_command
-from dconv.store.summary import _format_lease
+from dconv.store.summary import status_lines
 from dconv.tree import covered, frontier
 
 __all__ = ["is_score_output", "summarize_score", "format_score_summary", "SHOWN_QUERIES"]
@@ -63,13 +63,7 @@ def summarize_score(url: str, storage_options: Mapping[str, Any] | None = None) 
 def format_score_summary(summary: Mapping[str, Any]) -> str:
     """The human-readable form of :func:`summarize_score`'s result."""
     provenance, blocks = summary["provenance"], summary["blocks"]
-    lines = [f"{summary['location']}: {summary['status']} (score output)"]
-    if summary["status"] == "running" and not summary["running"]:
-        held = "its lease is stale" if summary["lease"] else "no job holds its lease"
-        lines = [f"{summary['location']}: not running any more (its status says running, but {held}: "
-                 "its job was killed or lost its node)"]
-    if summary["lease"]:
-        lines.append(_format_lease(summary["lease"]))
+    lines = status_lines(summary, f"{summary['location']}: {summary['status']} (score output)")
     lines.append(f"  mode {provenance.get('mode')}, {provenance.get('m_train')} train x {provenance.get('m_query')} "
                  f"query samples, top {provenance.get('top')}, normalize {provenance.get('normalize')}, "
                  f"full {provenance.get('full')}, blocks of {provenance.get('block')}")

@@ -211,7 +211,7 @@ def test_summary_reports_the_failure_reason(make_input, tmp_path):
     out = tmp_path / "out.zarr"
     plan = plan_job(inp, out, batch_chunk=2)
     plan.open_output()
-    plan.out.update_provenance(status="failed", reason="RuntimeError: boom")
+    plan.out.update(status="failed", reason="RuntimeError: boom")
     summary = summarize(str(out))
     assert summary["status"] == "failed" and not summary["complete"]
     lines = format_summary(summary).splitlines()
