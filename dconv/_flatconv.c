@@ -41,11 +41,13 @@
  * near-equal blocks. The sizes follow each level's register file (the tables below).
  *
  * column_sums: float32 db summed in float64 (plain C, the same at every level).
+ * top_add: per-query top lists of a panel of scores (plain C, dconv.kernel.topk).
  *
  * All release the GIL, so threads can run slices of a batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -364,6 +366,62 @@ DEFINE_SQUARE_SUMS(f32_square_sums, float)
 DEFINE_SQUARE_SUMS(f64_square_sums, double)
 #undef DEFINE_SQUARE_SUMS
 
+/* Per-query top lists (dconv.kernel.topk.RunningTop): each query's `top` largest scores (positive
+ * list, descending) and `top` smallest (negative list, ascending), ties by train index ascending,
+ * NaN never; index -1 and score NaN past the end of a short list (a list's entries are a prefix).
+ * A panel's scores come in increasing train index, so a new score ranks after every equal one already
+ * there: it joins a full list only if it beats the list's last score strictly. The scan looks at
+ * TOP_SCAN scores at a time against both lists' bounds (a comparison that vectorises at every level),
+ * and only a block that holds a score reaching a bound is gone through one score at a time. */
+#define TOP_SCAN 64
+static int top_insert(Py_ssize_t *index, double *score, idx top, double value, Py_ssize_t at, int largest)
+{
+    int full = index[top - 1] >= 0;
+    if (full && !(largest ? value > score[top - 1] : value < score[top - 1]))
+        return 0;
+    idx s = 0;
+    while (s < top && index[s] >= 0 && !(largest ? score[s] < value : score[s] > value))
+        s++;
+    for (idx k = top - 1; k > s; k--) {
+        index[k] = index[k - 1];
+        score[k] = score[k - 1];
+    }
+    index[s] = at;
+    score[s] = value;
+    return 1;
+}
+
+#define DEFINE_TOP_ADD(NAME, T, INF)                                                                     \
+    static void NAME(const T *panel, idx n_q, idx width, idx stride, Py_ssize_t first, idx top,          \
+                     Py_ssize_t *pos_index, double *pos_score, Py_ssize_t *neg_index, double *neg_score)  \
+    {                                                                                                    \
+        for (idx q = 0; q < n_q; q++) {                                                                  \
+            const T *row = panel + q * stride;                                                           \
+            Py_ssize_t *pi = pos_index + q * top, *ni = neg_index + q * top;                             \
+            double *ps = pos_score + q * top, *ns = neg_score + q * top;                                 \
+            T high = pi[top - 1] >= 0 ? (T)ps[top - 1] : -INF; /* a score >= high may join */            \
+            T low = ni[top - 1] >= 0 ? (T)ns[top - 1] : INF;                                             \
+            for (idx j0 = 0; j0 < width; j0 += TOP_SCAN) {                                               \
+                idx jn = width - j0 < TOP_SCAN ? width - j0 : TOP_SCAN;                                  \
+                int reach = 0;                                                                           \
+                for (idx j = 0; j < jn; j++)                                                             \
+                    reach |= (row[j0 + j] >= high) | (row[j0 + j] <= low);                              \
+                if (!reach)                                                                              \
+                    continue;                                                                            \
+                for (idx j = j0; j < j0 + jn; j++) {                                                     \
+                    T v = row[j];                                                                        \
+                    if (v >= high && top_insert(pi, ps, top, (double)v, first + j, 1))                   \
+                        high = pi[top - 1] >= 0 ? (T)ps[top - 1] : -INF;                                 \
+                    if (v <= low && top_insert(ni, ns, top, (double)v, first + j, 0))                    \
+                        low = ni[top - 1] >= 0 ? (T)ns[top - 1] : INF;                                   \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+    }
+DEFINE_TOP_ADD(f32_top_add, float, INFINITY)
+DEFINE_TOP_ADD(f64_top_add, double, (double)INFINITY)
+#undef DEFINE_TOP_ADD
+
 /* ------------------------------------------------------------------ Python bindings */
 
 /* The item type of a buffer in native byte order: 'f' (float32), 'd' (float64), 'n' (an integer
@@ -610,6 +668,39 @@ static PyObject *square_sums(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *top_add(PyObject *self, PyObject *args)
+{
+    PyObject *panel_obj, *pi_obj, *ps_obj, *ni_obj, *ns_obj;
+    idx n_q, width, stride, first, top;
+    if (!PyArg_ParseTuple(args, "OnnnnnOOOO", &panel_obj, &n_q, &width, &stride, &first, &top, &pi_obj, &ps_obj,
+                          &ni_obj, &ns_obj))
+        return NULL;
+    if (n_q < 0 || width < 0 || top < 1 || stride < width || first < 0)
+        return PyErr_Format(PyExc_ValueError, "top_add: n_q %zd, width %zd, stride %zd, first %zd, top %zd out of range",
+                            n_q, width, stride, first, top);
+    Py_buffer v[5];
+    idx count = n_q ? (n_q - 1) * stride + width : 0;
+    if (get_buffer(panel_obj, &v[0], 0, 0, count, "panel") < 0)
+        return NULL;
+    PyObject *lists[4] = {pi_obj, ps_obj, ni_obj, ns_obj};
+    const char types[4] = {'n', 'd', 'n', 'd'};
+    const char *names[4] = {"pos_index", "pos_score", "neg_index", "neg_score"};
+    for (int k = 0; k < 4; k++)
+        if (get_buffer(lists[k], &v[k + 1], 1, types[k], n_q * top, names[k]) < 0) {
+            release(v, k + 1);
+            return NULL;
+        }
+    char type = item_type(&v[0]);
+    Py_BEGIN_ALLOW_THREADS
+    if (type == 'f')
+        f32_top_add(v[0].buf, n_q, width, stride, first, top, v[1].buf, v[2].buf, v[3].buf, v[4].buf);
+    else
+        f64_top_add(v[0].buf, n_q, width, stride, first, top, v[1].buf, v[2].buf, v[3].buf, v[4].buf);
+    Py_END_ALLOW_THREADS
+    release(v, 5);
+    Py_RETURN_NONE;
+}
+
 static PyObject *list_levels(PyObject *self, PyObject *unused)
 {
     PyObject *names = PyList_New(0);
@@ -650,6 +741,11 @@ static PyMethodDef methods[] = {
     {"square_sums", square_sums, METH_VARARGS,
      "square_sums(x, g, n, sq, norm2)\n\nThe squares of x (g, n), float32 or float64, in float64: added into\n"
      "sq (n,) row after row, and each row's sum written to norm2 (g,)."},
+    {"top_add", top_add, METH_VARARGS,
+     "top_add(panel, n_q, width, stride, first, top, pos_index, pos_score, neg_index, neg_score)\n\n"
+     "Add a panel of scores (float32 or float64; row q at panel[q * stride], width scores against train\n"
+     "samples first .. first + width - 1) to every query's top lists, in place: pos_index/neg_index intp\n"
+     "(n_q, top), pos_score/neg_score float64 (n_q, top), index -1 and NaN past the end of a short list."},
     {NULL, NULL, 0, NULL},
 };
 

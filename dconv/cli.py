@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cosine scores: divide by sqrt(|g_i|^2 |g_j|^2) from both outputs' stats/sample_grad_norm2")
     job.add_argument("--full", action="store_true", default=None,
                      help="also write scores (m_train, m_query) float32")
-    job.add_argument("--block", type=int, default=None, help="train rows per task (default: about 128 MiB a task)")
+    job.add_argument("--block", type=int, default=None, help="train rows per task (default: up to 32768, about 128 MiB of features at most)")
     job.add_argument("--dots", action="store_true", help="score by TRAIN_OUT's dots/sample_dot")
     job.add_argument("--overwrite", action="store_true", help="replace SCORES_OUT if it is a score output dconv wrote")
     job.add_argument("--resume", action="store_true", help="continue an interrupted SCORES_OUT from its records")

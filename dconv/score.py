@@ -11,14 +11,15 @@ The train samples are cut into blocks of ``block`` rows. Block task ``i`` reads 
 rows' features, multiplies them by the query matrix (one shared graph key, fetched
 once per worker) in panels of :data:`PANEL` train rows aligned to multiples of
 ``PANEL`` (so a score's bits do not depend on the block: every GEMM has the same
-shape), keeps every query's top lists (:func:`dconv.kernel.topk.tile_top`), writes
-its record and, with ``full``, its rows of ``scores``. The lists are merged along
+shape), passes each panel of scores to every query's running top lists
+(:class:`dconv.kernel.topk.RunningTop`, which looks again only at the queries whose
+lists a panel reaches), writes its record and, with ``full``, its rows of ``scores``. The lists are merged along
 the tree of :mod:`dconv.tree` (fan-in :data:`SPLIT_EVERY`), each combine writing its
 record and deleting its children's, so an interrupted job resumes from the stored
 frontier. The merge keeps the first ``top`` of one total order (score, then index),
 so the result has the same bits for every block size, tree and worker count::
 
-    block 0 ... block 7     read -> GEMM (n_q, 256) per panel -> top lists -> record
+    block 0 ... block 7     read -> per panel: GEMM (n_q, 256) -> running lists; -> record
          \\   ...   /
       combine (1, 0)         merge the lists -> record, delete the children's
 """
@@ -31,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import dask
 import numpy as np
@@ -40,7 +41,7 @@ from dask.delayed import Delayed
 from dconv.cluster import ClusterOptions, connect, wait_for_workers
 from dconv.errors import InputError, JobInterrupted
 from dconv.graph import CHUNK_PREFIX
-from dconv.kernel.topk import TopLists, merge_top, panel_extremes, tile_top
+from dconv.kernel.topk import RunningTop, TopLists, merge_top
 from dconv.progress import report_chunk_done
 from dconv.store.lease import DEFAULT_TIMEOUT, check_unheld, hold
 from dconv.store.locations import absolute_location
@@ -54,7 +55,12 @@ PANEL = 256
 """Train rows per GEMM: every product is computed in a GEMM of this shape, so its bits never depend on the block."""
 
 BLOCK_BYTES = 128 * 2**20
-"""What a block task's train rows may hold: features, the score tile (twice with ``full``), in bytes."""
+"""What a block task's train rows may hold: their features, or their dots, and their rows of ``scores`` with
+``full``, in bytes."""
+
+BLOCK_PANELS = 128
+"""The most panels a default block holds: enough that a block's first panels, which fill every list, are a
+small part of its work; few enough that a job has tasks for every worker and a progress bar that moves."""
 
 SPLIT_EVERY = 8
 """Fan-in of the tree that merges the blocks' lists."""
@@ -68,15 +74,17 @@ MODES = ("sketch", "dot")
 
 
 def choose_block(m_train: int, m_query: int, features: int, mode: str, full: bool) -> int:
-    """The default block: as many :data:`PANEL` s of train rows as :data:`BLOCK_BYTES` hold, at least one.
+    """The default block: as many :data:`PANEL` s of train rows as :data:`BLOCK_BYTES` hold, at least one and
+    at most :data:`BLOCK_PANELS`.
 
-    A train row costs ``4 * features`` (its features) plus ``4 * m_query`` (its
-    scores) in sketch mode, or ``16 * m_query`` in dot mode (read as float64, then the
-    tile); ``full`` adds ``4 * m_query`` (the rows written). Never more than ``m_train``.
+    A train row costs ``4 * features`` (its features) in sketch mode, or ``16 * m_query``
+    in dot mode (its dots read as float64, and scaled with ``normalize``); ``full`` adds
+    ``4 * m_query`` (the rows written). Beside the block, a task holds one panel of
+    scores, ``4 * m_query * PANEL`` bytes (``8 *`` in dot mode). Never more than ``m_train``.
     """
-    per_row = (4 * features + 4 * m_query) if mode == "sketch" else 16 * m_query
+    per_row = 4 * features if mode == "sketch" else 16 * m_query
     per_row += 4 * m_query if full else 0
-    panels = max(1, BLOCK_BYTES // max(1, per_row) // PANEL)
+    panels = min(BLOCK_PANELS, max(1, BLOCK_BYTES // max(1, per_row) // PANEL))
     return max(1, min(panels * PANEL, m_train))
 
 
@@ -319,61 +327,62 @@ def load_queries(plan: ScorePlan) -> np.ndarray | None:
 
 
 def _scratch(shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 buffer of ``shape`` this thread keeps for its next block: a tile of 100 MiB, allocated
-    anew for each task, would cost its page faults each time (glibc maps it fresh above 32 MiB)."""
-    held = getattr(_SCRATCH, "tile", None)
+    """A float32 buffer of ``shape`` this thread keeps for its next block: a panel of scores, allocated
+    anew for each task, would cost its page faults each time."""
+    held = getattr(_SCRATCH, "panel", None)
     if held is None or held.shape != shape:
-        _SCRATCH.tile = held = None  # let the old one go first
-        _SCRATCH.tile = held = np.empty(shape, dtype=np.float32)
+        _SCRATCH.panel = held = None  # let the old one go first
+        _SCRATCH.panel = held = np.empty(shape, dtype=np.float32)
     return held
 
 
 _SCRATCH = threading.local()
 
 
-def block_tile(plan: ScorePlan, queries: np.ndarray | None, index: int) -> tuple[np.ndarray, int, Any]:
-    """Block ``index``'s score tile (n_panels, m_query, PANEL), the train index of its column 0, and the
-    panels' elementwise ``(max, min)`` (sketch mode; None in dot mode) for :func:`tile_top`.
+def block_panels(plan: ScorePlan, queries: np.ndarray | None, index: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Block ``index``'s scores, a panel at a time: ``(panel, first)``, ``panel`` (m_query, width) holding the
+    scores against train rows ``first .. first + width - 1``, in increasing ``first``.
 
-    The panels are aligned to multiples of :data:`PANEL`; columns outside the block are NaN. In sketch
-    mode the tile is this thread's scratch buffer (:func:`_scratch`): valid until its next block.
+    Sketch mode: each panel is one GEMM of :data:`PANEL` train rows aligned to a multiple of ``PANEL``
+    (rows outside the block are zeros, their columns left out), into this thread's scratch buffer: valid
+    until the next panel. Dot mode: the block's dots, transposed a panel at a time.
     """
     start, stop = plan.bounds(index)
-    first = start // PANEL * PANEL
-    n_panels = -(-(stop - first) // PANEL)
     if plan.mode == "dot":
         rows = plan.train.read_dots(start, stop)
         if plan.normalize:
             rows = rows * _scale(plan.train.read_norms(start, stop))[:, None] * queries[None, :]
-        padded = np.full((n_panels * PANEL, plan.m_query), np.nan)
-        padded[start - first : stop - first] = rows
-        return np.ascontiguousarray(padded.reshape(n_panels, PANEL, plan.m_query).transpose(0, 2, 1)), first, None
+        for lo in range(start, stop, PANEL):
+            yield np.ascontiguousarray(rows[lo - start : lo - start + PANEL].T), lo
+        return
+    first = start // PANEL * PANEL
+    n_panels = -(-(stop - first) // PANEL)
     features = np.zeros((n_panels * PANEL, plan.train.features), dtype=np.float32)
     features[start - first : stop - first] = plan.train.read_features(start, stop)
     if plan.normalize:
         features[start - first : stop - first] *= _scale(plan.train.read_norms(start, stop)).astype(np.float32)[:, None]
-    tile = _scratch((n_panels, plan.m_query, PANEL))
+    panel = _scratch((plan.m_query, PANEL))
     _hold_blas_to_one_thread()
-    extremes = None
     for p in range(n_panels):
-        # tile[p, q, j] = sum_f queries[q, f] * features[p * PANEL + j, f]
-        np.matmul(queries, features[p * PANEL : (p + 1) * PANEL].T, out=tile[p])
-        if p == 0:
-            tile[0, :, : start - first] = np.nan
-        if p == n_panels - 1:
-            tile[-1, :, stop - first - (n_panels - 1) * PANEL :] = np.nan
-        extremes = panel_extremes(tile, p, extremes)   # while the panel is in cache
-    return tile, first, extremes
+        # panel[q, j] = sum_f queries[q, f] * features[p * PANEL + j, f]
+        np.matmul(queries, features[p * PANEL : (p + 1) * PANEL].T, out=panel)
+        lo, hi = max(start, first + p * PANEL), min(stop, first + (p + 1) * PANEL)
+        yield panel[:, lo - first - p * PANEL : hi - first - p * PANEL], lo
 
 
 def run_block(plan: ScorePlan, queries: np.ndarray | None, index: int) -> TopLists:
-    """Block task ``index``: its tile, its rows of ``scores`` (``full``), its lists, then its record."""
+    """Block task ``index``: its scores a panel at a time into the running lists (and, with ``full``, its rows
+    of ``scores``), then its record."""
     start, stop = plan.bounds(index)
-    tile, first, extremes = block_tile(plan, queries, index)
-    if plan.full:
-        rows = tile.transpose(0, 2, 1).reshape(-1, plan.m_query)[start - first : stop - first]
+    running = RunningTop(plan.m_query, plan.top, np.float64 if plan.mode == "dot" else np.float32)
+    rows = np.empty((stop - start, plan.m_query), dtype=np.float32) if plan.full else None
+    for panel, first in block_panels(plan, queries, index):
+        if rows is not None:
+            rows[first - start : first - start + panel.shape[1]] = panel.T
+        running.add(panel, first)
+    if rows is not None:
         plan.out.write_scores(start, rows)
-    lists = tile_top(tile, first, plan.top, extremes)
+    lists = running.lists()
     plan.out.records.write((0, index), lists.arrays(), np.zeros(1, np.uint8))
     report_chunk_done(plan.out.url, index)
     return lists
@@ -563,7 +572,7 @@ def score_job(
     full : bool
         Also write ``scores`` (m_train, m_query) float32.
     block : int, optional
-        Train rows per task (default :func:`choose_block`, about 128 MiB a task).
+        Train rows per task (default :func:`choose_block`: up to 32,768, about 128 MiB of features at most).
     dots : bool
         Dot mode: TRAIN's ``dots/sample_dot`` are the scores.
     client, scheduler, cluster, progress

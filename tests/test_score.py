@@ -253,22 +253,37 @@ def test_python_api_is_exported(pair, tmp_path):
 
 
 def _tiles_top(scores: np.ndarray, block: int, width: int, top: int):
-    """The lists of ``scores`` (m, n_q) cut into blocks of ``block`` rows, each a tile of panels of ``width``."""
-    from dconv.kernel.topk import merge_top, tile_top
+    """The lists of ``scores`` (m, n_q) cut into blocks of ``block`` rows, each given to a
+    :class:`RunningTop` in panels of ``width`` (aligned to multiples of ``width``, as the tasks do), merged."""
+    from dconv.kernel.topk import RunningTop, merge_top
 
     m, n_q = scores.shape
     parts = []
     for start in range(0, m, block):
-        stop, first = min(start + block, m), start // width * width
-        panels = -(-(stop - first) // width)
-        tile = np.full((panels * width, n_q), np.nan, scores.dtype)
-        tile[start - first : stop - first] = scores[start:stop]
-        parts.append(tile_top(np.ascontiguousarray(tile.reshape(panels, width, n_q).transpose(0, 2, 1)), first, top))
+        stop = min(start + block, m)
+        running = RunningTop(n_q, top, scores.dtype)
+        for lo in range(start, stop):
+            if lo == start or lo % width == 0:
+                hi = min(stop, (lo // width + 1) * width)
+                running.add(np.ascontiguousarray(scores[lo:hi].T), lo)
+        parts.append(running.lists())
     return merge_top(parts, top)
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def top_path(request, monkeypatch):
+    """Each top-list test runs on the compiled loop (where it is built) and on the NumPy path."""
+    from dconv.kernel import topk
+
+    if request.param == "numpy":
+        monkeypatch.setattr(topk, "_flatconv", None)
+    elif topk._flatconv is None:
+        pytest.skip("the compiled loops are not built here")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_topk_kernel_ties_signed_zeros_nan(rng, dtype):
+def test_topk_kernel_ties_signed_zeros_nan(rng, dtype, top_path):
     scores = rng.standard_normal((300, 9)).astype(dtype)
     scores[[5, 9, 120]] = scores[40]                       # ties across blocks
     scores[:, 0] = 0.0
@@ -285,3 +300,26 @@ def test_topk_kernel_ties_signed_zeros_nan(rng, dtype):
             np.testing.assert_array_equal(getattr(lists, name), getattr(expected, name))
     assert (expected.positive_index[8] == -1).all() and np.isnan(expected.positive_score[8]).all()
     assert expected.positive_index[0].tolist() == [10, 0, 1, 2, 3, 4]  # then the zeros, by index, whatever sign
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_top_on_many_ties_and_infinities_equals_dense(rng, dtype, top_path):
+    """Scores from a handful of values (ties at every bound), with infinities and NaN, a list longer than a
+    panel, panels of every width: the running lists equal the dense oracle's."""
+    for trial in range(6):
+        m, n_q, top = int(rng.integers(1, 120)), int(rng.integers(1, 6)), int(rng.integers(1, 12))
+        scores = rng.choice(np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, 2.0, np.inf, np.nan]), size=(m, n_q)).astype(dtype)
+        expected = dense_top(scores, top)
+        for block, width in ((m, 1), (5, 3), (17, 8), (m, 64)):
+            lists = _tiles_top(scores, block, width, top)
+            for name, value in lists.arrays().items():
+                np.testing.assert_array_equal(value, getattr(expected, name), err_msg=f"{trial} {block} {width} {name}")
+
+
+def test_running_top_refuses_panels_out_of_order():
+    from dconv.kernel.topk import RunningTop
+
+    running = RunningTop(2, 3)
+    running.add(np.zeros((2, 4)), first=8)
+    with pytest.raises(ValueError, match="first must be >= 12"):
+        running.add(np.zeros((2, 4)), first=4)

@@ -1,9 +1,8 @@
 """Per-query top lists: the ``top`` largest and smallest scores of each query, with their train indices.
 
-A score tile holds the scores of ``n_q`` queries against a run of train samples,
-cut into panels of ``P`` samples (:func:`tile_top`). For every query the *positive* list is its
-``top`` largest scores, the *negative* list its ``top`` smallest, each ordered by
-score (descending, resp. ascending), ties by train index (ascending)::
+For every query the *positive* list is its ``top`` largest scores, the *negative* list its
+``top`` smallest, each ordered by score (descending, resp. ascending), ties by train index
+(ascending)::
 
     positive[q] = first top of sorted((-score[q, i], i) for every train sample i)
     negative[q] = first top of sorted(( score[q, i], i) for every train sample i)
@@ -12,7 +11,14 @@ NaN scores are in neither list. A list with fewer than ``top`` samples is padded
 with index -1 and score NaN. Each list is the first ``top`` of one total order
 (score, then index) over the train samples, so merging lists (:func:`merge_top`)
 is associative and commutative, and any tree of merges over any cut of the train
-samples into tiles gives the same bits. NumPy only.
+samples gives the same bits.
+
+:class:`RunningTop` keeps the lists of a run of train samples given a panel at a time,
+in increasing index: a score joins a query's list only if it reaches the list's
+current ``top``-th score (its *bound*), so after the first panels almost every
+query's row of a panel is passed over after one look at its largest and smallest
+score. Where the compiled loops run (:mod:`dconv.simd`), ``_flatconv.top_add`` does the same
+in one pass over the panel, with the same result; else NumPy.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TopLists", "tile_top", "panel_extremes", "merge_top", "dense_top"]
+from dconv import simd
+from dconv.simd import _flatconv  # the compiled loops, or None
+
+__all__ = ["TopLists", "RunningTop", "merge_top", "dense_top"]
 
 
 
@@ -63,19 +72,6 @@ def _select(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, t
     return _first(query[order], index[order], score[order], n_q, top)
 
 
-def _select_float32(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, top: int, largest: bool):
-    """:func:`_select` for float32 scores whose candidates are in index order within each query: one stable
-    sort of a uint64 key, ``query`` in the high half, the score's order-preserving bits in the low half
-    (-0.0 taken as 0.0, as the comparison of :func:`_select` does)."""
-    bits = (score + np.float32(0)).view(np.uint32)            # -0.0 + 0.0 = 0.0
-    ordered = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))  # larger score, larger key
-    if largest:
-        ordered = ~ordered
-    key = (query.astype(np.uint64) << np.uint64(32)) | ordered.astype(np.uint64)
-    order = np.argsort(key, kind="stable")                    # ties keep the index order
-    return _first(query[order], index[order], score[order].astype(np.float64), n_q, top)
-
-
 def _first(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, top: int):
     """The first ``top`` of each query's run of sorted candidates, as (n_q, top) arrays padded with -1 and NaN."""
     first = np.searchsorted(query, np.arange(n_q))             # each query's first candidate
@@ -88,91 +84,122 @@ def _first(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, to
     return out_index, out_score
 
 
-def _group_extreme(tile: np.ndarray, largest: bool, extreme: np.ndarray | None = None) -> np.ndarray:
-    """Each group's largest (smallest) score, NaN left out; -inf (+inf) for a group of NaN only.
+class _RunningSide:
+    """One side of :class:`RunningTop`: every query's list and its bound."""
 
-    ``tile`` (n_panels, n_q, P): group ``(q, j)`` is ``tile[:, q, j]``. Returns (n_q, P).
-    ``extreme``: ``tile.max(axis=0)`` (``min``) if the caller has it already (it is completed in place).
-    """
-    if extreme is None:
-        extreme = tile.max(axis=0) if largest else tile.min(axis=0)   # elementwise over whole panels
-    nan = np.isnan(extreme)                                   # a NaN in the group: look again, without it
-    if nan.any():
-        query, column = np.nonzero(nan)
-        again = (np.fmax if largest else np.fmin).reduce(tile[:, query, column], axis=0)
-        extreme[nan] = np.where(np.isnan(again), -np.inf if largest else np.inf, again)
-    return extreme
+    def __init__(self, n_q: int, top: int, largest: bool):
+        self.top, self.largest = top, largest
+        self.index = np.full((n_q, top), -1, dtype=np.int64)
+        self.score = np.full((n_q, top), np.nan)
+
+    def _bound(self, dtype: np.dtype) -> np.ndarray:
+        """Each list's last score where it is full; -inf (+inf) where it is short: every score reaches it."""
+        short = -np.inf if self.largest else np.inf
+        return np.where(self.index[:, -1] >= 0, self.score[:, -1], short).astype(dtype)
+
+    def _reaching(self, panel: np.ndarray, bound: np.ndarray) -> np.ndarray:
+        """The queries one of whose scores in ``panel`` may join their list (those with a NaN too)."""
+        if self.largest:
+            return np.flatnonzero(~(panel.max(axis=1) < bound))
+        return np.flatnonzero(~(panel.min(axis=1) > bound))
+
+    def _thresholds(self, rows: np.ndarray, scores: np.ndarray, bound: np.ndarray) -> np.ndarray:
+        """The least score that may join each of ``rows``' lists: its bound, or for a short list the
+        ``top``-th score of its row of the panel (``top`` scores there are at least that), NaN left out."""
+        threshold = bound[rows]
+        width = scores.shape[1]
+        short = np.flatnonzero(self.index[rows, -1] < 0)
+        if short.size and width > self.top:
+            far = -np.inf if self.largest else np.inf
+            keys = np.where(np.isnan(scores[short]), far, scores[short])
+            kth = width - self.top if self.largest else self.top - 1
+            threshold[short] = np.partition(keys, kth, axis=1)[:, kth]
+        return threshold
+
+    def add(self, panel: np.ndarray, first: int) -> None:
+        bound = self._bound(panel.dtype)
+        rows = self._reaching(panel, bound)
+        if rows.size == 0:
+            return
+        scores = panel[rows]                                          # (r, width)
+        threshold = self._thresholds(rows, scores, bound)[:, None]
+        row, column = np.nonzero(scores >= threshold if self.largest else scores <= threshold)  # NaN never
+        if row.size == 0:
+            return
+        held = np.unique(row)                                         # the rows that get candidates
+        queries = rows[held]
+        old_index, old_score = self.index[queries], self.score[queries]
+        old_row, old_slot = np.nonzero(old_index >= 0)
+        local = np.concatenate([old_row, np.searchsorted(held, row)])
+        index = np.concatenate([old_index[old_row, old_slot], first + column.astype(np.int64)])
+        score = np.concatenate([old_score[old_row, old_slot], scores[row, column].astype(np.float64)])
+        new_index, new_score = _select(local, index, score, queries.size, self.top, self.largest)
+        self.index[queries], self.score[queries] = new_index, new_score
 
 
-def _candidates(
-    tile: np.ndarray, top: int, largest: bool, extreme: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(panel, query, column)`` of the scores of ``tile`` (n_panels, n_q, P) that may be in a list.
-
-    Group ``(q, j)`` is query ``q``'s scores in column ``j`` of every panel. The
-    ``top``-th largest group maximum ``t`` of a query bounds its list: ``top``
-    scores are at least ``t``, so the list holds only scores ``>= t``, and those
-    lie in groups whose maximum is ``>= t`` (usually ``top`` groups): only those
-    are read again. Ties at ``t`` are all kept (the index decides among them
-    later). NaN compares false: it is never a candidate. (For the smallest scores,
-    the same with minima and ``<=``.)
-    """
-    n_panels, n_q, width = tile.shape
-    if width <= top:                                          # fewer groups than the list: every score
-        return np.nonzero(~np.isnan(tile))
-    extreme = _group_extreme(tile, largest, extreme)          # (n_q, P)
-    kth = width - top if largest else top - 1
-    bound = np.partition(extreme, kth, axis=1)[:, kth]        # (n_q,)
-    query, column = np.nonzero(extreme >= bound[:, None] if largest else extreme <= bound[:, None])
-    values = tile[:, query, column]                           # (n_panels, pairs)
-    keep = values >= bound[query] if largest else values <= bound[query]
-    panel, pair = np.nonzero(keep)
-    return panel, query[pair], column[pair]
+def _compiled_rows(panel: np.ndarray) -> np.ndarray | None:
+    """``panel``'s rows as one contiguous 1-D view from its first score to its last (the gaps between rows
+    included), for ``_flatconv.top_add``; None where the compiled loops do not run or the layout does not fit."""
+    if _flatconv is None or simd.active_level() == "numpy" or panel.dtype not in (np.float32, np.float64):
+        return None
+    n_q, width = panel.shape
+    if panel.strides[1] != panel.itemsize or panel.strides[0] % panel.itemsize or panel.strides[0] < width * panel.itemsize:
+        return None
+    span = (n_q - 1) * (panel.strides[0] // panel.itemsize) + width
+    return np.lib.stride_tricks.as_strided(panel, shape=(span,), strides=(panel.itemsize,))
 
 
-def tile_top(
-    tile: np.ndarray, first: int, top: int, extremes: tuple[np.ndarray, np.ndarray] | None = None
-) -> TopLists:
-    """The lists of a score tile.
+class RunningTop:
+    """Every query's two lists over a run of train samples given a panel at a time, in increasing index.
 
     Parameters
     ----------
-    tile : ndarray, shape (n_panels, n_q, P)
-        ``tile[p, q, j]`` is the score of query ``q`` against train sample
-        ``first + p * P + j``; NaN where there is none (padding).
-    first : int
-        The train index of ``tile[0, :, 0]``.
+    n_q : int
+        Queries.
     top : int
         Length of each list (>= 1).
-    extremes : (ndarray, ndarray), optional
-        ``tile.max(axis=0)`` and ``tile.min(axis=0)`` (n_q, P), NaN propagated, if the caller made
-        them while the panels were in cache (:func:`panel_extremes`); they are overwritten.
+    dtype : dtype
+        The scores' dtype (float32 or float64): every panel's.
 
-    Returns
-    -------
-    TopLists
-        Each array (n_q, top); scores as float64 (exact for a float32 tile).
+    Examples
+    --------
+    >>> scores = np.array([[3.0, 1.0, 2.0, 5.0]])                 # one query, four train samples
+    >>> running = RunningTop(1, 2, np.float64)
+    >>> running.add(scores[:, :2], first=0); running.add(scores[:, 2:], first=2)
+    >>> running.lists().positive_index.tolist(), running.lists().negative_index.tolist()
+    ([[3, 0]], [[1, 2]])
     """
-    n_q, width = tile.shape[1], tile.shape[2]
-    lists = []
-    for largest, extreme in zip((True, False), extremes or (None, None)):
-        panel, query, column = _candidates(tile, top, largest, extreme)   # in index order within a query
-        score = tile[panel, query, column]
-        index = first + panel.astype(np.int64) * width + column
-        if score.dtype == np.float32:
-            lists.append(_select_float32(query, index, score, n_q, top, largest))
-        else:
-            lists.append(_select(query, index, score.astype(np.float64), n_q, top, largest))
-    return TopLists(*lists[0], *lists[1])
 
+    def __init__(self, n_q: int, top: int, dtype=np.float64):
+        self.dtype = np.dtype(dtype)
+        self.sides = (_RunningSide(n_q, top, True), _RunningSide(n_q, top, False))
+        self.next = None
 
-def panel_extremes(tile: np.ndarray, p: int, extremes: tuple[np.ndarray, np.ndarray] | None):
-    """Fold panel ``p`` of ``tile`` into the running ``(max, min)`` over panels (new arrays for ``p == 0``)."""
-    if extremes is None:
-        return tile[p].copy(), tile[p].copy()
-    np.maximum(extremes[0], tile[p], out=extremes[0])
-    np.minimum(extremes[1], tile[p], out=extremes[1])
-    return extremes
+    def add(self, panel: np.ndarray, first: int) -> None:
+        """Take ``panel`` (n_q, width): ``panel[q, j]`` is query ``q``'s score against train sample ``first + j``.
+
+        Train samples must come in increasing index: ``first`` at least the last panel's ``first + width``.
+        """
+        if self.next is not None and first < self.next:
+            raise ValueError(f"RunningTop.add: first must be >= {self.next} (panels in increasing index); got {first}")
+        self.next = first + panel.shape[1]
+        if panel.dtype != self.dtype:
+            raise ValueError(f"RunningTop.add: panel must be {self.dtype}; got {panel.dtype}")
+        if panel.size == 0:
+            return
+        rows = _compiled_rows(panel)
+        if rows is None:
+            for side in self.sides:
+                side.add(panel, first)
+            return
+        positive, negative = self.sides
+        _flatconv.top_add(rows, panel.shape[0], panel.shape[1], panel.strides[0] // panel.itemsize, first,
+                          positive.top, positive.index, positive.score, negative.index, negative.score)
+
+    def lists(self) -> TopLists:
+        """The lists so far (copies), each (n_q, top)."""
+        positive, negative = self.sides
+        return TopLists(positive.index.copy(), positive.score.copy(), negative.index.copy(), negative.score.copy())
 
 
 def merge_top(parts: list[TopLists], top: int) -> TopLists:
