@@ -179,8 +179,8 @@ class ClusterOptions(Options):
 
     workers: int | None = option(
         None,
-        help="worker processes of the local cluster (default: one per core), each with the memory limit "
-        "--dry-run prints",
+        help="worker processes of the local cluster (default: one per core); a backward job's --dry-run "
+        "prints the memory limit each gets",
         parse=optional(whole_number("workers", 1)),
         table="cluster",
         toml=(int,),

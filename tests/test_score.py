@@ -176,7 +176,7 @@ def test_resume_after_an_interrupt_is_bitwise_the_same(pair, tmp_path, monkeypat
     assert command == shlex.join(["dconv", "score", train, query, str(out), "--resume", "--scheduler", "synchronous"])
     assert main(shlex.split(command)[1:] + ["--quiet"]) == 0  # as printed
     assert f"{12 - done} of 12 blocks computed" in capsys.readouterr().out  # only what was missing
-    expected = score_job(train, query, tmp_path / "whole.zarr", top=TOP, block=9, full=True, scheduler="synchronous")
+    score_job(train, query, tmp_path / "whole.zarr", top=TOP, block=9, full=True, scheduler="synchronous")
     group, whole = zarr.open_group(str(out), mode="r"), zarr.open_group(str(tmp_path / "whole.zarr"), mode="r")
     for name in ("top/positive_index", "top/positive_score", "top/negative_index", "top/negative_score", "scores"):
         np.testing.assert_array_equal(group[name][...], whole[name][...])
