@@ -24,6 +24,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 import dconv
+from dconv.store.lease import DEFAULT_TIMEOUT
 
 __all__ = ["main", "build_parser"]
 
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--overwrite", action="store_true", help="replace SCORES_OUT if it is a score output dconv wrote")
     job.add_argument("--resume", action="store_true", help="continue an interrupted SCORES_OUT from its records")
     job.add_argument("--quiet", action="store_true", help="no progress bar or dashboard link")
+    job.add_argument("--lease-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                     help="seconds without a heartbeat after which another job takes over SCORES_OUT's lease (the "
+                     f"job renews it every quarter of this; default {DEFAULT_TIMEOUT:g})")
     cluster = score.add_argument_group("cluster (default: a local cluster, one worker per core)")
     dconv.ClusterOptions.add_arguments({"cluster": cluster})
     _add_common(score)
@@ -294,7 +298,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     cluster = dconv.ClusterOptions.build(None, **dconv.ClusterOptions.given(args))
     plan = dconv.plan_score(
         args.train, args.query, args.out, top=args.top, normalize=args.normalize, full=args.full, block=args.block,
-        dots=args.dots, overwrite=args.overwrite, resume=args.resume, storage_options=dict(args.storage_options),
+        dots=args.dots, overwrite=args.overwrite, resume=args.resume, lease_timeout=args.lease_timeout,
+        storage_options=dict(args.storage_options),
     )
     if not args.quiet:
         print(plan.describe(), file=sys.stderr)

@@ -178,6 +178,12 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return int(value)
 
 
+def _check_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise InputError(f"{name} must be a positive number of seconds; got {value!r}.")
+    return float(value)
+
+
 def _check_same_sketches(train: ScoreSource, query: ScoreSource) -> None:
     """Refuse a QUERY whose layers, sketch shapes or projections differ from TRAIN's, in one line."""
     names = [name for name, _ in train.layers], [name for name, _ in query.layers]
@@ -219,6 +225,7 @@ def plan_score(
     dots: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    lease_timeout: float = DEFAULT_TIMEOUT,
     storage_options: Mapping[str, Any] | None = None,
 ) -> ScorePlan:
     """Validate a score job and resolve its options; nothing is written.
@@ -271,7 +278,8 @@ def plan_score(
     features = train_src.features
     block = choose_block(train_src.m, m_query, features, mode, full) if block is None else _check_int("block", block, 1)
     plan = ScorePlan(train=train_src, query=query_src, out=scores, mode=mode, top=top, normalize=normalize,
-                     full=full, block=min(block, train_src.m), m_query=m_query, resume=recorded is not None)
+                     full=full, block=min(block, train_src.m), m_query=m_query, resume=recorded is not None,
+                     lease_timeout=_check_seconds("lease_timeout", lease_timeout))
     if recorded is not None:
         differ = {key: (recorded.get(key), value) for key, value in plan.identity().items() if recorded.get(key) != value}
         if differ:
@@ -547,6 +555,7 @@ def score_job(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = False,
+    lease_timeout: float = DEFAULT_TIMEOUT,
     storage_options: Mapping[str, Any] | None = None,
 ) -> ScoreResult:
     """Score the train samples of ``train`` against the queries, keep each query's ``top`` largest and smallest.
@@ -579,6 +588,9 @@ def score_job(
         Where to run and whether to show the progress: see :func:`run_score`.
     overwrite, resume : bool
         Replace a score output there (only dconv's), or continue it from its records.
+    lease_timeout : float
+        Seconds without a heartbeat after which another job may take SCORES_OUT's lease over
+        (default 60; the job renews it every quarter of this).
     storage_options : dict, optional
         fsspec options for the three stores (never recorded).
 
@@ -589,5 +601,5 @@ def score_job(
         ``negative_index``, ``negative_score`` (:class:`dconv.kernel.topk.TopLists`).
     """
     plan = plan_score(train, query, out, top=top, normalize=normalize, full=full, block=block, dots=dots,
-                      overwrite=overwrite, resume=resume, storage_options=storage_options)
+                      overwrite=overwrite, resume=resume, lease_timeout=lease_timeout, storage_options=storage_options)
     return run_score(plan, client=client, scheduler=scheduler, cluster=cluster, progress=progress)

@@ -323,3 +323,53 @@ def test_running_top_refuses_panels_out_of_order():
     running.add(np.zeros((2, 4)), first=8)
     with pytest.raises(ValueError, match="first must be >= 12"):
         running.add(np.zeros((2, 4)), first=4)
+
+
+def test_resume_after_sigkill_as_inspect_prints(tmp_path, rng):
+    """``dconv score`` killed with SIGKILL mid-run: inspect says what is done and prints the resume command,
+    which (once the dead job's lease is stale) computes only the missing blocks: the uninterrupted result."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import dconv_command, wait_until
+    from _fault_helpers import describe, kill_group, run_cli
+    from dconv.store.lease import read_lease
+
+    proj = projections(rng, 16, 16)
+    train = one_layer(tmp_path / "train.zarr", rng.standard_normal((1 << 15, 16, 16), dtype=np.float32), proj,
+                      batch_chunk=4096)
+    query = one_layer(tmp_path / "query.zarr", rng.standard_normal((1024, 16, 16), dtype=np.float32), proj,
+                      batch_chunk=1024)
+    out, whole = tmp_path / "s.zarr", tmp_path / "whole.zarr"
+    args = ["score", train, query, out, "--block", "512", "--top", "4", "--scheduler", "synchronous", "--quiet",
+            "--lease-timeout", "2"]
+    records = out / "_progress" / "tree"
+    with open(tmp_path / "killed.err", "w") as stderr:
+        job = subprocess.Popen(dconv_command() + [str(a) for a in args], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        assert wait_until(lambda: any(records.glob("*")) or job.poll() is not None, timeout=120, interval=0.01)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=10)
+    finally:
+        kill_group(job)
+    assert job.returncode == -signal.SIGKILL, (tmp_path / "killed.err").read_text()
+
+    shown = run_cli(["inspect", out, "--json"])
+    assert shown.returncode == 3, describe(shown)
+    summary = json.loads(shown.stdout)
+    done = summary["blocks"]["done"]
+    assert 0 < done < 64 and summary["blocks"]["total"] == 64, summary["blocks"]
+    command = summary["resume_command"]
+    assert command == shlex.join(["dconv", "score", train, query, str(out), "--resume", "--scheduler", "synchronous"])
+    assert wait_until(lambda: read_lease(out) is None or read_lease(out).age() > 2.5, timeout=10)
+    resumed = run_cli(shlex.split(command)[1:] + ["--quiet"])
+    assert resumed.returncode == 0, describe(resumed)
+    computed = int(resumed.stdout.split(" of 64 blocks computed")[0].rsplit(" ", 1)[1])
+    assert computed <= 64 - done, resumed.stdout
+    score_job(train, query, whole, top=4, block=512, scheduler="synchronous")
+    got, want = zarr.open_group(str(out), mode="r"), zarr.open_group(str(whole), mode="r")
+    for name in ("positive_index", "positive_score", "negative_index", "negative_score"):
+        np.testing.assert_array_equal(got[f"top/{name}"][...], want[f"top/{name}"][...])
+    assert run_cli(["inspect", out]).returncode == 0
