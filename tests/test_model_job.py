@@ -220,16 +220,17 @@ def test_dry_run_describes_every_layer(model, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_in_the_second_layer(tmp_path):
+def test_resume_after_sigkill_in_the_second_layer(tmp_path, forked_dconv):
     """SIGKILL of the whole job (client and workers) while the second layer is half done; inspect's resume
-    command, run as printed once the lease is stale, finishes the job with the bits of an uninterrupted one."""
+    command, run as printed once the lease is stale, finishes the job with the bits of an uninterrupted one.
+    The killed job runs in a fresh interpreter; inspect and the resumed job, forked (``forked_dconv``)."""
     import os
     import shlex
     import signal
     import subprocess
 
     from conftest import dconv_command, wait_until
-    from _fault_helpers import done_count, inspect_json, kill_group, live_group_members
+    from _fault_helpers import done_count, kill_group, live_group_members
 
     model = model_group(tmp_path / "model.zarr", m=640, chunk=8)
     reference = tmp_path / "reference.zarr"
@@ -250,20 +251,22 @@ def test_resume_after_sigkill_in_the_second_layer(tmp_path):
     done = done_count(out / "layers/conv2")
     assert 16 <= done < 80, f"{done} of 80 chunks of conv2 done: the kill came too late to test anything"
 
-    code, summary = inspect_json(out)
+    inspected = forked_dconv.run(["inspect", out, "--json"])
+    assert "Traceback" not in inspected.stderr, describe(inspected)
+    code, summary = inspected.returncode, json.loads(inspected.stdout)
     assert code == 3 and summary["kind"] == "model" and not summary["complete"]
     command = summary["resume_command"]
     assert command == shlex.join(["dconv", "backward", model, str(out), "--resume", "--workers", "2"])
     from dconv.store.lease import read_lease
 
     assert wait_until(lambda: read_lease(out) is None or read_lease(out).age() > 1.5, timeout=10)
-    resumed = run_cli(shlex.split(command)[1:], timeout=240)
+    resumed = forked_dconv.run(shlex.split(command)[1:], timeout=240)
     assert resumed.returncode == 0, describe(resumed)
     for name in LAYERS:
         for array in ARRAYS:
             assert np.array_equal(read(out / "layers" / name, array), read(reference / "layers" / name, array))
     assert np.array_equal(read(out, "stats/sample_grad_norm2"), read(reference, "stats/sample_grad_norm2"))
-    assert run_cli(["inspect", out]).returncode == 0
+    assert forked_dconv.run(["inspect", out]).returncode == 0
 
 
 def test_the_model_pipeline_spec_runs(tmp_path):
