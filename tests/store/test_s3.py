@@ -39,7 +39,7 @@ from dconv.job import JobResult
 from dconv.plan import plan_job
 from dconv.store import OutputStore
 
-from conftest import dconv_command, free_port
+from conftest import free_port
 
 s3fs = pytest.importorskip("s3fs")
 
@@ -115,15 +115,17 @@ def new_bucket(endpoint: str) -> str:
     return name
 
 
-def run_dconv(args: list[str], env: dict[str, str], timeout: float = SHORT_TIMEOUT, cwd=None):
-    return subprocess.run(
-        dconv_command() + [str(a) for a in args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
+@pytest.fixture(scope="module")
+def run_dconv(forked_dconv):
+    """``run_dconv(args, env, timeout, cwd)``: ``dconv ARGS`` as a process of its own with the environment
+    ``env``, forked from one that has imported dconv and s3fs (conftest's ``forked_dconv``): ``env`` may differ
+    from this process's environment only in variables read at run time (the AWS ones)."""
+
+    def run(args: list, env: dict[str, str], timeout: float = SHORT_TIMEOUT, cwd=None) -> subprocess.CompletedProcess:
+        changes = {name: env.get(name) for name in set(os.environ) | set(env) if os.environ.get(name) != env.get(name)}
+        return forked_dconv.run(args, env=changes, timeout=timeout, cwd=cwd)
+
+    return run
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
@@ -266,8 +268,8 @@ CLI_M, CLI_CHUNK, CLI_BATCH = 50, 7, 16  # 4 batch chunks (16, 16, 16, 2), misal
 
 
 @pytest.fixture(scope="module")
-def cli_job(s3_endpoint):
-    """make-inputs -> backward --workers 2 -> inspect -> inspect --json, all in subprocesses on s3://.
+def cli_job(s3_endpoint, run_dconv):
+    """make-inputs -> backward --workers 2 -> inspect -> inspect --json, each a process of its own, on s3://.
 
     The subprocesses get the endpoint and credentials from AWS_* variables only.
     """
@@ -286,7 +288,8 @@ def cli_job(s3_endpoint):
     )
     assert backward.returncode == 0, describe(backward)
     with ThreadPoolExecutor(2) as pool:  # two independent processes
-        inspect, inspect_json = pool.map(lambda args: run_dconv(args, env), (["inspect", out], ["inspect", out, "--json"]))
+        inspect, inspect_json = pool.map(lambda args: run_dconv(args, env),
+                                         (["inspect", out], ["inspect", out, "--json"]))
     return {
         "bucket": bkt, "inp": inp, "out": out, "env": env,
         "make": make, "backward": backward, "inspect": inspect, "inspect_json": inspect_json,
@@ -403,7 +406,7 @@ def test_api_explicit_storage_options_and_no_secret_in_output(s3_endpoint, bucke
 
 
 @pytest.mark.cluster
-def test_cli_storage_options_pass_through_and_never_print_secret(s3_endpoint, bucket, bare_workers):
+def test_cli_storage_options_pass_through_and_never_print_secret(s3_endpoint, bucket, bare_workers, run_dconv):
     """Endpoint and credentials only as --storage-option; AWS_ENDPOINT_URL points at nothing.
 
     The successful job runs on the session cluster, whose workers have no AWS settings at all,
@@ -489,7 +492,7 @@ def test_output_store_repr_hides_credentials():
 
 
 @pytest.mark.cluster
-def test_run_spec_storage_table(s3_endpoint, bucket, bare_workers, tmp_path):
+def test_run_spec_storage_table(s3_endpoint, bucket, bare_workers, tmp_path, run_dconv):
     """[input]/[output] on s3://, endpoint and credentials only in [storage]; the input is made by [input.make]."""
     inp, out = f"s3://{bucket}/spec-in.zarr", f"s3://{bucket}/spec-out.zarr"
     spec = tmp_path / "job.toml"
