@@ -210,6 +210,10 @@ import atexit, json, os, runpy, select, signal, sys, threading, traceback
 
 import dask.array, distributed, numpy, zarr  # noqa: F401  what a job imports
 import dconv, dconv.cli, dconv.job  # noqa: F401
+try:
+    import s3fs  # noqa: F401  what a job on s3:// imports
+except ImportError:
+    pass
 assert threading.active_count() == 1, threading.enumerate()  # fork a single-threaded process only
 
 
@@ -281,8 +285,10 @@ def serve():
 serve()
 """
 
-# Variables a forked run may set: dconv reads them when it runs, not at import (the server imported it).
-FORKED_ENV = {"DCONV_SIMD"}
+# Variables a forked run may set: dconv reads them when it runs, not at import (the server imported it);
+# botocore reads the AWS_* ones (FORKED_ENV_PREFIX) and the proxy settings when a job opens an s3:// store.
+FORKED_ENV = {"DCONV_SIMD", "NO_PROXY", "no_proxy"}
+FORKED_ENV_PREFIX = "AWS_"
 
 
 class ForkedDconv:
@@ -336,8 +342,10 @@ class ForkedDconv:
             timeout: float = 90) -> subprocess.CompletedProcess:
         """``dconv ARGS``: text output captured; killed after ``timeout`` seconds (subprocess.TimeoutExpired)."""
         env = env or {}
-        if not set(env) <= FORKED_ENV:
-            raise ValueError(f"env must name only {sorted(FORKED_ENV)}; got {sorted(env)} instead.")
+        if any(name not in FORKED_ENV and not name.startswith(FORKED_ENV_PREFIX) for name in env):
+            raise ValueError(
+                f"env must name only {sorted(FORKED_ENV)} or {FORKED_ENV_PREFIX}*; got {sorted(env)} instead."
+            )
         number, answer = next(self._ids), queue.Queue()
         args = [str(a) for a in args]
         stdout, stderr = self.logs / f"{number}.out", self.logs / f"{number}.err"

@@ -423,7 +423,7 @@ def test_relative_paths_on_a_dask_scheduler_cluster(cli, dask_cluster, tmp_path)
         assert not stray.exists()
 
 
-# An unknown scheduler address (exit 2 after the 10 s connect timeout, nothing written) is
+# An unknown scheduler address (exit 2 after the connect timeout, nothing written) is
 # test_catalogue.py's "scheduler-nothing-listens": it waits there alongside the other cases.
 
 

@@ -2,7 +2,8 @@
 
 Each layer's output must be bitwise its own single-layer job's; the model's statistics the sums of
 the layers' (checked against dconv's loop oracle, one sample at a time); resume, lease, overwrite,
-inspect and the CLI must treat the model output as one output.
+inspect and the CLI must treat the model output as one output. The CLI runs fork from a process that
+has imported dconv (conftest's ``forked_dconv``), except the job that is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dconv
 from dconv.reference import conv2d_backward_loops
 from dconv.statistics import noise_figures
 
-from _fault_helpers import describe, run_cli, snapshot
+from _fault_helpers import describe, snapshot
 from _models import LAYERS, model_group, read
 
 ARRAYS = ("dA_prev", "dW", "db", "stats/sample_grad_norm2", "stats/dW_sq", "stats/db_sq")
@@ -85,34 +86,34 @@ def test_model_statistics_are_the_sums_of_the_layers(model, model_out):
     assert stored["status"] == "complete" and stored["stats"] == json.loads(json.dumps(stats))
 
 
-def test_inspect_shows_the_layers_and_the_model_figures(model_out):
+def test_inspect_shows_the_layers_and_the_model_figures(model_out, forked_dconv):
     out, result = model_out
-    shown = run_cli(["inspect", out])
+    shown = forked_dconv.run(["inspect", out])
     assert shown.returncode == 0, describe(shown)
     for name in LAYERS:
         assert f"    {name} " in shown.stdout, shown.stdout
     assert "the model's gradient statistics over m = 40" in shown.stdout
     assert f"{result.stats['noise_scale']:.6g}" in shown.stdout
-    summary = json.loads(run_cli(["inspect", out, "--json"]).stdout)
+    summary = json.loads(forked_dconv.run(["inspect", out, "--json"]).stdout)
     assert summary["kind"] == "model" and summary["complete"] is True
     assert [layer["status"] for layer in summary["layers"]] == ["complete"] * 3
 
 
-def test_resume_of_a_complete_model_runs_nothing(model, model_out):
+def test_resume_of_a_complete_model_runs_nothing(model, model_out, forked_dconv):
     out, _ = model_out
     before = snapshot(out)
-    again = run_cli(["backward", model, out, "--resume"])
+    again = forked_dconv.run(["backward", model, out, "--resume"])
     assert again.returncode == 0, describe(again)
     assert "is already complete, nothing to do (3 layers, 15 chunks)" in again.stdout
     assert snapshot(out) == before
 
 
-def test_layers_selects_and_is_recorded(model, tmp_path, client):
+def test_layers_selects_and_is_recorded(model, tmp_path, client, forked_dconv):
     out = tmp_path / "out.zarr"
     result = dconv.backward_job(model, out, batch_chunk=8, layers="fc,conv1", client=client)
     assert list(result.layers) == ["conv1", "fc"]  # model order
     assert sorted(p.name for p in (out / "layers").iterdir() if p.is_dir()) == ["conv1", "fc"]
-    refused = run_cli(["backward", model, out, "--resume", "--layers", "conv2"])
+    refused = forked_dconv.run(["backward", model, out, "--resume", "--layers", "conv2"])
     assert refused.returncode == 2, describe(refused)
     assert "layers: ['conv2'] here, ['conv1', 'fc'] in out" in refused.stderr
 
@@ -124,15 +125,15 @@ def test_layers_selects_and_is_recorded(model, tmp_path, client):
         (["--layers", "conv1,conv1"], "layers must name each layer once"),
     ],
 )
-def test_bad_layer_names_are_one_line(model, tmp_path, args, message):
-    result = run_cli(["backward", model, tmp_path / "out.zarr", *args])
+def test_bad_layer_names_are_one_line(model, tmp_path, args, message, forked_dconv):
+    result = forked_dconv.run(["backward", model, tmp_path / "out.zarr", *args])
     assert result.returncode == 2, describe(result)
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_layers_on_a_one_layer_input_is_refused(model, tmp_path):
-    result = run_cli(["backward", f"{model}/layers/conv1", tmp_path / "out.zarr", "--layers", "conv1"])
+def test_layers_on_a_one_layer_input_is_refused(model, tmp_path, forked_dconv):
+    result = forked_dconv.run(["backward", f"{model}/layers/conv1", tmp_path / "out.zarr", "--layers", "conv1"])
     assert result.returncode == 2, describe(result)
     assert "selects layers of a model input group" in result.stderr
 
@@ -179,39 +180,39 @@ def test_interrupted_in_the_second_layer_resumes_without_recomputing(model, mode
     assert np.array_equal(read(out, "stats/sample_grad_norm2"), read(reference, "stats/sample_grad_norm2"))
 
 
-def test_a_second_job_on_a_running_model_output_is_refused(model, tmp_path):
+def test_a_second_job_on_a_running_model_output_is_refused(model, tmp_path, forked_dconv):
     from dconv.store.lease import hold
 
     out = tmp_path / "out.zarr"
     with hold(str(out), {}, 60.0, lambda line: None):
-        result = run_cli(["backward", model, out])
+        result = forked_dconv.run(["backward", model, out])
     assert result.returncode == 2, describe(result)
     assert "is being written by another job" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_overwrite_replaces_a_model_output_and_refuses_a_layer_output(model, tmp_path):
+def test_overwrite_replaces_a_model_output_and_refuses_a_layer_output(model, tmp_path, forked_dconv):
     out = tmp_path / "out.zarr"
     dconv.backward_job(model, out, batch_chunk=8, layers="fc", scheduler="threads")
     (tmp_path / "single.zarr").mkdir()
     dconv.backward_job(f"{model}/layers/fc", tmp_path / "single.zarr", batch_chunk=8, scheduler="threads",
                        overwrite=True)
-    refused = run_cli(["backward", model, tmp_path / "single.zarr", "--overwrite"])
+    refused = forked_dconv.run(["backward", model, tmp_path / "single.zarr", "--overwrite"])
     assert refused.returncode == 2 and "is a dconv output, not a dconv model output" in refused.stderr, describe(refused)
     (out / "layers" / "fc" / "notes.txt").write_text("mine")
     before = snapshot(out)
-    refused = run_cli(["backward", model, out, "--overwrite"])
+    refused = forked_dconv.run(["backward", model, out, "--overwrite"])
     assert refused.returncode == 2 and "notes.txt" in refused.stderr, describe(refused)
     assert snapshot(out) == before
     (out / "layers" / "fc" / "notes.txt").unlink()
-    replaced = run_cli(["backward", model, out, "--overwrite", "--batch-chunk", "8", "--layers", "conv1",
+    replaced = forked_dconv.run(["backward", model, out, "--overwrite", "--batch-chunk", "8", "--layers", "conv1",
                         "--scheduler", "threads"])
     assert replaced.returncode == 0, describe(replaced)
     assert sorted(p.name for p in (out / "layers").iterdir() if p.is_dir()) == ["conv1"]
 
 
-def test_dry_run_describes_every_layer(model, tmp_path):
-    result = run_cli(["backward", model, tmp_path / "out.zarr", "--dry-run", "--stats"])
+def test_dry_run_describes_every_layer(model, tmp_path, forked_dconv):
+    result = forked_dconv.run(["backward", model, tmp_path / "out.zarr", "--dry-run", "--stats"])
     assert result.returncode == 0, describe(result)
     assert "model   " in result.stdout and "3 layers of m = 40 samples" in result.stdout
     for name, (kind, _) in LAYERS.items():
@@ -220,16 +221,17 @@ def test_dry_run_describes_every_layer(model, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_in_the_second_layer(tmp_path):
+def test_resume_after_sigkill_in_the_second_layer(tmp_path, forked_dconv):
     """SIGKILL of the whole job (client and workers) while the second layer is half done; inspect's resume
-    command, run as printed once the lease is stale, finishes the job with the bits of an uninterrupted one."""
+    command, run as printed once the lease is stale, finishes the job with the bits of an uninterrupted one.
+    The killed job runs in a fresh interpreter; inspect and the resumed job, forked (``forked_dconv``)."""
     import os
     import shlex
     import signal
     import subprocess
 
     from conftest import dconv_command, wait_until
-    from _fault_helpers import done_count, inspect_json, kill_group, live_group_members
+    from _fault_helpers import done_count, kill_group, live_group_members
 
     model = model_group(tmp_path / "model.zarr", m=640, chunk=8)
     reference = tmp_path / "reference.zarr"
@@ -250,31 +252,33 @@ def test_resume_after_sigkill_in_the_second_layer(tmp_path):
     done = done_count(out / "layers/conv2")
     assert 16 <= done < 80, f"{done} of 80 chunks of conv2 done: the kill came too late to test anything"
 
-    code, summary = inspect_json(out)
+    inspected = forked_dconv.run(["inspect", out, "--json"])
+    assert "Traceback" not in inspected.stderr, describe(inspected)
+    code, summary = inspected.returncode, json.loads(inspected.stdout)
     assert code == 3 and summary["kind"] == "model" and not summary["complete"]
     command = summary["resume_command"]
     assert command == shlex.join(["dconv", "backward", model, str(out), "--resume", "--workers", "2"])
     from dconv.store.lease import read_lease
 
     assert wait_until(lambda: read_lease(out) is None or read_lease(out).age() > 1.5, timeout=10)
-    resumed = run_cli(shlex.split(command)[1:], timeout=240)
+    resumed = forked_dconv.run(shlex.split(command)[1:], timeout=240)
     assert resumed.returncode == 0, describe(resumed)
     for name in LAYERS:
         for array in ARRAYS:
             assert np.array_equal(read(out / "layers" / name, array), read(reference / "layers" / name, array))
     assert np.array_equal(read(out, "stats/sample_grad_norm2"), read(reference, "stats/sample_grad_norm2"))
-    assert run_cli(["inspect", out]).returncode == 0
+    assert forked_dconv.run(["inspect", out]).returncode == 0
 
 
-def test_the_model_pipeline_spec_runs(tmp_path):
+def test_the_model_pipeline_spec_runs(tmp_path, forked_dconv):
     from pathlib import Path
 
     model_group(tmp_path / "out" / "model.zarr", m=24)
     spec = Path(__file__).resolve().parent.parent / "pipelines" / "model.toml"
-    result = run_cli(["run", spec, "--scheduler", "threads"], cwd=tmp_path)
+    result = forked_dconv.run(["run", spec, "--scheduler", "threads"], cwd=tmp_path)
     assert result.returncode == 0, describe(result)
     assert "3 layers, 3 of 3 chunks computed" in result.stdout, result.stdout
     out = tmp_path / "out" / "model-grads.zarr"
     assert "dA_prev" not in zarr.open_group(str(out / "layers" / "conv1"))
     assert read(out, "stats/sample_grad_norm2").shape == (24,)
-    assert run_cli(["inspect", out]).returncode == 0
+    assert forked_dconv.run(["inspect", out]).returncode == 0

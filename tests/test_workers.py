@@ -145,16 +145,16 @@ def test_jobs_wait_for_the_first_worker_then_run(scheduler, job, forked_dconv, t
 
 @pytest.mark.cluster
 def test_no_worker_within_the_wait_timeout_is_refused(scheduler, job, tmp_path, capsys):
-    """`--wait-timeout 2` and no worker: exit 2, one error line naming the scheduler and the timeout; no output.
+    """`--wait-timeout 1` and no worker: exit 2, one error line naming the scheduler and the timeout; no output.
     In Python, `cluster=ClusterOptions(...)` gives the waiting of a job on a `client`."""
     out = tmp_path / "out.zarr"
     assert scheduler["client"].scheduler_info()["workers"] == {}
     code, stdout, stderr = dconv_cli(capsys, "backward", job["input"], out, "--scheduler-file", scheduler["file"],
-                                     "--wait-timeout", 2, *job["flags"], "--quiet")
+                                     "--wait-timeout", 1, *job["flags"], "--quiet")
     assert (code, stdout) == (2, ""), stderr
     assert stderr.splitlines() == [
         "dconv: waiting for workers (0 of 1)",
-        f"dconv: error: no worker joined the scheduler at {scheduler['address']} within 2 s (--wait-timeout); "
+        f"dconv: error: no worker joined the scheduler at {scheduler['address']} within 1 s (--wait-timeout); "
         "0 of 1 (--wait-workers) arrived.",
     ]
     assert not out.exists()

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from dconv.job import JobResult
 from dconv.plan import plan_job
 from dconv.store import OutputStore
 
-from conftest import dconv_command, free_port
+from conftest import free_port
 
 s3fs = pytest.importorskip("s3fs")
 
@@ -114,15 +115,17 @@ def new_bucket(endpoint: str) -> str:
     return name
 
 
-def run_dconv(args: list[str], env: dict[str, str], timeout: float = SHORT_TIMEOUT, cwd=None):
-    return subprocess.run(
-        dconv_command() + [str(a) for a in args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
+@pytest.fixture(scope="module")
+def run_dconv(forked_dconv):
+    """``run_dconv(args, env, timeout, cwd)``: ``dconv ARGS`` as a process of its own with the environment
+    ``env``, forked from one that has imported dconv and s3fs (conftest's ``forked_dconv``): ``env`` may differ
+    from this process's environment only in variables read at run time (the AWS ones)."""
+
+    def run(args: list, env: dict[str, str], timeout: float = SHORT_TIMEOUT, cwd=None) -> subprocess.CompletedProcess:
+        changes = {name: env.get(name) for name in set(os.environ) | set(env) if os.environ.get(name) != env.get(name)}
+        return forked_dconv.run(args, env=changes, timeout=timeout, cwd=cwd)
+
+    return run
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
@@ -265,8 +268,8 @@ CLI_M, CLI_CHUNK, CLI_BATCH = 50, 7, 16  # 4 batch chunks (16, 16, 16, 2), misal
 
 
 @pytest.fixture(scope="module")
-def cli_job(s3_endpoint):
-    """make-inputs -> backward --workers 2 -> inspect -> inspect --json, all in subprocesses on s3://.
+def cli_job(s3_endpoint, run_dconv):
+    """make-inputs -> backward --workers 2 -> inspect -> inspect --json, each a process of its own, on s3://.
 
     The subprocesses get the endpoint and credentials from AWS_* variables only.
     """
@@ -284,8 +287,9 @@ def cli_job(s3_endpoint):
         ["backward", inp, out, "--batch-chunk", CLI_BATCH, "--workers", 2, "--quiet"], env, timeout=CLI_TIMEOUT
     )
     assert backward.returncode == 0, describe(backward)
-    inspect = run_dconv(["inspect", out], env)
-    inspect_json = run_dconv(["inspect", out, "--json"], env)
+    with ThreadPoolExecutor(2) as pool:  # two independent processes
+        inspect, inspect_json = pool.map(lambda args: run_dconv(args, env),
+                                         (["inspect", out], ["inspect", out, "--json"]))
     return {
         "bucket": bkt, "inp": inp, "out": out, "env": env,
         "make": make, "backward": backward, "inspect": inspect, "inspect_json": inspect_json,
@@ -402,7 +406,7 @@ def test_api_explicit_storage_options_and_no_secret_in_output(s3_endpoint, bucke
 
 
 @pytest.mark.cluster
-def test_cli_storage_options_pass_through_and_never_print_secret(s3_endpoint, bucket, bare_workers):
+def test_cli_storage_options_pass_through_and_never_print_secret(s3_endpoint, bucket, bare_workers, run_dconv):
     """Endpoint and credentials only as --storage-option; AWS_ENDPOINT_URL points at nothing.
 
     The successful job runs on the session cluster, whose workers have no AWS settings at all,
@@ -428,31 +432,42 @@ def test_cli_storage_options_pass_through_and_never_print_secret(s3_endpoint, bu
     assert procs["inspect"].stdout.splitlines()[0] == f"{out}: complete"
     assert_close(read_result(out, so), kernel_oracle(read_arrays(inp, ("A_prev", "dZ", "W"), so), padding=1), REL_TOL)
 
-    # Without the options the same command cannot reach the store (so they were what made it work).
-    procs["no_options"] = run_dconv(["inspect", out], env)
-    assert procs["no_options"].returncode != 0, describe(procs["no_options"])
-
-    # Error cases. An input without dZ: rejected before anything runs, with the array named.
+    # The cases below are independent processes: they run concurrently, and are checked one by one.
     fs = new_fs(s3_endpoint)
     fs.copy(f"{bucket}/in.zarr", f"{bucket}/no_dz.zarr", recursive=True)
     fs.rm(f"{bucket}/no_dz.zarr/dZ", recursive=True)
-    procs["missing_array"] = run_dconv(
-        ["backward", f"s3://{bucket}/no_dz.zarr", f"s3://{bucket}/o1.zarr", "--workers", 1, "--quiet", "--debug",
-         *options], env)
+    fs.copy(f"{bucket}/in.zarr", f"{bucket}/corrupt.zarr", recursive=True)
+    fs.pipe(f"{bucket}/corrupt.zarr/A_prev/c/1/0/0/0", b"not a blosc frame")
+    cases = {
+        # without the options
+        "no_options": (["inspect", out], SHORT_TIMEOUT),
+        # an input without dZ
+        "missing_array": (["backward", f"s3://{bucket}/no_dz.zarr", f"s3://{bucket}/o1.zarr", "--workers", 1, "--quiet",
+                           "--debug", *options], SHORT_TIMEOUT),
+        # a missing input store
+        "missing_store": (["backward", f"s3://{bucket}/nothing.zarr", f"s3://{bucket}/o2.zarr", "--quiet", *options],
+                          SHORT_TIMEOUT),
+        # a corrupt A_prev chunk
+        "corrupt": (["backward", f"s3://{bucket}/corrupt.zarr", f"s3://{bucket}/o3.zarr", "--batch-chunk", 8,
+                     "--workers", 1, "--quiet", "--debug", *options], CLI_TIMEOUT),
+        # an output that does not exist
+        "inspect_missing": (["inspect", f"s3://{bucket}/o4.zarr", "--json", *options], SHORT_TIMEOUT),
+    }
+    with ThreadPoolExecutor(len(cases)) as pool:
+        futures = {name: pool.submit(run_dconv, args, env, timeout) for name, (args, timeout) in cases.items()}
+        procs.update((name, future.result()) for name, future in futures.items())
+
+    # Without the options the same command cannot reach the store (so they were what made it work).
+    assert procs["no_options"].returncode != 0, describe(procs["no_options"])
+
+    # Error cases. An input without dZ: rejected before anything runs, with the array named.
     assert procs["missing_array"].returncode == 2, describe(procs["missing_array"])
     assert "has no array 'dZ'" in procs["missing_array"].stderr
     assert not fs.exists(f"{bucket}/o1.zarr")
     # A missing input store.
-    procs["missing_store"] = run_dconv(
-        ["backward", f"s3://{bucket}/nothing.zarr", f"s3://{bucket}/o2.zarr", "--quiet", *options], env)
     assert procs["missing_store"].returncode == 2, describe(procs["missing_store"])
     assert "does not exist" in procs["missing_store"].stderr
     # A corrupt A_prev chunk: the job fails on a worker (whose log goes to this stderr too) ...
-    fs.copy(f"{bucket}/in.zarr", f"{bucket}/corrupt.zarr", recursive=True)
-    fs.pipe(f"{bucket}/corrupt.zarr/A_prev/c/1/0/0/0", b"not a blosc frame")
-    procs["corrupt"] = run_dconv(
-        ["backward", f"s3://{bucket}/corrupt.zarr", f"s3://{bucket}/o3.zarr", "--batch-chunk", 8, "--workers", 1,
-         "--quiet", "--debug", *options], env, timeout=CLI_TIMEOUT)
     assert procs["corrupt"].returncode != 0, describe(procs["corrupt"])
     assert "corrupt" in procs["corrupt"].stderr
     # ... and inspect reports it failed, with the reason recorded in the store.
@@ -460,7 +475,6 @@ def test_cli_storage_options_pass_through_and_never_print_secret(s3_endpoint, bu
     assert procs["inspect_failed"].returncode == 3, describe(procs["inspect_failed"])
     assert "failed" in procs["inspect_failed"].stdout and "reason:" in procs["inspect_failed"].stdout
     # An output that does not exist.
-    procs["inspect_missing"] = run_dconv(["inspect", f"s3://{bucket}/o4.zarr", "--json", *options], env)
     assert procs["inspect_missing"].returncode == 2, describe(procs["inspect_missing"])
 
     for name, proc in procs.items():
@@ -478,7 +492,7 @@ def test_output_store_repr_hides_credentials():
 
 
 @pytest.mark.cluster
-def test_run_spec_storage_table(s3_endpoint, bucket, bare_workers, tmp_path):
+def test_run_spec_storage_table(s3_endpoint, bucket, bare_workers, tmp_path, run_dconv):
     """[input]/[output] on s3://, endpoint and credentials only in [storage]; the input is made by [input.make]."""
     inp, out = f"s3://{bucket}/spec-in.zarr", f"s3://{bucket}/spec-out.zarr"
     spec = tmp_path / "job.toml"

@@ -1,12 +1,15 @@
 """Fault tolerance: killed jobs, resume, lost workers, idempotent chunk tasks, honest completion.
 
-Every subprocess here has a timeout. The large-job tests share one input
-(128 chunks of 4 samples, a few seconds on 2 workers) and one uninterrupted
-reference run, made once per module; their results must match it bit for bit.
+Every subprocess here has a timeout. The jobs that are killed run in a fresh interpreter, as a
+user starts them; the other CLI runs, forked from a process that has imported dconv
+(``forked_dconv``). The large-job tests share one input (128 chunks of 4 samples, a few seconds
+on 2 workers) and one uninterrupted reference run, made once per module; their results must
+match it bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -29,11 +32,9 @@ from _fault_helpers import (
     describe,
     done_count,
     done_flags,
-    inspect_json,
     kill_group,
     live_group_members,
     provenance_of,
-    run_cli,
     snapshot,
     status_of,
     stop,
@@ -61,9 +62,10 @@ def big_job(tmp_path_factory) -> BigJob:
     root = tmp_path_factory.mktemp("big-job")
     inputs = Path(make_inputs(str(root / "input.zarr"), **BIG))
     job = BigJob(input=inputs, reference=root / "reference.zarr")
-    result = run_cli(["backward", inputs, job.reference, "--workers", "2", *job.options], timeout=JOB_TIMEOUT)
-    assert result.returncode == 0, describe(result)
-    assert chunks_computed(result.stdout) == (N_CHUNKS, N_CHUNKS)
+    # in this process: the job's bits are the same on any scheduler (test_job checks it)
+    result = dconv.backward_job(str(inputs), str(job.reference), batch_chunk=BATCH_CHUNK, split_every=SPLIT_EVERY,
+                                scheduler="threads")
+    assert (result.computed_chunks, result.n_chunks) == (N_CHUNKS, N_CHUNKS)
     return job
 
 
@@ -75,6 +77,12 @@ def start_job(args: list, log_dir: Path, name: str) -> subprocess.Popen:
         )
 
 
+def inspect_json(forked_dconv, out: Path) -> tuple[int, dict]:
+    result = forked_dconv.run(["inspect", out, "--json"])
+    assert "Traceback" not in result.stderr, describe(result)
+    return result.returncode, json.loads(result.stdout)
+
+
 def job_logs(log_dir: Path, name: str) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(log_dir.glob(f"{name}.*")))
 
@@ -84,10 +92,10 @@ def job_logs(log_dir: Path, name: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.40], ids=["40pct"])  # one kill point: the resume path is the same at any
-def test_resume_after_sigkill_of_whole_job(big_job, tmp_path, fraction):
+def test_resume_after_sigkill_of_whole_job(big_job, forked_dconv, tmp_path, fraction):
     out = tmp_path / "out.zarr"
-    # a short lease timeout: the killed job's lease is taken over 2 s after its last heartbeat, not 60
-    args = ["backward", big_job.input, out, "--workers", "2", *big_job.options, "--lease-timeout", "2"]
+    # a short lease timeout: the killed job's lease is taken over 1 s after its last heartbeat, not 60
+    args = ["backward", big_job.input, out, "--workers", "2", *big_job.options, "--lease-timeout", "1"]
     target = math.ceil(fraction * N_CHUNKS)
     job = start_job(args, tmp_path, "killed")
     try:
@@ -108,13 +116,13 @@ def test_resume_after_sigkill_of_whole_job(big_job, tmp_path, fraction):
     assert status_of(out) != "complete"
 
     # inspect: exit 3, "incomplete", done and missing counts
-    result = run_cli(["inspect", out])
+    result = forked_dconv.run(["inspect", out])
     assert result.returncode == 3, describe(result)
     assert "incomplete" in result.stdout.lower(), describe(result)
     assert re.search(rf"\b{done}\b", result.stdout) and re.search(rf"\b{N_CHUNKS - done}\b", result.stdout), describe(
         result
     )
-    code, summary = inspect_json(out)
+    code, summary = inspect_json(forked_dconv, out)
     assert code == 3
     assert summary["complete"] is False
     assert summary["chunks"]["done"] == done
@@ -127,26 +135,27 @@ def test_resume_after_sigkill_of_whole_job(big_job, tmp_path, fraction):
     assert partial["dA_prev"].shape == (BIG["m"], BIG["height"], BIG["width"], BIG["in_channels"])
 
     # the resume command inspect prints, run as printed once the killed job's lease is stale (its own
-    # timeout, 2 s), takes the lease over and computes only the missing chunks: the uninterrupted result
+    # timeout, 1 s), takes the lease over and computes only the missing chunks: the uninterrupted result
     command = summary["resume_command"]
     assert command == shlex.join(["dconv", "backward", str(big_job.input), str(out), "--resume", "--workers", "2"])
-    assert wait_until(lambda: read_lease(out) is None or read_lease(out).age() > 2.5, timeout=10)
-    result = run_cli(shlex.split(command)[1:], timeout=JOB_TIMEOUT)
+    assert wait_until(lambda: read_lease(out) is None or read_lease(out).age() > 1.5, timeout=10)
+    result = forked_dconv.run(shlex.split(command)[1:], timeout=JOB_TIMEOUT)
     assert result.returncode == 0, describe(result)
     assert chunks_computed(result.stdout) == (N_CHUNKS - done, N_CHUNKS)
     assert status_of(out) == "complete"
     assert_bitwise_equal(out, big_job.reference)
-    assert run_cli(["inspect", out]).returncode == 0
+    assert forked_dconv.run(["inspect", out]).returncode == 0
     dconv.open_result(str(out))
 
 
 # --------------------------------------------------------------------------- 2. --resume with nothing to resume
 
 
-def test_resume_on_missing_output_runs_the_job(make_input, tmp_path):
+def test_resume_on_missing_output_runs_the_job(make_input, forked_dconv, tmp_path, dask_cluster):
     inputs = make_input()
     out = tmp_path / "fresh.zarr"
-    result = run_cli(["backward", inputs, out, "--resume", "--workers", "1", "--batch-chunk", "7", "--quiet"])
+    result = forked_dconv.run(["backward", inputs, out, "--resume", "--scheduler", dask_cluster["address"],
+                               "--batch-chunk", "7", "--quiet"])
     assert result.returncode == 0, describe(result)
     assert chunks_computed(result.stdout) == (3, 3)
     assert status_of(out) == "complete"
@@ -176,7 +185,7 @@ MISMATCHES = [
 
 
 @pytest.mark.parametrize("options, pattern", MISMATCHES)
-def test_resume_with_other_inputs_or_parameters_is_refused(make_input, tmp_path, options, pattern):
+def test_resume_with_other_inputs_or_parameters_is_refused(make_input, forked_dconv, tmp_path, options, pattern):
     inputs = make_input(seed=1)
     out = tmp_path / "out.zarr"
     dconv.backward_job(inputs, str(out), batch_chunk=7, split_every=8, scheduler="synchronous")
@@ -184,7 +193,7 @@ def test_resume_with_other_inputs_or_parameters_is_refused(make_input, tmp_path,
         inputs = make_input(seed=2)
         options, pattern = [], re.escape(str(inputs))
     before = snapshot(out)
-    result = run_cli(
+    result = forked_dconv.run(
         ["backward", inputs, out, "--resume", "--workers", "1", "--quiet", "--batch-chunk", "7", "--split-every", "8",
          *options],
         cwd=tmp_path,
@@ -299,22 +308,22 @@ def test_chunk_task_run_twice_writes_the_same_bytes(make_input, tmp_path, index)
 # --------------------------------------------------------------------------- 6. honest completion
 
 
-def test_failed_job_is_marked_failed_and_refused(make_input, tmp_path):
+def test_failed_job_is_marked_failed_and_refused(make_input, forked_dconv, tmp_path, dask_cluster):
     inputs = Path(make_input())  # chunks of 7 samples
     chunk = inputs / "A_prev" / "c" / "1" / "0" / "0" / "0"
     good_bytes = chunk.read_bytes()
     chunk.write_bytes(b"\x00corrupt" * 16)
     out = tmp_path / "out.zarr"
-    args = ["backward", inputs, out, "--workers", "1", "--batch-chunk", "7", "--quiet"]
+    args = ["backward", inputs, out, "--scheduler", dask_cluster["address"], "--batch-chunk", "7", "--quiet"]
 
-    result = run_cli(args)
+    result = forked_dconv.run(args)
     assert result.returncode == 2, describe(result)  # a corrupt input is bad input
     provenance = provenance_of(out)
     assert provenance["status"] == "failed", provenance
     assert "A_prev" in provenance.get("reason", ""), provenance
     assert not done_flags(out)[1]
 
-    result = run_cli(["inspect", out])
+    result = forked_dconv.run(["inspect", out])
     assert result.returncode == 3, describe(result)
     assert "failed" in result.stdout and "A_prev" in result.stdout, describe(result)
     with pytest.raises(dconv.InputError):
@@ -330,7 +339,7 @@ def test_failed_job_is_marked_failed_and_refused(make_input, tmp_path):
     # once the chunk is repaired, --resume finishes the job
     chunk.write_bytes(good_bytes)
     done_before = done_count(out)
-    result = run_cli([*args, "--resume"])
+    result = forked_dconv.run([*args, "--resume"])
     assert result.returncode == 0, describe(result)
     assert chunks_computed(result.stdout) == (3 - done_before, 3)
     assert status_of(out) == "complete"

@@ -1,4 +1,4 @@
-"""The README's examples run as written: its shell commands and Python blocks, in order, in one fresh directory.
+"""The README's examples run as written: its shell commands and Python blocks, in order.
 
 Every ```python, ```bash, ```sh and ```console block of README.md runs, except those in the
 sections of ``SKIP_SECTIONS`` (the install commands, which ``.ci/run`` runs, and the ones that
@@ -6,6 +6,11 @@ need a cluster or an object store). Shell blocks run with ``bash -e`` and this e
 ``dconv`` first on PATH; a console block runs its ``$ `` lines. Each Python block is saved as a
 file and run with this interpreter, as a user runs a script. Each block must exit 0 with no
 traceback on stderr.
+
+The sections of ``CHAINS`` use nothing the others write, so their blocks run (in order) in a
+directory of their own, alongside the main chain (every other section, in order) in its own: a
+block that needs a file another chain writes fails for want of it, every time. The chains write
+no name in common, so the whole README still runs in order in one directory.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +36,15 @@ SKIP_SECTIONS = {
 EXPECTED_SECTIONS = {"The kernel", "The distributed job", "The output", "SIMD levels (`DCONV_SIMD`)"}
 SHELLS = {"bash", "sh", "console"}
 BLOCK_TIMEOUT = 300  # seconds, for one block on a loaded 2-core machine
+# Sections whose blocks read only what earlier blocks of the same chain wrote; each chain runs
+# concurrently with the others and with the main chain (every section not named here).
+CHAINS = {
+    "Gradient statistics (`--stats`) and jobs without dA_prev (`--no-dA-prev`)": "stats",
+    "Per-sample inner products and sketches (`--dot`, `--sketch`)": "scores",
+    "Scores: train samples against queries (`dconv score`)": "scores",
+    "Whole models: every layer in one job": "model",
+}
+CONCURRENCY = 2  # chains at a time: each job of a chain starts a local cluster of one worker per core
 
 FENCE = re.compile(r"^```(\S*)\s*$")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$")
@@ -86,23 +101,54 @@ def test_readme_selects_its_examples():
     assert skipped == set(SKIP_SECTIONS), f"no block under {set(SKIP_SECTIONS) - skipped}: update SKIP_SECTIONS"
 
 
+def chains(blocks: list[Block]) -> dict[str, list[Block]]:
+    """The runnable blocks by chain (``CHAINS``; "main" for every other section), each in README order."""
+    grouped: dict[str, list[Block]] = {}
+    for block in blocks:
+        grouped.setdefault(CHAINS.get(block.section, "main"), []).append(block)
+    return grouped
+
+
+def test_readme_chains_name_its_sections():
+    sections = {b.section for b in runnable(readme_blocks(README.read_text()))}
+    assert set(CHAINS) <= sections, f"no runnable block under {set(CHAINS) - sections}: update CHAINS"
+
+
+def run_chain(blocks: list[Block], cwd: Path, env: dict[str, str]) -> list[str]:
+    """Run ``blocks`` in order in ``cwd``; the reports of those that failed (the chain stops at the first)."""
+    cwd.mkdir()
+    for block in blocks:
+        if block.language == "python":
+            script = cwd / f"readme_example_{block.line}.py"
+            script.write_text(block.code)
+            command = [sys.executable, script.name]
+        else:
+            command = ["bash", "-e", "-c", shell_script(block)]
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT)
+        report = f"{block}: exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+        if result.returncode != 0 or "Traceback" in result.stderr:
+            return [report]
+        # the examples show jobs as they should be run
+        if "dconv: warning:" in result.stderr:
+            return [f"a warning on stderr: {report}"]
+    return []
+
+
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_readme_examples_run_as_written(tmp_path):
     bin_dir = Path(sys.executable).parent
     assert (bin_dir / "dconv").exists(), f"expected the dconv command next to {sys.executable}; got none"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for index, block in enumerate(runnable(readme_blocks(README.read_text()))):
-        if block.language == "python":
-            script = tmp_path / f"readme_example_{index}.py"
-            script.write_text(block.code)
-            command = [sys.executable, script.name]
-        else:
-            command = ["bash", "-e", "-c", shell_script(block)]
-        result = subprocess.run(
-            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT
-        )
-        report = f"{block}: exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-        assert result.returncode == 0, report
-        assert "Traceback" not in result.stderr, report
-        assert "dconv: warning:" not in result.stderr, report  # the examples show jobs as they should be run
+    grouped = chains(runnable(readme_blocks(README.read_text())))
+    order = sorted(grouped, key=lambda name: name not in ("main", "scores"))  # the two longest first
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        failures = dict(zip(order, pool.map(lambda name: run_chain(grouped[name], tmp_path / name, env), order)))
+    assert not any(failures.values()), "\n\n".join(report for reports in failures.values() for report in reports)
+    # what each chain wrote: no name in common, so the README runs in order in one directory too
+    written = {name: {p.name for p in (tmp_path / name).iterdir() if not p.name.startswith("readme_example_")}
+               for name in grouped}
+    for first in written:
+        for second in written:
+            if first < second:
+                assert not written[first] & written[second], (first, second, written[first] & written[second])
