@@ -203,14 +203,17 @@ class RunningTop:
 
 
 def merge_top(parts: list[TopLists], top: int) -> TopLists:
-    """The lists of the union of the train samples that ``parts`` cover (disjoint), each (n_q, top)."""
-    n_q = parts[0].positive_index.shape[0]
+    """The lists of the union of the train samples that ``parts`` cover (disjoint), each (n_q, top).
+
+    Each query's row of the parts' lists side by side is sorted on its own by (empty last, score, index).
+    """
     lists = []
     for side, largest in (("positive", True), ("negative", False)):
-        index = np.concatenate([getattr(part, f"{side}_index") for part in parts], axis=1)
+        index = np.concatenate([getattr(part, f"{side}_index") for part in parts], axis=1)   # (n_q, parts * top)
         score = np.concatenate([getattr(part, f"{side}_score") for part in parts], axis=1)
-        query, slot = np.nonzero(index >= 0)
-        lists.append(_select(query, index[query, slot], score[query, slot], n_q, top, largest))
+        empty = index < 0
+        order = np.lexsort((index, -score if largest else score, empty), axis=1)[:, :top]  # the last key first
+        lists.append((np.take_along_axis(index, order, axis=1), np.take_along_axis(score, order, axis=1)))
     return TopLists(*lists[0], *lists[1])
 
 
