@@ -319,6 +319,96 @@ static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, id
     }
 }
 
+#if LANES == 8 /* the float64 inclusion: the per-sample inner products with the query gradients */
+/* A register block of query_dots: NS rows of x against NQ queries, over len values (a multiple of
+ * LANES) from x and Q, whose rows lie x_stride and q_stride apart. Lane l of a sum takes the values
+ * at l mod LANES, in order; the block adds its sums, lane by lane, into part (LANES doubles per
+ * (row, query), rows n_q queries apart). The rows' vectors stay in registers while each query's
+ * vector passes over them: NS + NQ loads per NS * NQ multiply-adds. */
+#define DEFINE_DOT_BLOCK(NS, NQ)                                                                    \
+    static void F(dot_block_##NS##_##NQ)(const double *x, idx x_stride, const double *Q, idx q_stride, \
+                                         idx len, double *part, idx n_q)                            \
+    {                                                                                               \
+        F(vec) acc[NS][NQ];                                                                         \
+        UNROLL for (int s = 0; s < NS; s++)                                                         \
+            UNROLL for (int q = 0; q < NQ; q++)                                                     \
+                acc[s][q] = F(zero)();                                                              \
+        for (idx k = 0; k < len; k += LANES) {                                                      \
+            F(vec) xs[NS];                                                                          \
+            UNROLL for (int s = 0; s < NS; s++)                                                     \
+                xs[s] = F(load)(x + s * x_stride + k);                                              \
+            UNROLL for (int q = 0; q < NQ; q++) {                                                   \
+                F(vec) w = F(load)(Q + q * q_stride + k);                                           \
+                UNROLL for (int s = 0; s < NS; s++)                                                 \
+                    acc[s][q] = F(muladd)(xs[s], w, acc[s][q]);                                     \
+            }                                                                                       \
+        }                                                                                           \
+        UNROLL for (int s = 0; s < NS; s++)                                                         \
+            UNROLL for (int q = 0; q < NQ; q++) {                                                   \
+                double lanes[LANES], *p = part + (s * n_q + q) * LANES;                             \
+                memcpy(lanes, &acc[s][q], sizeof lanes);                                            \
+                for (int l = 0; l < LANES; l++)                                                     \
+                    p[l] += lanes[l];                                                               \
+            }                                                                                       \
+    }
+typedef void (*F(dot_block))(const double *, idx, const double *, idx, idx, double *, idx);
+#define DOT_NAME(NS, NQ) F(dot_block_##NS##_##NQ),
+#define DEFINE_DOT_BLOCKS(NS)                                                                       \
+    REPEAT(DOT_QUERIES, DEFINE_DOT_BLOCK, NS)                                                       \
+    static const F(dot_block) F(dot_blocks_##NS)[] = {NULL, REPEAT(DOT_QUERIES, DOT_NAME, NS)};
+DEFINE_DOT_BLOCKS(1)
+#if DOT_SAMPLES >= 2
+DEFINE_DOT_BLOCKS(2)
+#endif
+#if DOT_SAMPLES >= 3
+DEFINE_DOT_BLOCKS(3)
+#endif
+#if DOT_SAMPLES >= 4
+DEFINE_DOT_BLOCKS(4)
+#endif
+#if DOT_SAMPLES > 4
+#error "DOT_SAMPLES is at most 4"
+#endif
+static const F(dot_block) *const F(dot_blocks)[] = {
+    NULL, F(dot_blocks_1),
+#if DOT_SAMPLES >= 2
+    F(dot_blocks_2),
+#endif
+#if DOT_SAMPLES >= 3
+    F(dot_blocks_3),
+#endif
+#if DOT_SAMPLES >= 4
+    F(dot_blocks_4),
+#endif
+};
+
+/* query_dots: part[(s * n_q + q) * LANES + l] += the lane-l sum of x[s, k] * Q[q, k] over the first
+ * n - n % LANES values k (x: g rows of n values, n apart; Q: n_q rows q_stride apart). A span of
+ * DOT_SPAN values of every row and query passes through the register blocks before the next span:
+ * the span of Q stays in L1/L2 while all g rows go past it, so Q is read from memory once per call,
+ * not once per row. Each block's sums start at zero on each span (a sum is a chain of DOT_SPAN /
+ * LANES multiply-adds, then one add per span). Rows and queries are cut into near-equal blocks. */
+static void F(query_dots)(const double *x, idx g, idx n, const double *Q, idx q_stride, idx n_q, double *part)
+{
+    idx body = n - n % LANES;
+    idx s_blocks = (g + DOT_SAMPLES - 1) / DOT_SAMPLES, q_blocks = (n_q + DOT_QUERIES - 1) / DOT_QUERIES;
+    for (idx k0 = 0; k0 < body; k0 += DOT_SPAN) {
+        idx len = body - k0 < DOT_SPAN ? body - k0 : DOT_SPAN;
+        for (idx b = 0, s0 = 0, ns; b < s_blocks; b++, s0 += ns) {
+            ns = (g - s0) / (s_blocks - b);
+            for (idx c = 0, q0 = 0, nq; c < q_blocks; c++, q0 += nq) {
+                nq = (n_q - q0) / (q_blocks - c);
+                F(dot_blocks)[ns][nq](x + s0 * n + k0, n, Q + q0 * q_stride + k0, q_stride, len,
+                                      part + (s0 * n_q + q0) * LANES, n_q);
+            }
+        }
+    }
+}
+#undef DEFINE_DOT_BLOCK
+#undef DEFINE_DOT_BLOCKS
+#undef DOT_NAME
+#endif
+
 #undef DEFINE_INPUT_BLOCK
 #undef DEFINE_NARROW_BLOCK
 #undef DEFINE_WEIGHT_BLOCK
