@@ -319,6 +319,50 @@ static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, id
     }
 }
 
+/* weight_grad_dots: weight_grad with the statistics and the query inner products of a block of m
+ * samples, tap by tap: for tap k, each sample's own tap-k sums go into scratch (R*C doubles per
+ * sample), their squares into dW_sq and the sample's 8 accumulators lanes[8n..] (tap_squares), and
+ * dots adds the products of the block's tap-k sums with the queries' tap-k rows into part (lanes
+ * of query_dots). So a tap's R*C sums of the block stay in L2 for the products, instead of every
+ * sample's whole dW_n passing through a buffer; the queries are read once per block. Every element
+ * of dW, dW_sq and dW_n gets the additions of weight_grad in the same order (samples, then tiles),
+ * and the squares reach the same accumulators in the same order: the same bits. */
+static void F(weight_grad_dots)(const T *P, const T *G, const idx *offsets, idx K, idx m, idx sample, idx row_step,
+                                idx col_step, idx n_h, idx n_w, idx Cp, idx R, idx C, double *dW, double *scratch,
+                                double *dW_sq, double *lanes, query_dots_fn dots, const double *Q, idx q_stride,
+                                idx n_q, double *part)
+{
+    const F(sample_block) *sample_blocks = F(sample_blocks_1);
+    idx max_rows = WEIGHT_ROWS_1, width = LANES;
+#if WEIGHT_ROWS_2
+    if (C % (2 * LANES) == 0)
+        sample_blocks = F(sample_blocks_2), max_rows = WEIGHT_ROWS_2, width = 2 * LANES;
+#endif
+    idx n_blocks = (R + max_rows - 1) / max_rows;
+    idx tile = n_w < WEIGHT_TILE_PIXELS ? WEIGHT_TILE_PIXELS / n_w : 1; /* output rows per tile */
+    idx tap = R * C;
+    for (idx k = 0; k < K; k++) {
+        for (idx n = 0; n < m; n++) {
+            double *own = scratch + n * tap; /* this sample's tap k */
+            for (idx i0 = 0; i0 < n_h; i0 += tile) {
+                idx tile_h = n_h - i0 < tile ? n_h - i0 : tile;
+                const T *a = P + (n * sample + i0 * row_step) * Cp;
+                const T *g = G + (n * n_h + i0) * n_w * C;
+                for (idx b = 0, c0 = 0, rows; b < n_blocks; b++, c0 += rows) {
+                    rows = (R - c0) / (n_blocks - b);
+                    for (idx p0 = 0; p0 < C; p0 += width) {
+                        idx at = c0 * C + p0;
+                        sample_blocks[rows](a + offsets[k] * Cp + c0, g + p0, row_step, col_step, tile_h, n_w, Cp, C,
+                                            dW ? dW + k * tap + at : NULL, own + at, i0 == 0);
+                    }
+                }
+            }
+            tap_squares(own, tap, dW_sq + k * tap, lanes + 8 * n);
+        }
+        dots(scratch, m, tap, Q + k * tap, q_stride, n_q, part);
+    }
+}
+
 #if LANES == 8 /* the float64 inclusion: the per-sample inner products with the query gradients */
 /* A register block of query_dots: NS rows of x against NQ queries, over len values (a multiple of
  * LANES) from x and Q, whose rows lie x_stride and q_stride apart. Lane l of a sum takes the values

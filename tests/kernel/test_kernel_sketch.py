@@ -221,6 +221,38 @@ def test_query_dots_match_the_gemm_at_every_level(g, n, n_q):
         _flatconv.query_dots(dconv.simd_levels()[0], x, g, n, queries[:, :n].copy(), n + 5, max(n_q, 2), np.zeros((g, max(n_q, 2))))
 
 
+@pytest.mark.skipif(not dconv.simd_levels(), reason="the compiled helper was not built")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_grad_dots_keeps_the_bits_of_weight_grad(dtype):
+    """``_flatconv.weight_grad_dots`` (a tap at a time, two tiles per sample) against ``weight_grad`` with each
+    sample's dW kept: dW, dW_sq and norm2 bitwise, the products within float64 rounding of the GEMM on the
+    kept dW, at every level."""
+    from dconv import _flatconv
+    from dconv.kernel.layout import flat_grid
+
+    case = Case((5, 34, 18, 16), (3, 3, 16, 16), stride=2, padding=1)           # 17 x 9 pixels: 2 tiles a sample
+    geometry = geometry_of(case)
+    a, w, _, dz = make_arrays(case, dtype, 3)
+    grid = flat_grid(a.shape[0], geometry)
+    P = np.ascontiguousarray(np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))).reshape(-1, 16)
+    offsets = np.asarray(grid.offsets, dtype=np.intp)
+    (sh, sw), (n_h, n_w) = geometry.stride, geometry.out_hw
+    args = (P, dz, offsets, P.shape[0], 5, grid.rows * grid.cols, sh * grid.cols, sw, n_h, n_w, 16, 16, 16)
+    queries = np.random.default_rng(0).standard_normal((3, 9 * 16 + 1, 16))
+    for level in dconv.simd_levels():
+        want = [np.zeros((9, 16, 16)), np.zeros((9, 16, 16)), np.zeros(5), np.zeros((5, 9 * 16 * 16))]
+        _flatconv.weight_grad(level, *args, *want)
+        got = [np.zeros((9, 16, 16)), np.zeros((9, 16, 16)), np.zeros(5), np.full((5, 3), np.nan)]
+        _flatconv.weight_grad_dots(level, *args, *got[:3], queries, queries[0].size, 3, got[3])
+        for name, x, y in zip(("dW", "dW_sq", "norm2"), got, want):
+            np.testing.assert_array_equal(x, y, err_msg=f"{level} {name}")
+        gemm = want[3] @ queries[:, :-1].reshape(3, -1).T
+        bound = 4 * gemm.shape[1] * np.finfo(np.float64).eps * (np.abs(want[3]) @ np.abs(queries[:, :-1].reshape(3, -1)).T)
+        assert (np.abs(got[3] - gemm) <= bound).all(), level
+    with pytest.raises(ValueError, match="q_stride 10 is below the 2304 weights"):
+        _flatconv.weight_grad_dots(level, *args, *got[:3], queries, 10, 3, got[3])
+
+
 # --- the bits of everything else -----------------------------------------------------------
 
 
