@@ -7,9 +7,10 @@ Run from the repository root, with the machine's OpenBLAS overrides unset for th
 For each of three layers (float32, one chunk of m = 256, as the job layer calls the kernel: one
 thread, single-threaded BLAS, ``float64_sums=True``, with dA_prev), it times ``stats=True`` alone,
 with 16 queries (and with 16 queries by a float64 GEMM per block of samples, the NumPy route, where the
-compiled ``query_dots`` would run: :func:`dconv.kernel.dispatch.use_compiled_query_dots` replaced), and with
-a 32 x 32 Gaussian sketch by the route :func:`dconv.kernel.sketch.sketch_route` picks, and by each route forced. The variants are interleaved in each round, their order rotating
-from round to round; each one's median counts. It prints the ratios to ``stats=True`` alone.
+compiled ``query_dots`` would run: :func:`dconv.kernel.dispatch.use_compiled_query_dots` replaced), and
+with a 32 x 32 Gaussian sketch by the route :func:`dconv.kernel.sketch.sketch_route` picks, and by each
+route forced. The variants are interleaved in each round, their order rotating from round to round;
+each one's median counts. It prints the ratios to ``stats=True`` alone.
 
 With ``--tasks``, it also estimates what the products would cost a ``--stats`` job: it writes a Zarr
 input of ``--task-chunks`` chunks of m samples per layer, plans a ``stats=True`` job, and times whole

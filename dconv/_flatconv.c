@@ -806,11 +806,13 @@ static PyObject *weight_grad_dots(PyObject *self, PyObject *args)
     if (get_buffer(norm_obj, &v[held], 1, 'd', m, "norm2") < 0)
         goto fail;
     double *norm2 = v[held++].buf;
-    if (q_stride < K * R * C || get_buffer(q_obj, &v[held], 0, 'd', n_q ? (n_q - 1) * q_stride + K * R * C : 0, "Q") < 0) {
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_ValueError, "weight_grad_dots: q_stride %zd is below the %zd weights", q_stride, K * R * C);
+    idx weights = K * R * C;
+    if (q_stride < weights) {
+        PyErr_Format(PyExc_ValueError, "weight_grad_dots: q_stride %zd is below the %zd weights", q_stride, weights);
         goto fail;
     }
+    if (get_buffer(q_obj, &v[held], 0, 'd', n_q ? (n_q - 1) * q_stride + weights : 0, "Q") < 0)
+        goto fail;
     const double *Q = v[held++].buf;
     if (get_buffer(dots_obj, &v[held], 1, 'd', m * n_q, "dots") < 0)
         goto fail;
@@ -821,7 +823,8 @@ static PyObject *weight_grad_dots(PyObject *self, PyObject *args)
     if (!fits || !lanes_ok) {
         release(v, held);
         if (!fits)
-            return PyErr_Format(PyExc_ValueError, "weight_grad_dots: the output pixels do not fit the %zd rows of P", p_rows);
+            return PyErr_Format(PyExc_ValueError, "weight_grad_dots: the output pixels do not fit the %zd rows of P",
+                                p_rows);
         return PyErr_Format(PyExc_ValueError, "weight_grad_dots: C %zd is not a multiple of the vector width", C);
     }
     /* one tap of each sample's own dW, each sample's 8 square sums, each product's 8 lanes */

@@ -244,8 +244,8 @@ def _weight_grad_samples(args: tuple, stats: WeightStats) -> None:
         for first in range(0, m, step):
             last = min(m, first + step)
             rows = P[first * sample :]
-            _flatconv.weight_grad_dots(level, rows, dZ[first:last], offsets, rows.shape[0], last - first, sample, *steps,
-                                       dW, stats.dW_sq, stats.norm2[first:last], queries, k1 * c_out, n_q,
+            _flatconv.weight_grad_dots(level, rows, dZ[first:last], offsets, rows.shape[0], last - first, sample,
+                                       *steps, dW, stats.dW_sq, stats.norm2[first:last], queries, k1 * c_out, n_q,
                                        stats.sink.sample_dot[first:last])
         return
     buffer = np.empty((min(step, m), per_sample))
