@@ -6,9 +6,11 @@ Run from the repository root, with the machine's OpenBLAS overrides unset for th
 
 For each of three layers (float32, one chunk of m = 256, as the job layer calls the kernel: one
 thread, single-threaded BLAS, ``float64_sums=True``, with dA_prev), it times ``stats=True`` alone,
-with 16 queries, and with a 32 x 32 Gaussian sketch by the route :func:`dconv.kernel.sketch.sketch_route`
-picks, and by each route forced. The variants are interleaved in each round, their order rotating
-from round to round; each one's median counts. It prints the ratios to ``stats=True`` alone.
+with 16 queries (and with 16 queries by a float64 GEMM per block of samples, the NumPy route, where the
+compiled ``query_dots`` would run: :func:`dconv.kernel.dispatch.use_compiled_query_dots` replaced), and
+with a 32 x 32 Gaussian sketch by the route :func:`dconv.kernel.sketch.sketch_route` picks, and by each
+route forced. The variants are interleaved in each round, their order rotating from round to round;
+each one's median counts. It prints the ratios to ``stats=True`` alone.
 
 With ``--tasks``, it also estimates what the products would cost a ``--stats`` job: it writes a Zarr
 input of ``--task-chunks`` chunks of m samples per layer, plans a ``stats=True`` job, and times whole
@@ -29,7 +31,7 @@ import numpy as np
 import threadpoolctl
 
 from bench_kernel import blas_info, cpu_description, cpu_info
-from dconv.kernel import backward_kernel
+from dconv.kernel import backward_kernel, dispatch
 from dconv.kernel.sketch import gaussian_projections, sketch_route
 from dconv.params import ConvParams, backward_geometry
 
@@ -52,6 +54,22 @@ def layer_arrays(layer: str, m: int, seed: int = 0):
     return dz, a, w, backward_geometry(dz.shape, a.shape, w.shape, params)
 
 
+GEMM_DOTS = "gemm_dots"
+"""A variant's key (not a kernel argument): its inner products by the GEMM, not ``_flatconv.query_dots``."""
+
+
+def call_kernel(dz, a, w, geometry, **kwargs):
+    """``backward_kernel`` as the job layer calls it, with ``stats=True``; ``gemm_dots=True``: the GEMM route."""
+    if not kwargs.pop(GEMM_DOTS, False):
+        return backward_kernel(dz, a, w, geometry, 1, True, stats=True, **kwargs)
+    compiled = dispatch.use_compiled_query_dots
+    dispatch.use_compiled_query_dots = lambda: False
+    try:
+        return backward_kernel(dz, a, w, geometry, 1, True, stats=True, **kwargs)
+    finally:
+        dispatch.use_compiled_query_dots = compiled
+
+
 def variants(w_shape, n_queries: int, k_in: int, k_out: int) -> dict[str, dict]:
     """The keyword arguments of each timed call, beside ``stats=True``."""
     k1, c_out = int(np.prod(w_shape[:3])) + 1, w_shape[3]
@@ -60,6 +78,7 @@ def variants(w_shape, n_queries: int, k_in: int, k_out: int) -> dict[str, dict]:
     return {
         "stats": {},
         f"+{n_queries} queries": {"queries": queries},
+        f"+{n_queries} queries gemm": {"queries": queries, GEMM_DOTS: True},
         f"+sketch {k_in}x{k_out}": {"projections": proj},
         "+sketch gram": {"projections": proj._replace(route="gram")},
         "+sketch kronecker": {"projections": proj._replace(route="kronecker")},
@@ -128,11 +147,11 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in calls}
             names = list(calls)
             for name in names:                                          # warm up
-                backward_kernel(dz, a, w, geometry, 1, True, stats=True, **calls[name])
+                call_kernel(dz, a, w, geometry, **calls[name])
             for round_ in range(args.rounds):
                 for name in names[round_ % len(names):] + names[: round_ % len(names)]:
                     start = time.perf_counter()
-                    backward_kernel(dz, a, w, geometry, 1, True, stats=True, **calls[name])
+                    call_kernel(dz, a, w, geometry, **calls[name])
                     times[name].append(time.perf_counter() - start)
             median = {name: statistics.median(values) for name, values in times.items()}
             route = sketch_route(geometry, w.shape, *args.k)

@@ -40,6 +40,13 @@
  * that its accumulators stay in registers; a row of pixels (or of channels) is cut into
  * near-equal blocks. The sizes follow each level's register file (the tables below).
  *
+ * query_dots: the per-sample inner products of dconv.kernel.sketch, out[s, q] = <x_s, Q_q> in
+ * float64 for rows x_s (each sample's dW) and queries Q_q, a span of values at a time so that a
+ * span of the queries serves every row before the next (one pass over Q per call, not per row).
+ * weight_grad_dots: weight_grad with the statistics over a block of samples one tap at a time,
+ * each tap's per-sample sums handed to query_dots while they are in L2 (dW and the statistics
+ * get the bits of weight_grad).
+ *
  * column_sums: float32 db summed in float64 (plain C, the same at every level).
  * top_add: per-query top lists of a panel of scores (plain C, dconv.kernel.topk).
  *
@@ -63,6 +70,9 @@ typedef Py_ssize_t idx;
 #define NARROW 4 /* input_grad: the largest C_prev of the narrow blocks */
 #ifndef WEIGHT_TILE_PIXELS
 #define WEIGHT_TILE_PIXELS 128 /* weight_grad: about this many output pixels per pass (whole rows) */
+#endif
+#ifndef DOT_SPAN
+#define DOT_SPAN 512 /* query_dots: values of each row and query per pass (16 queries: 64 KB of Q) */
 #endif
 
 /* Where input_grad writes pixel (n, y, x): element first + n*sample + y*row + x*pixel of dA. */
@@ -104,6 +114,22 @@ static double sample_squares(const double *dW_n, idx size, double *dW_sq)
     }
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
+
+/* sample_squares one tap at a time (weight_grad_dots): the same squares, added into dW_sq and into
+ * the sample's 8 accumulators acc (element e of the tap into acc[e % 8]; a tap holds a multiple of 8
+ * elements, so each lands where sample_squares adds it, in the same order). */
+static void tap_squares(const double *dW_n, idx size, double *dW_sq, double *acc)
+{
+    for (idx e = 0; e + 8 <= size; e += 8)
+        for (int l = 0; l < 8; l++) {
+            double square = dW_n[e + l] * dW_n[e + l];
+            dW_sq[e + l] += square;
+            acc[l] += square;
+        }
+}
+
+/* query_dots of one level (the float64 inclusion of _flatconv_loops.h), for weight_grad_dots */
+typedef void (*query_dots_fn)(const double *, idx, idx, const double *, idx, idx, double *);
 
 /* REPEAT(N, M, args): M(args, 1) M(args, 2) ... M(args, N), N a literal or a macro. */
 #define REPEAT(N, ...) REPEAT_EXPANDED(N, __VA_ARGS__)
@@ -162,6 +188,8 @@ static double sample_squares(const double *dW_n, idx size, double *dW_sq)
 #define NARROW_PIXELS_4 5
 #define WEIGHT_ROWS_2 14 /* 28 accumulators */
 #define WEIGHT_ROWS_1 16
+#define DOT_SAMPLES 4 /* query_dots: 24 accumulators, 4 rows, 1 query (4 x 4 and 4 x 5 were 10-15% slower) */
+#define DOT_QUERIES 6
 #include "_flatconv_level.h"
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -193,6 +221,8 @@ static double sample_squares(const double *dW_n, idx size, double *dW_sq)
 #define NARROW_PIXELS_4 1
 #define WEIGHT_ROWS_2 0
 #define WEIGHT_ROWS_1 6
+#define DOT_SAMPLES 2 /* query_dots: 8 accumulators of 16 registers, 4 for the rows, 2 for a query */
+#define DOT_QUERIES 2
 #include "_flatconv_level.h"
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -219,6 +249,8 @@ static double sample_squares(const double *dW_n, idx size, double *dW_sq)
 #define NARROW_PIXELS_4 1
 #define WEIGHT_ROWS_2 0
 #define WEIGHT_ROWS_1 2
+#define DOT_SAMPLES 1 /* query_dots: 8 accumulators, 4 for the row, 4 for a query: all 16 */
+#define DOT_QUERIES 2
 #include "_flatconv_level.h"
 
 #elif DCONV_AARCH64
@@ -241,6 +273,8 @@ static double sample_squares(const double *dW_n, idx size, double *dW_sq)
 #define NARROW_PIXELS_4 1
 #define WEIGHT_ROWS_2 0
 #define WEIGHT_ROWS_1 5
+#define DOT_SAMPLES 2 /* query_dots: 16 accumulators of 32 registers, 8 for the rows, 4 for a query */
+#define DOT_QUERIES 2
 #include "_flatconv_level.h"
 
 #endif
@@ -263,10 +297,18 @@ typedef struct {
                             idx, double *, double *, idx, double *, double *);
     void (*f64_weight_grad)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
                             idx, idx, double *, double *, idx, double *, double *);
+    void (*f64_query_dots)(const double *, idx, idx, const double *, idx, idx, double *);
+    void (*f32_weight_grad_dots)(const float *, const float *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
+                                 idx, idx, double *, double *, double *, double *, query_dots_fn, const double *, idx,
+                                 idx, double *);
+    void (*f64_weight_grad_dots)(const double *, const double *, const idx *, idx, idx, idx, idx, idx, idx, idx, idx,
+                                 idx, idx, double *, double *, double *, double *, query_dots_fn, const double *, idx,
+                                 idx, double *);
 } simd_level;
 
 #define LEVEL_ENTRY(NAME, RUNS)                                                                     \
-    {#NAME, RUNS, NAME##_f32_input_grad, NAME##_f64_input_grad, NAME##_f32_weight_grad, NAME##_f64_weight_grad}
+    {#NAME, RUNS, NAME##_f32_input_grad, NAME##_f64_input_grad, NAME##_f32_weight_grad, NAME##_f64_weight_grad, \
+     NAME##_f64_query_dots, NAME##_f32_weight_grad_dots, NAME##_f64_weight_grad_dots}
 
 /* Best first */
 static const simd_level levels[] = {
@@ -277,7 +319,7 @@ static const simd_level levels[] = {
 #elif DCONV_AARCH64
     LEVEL_ENTRY(neon, runs_always),
 #endif
-    {NULL, NULL, NULL, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL},
 };
 
 /* The level of that name, if this CPU runs it; else NULL with a ValueError set. */
@@ -365,6 +407,23 @@ static void f32_column_sums(const float *x, idx rows, idx C, double *out)
 DEFINE_SQUARE_SUMS(f32_square_sums, float)
 DEFINE_SQUARE_SUMS(f64_square_sums, double)
 #undef DEFINE_SQUARE_SUMS
+
+/* The end of query_dots (the same at every level): the values past the last whole vector of each
+ * row (n % 8 of them) added into lane k - body of their sums, then each sum's 8 lanes added in a
+ * fixed order into out (g, n_q). */
+static void query_dots_finish(const double *x, idx g, idx n, const double *Q, idx q_stride, idx n_q,
+                              const double *part, double *out)
+{
+    idx body = n - n % 8;
+    for (idx s = 0; s < g; s++)
+        for (idx q = 0; q < n_q; q++) {
+            double p[8];
+            memcpy(p, part + (s * n_q + q) * 8, sizeof p);
+            for (idx k = body; k < n; k++)
+                p[k - body] += x[s * n + k] * Q[q * q_stride + k];
+            out[s * n_q + q] = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+        }
+}
 
 /* Per-query top lists (dconv.kernel.topk.RunningTop): each query's `top` largest scores (positive
  * list, descending) and `top` smallest (negative list, ascending), ties by train index ascending,
@@ -668,6 +727,138 @@ static PyObject *square_sums(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *query_dots(PyObject *self, PyObject *args)
+{
+    const char *level_name;
+    PyObject *x_obj, *q_obj, *out_obj;
+    idx g, n, q_stride, n_q;
+    if (!PyArg_ParseTuple(args, "sOnnOnnO", &level_name, &x_obj, &g, &n, &q_obj, &q_stride, &n_q, &out_obj))
+        return NULL;
+    const simd_level *level = find_level(level_name);
+    if (level == NULL)
+        return NULL;
+    if (g < 0 || n < 0 || n_q < 0 || q_stride < n)
+        return PyErr_Format(PyExc_ValueError, "query_dots: g %zd, n %zd, n_q %zd, q_stride %zd out of range", g, n,
+                            n_q, q_stride);
+    Py_buffer v[3];
+    if (get_buffer(x_obj, &v[0], 0, 'd', g * n, "x") < 0)
+        return NULL;
+    if (get_buffer(q_obj, &v[1], 0, 'd', n_q ? (n_q - 1) * q_stride + n : 0, "Q") < 0) {
+        release(v, 1);
+        return NULL;
+    }
+    if (get_buffer(out_obj, &v[2], 1, 'd', g * n_q, "out") < 0) {
+        release(v, 2);
+        return NULL;
+    }
+    double *part = PyMem_RawCalloc((size_t)(g * n_q * 8 + 1), sizeof(double)); /* each sum's 8 lanes */
+    if (part == NULL) {
+        release(v, 3);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    level->f64_query_dots(v[0].buf, g, n, v[1].buf, q_stride, n_q, part);
+    query_dots_finish(v[0].buf, g, n, v[1].buf, q_stride, n_q, part, v[2].buf);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(part);
+    release(v, 3);
+    Py_RETURN_NONE;
+}
+
+static PyObject *weight_grad_dots(PyObject *self, PyObject *args)
+{
+    const char *level_name;
+    PyObject *P_obj, *G_obj, *off_obj, *out_obj, *sq_obj, *norm_obj, *q_obj, *dots_obj;
+    idx p_rows, m, sample, row_step, col_step, n_h, n_w, Cp, R, C, q_stride, n_q;
+    if (!PyArg_ParseTuple(args, "sOOOnnnnnnnnnnOOOOnnO", &level_name, &P_obj, &G_obj, &off_obj, &p_rows, &m, &sample,
+                          &row_step, &col_step, &n_h, &n_w, &Cp, &R, &C, &out_obj, &sq_obj, &norm_obj, &q_obj,
+                          &q_stride, &n_q, &dots_obj))
+        return NULL;
+    const simd_level *level = find_level(level_name);
+    if (level == NULL)
+        return NULL;
+    if (Cp < 1 || R < 1 || m < 1 || n_q < 0)
+        return PyErr_Format(PyExc_ValueError, "weight_grad_dots: C_prev %zd, rows %zd, m %zd and n_q %zd out of range",
+                            Cp, R, m, n_q);
+    Py_buffer v[8]; /* offsets, P, dZ, out, dW_sq, norm2, Q, dots */
+    int held = 0;
+    if (get_buffer(off_obj, &v[held], 0, 'n', 1, "offsets") < 0)
+        return NULL;
+    held++;
+    idx K = v[0].len / (Py_ssize_t)sizeof(idx);
+    const idx *offsets = v[0].buf;
+    if (get_buffer(P_obj, &v[held], 0, 0, p_rows * Cp, "P") < 0)
+        goto fail;
+    held++;
+    char type = item_type(&v[1]);
+    if (get_buffer(G_obj, &v[held], 0, type, m * n_h * n_w * C, "dZ") < 0)
+        goto fail;
+    held++;
+    double *out = NULL;
+    if (out_obj != Py_None) {
+        if (get_buffer(out_obj, &v[held], 1, 'd', K * R * C, "out") < 0)
+            goto fail;
+        out = v[held++].buf;
+    }
+    if (get_buffer(sq_obj, &v[held], 1, 'd', K * R * C, "dW_sq") < 0)
+        goto fail;
+    double *dW_sq = v[held++].buf;
+    if (get_buffer(norm_obj, &v[held], 1, 'd', m, "norm2") < 0)
+        goto fail;
+    double *norm2 = v[held++].buf;
+    idx weights = K * R * C;
+    if (q_stride < weights) {
+        PyErr_Format(PyExc_ValueError, "weight_grad_dots: q_stride %zd is below the %zd weights", q_stride, weights);
+        goto fail;
+    }
+    if (get_buffer(q_obj, &v[held], 0, 'd', n_q ? (n_q - 1) * q_stride + weights : 0, "Q") < 0)
+        goto fail;
+    const double *Q = v[held++].buf;
+    if (get_buffer(dots_obj, &v[held], 1, 'd', m * n_q, "dots") < 0)
+        goto fail;
+    double *dots = v[held++].buf;
+    idx last = (m - 1) * sample + (n_h - 1) * row_step + (n_w - 1) * col_step;
+    int fits = n_h > 0 && n_w > 0 && offsets[0] >= 0 && (last + offsets[K - 1]) * Cp + R <= p_rows * Cp;
+    int lanes_ok = C % (type == 'f' ? 16 : 8) == 0;
+    if (!fits || !lanes_ok) {
+        release(v, held);
+        if (!fits)
+            return PyErr_Format(PyExc_ValueError, "weight_grad_dots: the output pixels do not fit the %zd rows of P",
+                                p_rows);
+        return PyErr_Format(PyExc_ValueError, "weight_grad_dots: C %zd is not a multiple of the vector width", C);
+    }
+    /* one tap of each sample's own dW, each sample's 8 square sums, each product's 8 lanes */
+    double *scratch = PyMem_RawMalloc((size_t)(m * R * C) * sizeof(double));
+    double *lanes = PyMem_RawCalloc((size_t)(m * 8 + m * n_q * 8), sizeof(double));
+    if (scratch == NULL || lanes == NULL) {
+        PyMem_RawFree(scratch);
+        PyMem_RawFree(lanes);
+        release(v, held);
+        return PyErr_NoMemory();
+    }
+    double *part = lanes + m * 8;
+    Py_BEGIN_ALLOW_THREADS
+    if (type == 'f')
+        level->f32_weight_grad_dots(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C,
+                                    out, scratch, dW_sq, lanes, level->f64_query_dots, Q, q_stride, n_q, part);
+    else
+        level->f64_weight_grad_dots(v[1].buf, v[2].buf, offsets, K, m, sample, row_step, col_step, n_h, n_w, Cp, R, C,
+                                    out, scratch, dW_sq, lanes, level->f64_query_dots, Q, q_stride, n_q, part);
+    for (idx n = 0; n < m; n++) { /* as sample_squares ends */
+        const double *acc = lanes + 8 * n;
+        norm2[n] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+    query_dots_finish(NULL, m, 0, Q, q_stride, n_q, part, dots); /* a tap holds whole vectors: no tail */
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(lanes);
+    release(v, held);
+    Py_RETURN_NONE;
+fail:
+    release(v, held);
+    return NULL;
+}
+
 static PyObject *top_add(PyObject *self, PyObject *args)
 {
     PyObject *panel_obj, *pi_obj, *ps_obj, *ni_obj, *ns_obj;
@@ -741,6 +932,17 @@ static PyMethodDef methods[] = {
     {"square_sums", square_sums, METH_VARARGS,
      "square_sums(x, g, n, sq, norm2)\n\nThe squares of x (g, n), float32 or float64, in float64: added into\n"
      "sq (n,) row after row, and each row's sum written to norm2 (g,)."},
+    {"query_dots", query_dots, METH_VARARGS,
+     "query_dots(level, x, g, n, Q, q_stride, n_q, out)\n\n"
+     "out[s, q] = sum_k x[s, k] * Q[q * q_stride + k], k < n, all float64: x (g, n), out (g, n_q) written.\n"
+     "Lane k % 8 of each sum takes its values in order, a span of values at a time, then the lanes\n"
+     "are added in a fixed order."},
+    {"weight_grad_dots", weight_grad_dots, METH_VARARGS,
+     "weight_grad_dots(level, P, dZ, offsets, p_rows, m, sample, row_step, col_step, n_H, n_W, C_prev, rows, C, out,\n"
+     "                 dW_sq, norm2, Q, q_stride, n_q, dots)\n\n"
+     "weight_grad with dW_sq and norm2 (the same bits), a tap at a time over the m samples, and also\n"
+     "dots[n, q] = <dW_n, Q[q * q_stride : q * q_stride + K * rows * C]> (float64, (m, n_q), written) as\n"
+     "query_dots sums them, a tap at a time."},
     {"top_add", top_add, METH_VARARGS,
      "top_add(panel, n_q, width, stride, first, top, pos_index, pos_score, neg_index, neg_score)\n\n"
      "Add a panel of scores (float32 or float64; row q at panel[q * stride], width scores against train\n"

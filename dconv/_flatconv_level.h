@@ -1,6 +1,6 @@
 /* One SIMD level of dconv/_flatconv.c: _flatconv_loops.h for float32 and float64. Included with
  * LEVEL, PARTS, the level's NATIVE_*, SET1_*, LOADU_*, FMADD_* and block sizes defined (see
- * _flatconv_loops.h); undefines them all after. */
+ * _flatconv_loops.h); undefines them all after. The float64 inclusion also defines query_dots. */
 
 #define T float
 #define LANES 16
@@ -38,3 +38,5 @@
 #undef NARROW_PIXELS_4
 #undef WEIGHT_ROWS_2
 #undef WEIGHT_ROWS_1
+#undef DOT_SAMPLES
+#undef DOT_QUERIES

@@ -319,6 +319,140 @@ static void F(weight_grad)(const T *P, const T *G, const idx *offsets, idx K, id
     }
 }
 
+/* weight_grad_dots: weight_grad with the statistics and the query inner products of a block of m
+ * samples, tap by tap: for tap k, each sample's own tap-k sums go into scratch (R*C doubles per
+ * sample), their squares into dW_sq and the sample's 8 accumulators lanes[8n..] (tap_squares), and
+ * dots adds the products of the block's tap-k sums with the queries' tap-k rows into part (lanes
+ * of query_dots). So a tap's R*C sums of the block stay in L2 for the products, instead of every
+ * sample's whole dW_n passing through a buffer; the queries are read once per block. Every element
+ * of dW, dW_sq and dW_n gets the additions of weight_grad in the same order (samples, then tiles),
+ * and the squares reach the same accumulators in the same order: the same bits. */
+static void F(weight_grad_dots)(const T *P, const T *G, const idx *offsets, idx K, idx m, idx sample, idx row_step,
+                                idx col_step, idx n_h, idx n_w, idx Cp, idx R, idx C, double *dW, double *scratch,
+                                double *dW_sq, double *lanes, query_dots_fn dots, const double *Q, idx q_stride,
+                                idx n_q, double *part)
+{
+    const F(sample_block) *sample_blocks = F(sample_blocks_1);
+    idx max_rows = WEIGHT_ROWS_1, width = LANES;
+#if WEIGHT_ROWS_2
+    if (C % (2 * LANES) == 0)
+        sample_blocks = F(sample_blocks_2), max_rows = WEIGHT_ROWS_2, width = 2 * LANES;
+#endif
+    idx n_blocks = (R + max_rows - 1) / max_rows;
+    idx tile = n_w < WEIGHT_TILE_PIXELS ? WEIGHT_TILE_PIXELS / n_w : 1; /* output rows per tile */
+    idx tap = R * C;
+    for (idx k = 0; k < K; k++) {
+        for (idx n = 0; n < m; n++) {
+            double *own = scratch + n * tap; /* this sample's tap k */
+            for (idx i0 = 0; i0 < n_h; i0 += tile) {
+                idx tile_h = n_h - i0 < tile ? n_h - i0 : tile;
+                const T *a = P + (n * sample + i0 * row_step) * Cp;
+                const T *g = G + (n * n_h + i0) * n_w * C;
+                for (idx b = 0, c0 = 0, rows; b < n_blocks; b++, c0 += rows) {
+                    rows = (R - c0) / (n_blocks - b);
+                    for (idx p0 = 0; p0 < C; p0 += width) {
+                        idx at = c0 * C + p0;
+                        sample_blocks[rows](a + offsets[k] * Cp + c0, g + p0, row_step, col_step, tile_h, n_w, Cp, C,
+                                            dW ? dW + k * tap + at : NULL, own + at, i0 == 0);
+                    }
+                }
+            }
+            tap_squares(own, tap, dW_sq + k * tap, lanes + 8 * n);
+        }
+        dots(scratch, m, tap, Q + k * tap, q_stride, n_q, part);
+    }
+}
+
+#if LANES == 8 /* the float64 inclusion: the per-sample inner products with the query gradients */
+/* A register block of query_dots: NS rows of x against NQ queries, over len values (a multiple of
+ * LANES) from x and Q, whose rows lie x_stride and q_stride apart. Lane l of a sum takes the values
+ * at l mod LANES, in order; the block adds its sums, lane by lane, into part (LANES doubles per
+ * (row, query), rows n_q queries apart). The rows' vectors stay in registers while each query's
+ * vector passes over them: NS + NQ loads per NS * NQ multiply-adds. */
+#define DEFINE_DOT_BLOCK(NS, NQ)                                                                    \
+    static void F(dot_block_##NS##_##NQ)(const double *x, idx x_stride, const double *Q, idx q_stride, \
+                                         idx len, double *part, idx n_q)                            \
+    {                                                                                               \
+        F(vec) acc[NS][NQ];                                                                         \
+        UNROLL for (int s = 0; s < NS; s++)                                                         \
+            UNROLL for (int q = 0; q < NQ; q++)                                                     \
+                acc[s][q] = F(zero)();                                                              \
+        for (idx k = 0; k < len; k += LANES) {                                                      \
+            F(vec) xs[NS];                                                                          \
+            UNROLL for (int s = 0; s < NS; s++)                                                     \
+                xs[s] = F(load)(x + s * x_stride + k);                                              \
+            UNROLL for (int q = 0; q < NQ; q++) {                                                   \
+                F(vec) w = F(load)(Q + q * q_stride + k);                                           \
+                UNROLL for (int s = 0; s < NS; s++)                                                 \
+                    acc[s][q] = F(muladd)(xs[s], w, acc[s][q]);                                     \
+            }                                                                                       \
+        }                                                                                           \
+        UNROLL for (int s = 0; s < NS; s++)                                                         \
+            UNROLL for (int q = 0; q < NQ; q++) {                                                   \
+                double lanes[LANES], *p = part + (s * n_q + q) * LANES;                             \
+                memcpy(lanes, &acc[s][q], sizeof lanes);                                            \
+                for (int l = 0; l < LANES; l++)                                                     \
+                    p[l] += lanes[l];                                                               \
+            }                                                                                       \
+    }
+typedef void (*F(dot_block))(const double *, idx, const double *, idx, idx, double *, idx);
+#define DOT_NAME(NS, NQ) F(dot_block_##NS##_##NQ),
+#define DEFINE_DOT_BLOCKS(NS)                                                                       \
+    REPEAT(DOT_QUERIES, DEFINE_DOT_BLOCK, NS)                                                       \
+    static const F(dot_block) F(dot_blocks_##NS)[] = {NULL, REPEAT(DOT_QUERIES, DOT_NAME, NS)};
+DEFINE_DOT_BLOCKS(1)
+#if DOT_SAMPLES >= 2
+DEFINE_DOT_BLOCKS(2)
+#endif
+#if DOT_SAMPLES >= 3
+DEFINE_DOT_BLOCKS(3)
+#endif
+#if DOT_SAMPLES >= 4
+DEFINE_DOT_BLOCKS(4)
+#endif
+#if DOT_SAMPLES > 4
+#error "DOT_SAMPLES is at most 4"
+#endif
+static const F(dot_block) *const F(dot_blocks)[] = {
+    NULL, F(dot_blocks_1),
+#if DOT_SAMPLES >= 2
+    F(dot_blocks_2),
+#endif
+#if DOT_SAMPLES >= 3
+    F(dot_blocks_3),
+#endif
+#if DOT_SAMPLES >= 4
+    F(dot_blocks_4),
+#endif
+};
+
+/* query_dots: part[(s * n_q + q) * LANES + l] += the lane-l sum of x[s, k] * Q[q, k] over the first
+ * n - n % LANES values k (x: g rows of n values, n apart; Q: n_q rows q_stride apart). A span of
+ * DOT_SPAN values of every row and query passes through the register blocks before the next span:
+ * the span of Q stays in L1/L2 while all g rows go past it, so Q is read from memory once per call,
+ * not once per row. Each block's sums start at zero on each span (a sum is a chain of DOT_SPAN /
+ * LANES multiply-adds, then one add per span). Rows and queries are cut into near-equal blocks. */
+static void F(query_dots)(const double *x, idx g, idx n, const double *Q, idx q_stride, idx n_q, double *part)
+{
+    idx body = n - n % LANES;
+    idx s_blocks = (g + DOT_SAMPLES - 1) / DOT_SAMPLES, q_blocks = (n_q + DOT_QUERIES - 1) / DOT_QUERIES;
+    for (idx k0 = 0; k0 < body; k0 += DOT_SPAN) {
+        idx len = body - k0 < DOT_SPAN ? body - k0 : DOT_SPAN;
+        for (idx b = 0, s0 = 0, ns; b < s_blocks; b++, s0 += ns) {
+            ns = (g - s0) / (s_blocks - b);
+            for (idx c = 0, q0 = 0, nq; c < q_blocks; c++, q0 += nq) {
+                nq = (n_q - q0) / (q_blocks - c);
+                F(dot_blocks)[ns][nq](x + s0 * n + k0, n, Q + q0 * q_stride + k0, q_stride, len,
+                                      part + (s0 * n_q + q0) * LANES, n_q);
+            }
+        }
+    }
+}
+#undef DEFINE_DOT_BLOCK
+#undef DEFINE_DOT_BLOCKS
+#undef DOT_NAME
+#endif
+
 #undef DEFINE_INPUT_BLOCK
 #undef DEFINE_NARROW_BLOCK
 #undef DEFINE_WEIGHT_BLOCK

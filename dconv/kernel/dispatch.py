@@ -2,7 +2,7 @@
 
 ``dconv/_flatconv.c`` is built as ``dconv._flatconv`` at install when a C compiler
 is there; without one, ``_flatconv`` is None and the NumPy paths run. It holds
-three loops. The first two are compiled once per SIMD level in the one
+four loops. The first three are compiled once per SIMD level in the one
 extension, and run at the level of :mod:`dconv.simd` (``DCONV_SIMD``); their
 register blocks are sized per level (the table in ``_flatconv.c``), their
 arithmetic is the same at every level.
@@ -21,7 +21,13 @@ arithmetic is the same at every level.
   place, at any stride, so the im2col path skips its copy too. Below 8 input
   channels, the taps of a kernel row count as rows of the block. With the
   per-sample statistics it also sums each sample's dW on its own, one sample at
-  a time, and squares it (:mod:`dconv.kernel.stats`).
+  a time, and squares it (:mod:`dconv.kernel.stats`). For the per-sample inner
+  products alone, ``weight_grad_dots`` runs it a tap at a time over a block of
+  samples and hands each tap's sums to ``query_dots`` (the same bits of dW and
+  the statistics).
+* ``query_dots`` (:func:`query_dots_compiled`), float64 only: each sample's ``dW_i`` against the query gradients
+  (:mod:`dconv.kernel.sketch`), a span of the queries serving a block of
+  samples before the next span, so that the queries are read once per block.
 * ``column_sums`` (:func:`column_sums_compiled`) adds float32 db in float64, in
   one pass over dZ (plain C).
 
@@ -45,7 +51,7 @@ import numpy as np
 
 from dconv import simd
 from dconv.kernel.layout import FlatGrid, flat_grid
-from dconv.kernel.stats import BLOCK_BYTES, WeightStats
+from dconv.kernel.stats import WeightStats
 from dconv.params import ConvGeometry
 from dconv.simd import _flatconv  # the compiled loops, or None
 
@@ -192,7 +198,7 @@ def weight_grad_compiled(
         Filled with each sample's ``|dW_i|^2`` and ``sum_i dW_i * dW_i``, ``dW_i``
         the float64 sum of sample ``i``'s tiles; dW gets the same bits as without.
         With ``stats.sink``, the loop runs on blocks of samples
-        (:data:`dconv.kernel.stats.BLOCK_BYTES` of ``dW_i``, or one sample), leaves each
+        (:meth:`dconv.kernel.sketch.ProductSink.block_samples`), leaves each
         block's ``dW_i`` in a buffer, and hands it to the sink: the same additions, in the
         same order, so dW and the statistics keep their bits.
     sums : bool
@@ -223,13 +229,25 @@ def weight_grad_compiled(
 
 
 def _weight_grad_samples(args: tuple, stats: WeightStats) -> None:
-    """The compiled loop with ``args`` (as :func:`weight_grad_compiled` builds them) on blocks of samples, each
-    block's float64 ``dW_i`` left in a buffer of at most :data:`~dconv.kernel.stats.BLOCK_BYTES` (or one
-    sample's) and given to ``stats.sink``. A block's samples start at row ``first * sample`` of ``P``: every
+    """The compiled loop with ``args`` (as :func:`weight_grad_compiled` builds them) on blocks of
+    :meth:`~dconv.kernel.sketch.ProductSink.block_samples` samples, each block's float64 ``dW_i`` left in a buffer
+    and given to ``stats.sink``; or, when the sink wants the inner products alone
+    (:attr:`~dconv.kernel.sketch.ProductSink.dots_in_loop`), with them written into ``stats.sink.sample_dot``, a
+    tap at a time, and no buffer. A block's samples start at row ``first * sample`` of ``P``: every
     row a sample's output pixels read lies inside that sample's padded image."""
     level, P, dZ, offsets, _, m, sample, *steps, dW = args
     per_sample = int(stats.dW_sq.size)
-    step = max(1, BLOCK_BYTES // (8 * per_sample))
+    step = stats.sink.block_samples(per_sample)
+    if stats.sink.dots_in_loop:                                  # the inner products alone: no buffer of dW_i
+        queries = stats.sink.queries
+        n_q, k1, c_out = queries.shape
+        for first in range(0, m, step):
+            last = min(m, first + step)
+            rows = P[first * sample :]
+            _flatconv.weight_grad_dots(level, rows, dZ[first:last], offsets, rows.shape[0], last - first, sample,
+                                       *steps, dW, stats.dW_sq, stats.norm2[first:last], queries, k1 * c_out, n_q,
+                                       stats.sink.sample_dot[first:last])
+        return
     buffer = np.empty((min(step, m), per_sample))
     for first in range(0, m, step):
         last = min(m, first + step)
@@ -255,6 +273,27 @@ def weight_stats_compiled(padded: np.ndarray, dZ: np.ndarray, w_shape, geometry:
     """
     P = np.ascontiguousarray(padded).reshape(-1, padded.shape[3])
     weight_grad_compiled(P, dZ, flat_grid(dZ.shape[0], geometry), geometry, w_shape, stats, sums=False)
+
+
+def use_compiled_query_dots() -> bool:
+    """Whether the per-sample inner products with the queries come from the compiled loops
+    (:func:`query_dots_compiled`) at this process's level, rather than a float64 GEMM per block."""
+    return compiled_level() is not None
+
+
+def query_dots_compiled(rows: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
+    """``out[s, j] = <rows[s], Q_j>`` over the weight rows of each query, in float64, by the compiled loop: one pass
+    over the queries for all ``g`` rows (a span of values at a time), not one per row as a GEMV per sample.
+
+    Parameters
+    ----------
+    rows : ndarray, float64, shape (g, K * C), C-contiguous
+    queries : ndarray, float64, shape (n_q, K + 1, C), C-contiguous
+        The weight rows of query ``j`` are ``queries[j, :K]``, read in place.
+    out : ndarray, float64, shape (g, n_q), C-contiguous, written
+    """
+    n_q, k1, c_out = queries.shape
+    _flatconv.query_dots(compiled_level(), rows, rows.shape[0], rows.shape[1], queries, k1 * c_out, n_q, out)
 
 
 def column_sums_compiled(rows: np.ndarray) -> np.ndarray:

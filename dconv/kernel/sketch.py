@@ -29,13 +29,26 @@ stride 2 (1.5 against 7.7) and 8x8x128->128 1x1 (0.59 against 1.7). The timings 
 of 21 interleaved rounds, ms for the chunk with ``stats=True``: 74, 108 and 28 alone; with the gram sketch
 80, 147 and 39; with the Kronecker sketch 145, 124 and 36).
 The inner products always take the gram route: the trace ``<cols_i.T dZ_i, Q_j>`` costs ``2 L K C`` per query.
-Their cost is reading ``Q`` once per block of samples (``8 n_q K C`` bytes: 9.4 MB for 16 queries of the
-stride-2 layer, whose block is one sample), so it is bound by the cache's bandwidth, not by flops.
+``dW_i . Q_j`` costs ``2 K C`` per query, and reading ``Q`` (``8 n_q K C`` bytes: 9.4 MB for 16 queries of the
+stride-2 layer). A GEMM per block of ``BLOCK_BYTES`` reads ``Q`` from L3 once per sample on that layer (its
+``dW_i`` is 0.6 MB), bound by the cache's bandwidth; OpenBLAS runs a block of a few samples (M = 4-28, N = 16)
+no faster, and a buffer of several samples' ``dW_i`` leaves L2. Where the compiled loops run, the products come
+from ``_flatconv.query_dots`` instead: a span of 512 values of every query at a time (64 KB for 16 queries,
+held in L1/L2 while a block's samples pass over it), vectorised over the values, so ``Q`` is read once per block.
+When the compiled dW loop feeds them and no gram-route sketch needs whole ``dW_i`` (:attr:`ProductSink.dots_in_loop`),
+it runs ``_flatconv.weight_grad_dots``: tap by tap over a block of :data:`QUERY_BLOCK_SAMPLES` samples, each
+tap's sums of the block (1 MB there) go to ``query_dots`` while in L2, with dW and the statistics' bits unchanged
+(every element gets the same additions in the same order). Else :meth:`ProductSink.add` runs ``query_dots``
+on the blocks it is given. Their sums are float64 in another order than the GEMM's (lane ``k mod 8`` of each
+sum takes the values ``k`` of a span in order, the spans' sums are added in order, then the 8 lanes in a fixed
+tree): the same bits at every level with FMA and any block of samples, within float64 rounding of the GEMM's
+(the baseline level rounds each product); ``weight_grad_dots`` starts a span at each tap, so its bits may differ
+from ``query_dots``' on whole rows (queries beside a gram-route sketch).
 
 Precision. ``dW_i`` is float64 where the compiled loop summed it, and rounded to the input dtype where a
 NumPy GEMM did (:mod:`dconv.kernel.stats`). The gram route converts each block of ``dW_i`` to float64 and runs
-float64 GEMMs against float64 copies of ``Q`` and ``P``: for float64 inputs the products are exact to float64
-rounding; for float32 inputs their error is that of ``dW_i`` carried through, at most
+float64 GEMMs (or ``query_dots``) against float64 copies of ``Q`` and ``P``: for float64 inputs the products are
+exact to float64 rounding; for float32 inputs their error is that of ``dW_i`` carried through, at most
 ``gamma_n * <|A_i|.T |dZ_i|, |Q_j|>`` with ``n`` the pixels of one padded sample plus one,
 ``gamma_n = n u / (1 - n u)``, ``u = 2**-24`` (the bound of ``tests/kernel/test_kernel_stats.py``), plus
 float64 rounding. The Kronecker route runs ``U`` and ``V`` as GEMMs in the input dtype (float32 GEMMs, with
@@ -46,7 +59,8 @@ and ``P_in[:, K] (db_i @ P_out.T)``, are float64 on both routes.
 
 Memory: beyond the outputs, each route holds at most :data:`~dconv.kernel.stats.BLOCK_BYTES` of per-sample
 products at a time (or one sample's, if larger) per buffer: a block of ``dW_i``, its float64 copy and
-``dW_i @ P_out.T``; or a block's padded images, im2col rows, ``U`` and ``V``.
+``dW_i @ P_out.T``; or a block's padded images, im2col rows, ``U`` and ``V``; or, where the compiled loop
+computes the inner products itself, one tap of each of :data:`QUERY_BLOCK_SAMPLES` samples' ``dW_i``.
 :func:`products_working_set` bounds the whole.
 
 Projections: :func:`gaussian_projections` (JL: ``E <sketch_i, sketch_j> = <G_i, G_j>``) and
@@ -63,10 +77,20 @@ from typing import NamedTuple
 import numpy as np
 
 from dconv.errors import InputError
+from dconv.kernel import dispatch
 from dconv.kernel.layout import pad_input
 from dconv.kernel.stats import BLOCK_BYTES, sample_bias_grads
 from dconv.kernel.strided import im2col, is_pointwise
 from dconv.params import ConvGeometry
+
+QUERY_BLOCK_SAMPLES = 16
+"""Samples per block of the compiled dW loop that computes the inner products itself (:attr:`ProductSink.dots_in_loop`),
+at least: each block is one pass over ``Q``, and holds one tap of each sample's ``dW_i`` (16 samples of the stride-2
+benchmark layer: 1 MB). On that layer (16 queries, two processes at once on the 2-core Zen 4, as a job's two
+workers run): a chunk with queries took 1.33-1.45x one with ``stats=True`` alone at 16 samples per block,
+1.41-1.47x at 8, 1.55x at 32, against 1.57-1.63x with the whole ``dW_i`` of 4 samples in a buffer and 1.65-1.69x
+with a GEMV per sample; callgrind (avx2 level, 1 MB L2 simulated) counted 12.8 million L2 misses at 16 against
+25.0 million with the buffer of 4."""
 
 ROUTES = ("auto", "gram", "kronecker")
 """How a sketch may be computed: by :func:`sketch_route` (``auto``), or forced (tests, benchmarks)."""
@@ -260,7 +284,9 @@ class ProductSink:
         self.k, self.c_out, self.geometry = fh * fw * c_prev, c_out, geometry
         self.sample_dot = self.sketch = None
         self.route = None
+        self.compiled_dots = queries is not None and dispatch.use_compiled_query_dots()
         if queries is not None:
+            self.queries = np.ascontiguousarray(queries)                             # no copy from parse_products
             self.weight_queries = queries[:, :-1].reshape(queries.shape[0], -1).T     # (K * C, n_q), a view
             self.bias_queries = queries[:, -1].T                                     # (C, n_q)
             self.sample_dot = np.zeros((m, queries.shape[0]))
@@ -276,6 +302,19 @@ class ProductSink:
         """Whether :meth:`add` wants each sample's ``dW_i`` (inner products, or a gram-route sketch)."""
         return self.sample_dot is not None or self.route == "gram"
 
+    @property
+    def dots_in_loop(self) -> bool:
+        """Whether the compiled dW loop computes the inner products itself, a tap at a time
+        (``_flatconv.weight_grad_dots``), and hands :meth:`add` nothing: queries, and no gram-route sketch."""
+        return self.compiled_dots and self.route != "gram"
+
+    def block_samples(self, per_sample: int) -> int:
+        """How many samples (``dW_i`` of ``per_sample`` values each) the compiled dW loop takes at once:
+        :data:`~dconv.kernel.stats.BLOCK_BYTES` of ``dW_i``, or one sample's; at least :data:`QUERY_BLOCK_SAMPLES`
+        where it computes the inner products itself (:attr:`dots_in_loop`), holding one tap of each."""
+        step = max(1, BLOCK_BYTES // (8 * per_sample))
+        return max(step, QUERY_BLOCK_SAMPLES) if self.dots_in_loop else step
+
     def add(self, rows: np.ndarray, first: int) -> None:
         """Take ``rows[j] = dW_(first + j)`` (g, K * C), in the order of ``W.reshape(K, C)``: write their
         inner products and, on the gram route, their sketches (the weight rows' part)."""
@@ -283,11 +322,19 @@ class ProductSink:
             return
         k, c_out = self.k, self.c_out
         k_out = 0 if self.sketch is None else self.sketch.shape[2]
-        step = max(1, BLOCK_BYTES // (8 * k * max(c_out, k_out)))
+        dots = self.sample_dot is not None
+        if dots and self.compiled_dots and rows.dtype == np.float64 and rows.flags.c_contiguous:
+            dispatch.query_dots_compiled(rows, self.queries, self.sample_dot[first : first + rows.shape[0]])
+            dots = False
+        if not dots and self.route != "gram":
+            return
+        step = max(1, BLOCK_BYTES // (8 * k * max(c_out if dots else 0, k_out)))
         for lo in range(0, rows.shape[0], step):
             block = rows[lo : lo + step].astype(np.float64, copy=False)           # exact for float32
             at = slice(first + lo, first + lo + block.shape[0])
-            if self.sample_dot is not None:
+            if dots and self.compiled_dots:
+                dispatch.query_dots_compiled(block, self.queries, self.sample_dot[at])
+            elif dots:
                 self.sample_dot[at] = block @ self.weight_queries                 # "gn,nq->gq", n = K * C
             if self.route == "gram":
                 right = (block.reshape(-1, c_out) @ self.p_out64.T).reshape(block.shape[0], k, k_out)  # "gkc,oc->gko"
@@ -367,14 +414,17 @@ def products_working_set(
     concatenation), ``8 * m * (C + k_out)`` for each ``db_i`` and its projection; per thread, the float64 and
     input-dtype copies of the projections, and at most four blocks of :data:`~dconv.kernel.stats.BLOCK_BYTES`
     or of one sample's products (the compiled loop's ``dW_i`` buffer, its float64 copy, ``dW_i @ P_out.T``,
-    or a Kronecker block, :func:`kronecker_sample_bytes`).
+    or a Kronecker block, :func:`kronecker_sample_bytes`); with queries, the compiled loop's block of
+    :data:`QUERY_BLOCK_SAMPLES` samples (one tap of each one's ``dW_i``, 8 partial sums of each square sum and
+    each product).
     """
     fh, fw = geometry.kernel_hw
     k = fh * fw * c_prev
     outputs = 8 * m * (n_q + k_in * k_out) * (2 if threads > 1 else 1) + 8 * m * (c_out + k_out)
     copies = (8 + itemsize) * (k_in * (k + 1) + k_out * c_out)
     sample = max(8 * k * max(c_out, k_out), kronecker_sample_bytes(geometry, c_prev, k, k_in, k_out, itemsize))
-    return outputs + threads * (copies + 4 * max(BLOCK_BYTES, sample))
+    dots = 8 * QUERY_BLOCK_SAMPLES * (k * c_out + 8 * (n_q + 1)) if n_q else 0
+    return outputs + threads * (copies + 4 * max(BLOCK_BYTES, sample) + dots)
 
 
 def concatenate_products(parts: list[SampleProducts]) -> SampleProducts:

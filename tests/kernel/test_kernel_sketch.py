@@ -147,8 +147,8 @@ def test_blocks_of_samples_cover_the_batch(path_level, monkeypatch):  # noqa: F8
         a, w, _, dz = make_arrays(SKETCH_CASES[case_id], np.float32, 8)
         whole[case_id] = backward_kernel(dz, a, w, geometry_of(SKETCH_CASES[case_id]), 1, True, stats=True)
     monkeypatch.setattr(dconv.kernel.stats, "BLOCK_BYTES", 1)
-    monkeypatch.setattr(dconv.kernel.dispatch, "BLOCK_BYTES", 1)
     monkeypatch.setattr(dconv.kernel.sketch, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(dconv.kernel.sketch, "QUERY_BLOCK_SAMPLES", 1)
     for case_id in case_ids:
         for route in ROUTES:
             assert_products_match_oracle(SKETCH_CASES[case_id], np.float64, seed=8, route=route)
@@ -193,6 +193,66 @@ def test_the_compiled_samples_buffer_needs_the_statistics():
         _flatconv.weight_grad(level, P, dZ, offsets, *wargs, dW, np.zeros((1, 4, 8)), np.zeros(1), np.zeros(10))
     samples = np.zeros((1, 4, 8))
     _flatconv.weight_grad(level, P, dZ, offsets, *wargs, dW, np.zeros((1, 4, 8)), np.zeros(1), samples)
+
+
+@pytest.mark.skipif(not dconv.simd_levels(), reason="the compiled helper was not built")
+@pytest.mark.parametrize("g, n, n_q", [(1, 8, 1), (3, 7, 2), (5, 1043, 7), (9, 1048, 16), (4, 3, 13), (0, 16, 3)])
+def test_query_dots_match_the_gemm_at_every_level(g, n, n_q):
+    """``_flatconv.query_dots`` against the float64 GEMM: rows and queries cut into every block size (rows
+    and queries of each level's blocks and their remainders), spans of 512 values and a tail of ``n % 8``,
+    queries read in place ``q_stride`` apart. Within float64 rounding of the GEMM at every level; the
+    levels with FMA give the same bits (each lane sums the same values in the same order)."""
+    from dconv import _flatconv
+
+    rng = np.random.default_rng(n)
+    x, queries = rng.standard_normal((g, n)), rng.standard_normal((n_q, n + 5))
+    want = x @ queries[:, :n].T
+    bound = 4 * n * np.finfo(np.float64).eps * (np.abs(x) @ np.abs(queries[:, :n]).T)
+    bits = {}
+    for level in dconv.simd_levels():
+        got = np.full((g, n_q), np.nan)
+        _flatconv.query_dots(level, x, g, n, queries, n + 5, n_q, got)
+        assert (np.abs(got - want) <= bound).all(), level
+        bits[level] = got
+    fma = [level for level in bits if level != "baseline"]
+    for level in fma[1:]:
+        np.testing.assert_array_equal(bits[level], bits[fma[0]], err_msg=level)
+    short = queries[:, :n].copy()                                     # rows n apart, not n + 5
+    with pytest.raises(ValueError, match="Q must be a native float buffer"):
+        _flatconv.query_dots(dconv.simd_levels()[0], x, g, n, short, n + 5, max(n_q, 2), np.zeros((g, max(n_q, 2))))
+
+
+@pytest.mark.skipif(not dconv.simd_levels(), reason="the compiled helper was not built")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_grad_dots_keeps_the_bits_of_weight_grad(dtype):
+    """``_flatconv.weight_grad_dots`` (a tap at a time, two tiles per sample) against ``weight_grad`` with each
+    sample's dW kept: dW, dW_sq and norm2 bitwise, the products within float64 rounding of the GEMM on the
+    kept dW, at every level."""
+    from dconv import _flatconv
+    from dconv.kernel.layout import flat_grid
+
+    case = Case((5, 34, 18, 16), (3, 3, 16, 16), stride=2, padding=1)           # 17 x 9 pixels: 2 tiles a sample
+    geometry = geometry_of(case)
+    a, w, _, dz = make_arrays(case, dtype, 3)
+    grid = flat_grid(a.shape[0], geometry)
+    P = np.ascontiguousarray(np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))).reshape(-1, 16)
+    offsets = np.asarray(grid.offsets, dtype=np.intp)
+    (sh, sw), (n_h, n_w) = geometry.stride, geometry.out_hw
+    args = (P, dz, offsets, P.shape[0], 5, grid.rows * grid.cols, sh * grid.cols, sw, n_h, n_w, 16, 16, 16)
+    queries = np.random.default_rng(0).standard_normal((3, 9 * 16 + 1, 16))
+    for level in dconv.simd_levels():
+        want = [np.zeros((9, 16, 16)), np.zeros((9, 16, 16)), np.zeros(5), np.zeros((5, 9 * 16 * 16))]
+        _flatconv.weight_grad(level, *args, *want)
+        got = [np.zeros((9, 16, 16)), np.zeros((9, 16, 16)), np.zeros(5), np.full((5, 3), np.nan)]
+        _flatconv.weight_grad_dots(level, *args, *got[:3], queries, queries[0].size, 3, got[3])
+        for name, x, y in zip(("dW", "dW_sq", "norm2"), got, want):
+            np.testing.assert_array_equal(x, y, err_msg=f"{level} {name}")
+        weights = queries[:, :-1].reshape(3, -1)
+        gemm = want[3] @ weights.T
+        bound = 4 * weights.shape[1] * np.finfo(np.float64).eps * (np.abs(want[3]) @ np.abs(weights).T)
+        assert (np.abs(got[3] - gemm) <= bound).all(), level
+    with pytest.raises(ValueError, match="q_stride 10 is below the 2304 weights"):
+        _flatconv.weight_grad_dots(level, *args, *got[:3], queries, 10, 3, got[3])
 
 
 # --- the bits of everything else -----------------------------------------------------------
