@@ -24,7 +24,6 @@ import traceback
 from typing import Any, Callable, Sequence
 
 import dconv
-from dconv.store.lease import DEFAULT_TIMEOUT
 
 __all__ = ["main", "build_parser"]
 
@@ -170,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--overwrite", action="store_true", help="replace SCORES_OUT if it is a score output dconv wrote")
     job.add_argument("--resume", action="store_true", help="continue an interrupted SCORES_OUT from its records")
     job.add_argument("--quiet", action="store_true", help="no progress bar or dashboard link")
-    job.add_argument("--lease-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    job.add_argument("--lease-timeout", type=float, default=None, metavar="SECONDS",
                      help="seconds without a heartbeat after which another job takes over SCORES_OUT's lease (the "
-                     f"job renews it every quarter of this; default {DEFAULT_TIMEOUT:g})")
+                     "job renews it every quarter of this; default 60, as for backward)")
     cluster = score.add_argument_group("cluster (default: a local cluster, one worker per core)")
     dconv.ClusterOptions.add_arguments({"cluster": cluster})
     _add_common(score)

@@ -225,7 +225,7 @@ def plan_score(
     dots: bool = False,
     overwrite: bool = False,
     resume: bool = False,
-    lease_timeout: float = DEFAULT_TIMEOUT,
+    lease_timeout: float | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> ScorePlan:
     """Validate a score job and resolve its options; nothing is written.
@@ -279,7 +279,7 @@ def plan_score(
     block = choose_block(train_src.m, m_query, features, mode, full) if block is None else _check_int("block", block, 1)
     plan = ScorePlan(train=train_src, query=query_src, out=scores, mode=mode, top=top, normalize=normalize,
                      full=full, block=min(block, train_src.m), m_query=m_query, resume=recorded is not None,
-                     lease_timeout=_check_seconds("lease_timeout", lease_timeout))
+                     lease_timeout=_check_seconds("lease_timeout", DEFAULT_TIMEOUT if lease_timeout is None else lease_timeout))
     if recorded is not None:
         differ = {key: (recorded.get(key), value) for key, value in plan.identity().items() if recorded.get(key) != value}
         if differ:
@@ -555,7 +555,7 @@ def score_job(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = False,
-    lease_timeout: float = DEFAULT_TIMEOUT,
+    lease_timeout: float | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> ScoreResult:
     """Score the train samples of ``train`` against the queries, keep each query's ``top`` largest and smallest.
