@@ -42,6 +42,7 @@ from dconv.cluster import ClusterOptions, connect, wait_for_workers
 from dconv.errors import InputError, JobInterrupted
 from dconv.graph import CHUNK_PREFIX
 from dconv.kernel.topk import RunningTop, TopLists, merge_top
+from dconv.option_fields import positive_number
 from dconv.progress import report_chunk_done
 from dconv.store.lease import DEFAULT_TIMEOUT, check_unheld, hold
 from dconv.store.locations import absolute_location
@@ -178,12 +179,6 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def _check_seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise InputError(f"{name} must be a positive number of seconds; got {value!r}.")
-    return float(value)
-
-
 def _check_same_sketches(train: ScoreSource, query: ScoreSource) -> None:
     """Refuse a QUERY whose layers, sketch shapes or projections differ from TRAIN's, in one line."""
     names = [name for name, _ in train.layers], [name for name, _ in query.layers]
@@ -277,9 +272,10 @@ def plan_score(
     top = _check_int("top", DEFAULT_TOP if top is None else top, 1, train_src.m)
     features = train_src.features
     block = choose_block(train_src.m, m_query, features, mode, full) if block is None else _check_int("block", block, 1)
+    lease_timeout = positive_number("lease_timeout")(DEFAULT_TIMEOUT if lease_timeout is None else lease_timeout)
     plan = ScorePlan(train=train_src, query=query_src, out=scores, mode=mode, top=top, normalize=normalize,
                      full=full, block=min(block, train_src.m), m_query=m_query, resume=recorded is not None,
-                     lease_timeout=_check_seconds("lease_timeout", DEFAULT_TIMEOUT if lease_timeout is None else lease_timeout))
+                     lease_timeout=lease_timeout)
     if recorded is not None:
         differ = {key: (recorded.get(key), value) for key, value in plan.identity().items() if recorded.get(key) != value}
         if differ:

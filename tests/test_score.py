@@ -224,7 +224,7 @@ def _bad_inputs(tmp_path, rng):
         "top 0": ([t, q, "--top", "0"], "top must be"),
         "top > m": ([t, q, "--top", "21"], "top must be"),
         "block 0": ([t, q, "--block", "0"], "block must be"),
-        "lease timeout 0": ([t, q, "--lease-timeout", "0"], "lease-timeout must be a positive number"),
+        "lease timeout 0": ([t, q, "--lease-timeout", "0"], "lease-timeout must be a number > 0"),
         "no dots": ([t, "-", "--dots"], "dots"),
         "no query": ([t, "-"], "QUERY_OUT must be given"),
         "not an output": ([str(tmp_path), q], "not a Zarr group"),

@@ -33,8 +33,6 @@ from dconv.simd import _flatconv  # the compiled loops, or None
 __all__ = ["TopLists", "RunningTop", "merge_top", "dense_top"]
 
 
-
-
 @dataclass(frozen=True)
 class TopLists:
     """The positive and negative lists of every query.
