@@ -201,6 +201,16 @@ def mixed_levels_cluster(tmp_path_factory):
         _stop_cluster(processes)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_deliverable() -> Iterator[None]:
+    """The interrupt tests send SIGINT to this process and to the jobs it starts. Where pytest was started
+    with SIGINT ignored (a background job of a non-interactive shell, ``nohup``), take Python's handler back:
+    a job started from here then gets the default action, as from a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 # --------------------------------------------------------------------------- `python -m dconv`, forked
 
 # The server behind `forked_dconv`: it imports what a CLI run imports, once, then forks a child per
