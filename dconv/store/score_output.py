@@ -270,7 +270,7 @@ class ScoreOutput(StatusGroup):
 
     def write_scores(self, start: int, scores: np.ndarray) -> None:
         """Rows ``start`` to ``start + len(scores)`` of ``scores`` (a task writes its block: whole chunks)."""
-        self.group()[SCORES][start : start + scores.shape[0]] = scores.astype(np.float32)
+        self.group()[SCORES][start : start + scores.shape[0]] = np.asarray(scores, dtype=np.float32)  # no copy of float32
 
     def finish(self, lists: Mapping[str, np.ndarray], **provenance: Any) -> None:
         """Write the top lists, remove the records, set status "complete" (the last write)."""
