@@ -531,6 +531,20 @@ static void release(Py_buffer *views, int n)
         PyBuffer_Release(&views[i]);
 }
 
+/* The inputs weight_grad and weight_grad_dots share, into v[0..2]: offsets (intp), P (float32 or float64,
+ * at least p_items) and dZ (P's type, at least g_items). Returns how many buffers it holds: 3, or fewer
+ * with the Python error set. */
+static int weight_inputs(PyObject *off_obj, PyObject *P_obj, PyObject *G_obj, idx p_items, idx g_items, Py_buffer *v)
+{
+    if (get_buffer(off_obj, &v[0], 0, 'n', 1, "offsets") < 0)
+        return 0;
+    if (get_buffer(P_obj, &v[1], 0, 0, p_items, "P") < 0)
+        return 1;
+    if (get_buffer(G_obj, &v[2], 0, item_type(&v[1]), g_items, "dZ") < 0)
+        return 2;
+    return 3;
+}
+
 static PyObject *input_grad(PyObject *self, PyObject *args)
 {
     const char *level_name;
@@ -610,19 +624,12 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
     if (!stats && each_obj != Py_None)
         return PyErr_Format(PyExc_ValueError, "weight_grad: samples needs dW_sq and norm2");
     Py_buffer v[7]; /* offsets, P, dZ, out, dW_sq, norm2, samples */
-    int held = 0;
-    if (get_buffer(off_obj, &v[held], 0, 'n', 1, "offsets") < 0)
-        return NULL;
-    held++;
+    int held = weight_inputs(off_obj, P_obj, G_obj, p_rows * Cp, m * n_h * n_w * C, v);
+    if (held < 3)
+        goto fail;
     idx K = v[0].len / (Py_ssize_t)sizeof(idx);
     const idx *offsets = v[0].buf;
-    if (get_buffer(P_obj, &v[held], 0, 0, p_rows * Cp, "P") < 0)
-        goto fail;
-    held++;
     char type = item_type(&v[1]);
-    if (get_buffer(G_obj, &v[held], 0, type, m * n_h * n_w * C, "dZ") < 0)
-        goto fail;
-    held++;
     double *out = NULL, *dW_sq = NULL, *norm2 = NULL;
     if (out_obj != Py_None) {
         if (get_buffer(out_obj, &v[held], 1, 'd', K * R * C, "out") < 0)
@@ -782,19 +789,12 @@ static PyObject *weight_grad_dots(PyObject *self, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "weight_grad_dots: C_prev %zd, rows %zd, m %zd and n_q %zd out of range",
                             Cp, R, m, n_q);
     Py_buffer v[8]; /* offsets, P, dZ, out, dW_sq, norm2, Q, dots */
-    int held = 0;
-    if (get_buffer(off_obj, &v[held], 0, 'n', 1, "offsets") < 0)
-        return NULL;
-    held++;
+    int held = weight_inputs(off_obj, P_obj, G_obj, p_rows * Cp, m * n_h * n_w * C, v);
+    if (held < 3)
+        goto fail;
     idx K = v[0].len / (Py_ssize_t)sizeof(idx);
     const idx *offsets = v[0].buf;
-    if (get_buffer(P_obj, &v[held], 0, 0, p_rows * Cp, "P") < 0)
-        goto fail;
-    held++;
     char type = item_type(&v[1]);
-    if (get_buffer(G_obj, &v[held], 0, type, m * n_h * n_w * C, "dZ") < 0)
-        goto fail;
-    held++;
     double *out = NULL;
     if (out_obj != Py_None) {
         if (get_buffer(out_obj, &v[held], 1, 'd', K * R * C, "out") < 0)

@@ -83,7 +83,7 @@ def _first(query: np.ndarray, index: np.ndarray, score: np.ndarray, n_q: int, to
 
 
 class _RunningSide:
-    """One side of :class:`RunningTop`: every query's list and its bound."""
+    """One side of :class:`RunningTop`: every query's list (its bound, the last score of a full list, is read from it)."""
 
     def __init__(self, n_q: int, top: int, largest: bool):
         self.top, self.largest = top, largest
