@@ -1,5 +1,5 @@
 """``python -m dconv`` runs the CLI."""
 
-from dconv.cli import main
+from dconv.cli import run
 
-raise SystemExit(main())
+run()

@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import atexit
 import logging
+import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -368,6 +371,36 @@ def _interrupted(error: KeyboardInterrupt, debug: bool) -> int:
         if error.resume_command:
             message += f"; resume with: {error.resume_command}"
     return _fail(message, 128 + int(signal.Signals[name]), debug, label="interrupted ")
+
+
+def run() -> None:
+    """The ``dconv`` command and ``python -m dconv``: :func:`main`, then the process ends at once.
+
+    When :func:`main` returns, the job's files are written, its cluster closed
+    and its lease released; what is left of a normal exit is the interpreter's
+    teardown of the 1,100-odd modules a job imports (dask, distributed, zarr,
+    NumPy), measured at 0.36-0.47 s of CPU after every job on an AMD EPYC Zen 4.
+    So this runs what an exit must run, in its order (the wait for other threads,
+    then the exit handlers: Dask's, zarr's, multiprocessing's, logging's),
+    flushes stdout and stderr, and leaves with ``os._exit``. Where those hooks
+    are missing (not CPython), and for argparse's own exits (``--help``,
+    ``--version``, a usage error), it exits as usual.
+    """
+    code = main()
+    wait_for_threads = getattr(threading, "_shutdown", None)
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if wait_for_threads is None or run_exit_handlers is None:
+        sys.exit(code)
+    try:
+        wait_for_threads()
+        run_exit_handlers()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that left (`| head`), a stream closed
+                pass
+        os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -505,3 +506,29 @@ def test_a_level_a_worker_lacks_exits_2_naming_the_worker(cli, mixed_levels_clus
         "(it runs baseline, numpy)"
     )
     assert not out.exists()
+
+
+def test_the_command_exits_at_once_with_main_s_code_its_output_whole_and_exit_handlers_run(cli, make_input, tmp_path):
+    """`dconv` (:func:`dconv.cli.run`) skips the interpreter's teardown, nothing else: the exit code is
+    :func:`main`'s, everything written to a pipe arrives, and the exit handlers registered before it ran."""
+    inp, out = make_input(m=4), tmp_path / "out.zarr"
+    assert cli("backward", inp, out, "--batch-chunk", "2", "--quiet").returncode == 0
+    marker = tmp_path / "handler-ran"
+    script = textwrap.dedent(f"""
+        import atexit, sys
+        atexit.register(lambda: open({str(marker)!r}, "w").write("ran"))
+        sys.argv = ["dconv", *sys.argv[1:]]
+        from dconv.cli import run
+        run()
+        raise AssertionError("run() returned")
+    """)
+    listing = subprocess.run([sys.executable, "-c", script, "inspect", str(out), "--json"],
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert json.loads(listing.stdout)["status"] == "complete"
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    missing = subprocess.run([sys.executable, "-c", script, "inspect", str(tmp_path / "nothing.zarr")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "nothing.zarr" in missing.stderr
+    assert marker.read_text() == "ran"

@@ -42,6 +42,7 @@ import zarr
 
 from dconv.errors import InputError
 from dconv.simd import LEVELS
+from dconv.store import fastwrite
 from dconv.store.layout import OUTPUT_LAYOUT, PROGRESS, Kind, OutputLayout
 from dconv.store.lease import LEASE_NAME
 from dconv.store.locations import create_group, is_local, open_group, public_location
@@ -275,8 +276,10 @@ class OutputStore(StatusGroup):
         """
         arrays = _block_arrays(self.url, _options_key(self.storage_options), self.layout)
         for entry in self.layout.of_kind(Kind.BLOCK):
-            block = values[entry.name]
-            arrays[entry.name][start : start + block.shape[0]] = block
+            block, array = values[entry.name], arrays[entry.name]
+            written = fastwrite.write_rows(array, start, block)
+            if written < block.shape[0]:
+                array[start + written : start + block.shape[0]] = block[written:]
         sums = {entry.name: values[entry.name] for entry in self.layout.of_kind(Kind.REDUCE)}
         self.records.write((0, index), sums, [level_code(level)])
 
