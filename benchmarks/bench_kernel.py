@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -266,37 +267,42 @@ PAIRINGS = {"loops+loops": (True, True), "loops+GEMM": (True, False), "GEMM+loop
 def run_paths(args: argparse.Namespace) -> dict:
     """Time each layer with the compiled loops on or off for dA_prev and for dW (medians of interleaved rounds).
 
+    Each pairing runs in a process of its own (:func:`time_pairing`), as a program that runs one layer the
+    same way call after call: timed in one process, a pairing that follows the GEMM+GEMM pairing (OpenBLAS
+    on every thread) was slowed by it (on the Zen 4 at 2 threads, 3x3 c128 s2 float32 with the loops: median
+    19.9 ms after GEMM+GEMM samples against 13.9 ms after loops+GEMM samples; alone in its process 16.7-19.6 ms,
+    and 3x3 c32 s2 9.1-11.1 ms alone against 21.1 ms interleaved). A round runs the four processes in turn.
+
     Shows which pairing :data:`dconv.kernel.dispatch.COMPILED_RULES` picks at this level, and its time over the
     fastest pairing's: the rule must never pick one more than 1.1x the fastest.
     """
     threads = args.threads or os.cpu_count() or 1
-    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
     suite = [layer for layer in SUITE if layer.quick] if args.quick else list(SUITE)
     dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
     level = simd.active_level()
     print(cpu_description())
-    blas = ", ".join(f"{b['internal_api']} {b['architecture']}" for b in blas_info() if b["user_api"] == "blas")
+    with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
+        blas = ", ".join(f"{b['internal_api']} {b['architecture']}" for b in blas_info() if b["user_api"] == "blas")
     print(f"threads: {threads}; BLAS: {blas}")
-    print(f"per layer: conv2d_backward time (median of {args.rounds} interleaved rounds) with dA_prev + dW by the "
-          f"compiled loops or the NumPy GEMMs; * = the rule's pick; pick/best must stay <= 1.10")
-    rule_in, rule_w = dispatch.use_compiled_input_grad, dispatch.use_compiled_weight_grad
+    print(f"per layer: conv2d_backward time (median of {args.rounds} rounds; each pairing timed in a process of "
+          f"its own, the four in turn, best of 3 samples after {PAIRING_WARMUP} s of calls) with dA_prev + dW by the compiled loops or the NumPy GEMMs; * = the rule's "
+          f"pick; pick/best must stay <= 1.10", flush=True)
+    child = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--dtype", args.dtype,
+             "--level", level] + (["--quick"] if args.quick else [])
+    samples: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.rounds):
+        for name in PAIRINGS:
+            done = subprocess.run(child + ["--pairing", name], capture_output=True, text=True, check=True)
+            for key, seconds in json.loads(done.stdout.splitlines()[-1]).items():
+                samples.setdefault(key, {}).setdefault(name, []).append(seconds)
     rows = []
     for dtype in dtypes:
         for layer in suite:
             dZ, A_prev, W = make_arrays(layer, dtype)
             geometry = backward_geometry(dZ.shape, A_prev.shape, W.shape, layer.params())
-            picked = (rule_in(dtype, layer.c_prev, layer.c), rule_w(dtype, layer.c_prev, layer.c, geometry))
-            samples = {name: [] for name in PAIRINGS}
-            call = dconv_call(layer, (dZ, A_prev, W))
-            try:
-                for _ in range(args.rounds):
-                    for name, (loops_in, loops_w) in PAIRINGS.items():
-                        dispatch.use_compiled_input_grad = lambda *a, _on=loops_in: _on and _eligible_in(*a)
-                        dispatch.use_compiled_weight_grad = lambda *a, _on=loops_w: _on and _eligible_w(*a)
-                        samples[name].append(time_calls([call], repeats=1, target=0.03)[0])
-            finally:
-                dispatch.use_compiled_input_grad, dispatch.use_compiled_weight_grad = rule_in, rule_w
-            medians = {name: float(np.median(values)) for name, values in samples.items()}
+            picked = (dispatch.use_compiled_input_grad(dtype, layer.c_prev, layer.c),
+                      dispatch.use_compiled_weight_grad(dtype, layer.c_prev, layer.c, geometry))
+            medians = {name: float(np.median(values)) for name, values in samples[f"{layer.name}|{dtype.name}"].items()}
             pick = next(name for name, on in PAIRINGS.items() if on == picked)
             best = min(medians.values())
             rows.append(dict(layer=layer.name, dtype=dtype.name, level=level, medians=medians, pick=pick,
@@ -305,7 +311,34 @@ def run_paths(args: argparse.Namespace) -> dict:
             print(f"{layer.name:18s} {dtype.name:7s} {cells}  pick/best {medians[pick] / best:4.2f}", flush=True)
     worst = max(rows, key=lambda r: r["pick_over_best"])
     print(f"level {level}: worst pick/best {worst['pick_over_best']:.2f} ({worst['layer']} {worst['dtype']})")
-    return dict(mode="paths", cpu=cpu_info(), level=level, threads=threads, blas=blas_info(), rounds=args.rounds, rows=rows)
+    return dict(mode="paths", cpu=cpu_info(), level=level, threads=threads, blas=blas_info(), rounds=args.rounds,
+                isolation="one process per pairing and round", rows=rows)
+
+
+PAIRING_WARMUP = 0.2
+"""Seconds each layer runs in a ``--pairing`` process before it is timed: the first calls of a fresh process
+map and fault in their temporaries, and glibc's mmap threshold has not yet risen to their size."""
+
+
+def time_pairing(args: argparse.Namespace, name: str) -> dict[str, float]:
+    """Every layer of the suite with the loops of pairing ``name`` forced on or off, in this process: run for
+    :data:`PAIRING_WARMUP` seconds, then the best of 3 samples; by ``"<layer>|<dtype>"``, in seconds (what
+    ``--pairing`` prints, for :func:`run_paths`)."""
+    threadpoolctl.threadpool_limits(limits=args.threads or os.cpu_count() or 1, user_api="blas")
+    loops_in, loops_w = PAIRINGS[name]
+    dispatch.use_compiled_input_grad = lambda *a: loops_in and _eligible_in(*a)
+    dispatch.use_compiled_weight_grad = lambda *a: loops_w and _eligible_w(*a)
+    suite = [layer for layer in SUITE if layer.quick] if args.quick else list(SUITE)
+    dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+    times = {}
+    for dtype in dtypes:
+        for layer in suite:
+            call = dconv_call(layer, make_arrays(layer, dtype))
+            warm_until = time.perf_counter() + PAIRING_WARMUP
+            while time.perf_counter() < warm_until:
+                call()
+            times[f"{layer.name}|{dtype.name}"] = time_calls([call], repeats=3, target=0.03)[0]
+    return times
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -555,9 +588,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: kernel time (threads=1) with the per-sample statistics and without dA_prev "
                              "against the full pass, on the three layers of issue 16 at m = 256")
     parser.add_argument("--rounds", type=int, default=7, help="--paths, --stats: interleaved rounds (median counts)")
+    parser.add_argument("--pairing", choices=list(PAIRINGS), help=argparse.SUPPRESS)  # --paths' child processes
     args = parser.parse_args(argv)
     if args.level:
         simd.set_level(args.level)
+    if args.pairing:
+        print(json.dumps(time_pairing(args, args.pairing)))
+        return 0
     results = run_paths(args) if args.paths else run_stats(args) if args.stats else run(args)
     if args.json:
         with open(args.json, "w") as handle:

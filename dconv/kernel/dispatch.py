@@ -98,14 +98,18 @@ ANY = 1 << 30
 COMPILED_RULES = {
     # The loops are faster on every layer of the suite.
     "avx512": CompiledRule(input_grad=128, weight_grad=ANY, weight_grad_strided=ANY),
-    # On an AMD EPYC (Zen 3): the GEMMs are faster for dW at stride 2 from C_prev 128 (up to 1.8x); the loops
-    # win or tie everything else. At C_prev 64 the suite's layers tied within 5%, and whole chunks of 256 samples ran 0.56-1.10x the
-    # GEMM path's time with the loops (16x16x64->128, 32x32x64->64 "same", 16x16x64->64, stride 2, both
-    # dtypes): the loops take them, which gives the per-sample statistics in the same pass (a --stats chunk
-    # 1.06-1.17x a plain one, against 1.05-1.66x with a second, per-sample pass beside the GEMM).
-    "avx2": CompiledRule(input_grad=128, weight_grad=128, weight_grad_strided=64),
+    # The loops win or tie dW of every stride-2 layer of the suite up to C_prev 128, each pairing timed in a
+    # process of its own (AMD EPYC Zen 4 at level avx2, 1 and 2 threads: 3x3 c128 s2 0.96-1.03x the GEMM's
+    # time, 1x1 c128->32 s2 1.29-1.51x faster), as they do at stride 1. The Zen 3 runs behind
+    # the earlier limit of 64 at stride 2 (the GEMMs up to 1.8x faster from C_prev 128) timed the pairings
+    # interleaved in one process, where a pairing that follows the GEMM+GEMM one is slowed by OpenBLAS's
+    # threads: the same method gave 1.82x on the Zen 4 (avx512, 2 threads, 3x3 c128 s2 float32), a process per
+    # pairing 1.05-1.18x.
+    # The loops give the per-sample statistics in the same pass (a --stats chunk 1.06-1.17x a plain one,
+    # against 1.05-1.66x with a second, per-sample pass beside the GEMM), and the bits of avx512's dW.
+    "avx2": CompiledRule(input_grad=128, weight_grad=128, weight_grad_strided=128),
     # Not measured: the avx2 rule. NEON has as many registers as AVX-512.
-    "neon": CompiledRule(input_grad=128, weight_grad=128, weight_grad_strided=64),
+    "neon": CompiledRule(input_grad=128, weight_grad=128, weight_grad_strided=128),
     # SSE2 loops against OpenBLAS's SSE kernels: the GEMMs are faster for dW at stride 2, and at stride 1
     # from 64 channels.
     "baseline": CompiledRule(input_grad=128, weight_grad=32, weight_grad_strided=0),

@@ -55,9 +55,9 @@ def _chunk_rows(array: zarr.Array) -> int | None:
     if not isinstance(array, zarr.Array) or sys.byteorder != "little" or array.metadata.zarr_format != 3:
         return None
     store = array.store
-    if not isinstance(store, LocalStore) or store.read_only or array.shards is not None or array.filters:
+    if not isinstance(store, LocalStore) or store.read_only or array.shards is not None:
         return None
-    if array.compressors:
+    if array.filters or array.compressors:
         return None
     serializer = array.serializer
     if type(serializer) is not BytesCodec or (serializer.endian is not None and serializer.endian.value != "little"):
@@ -114,7 +114,7 @@ def write_rows(array: zarr.Array, start: int, block: np.ndarray) -> int:
         _fall_back(f"{type(e).__name__}: {e}")
         return 0
     fits = block.dtype == dtype and block.flags.c_contiguous and block.shape[1:] == tuple(array.shape[1:])
-    if rows is None or not fits or start % rows:
+    if rows is None or not fits or start % rows or not 0 <= start < array.shape[0]:
         return 0
     whole = min(block.shape[0], array.shape[0] - start) // rows * rows
     trailing = (0,) * (array.ndim - 1)
