@@ -14,9 +14,9 @@ on stderr, like ``inspect``, gives the command that resumes it).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
-import atexit
 import logging
 import os
 import re
