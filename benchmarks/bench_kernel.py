@@ -154,6 +154,16 @@ def time_calls(fns, *, repeats: int, target: float) -> list[float]:
     return best
 
 
+def chosen_layers(args: argparse.Namespace) -> list[Layer]:
+    """The suite's layers ``--quick`` keeps, or all of them."""
+    return [layer for layer in SUITE if layer.quick] if args.quick else list(SUITE)
+
+
+def chosen_dtypes(args: argparse.Namespace) -> list[np.dtype]:
+    """The dtypes ``--dtype`` names (``both``: float32, then float64)."""
+    return [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+
+
 def make_arrays(layer: Layer, dtype: np.dtype, m: int | None = None, seed: int = 0):
     rng = np.random.default_rng(seed)
     m = layer.m if m is None else m
@@ -277,16 +287,15 @@ def run_paths(args: argparse.Namespace) -> dict:
     fastest pairing's: the rule must never pick one more than 1.1x the fastest.
     """
     threads = args.threads or os.cpu_count() or 1
-    suite = [layer for layer in SUITE if layer.quick] if args.quick else list(SUITE)
-    dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+    suite, dtypes = chosen_layers(args), chosen_dtypes(args)
     level = simd.active_level()
     print(cpu_description())
     with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
         blas = ", ".join(f"{b['internal_api']} {b['architecture']}" for b in blas_info() if b["user_api"] == "blas")
     print(f"threads: {threads}; BLAS: {blas}")
     print(f"per layer: conv2d_backward time (median of {args.rounds} rounds; each pairing timed in a process of "
-          f"its own, the four in turn, best of 3 samples after {PAIRING_WARMUP} s of calls) with dA_prev + dW by the compiled loops or the NumPy GEMMs; * = the rule's "
-          f"pick; pick/best must stay <= 1.10", flush=True)
+          f"its own, the four in turn, best of 3 samples after {PAIRING_WARMUP} s of calls) with dA_prev + dW by "
+          f"the compiled loops or the NumPy GEMMs; * = the rule's pick; pick/best must stay <= 1.10", flush=True)
     child = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--dtype", args.dtype,
              "--level", level] + (["--quick"] if args.quick else [])
     samples: dict[str, dict[str, list[float]]] = {}
@@ -328,8 +337,7 @@ def time_pairing(args: argparse.Namespace, name: str) -> dict[str, float]:
     loops_in, loops_w = PAIRINGS[name]
     dispatch.use_compiled_input_grad = lambda *a: loops_in and _eligible_in(*a)
     dispatch.use_compiled_weight_grad = lambda *a: loops_w and _eligible_w(*a)
-    suite = [layer for layer in SUITE if layer.quick] if args.quick else list(SUITE)
-    dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+    suite, dtypes = chosen_layers(args), chosen_dtypes(args)
     times = {}
     for dtype in dtypes:
         for layer in suite:
@@ -371,7 +379,7 @@ def run_stats(args: argparse.Namespace) -> dict:
     ``args.rounds`` rounds, the calling thread's CPU time (everything runs on it: BLAS on 1 thread),
     medians and minima."""
     threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-    dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+    dtypes = chosen_dtypes(args)
     print(cpu_description())
     print(f"kernel = dconv.kernel.backward_kernel(dZ, A_prev, W, geometry, threads=1, float64_sums=True, stats=.., "
           f"dA_prev=..), BLAS on 1 thread; thread CPU time over {args.rounds} interleaved rounds; median (min)")
@@ -452,8 +460,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(threads)
     repeats = args.repeats or (3 if args.quick else 7)
     target = 0.02 if args.quick else 0.05
-    suite = [layer for layer in SUITE if layer.quick] if args.quick else list(SUITE)
-    dtypes = [np.dtype(d) for d in (["float32", "float64"] if args.dtype == "both" else [args.dtype])]
+    suite, dtypes = chosen_layers(args), chosen_dtypes(args)
 
     print(f"python {platform.python_version()}, numpy {np.__version__}, dconv {dconv.__version__}, "
           f"torch {torch.__version__ if torch is not None else 'not installed'}")
