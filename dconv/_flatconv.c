@@ -531,18 +531,37 @@ static void release(Py_buffer *views, int n)
         PyBuffer_Release(&views[i]);
 }
 
-/* The inputs weight_grad and weight_grad_dots share, into v[0..2]: offsets (intp), P (float32 or float64,
- * at least p_items) and dZ (P's type, at least g_items). Returns how many buffers it holds: 3, or fewer
- * with the Python error set. */
-static int weight_inputs(PyObject *off_obj, PyObject *P_obj, PyObject *G_obj, idx p_items, idx g_items, Py_buffer *v)
+/* What weight_grad and weight_grad_dots share: the taps, P's item type and the optional dW output. */
+typedef struct {
+    idx K;              /* taps */
+    const idx *offsets; /* each tap's row offset */
+    char type;          /* 'f' or 'd', P's and dZ's */
+    double *out;        /* (K, R, C) float64 dW, or NULL */
+} weight_buffers;
+
+/* Into v[*held...]: offsets (intp), P (float32 or float64, at least p_items), dZ (P's type, at least g_items)
+ * and, unless out_obj is None, out (float64, K x rc items); *held counts the buffers taken, *w what they hold.
+ * Returns 0, or -1 with the Python error set. */
+static int weight_inputs(PyObject *off_obj, PyObject *P_obj, PyObject *G_obj, PyObject *out_obj, idx p_items,
+                         idx g_items, idx rc, Py_buffer *v, int *held, weight_buffers *w)
 {
-    if (get_buffer(off_obj, &v[0], 0, 'n', 1, "offsets") < 0)
-        return 0;
-    if (get_buffer(P_obj, &v[1], 0, 0, p_items, "P") < 0)
-        return 1;
-    if (get_buffer(G_obj, &v[2], 0, item_type(&v[1]), g_items, "dZ") < 0)
-        return 2;
-    return 3;
+    if (get_buffer(off_obj, &v[*held], 0, 'n', 1, "offsets") < 0)
+        return -1;
+    w->K = v[*held].len / (Py_ssize_t)sizeof(idx);
+    w->offsets = v[(*held)++].buf;
+    if (get_buffer(P_obj, &v[*held], 0, 0, p_items, "P") < 0)
+        return -1;
+    w->type = item_type(&v[(*held)++]);
+    if (get_buffer(G_obj, &v[*held], 0, w->type, g_items, "dZ") < 0)
+        return -1;
+    (*held)++;
+    w->out = NULL;
+    if (out_obj != Py_None) {
+        if (get_buffer(out_obj, &v[*held], 1, 'd', w->K * rc, "out") < 0)
+            return -1;
+        w->out = v[(*held)++].buf;
+    }
+    return 0;
 }
 
 static PyObject *input_grad(PyObject *self, PyObject *args)
@@ -624,18 +643,14 @@ static PyObject *weight_grad(PyObject *self, PyObject *args)
     if (!stats && each_obj != Py_None)
         return PyErr_Format(PyExc_ValueError, "weight_grad: samples needs dW_sq and norm2");
     Py_buffer v[7]; /* offsets, P, dZ, out, dW_sq, norm2, samples */
-    int held = weight_inputs(off_obj, P_obj, G_obj, p_rows * Cp, m * n_h * n_w * C, v);
-    if (held < 3)
+    int held = 0;
+    weight_buffers w;
+    if (weight_inputs(off_obj, P_obj, G_obj, out_obj, p_rows * Cp, m * n_h * n_w * C, R * C, v, &held, &w) < 0)
         goto fail;
-    idx K = v[0].len / (Py_ssize_t)sizeof(idx);
-    const idx *offsets = v[0].buf;
-    char type = item_type(&v[1]);
-    double *out = NULL, *dW_sq = NULL, *norm2 = NULL;
-    if (out_obj != Py_None) {
-        if (get_buffer(out_obj, &v[held], 1, 'd', K * R * C, "out") < 0)
-            goto fail;
-        out = v[held++].buf;
-    }
+    idx K = w.K;
+    const idx *offsets = w.offsets;
+    char type = w.type;
+    double *out = w.out, *dW_sq = NULL, *norm2 = NULL;
     if (stats) {
         if (get_buffer(sq_obj, &v[held], 1, 'd', K * R * C, "dW_sq") < 0)
             goto fail;
@@ -789,18 +804,14 @@ static PyObject *weight_grad_dots(PyObject *self, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "weight_grad_dots: C_prev %zd, rows %zd, m %zd and n_q %zd out of range",
                             Cp, R, m, n_q);
     Py_buffer v[8]; /* offsets, P, dZ, out, dW_sq, norm2, Q, dots */
-    int held = weight_inputs(off_obj, P_obj, G_obj, p_rows * Cp, m * n_h * n_w * C, v);
-    if (held < 3)
+    int held = 0;
+    weight_buffers w;
+    if (weight_inputs(off_obj, P_obj, G_obj, out_obj, p_rows * Cp, m * n_h * n_w * C, R * C, v, &held, &w) < 0)
         goto fail;
-    idx K = v[0].len / (Py_ssize_t)sizeof(idx);
-    const idx *offsets = v[0].buf;
-    char type = item_type(&v[1]);
-    double *out = NULL;
-    if (out_obj != Py_None) {
-        if (get_buffer(out_obj, &v[held], 1, 'd', K * R * C, "out") < 0)
-            goto fail;
-        out = v[held++].buf;
-    }
+    idx K = w.K;
+    const idx *offsets = w.offsets;
+    char type = w.type;
+    double *out = w.out;
     if (get_buffer(sq_obj, &v[held], 1, 'd', K * R * C, "dW_sq") < 0)
         goto fail;
     double *dW_sq = v[held++].buf;
